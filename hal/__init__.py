@@ -1,0 +1,30 @@
+"""hal: define a CNN once, run it on many software stacks, compare them.
+
+The core imports nothing but numpy; frameworks load when a backend is used.
+"""
+
+from hal.backend import Availability, Backend, Capabilities, Executable, Target
+from hal.errors import (
+    BackendUnavailable,
+    ConfigError,
+    HalError,
+    InputError,
+    SpecError,
+    TargetError,
+    UnsupportedError,
+    WeightsError,
+)
+from hal.registry import available_targets, backend_names, compile, get_backend, register_backend
+from hal.spec import ModelSpec, Node, SpecBuilder
+from hal.training import SGD, Adam, AdamW, Constant, Cosine, StepDecay, TrainConfig
+from hal.weights import check_weights, init_weights, load_weights, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam", "AdamW", "Availability", "Backend", "BackendUnavailable", "Capabilities", "ConfigError",
+    "Constant", "Cosine", "Executable", "HalError", "InputError", "ModelSpec", "Node", "SGD", "SpecBuilder",
+    "SpecError", "StepDecay", "Target", "TargetError", "TrainConfig", "UnsupportedError", "WeightsError",
+    "available_targets", "backend_names", "check_weights", "compile", "get_backend", "init_weights",
+    "load_weights", "register_backend", "save_weights",
+]

@@ -1,0 +1,808 @@
+"""The neutral model spec: an immutable, validated DAG of named nodes.
+
+Activations are channels-first ``(N, C, *spatial)``; shapes in the spec are per
+sample, ``(C, *spatial)``. Every op has exactly one meaning (see DESIGN.md):
+padding is always explicit ``((before, after), ...)`` per spatial dimension, so
+framework ``SAME`` conventions never reach a backend. :class:`SpecBuilder` turns
+``"same"``/``"valid"``/integers into those explicit numbers and infers shapes as
+nodes are added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping, Sequence, Union
+
+from hal.errors import SpecError
+
+SCHEMA_VERSION = 1
+DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+Shape = tuple[int, ...]
+Padding = tuple[tuple[int, int], ...]
+
+
+def _prod(xs: Iterable[int]) -> int:
+    return math.prod(xs)
+
+
+# ---------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of all ops. Subclasses are frozen dataclasses of plain numbers."""
+
+    kind: ClassVar[str] = ""
+    arity: ClassVar[tuple[int, int | None]] = (1, 1)  # (min, max) number of inputs
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        """Output shape per sample; raises ``ValueError`` with the reason."""
+        return shapes[0]
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        """Trainable parameters, name -> shape (canonical PyTorch layout)."""
+        return {}
+
+    def buffers(self, shapes: list[Shape]) -> dict[str, Shape]:
+        """Non-trainable state, name -> shape."""
+        return {}
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        """Forward FLOPs per sample (a multiply-add counts as 2)."""
+        return 0
+
+    def attrs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _spatial(shape: Shape, what: str, ndim: int) -> Shape:
+    if len(shape) != ndim + 1:
+        raise ValueError(
+            f"{what} with {ndim} spatial dims expects an input of shape (C, {ndim} spatial dims), got {shape}"
+        )
+    return shape[1:]
+
+
+def _window_out(n: int, k: int, s: int, d: int, pad: tuple[int, int], where: str) -> int:
+    eff = d * (k - 1) + 1
+    span = n + pad[0] + pad[1]
+    if span < eff:
+        raise ValueError(f"{where}: padded size {span} is smaller than the window {eff}")
+    return (span - eff) // s + 1
+
+
+def _check_window(kernel: Shape, stride: Shape, padding: Padding, dilation: Shape | None = None) -> None:
+    nd = len(kernel)
+    if nd not in (1, 2, 3):
+        raise ValueError(f"only 1-d, 2-d and 3-d windows are supported, got kernel {kernel}")
+    for label, vals in (("stride", stride), ("padding", padding), ("dilation", dilation or kernel)):
+        if len(vals) != nd:
+            raise ValueError(f"{label} {vals} has {len(vals)} entries for a {nd}-d kernel {kernel}")
+    if any(k < 1 for k in kernel) or any(s < 1 for s in stride) or any(d < 1 for d in (dilation or ())):
+        raise ValueError(f"kernel, stride and dilation must be >= 1, got {kernel}, {stride}, {dilation}")
+    if any(len(p) != 2 or p[0] < 0 or p[1] < 0 for p in padding):
+        raise ValueError(f"padding must be non-negative (before, after) pairs, got {padding}")
+
+
+@dataclass(frozen=True)
+class Input(Op):
+    """The graph input: shape ``(C, *spatial)`` per sample."""
+
+    shape: Shape
+    dtype: str = "float32"
+    kind: ClassVar[str] = "Input"
+    arity: ClassVar[tuple[int, int | None]] = (0, 0)
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if not self.shape or any(d < 1 for d in self.shape):
+            raise ValueError(f"input shape must be non-empty with sizes >= 1, got {self.shape}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        return tuple(self.shape)
+
+
+@dataclass(frozen=True)
+class Conv(Op):
+    """N-d convolution (cross-correlation, as in every framework).
+
+    weight ``(out_channels, in_channels/groups, *kernel)``, bias ``(out_channels,)``.
+    """
+
+    out_channels: int
+    kernel: Shape
+    stride: Shape
+    padding: Padding
+    dilation: Shape
+    groups: int = 1
+    bias: bool = True
+    kind: ClassVar[str] = "Conv"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        _check_window(self.kernel, self.stride, self.padding, self.dilation)
+        spatial = _spatial(shapes[0], "Conv", len(self.kernel))
+        cin = shapes[0][0]
+        if self.out_channels < 1 or self.groups < 1:
+            raise ValueError(f"out_channels and groups must be >= 1, got {self.out_channels}, {self.groups}")
+        if cin % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"in_channels {cin} and out_channels {self.out_channels} must both be divisible by groups {self.groups}"
+            )
+        out = tuple(
+            _window_out(n, k, s, d, p, f"Conv dim {i}")
+            for i, (n, k, s, d, p) in enumerate(zip(spatial, self.kernel, self.stride, self.dilation, self.padding))
+        )
+        return (self.out_channels, *out)
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        p = {"weight": (self.out_channels, shapes[0][0] // self.groups, *self.kernel)}
+        if self.bias:
+            p["bias"] = (self.out_channels,)
+        return p
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        macs = _prod(out) * (shapes[0][0] // self.groups) * _prod(self.kernel)
+        return 2 * macs + (_prod(out) if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class BatchNorm(Op):
+    """Batch normalisation over axis 1 (channels) of any rank >= 1 activation.
+
+    ``momentum`` is the weight of the new batch statistic (PyTorch convention).
+    Training normalises with the biased batch variance and updates
+    ``running_var`` with the unbiased one.
+    """
+
+    eps: float = 1e-5
+    momentum: float = 0.1
+    kind: ClassVar[str] = "BatchNorm"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        return shapes[0]
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        c = (shapes[0][0],)
+        return {"weight": c, "bias": c}
+
+    def buffers(self, shapes: list[Shape]) -> dict[str, Shape]:
+        c = (shapes[0][0],)
+        return {"running_mean": c, "running_var": c}
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return 2 * _prod(out)
+
+
+@dataclass(frozen=True)
+class Activation(Op):
+    """Elementwise activation. ``alpha`` is leaky_relu's negative slope;
+    ``approximate`` is gelu's form, ``"none"`` (exact erf) or ``"tanh"``."""
+
+    fn: str
+    alpha: float = 0.01
+    approximate: str = "none"
+    kind: ClassVar[str] = "Activation"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if self.fn not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.fn!r}")
+        if self.approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {self.approximate!r}")
+        return shapes[0]
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return _prod(out)
+
+
+@dataclass(frozen=True)
+class _Pool(Op):
+    kernel: Shape
+    stride: Shape
+    padding: Padding
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        _check_window(self.kernel, self.stride, self.padding)
+        for k, (before, after) in zip(self.kernel, self.padding):
+            if before >= k or after >= k:
+                raise ValueError(
+                    f"pool padding {self.padding} must be smaller than the kernel {self.kernel} on each side "
+                    "(a window lying wholly in padding has no value)"
+                )
+        spatial = _spatial(shapes[0], self.kind, len(self.kernel))
+        out = tuple(
+            _window_out(n, k, s, 1, p, f"{self.kind} dim {i}")
+            for i, (n, k, s, p) in enumerate(zip(spatial, self.kernel, self.stride, self.padding))
+        )
+        return (shapes[0][0], *out)
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return _prod(out) * _prod(self.kernel)
+
+
+@dataclass(frozen=True)
+class MaxPool(_Pool):
+    """Max pooling; padding never wins (it is -inf)."""
+
+    kind: ClassVar[str] = "MaxPool"
+
+
+@dataclass(frozen=True)
+class AvgPool(_Pool):
+    """Average pooling; ``count_include_pad`` says whether padded zeros count
+    in the divisor."""
+
+    count_include_pad: bool = True
+    kind: ClassVar[str] = "AvgPool"
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool(Op):
+    """Mean over all spatial dims: ``(C, *spatial) -> (C,)``."""
+
+    kind: ClassVar[str] = "GlobalAvgPool"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if len(shapes[0]) < 2:
+            raise ValueError(f"GlobalAvgPool needs spatial dims, got shape {shapes[0]}")
+        return (shapes[0][0],)
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return _prod(shapes[0])
+
+
+@dataclass(frozen=True)
+class Add(Op):
+    """Elementwise sum of two or more inputs of equal shape."""
+
+    kind: ClassVar[str] = "Add"
+    arity: ClassVar[tuple[int, int | None]] = (2, None)
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError(f"Add needs inputs of equal shape, got {shapes}")
+        return shapes[0]
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return (len(shapes) - 1) * _prod(out)
+
+
+@dataclass(frozen=True)
+class Concat(Op):
+    """Concatenation along channels (axis 1 of the batch)."""
+
+    kind: ClassVar[str] = "Concat"
+    arity: ClassVar[tuple[int, int | None]] = (2, None)
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if any(s[1:] != shapes[0][1:] for s in shapes):
+            raise ValueError(f"Concat needs inputs equal in all but the channel dim, got {shapes}")
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+@dataclass(frozen=True)
+class Flatten(Op):
+    """Row-major flatten over ``(C, *spatial)``."""
+
+    kind: ClassVar[str] = "Flatten"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        return (_prod(shapes[0]),)
+
+
+@dataclass(frozen=True)
+class Dense(Op):
+    """Fully connected layer on ``(features,)``: weight ``(out, in)``, bias ``(out,)``."""
+
+    out_features: int
+    bias: bool = True
+    kind: ClassVar[str] = "Dense"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if len(shapes[0]) != 1:
+            raise ValueError(f"Dense expects a flat (features,) input, got {shapes[0]}: add a Flatten or GlobalAvgPool")
+        if self.out_features < 1:
+            raise ValueError(f"out_features must be >= 1, got {self.out_features}")
+        return (self.out_features,)
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        p = {"weight": (self.out_features, shapes[0][0])}
+        if self.bias:
+            p["bias"] = (self.out_features,)
+        return p
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return 2 * shapes[0][0] * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Dropout(Op):
+    """Dropout with drop probability ``rate``; identity in inference."""
+
+    rate: float = 0.5
+    kind: ClassVar[str] = "Dropout"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {self.rate}")
+        return shapes[0]
+
+
+OPS: dict[str, type[Op]] = {
+    cls.kind: cls
+    for cls in (Input, Conv, BatchNorm, Activation, MaxPool, AvgPool, GlobalAvgPool, Add, Concat, Flatten, Dense, Dropout)
+}
+
+
+# ---------------------------------------------------------------------------
+# the graph
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op applied to the outputs of the named input nodes."""
+
+    name: str
+    op: Op
+    inputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Static facts of one node, per sample."""
+
+    name: str
+    kind: str
+    inputs: tuple[str, ...]
+    shape: Shape
+    params: int
+    buffers: int
+    flops: int
+    activation_bytes: int
+
+
+def _infer(node: Node, in_shapes: list[Shape]) -> Shape:
+    lo, hi = node.op.arity
+    n = len(node.inputs)
+    if n < lo or (hi is not None and n > hi):
+        want = f"{lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}..{hi}"
+        raise SpecError(f"{node.op.kind} takes {want} inputs, got {n}", node.name)
+    try:
+        out = node.op.infer(in_shapes)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise SpecError(f"{exc} (input shapes {in_shapes})", node.name) from None
+    if any(d < 1 for d in out):
+        raise SpecError(f"{node.op.kind} gives a non-positive output shape {out} from {in_shapes}", node.name)
+    return out
+
+
+def _check_node(node: Any) -> None:
+    if not isinstance(node, Node):
+        raise SpecError(f"expected a hal.spec.Node, got {type(node).__name__}")
+    if not isinstance(node.name, str) or not _NAME.match(node.name):
+        raise SpecError("names must be non-empty and use only letters, digits, '_', '.', '-'", str(node.name))
+    if not isinstance(node.op, Op) or type(node.op) not in OPS.values():
+        raise SpecError(f"unknown op {node.op!r}", node.name)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An immutable, validated model graph.
+
+    ``nodes`` may be given in any order; they are stored in a deterministic
+    topological order. ``output`` defaults to the last node given.
+    """
+
+    name: str
+    nodes: tuple[Node, ...]
+    output: str = ""
+    _shapes: dict[str, Shape] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        nodes = tuple(self.nodes)
+        if not nodes:
+            raise SpecError(f"spec {self.name!r} has no nodes")
+        for n in nodes:
+            _check_node(n)
+        by_name: dict[str, Node] = {}
+        for n in nodes:
+            if n.name in by_name:
+                raise SpecError("duplicate node name", n.name)
+            by_name[n.name] = n
+        for n in nodes:
+            for i in n.inputs:
+                if i not in by_name:
+                    raise SpecError(f"unknown input {i!r}", n.name)
+        inputs = [n.name for n in nodes if isinstance(n.op, Input)]
+        if len(inputs) != 1:
+            raise SpecError(f"spec {self.name!r} must have exactly one Input node, has {len(inputs)}: {inputs}")
+        output = self.output or nodes[-1].name
+        if output not in by_name:
+            raise SpecError(f"output {output!r} is not a node of spec {self.name!r}")
+
+        order = _toposort(nodes, by_name)
+        shapes: dict[str, Shape] = {}
+        for n in order:
+            shapes[n.name] = _infer(n, [shapes[i] for i in n.inputs])
+        used = _ancestors(output, by_name)
+        for n in order:
+            if n.name not in used:
+                raise SpecError(f"node is not used by the output {output!r}", n.name)
+        object.__setattr__(self, "nodes", tuple(order))
+        object.__setattr__(self, "output", output)
+        object.__setattr__(self, "_shapes", shapes)
+
+    # -- structure -----------------------------------------------------------
+
+    @property
+    def input(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def input_shape(self) -> Shape:
+        return self._shapes[self.nodes[0].name]
+
+    @property
+    def output_shape(self) -> Shape:
+        return self._shapes[self.output]
+
+    @property
+    def dtype(self) -> str:
+        return self.input.op.dtype  # type: ignore[attr-defined]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise SpecError(f"spec {self.name!r} has no node {name!r}")
+
+    def shape(self, name: str) -> Shape:
+        """Output shape of a node, per sample."""
+        if name not in self._shapes:
+            raise SpecError(f"spec {self.name!r} has no node {name!r}")
+        return self._shapes[name]
+
+    def in_shapes(self, node: Node) -> list[Shape]:
+        return [self._shapes[i] for i in node.inputs]
+
+    def consumers(self) -> dict[str, list[str]]:
+        """Node name -> names of the nodes that read it."""
+        out: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                out[i].append(n.name)
+        return out
+
+    # -- parameters and cost ---------------------------------------------------
+
+    def param_shapes(self, buffers: bool = True) -> dict[str, Shape]:
+        """Canonical weight names ``"<node>.<param>"`` -> shape, in node order."""
+        out: dict[str, Shape] = {}
+        for n in self.nodes:
+            shapes = self.in_shapes(n)
+            items = dict(n.op.params(shapes))
+            if buffers:
+                items.update(n.op.buffers(shapes))
+            for p, s in items.items():
+                out[f"{n.name}.{p}"] = s
+        return out
+
+    def trainable(self) -> list[str]:
+        """Names of the trainable parameters, in node order."""
+        return list(self.param_shapes(buffers=False))
+
+    def info(self) -> list[NodeInfo]:
+        """Per-node shape, parameter count, forward FLOPs and activation bytes (per sample)."""
+        item = DTYPE_BYTES[self.dtype]
+        rows = []
+        for n in self.nodes:
+            ins, out = self.in_shapes(n), self._shapes[n.name]
+            rows.append(
+                NodeInfo(
+                    name=n.name,
+                    kind=n.op.kind,
+                    inputs=n.inputs,
+                    shape=out,
+                    params=sum(_prod(s) for s in n.op.params(ins).values()),
+                    buffers=sum(_prod(s) for s in n.op.buffers(ins).values()),
+                    flops=n.op.flops(ins, out),
+                    activation_bytes=_prod(out) * item,
+                )
+            )
+        return rows
+
+    @property
+    def num_params(self) -> int:
+        return sum(r.params for r in self.info())
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs per sample."""
+        return sum(r.flops for r in self.info())
+
+    # -- serialisation -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "output": self.output,
+            "nodes": [
+                {"name": n.name, "op": n.op.kind, "inputs": list(n.inputs), "attrs": _jsonable(n.op.attrs())}
+                for n in self.nodes
+            ],
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a spec must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SpecError(f"unsupported spec schema_version {version!r}; this hal reads {SCHEMA_VERSION}")
+        nodes = []
+        for i, raw in enumerate(data.get("nodes") or []):
+            try:
+                name, kind, inputs, attrs = raw["name"], raw["op"], raw.get("inputs", []), raw.get("attrs", {})
+            except (KeyError, TypeError):
+                raise SpecError(f"nodes[{i}] must be an object with 'name' and 'op'") from None
+            if kind not in OPS:
+                raise SpecError(f"unknown op {kind!r}; known ops: {sorted(OPS)}", name)
+            op_cls = OPS[kind]
+            known = {f.name for f in dataclasses.fields(op_cls)}
+            extra = set(attrs) - known
+            if extra:
+                raise SpecError(f"unknown attributes {sorted(extra)} for {kind}; expected {sorted(known)}", name)
+            try:
+                op = op_cls(**{k: _tupled(v) for k, v in attrs.items()})
+            except TypeError as exc:
+                raise SpecError(f"bad attributes for {kind}: {exc}", name) from None
+            nodes.append(Node(name, op, tuple(inputs)))
+        return cls(str(data.get("name", "")), tuple(nodes), str(data.get("output", "")))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ModelSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec JSON does not parse: {exc}") from None
+        return cls.from_dict(data)
+
+    @property
+    def hash(self) -> str:
+        """Stable SHA-256 of the canonical JSON form."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelSpec({self.name!r}, {len(self.nodes)} nodes, input {self.input_shape}, "
+            f"output {self.output_shape}, {self.num_params:,} params)"
+        )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _tupled(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_tupled(x) for x in v)
+    return v
+
+
+def _toposort(nodes: Sequence[Node], by_name: Mapping[str, Node]) -> list[Node]:
+    """Depth-first topological order, stable in the given order; names a node on any cycle."""
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+    order: list[Node] = []
+    for root in nodes:
+        if state.get(root.name) == 2:
+            continue
+        stack: list[tuple[Node, int]] = [(root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                if state.get(node.name) == 2:
+                    continue
+                state[node.name] = 1
+            if i < len(node.inputs):
+                stack.append((node, i + 1))
+                child = by_name[node.inputs[i]]
+                s = state.get(child.name)
+                if s == 1:
+                    raise SpecError(f"cycle through input {child.name!r}", node.name)
+                if s is None:
+                    stack.append((child, 0))
+            else:
+                state[node.name] = 2
+                order.append(node)
+    return order
+
+
+def _ancestors(name: str, by_name: Mapping[str, Node]) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(by_name[n].inputs)
+    return seen
+
+
+# ---------------------------------------------------------------------------
+# the builder
+# ---------------------------------------------------------------------------
+
+IntOrTuple = Union[int, Sequence[int]]
+PaddingArg = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+
+
+def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
+    """Explicit (before, after) padding of TensorFlow/JAX ``SAME``: output
+    ``ceil(size / stride)``, the odd pixel after."""
+    eff = dilation * (kernel - 1) + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + eff - size, 0)
+    return (total // 2, total - total // 2)
+
+
+def _tuple(v: IntOrTuple, nd: int, what: str, node: str) -> Shape:
+    if isinstance(v, int):
+        return (v,) * nd
+    t = tuple(v)
+    if len(t) != nd or not all(isinstance(x, int) for x in t):
+        raise SpecError(f"{what} must be an int or {nd} ints, got {v!r}", node)
+    return t
+
+
+def _padding(p: PaddingArg, spatial: Shape, kernel: Shape, stride: Shape, dilation: Shape, node: str) -> Padding:
+    nd = len(spatial)
+    if isinstance(p, str):
+        if p == "valid":
+            return ((0, 0),) * nd
+        if p == "same":
+            return tuple(same_padding(n, k, s, d) for n, k, s, d in zip(spatial, kernel, stride, dilation))
+        raise SpecError(f"padding must be 'same', 'valid', ints or (before, after) pairs, got {p!r}", node)
+    if isinstance(p, int):
+        return ((p, p),) * nd
+    items = tuple(p)
+    if len(items) != nd:
+        raise SpecError(f"padding {p!r} has {len(items)} entries for {nd} spatial dims", node)
+    if all(isinstance(x, int) for x in items):
+        return tuple((x, x) for x in items)  # type: ignore[misc]
+    try:
+        return tuple((int(a), int(b)) for a, b in items)  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise SpecError(f"padding must be 'same', 'valid', ints or (before, after) pairs, got {p!r}", node) from None
+
+
+class SpecBuilder:
+    """Builds a :class:`ModelSpec` node by node, inferring shapes as it goes.
+
+    Each method returns the new node's name; ``name=`` is optional (an
+    automatic ``<kind>_<n>`` name is used otherwise). Errors are raised when the
+    offending node is added.
+
+    >>> b = SpecBuilder("tiny")
+    >>> x = b.input((3, 32, 32))
+    >>> x = b.relu(b.batch_norm(b.conv(x, 8, 3, padding="same")))
+    >>> spec = b.build(b.dense(b.global_avg_pool(x), 10))
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._nodes: list[Node] = []
+        self._shapes: dict[str, Shape] = {}
+        self._count = 0
+
+    def shape(self, name: str) -> Shape:
+        return self._shapes[name]
+
+    def op(self, op: Op, inputs: Sequence[str] = (), name: str | None = None) -> str:
+        """Append any op; returns its name."""
+        self._count += 1
+        name = name or f"{op.kind.lower()}_{self._count}"
+        node = Node(name, op, tuple(inputs))
+        _check_node(node)
+        if name in self._shapes:
+            raise SpecError("duplicate node name", name)
+        for i in node.inputs:
+            if i not in self._shapes:
+                raise SpecError(f"unknown input {i!r}", name)
+        self._shapes[name] = _infer(node, [self._shapes[i] for i in node.inputs])
+        self._nodes.append(node)
+        return name
+
+    def _spatial(self, x: str, name: str | None, what: str) -> Shape:
+        if x not in self._shapes:
+            raise SpecError(f"unknown input {x!r}", name or what)
+        return self._shapes[x][1:]
+
+    def input(self, shape: Sequence[int], dtype: str = "float32", name: str = "input") -> str:
+        return self.op(Input(tuple(shape), dtype), (), name)
+
+    def conv(
+        self,
+        x: str,
+        out_channels: int,
+        kernel: IntOrTuple,
+        stride: IntOrTuple = 1,
+        padding: PaddingArg = 0,
+        dilation: IntOrTuple = 1,
+        groups: int = 1,
+        bias: bool = True,
+        name: str | None = None,
+    ) -> str:
+        spatial = self._spatial(x, name, "conv")
+        nd, label = len(spatial), name or "conv"
+        k, s, d = (_tuple(v, nd, w, label) for v, w in ((kernel, "kernel"), (stride, "stride"), (dilation, "dilation")))
+        pad = _padding(padding, spatial, k, s, d, label)
+        return self.op(Conv(out_channels, k, s, pad, d, groups, bias), (x,), name)
+
+    def batch_norm(self, x: str, eps: float = 1e-5, momentum: float = 0.1, name: str | None = None) -> str:
+        return self.op(BatchNorm(eps, momentum), (x,), name)
+
+    def activation(self, x: str, fn: str, alpha: float = 0.01, approximate: str = "none", name: str | None = None) -> str:
+        return self.op(Activation(fn, alpha, approximate), (x,), name)
+
+    def relu(self, x: str, name: str | None = None) -> str:
+        return self.activation(x, "relu", name=name)
+
+    def _pool(self, cls: type[_Pool], x: str, kernel: IntOrTuple, stride: IntOrTuple | None,
+              padding: PaddingArg, name: str | None, **extra: Any) -> str:
+        spatial = self._spatial(x, name, cls.kind)
+        nd, label = len(spatial), name or cls.kind
+        k = _tuple(kernel, nd, "kernel", label)
+        s = _tuple(k if stride is None else stride, nd, "stride", label)
+        pad = _padding(padding, spatial, k, s, (1,) * nd, label)
+        return self.op(cls(k, s, pad, **extra), (x,), name)
+
+    def max_pool(self, x: str, kernel: IntOrTuple, stride: IntOrTuple | None = None,
+                 padding: PaddingArg = 0, name: str | None = None) -> str:
+        """Max pooling; ``stride`` defaults to the kernel, as in PyTorch and Keras."""
+        return self._pool(MaxPool, x, kernel, stride, padding, name)
+
+    def avg_pool(self, x: str, kernel: IntOrTuple, stride: IntOrTuple | None = None, padding: PaddingArg = 0,
+                 count_include_pad: bool = True, name: str | None = None) -> str:
+        """Average pooling; ``stride`` defaults to the kernel."""
+        return self._pool(AvgPool, x, kernel, stride, padding, name, count_include_pad=count_include_pad)
+
+    def global_avg_pool(self, x: str, name: str | None = None) -> str:
+        return self.op(GlobalAvgPool(), (x,), name)
+
+    def add(self, *xs: str, name: str | None = None) -> str:
+        """Residual (elementwise) sum of two or more nodes."""
+        return self.op(Add(), xs, name)
+
+    def concat(self, *xs: str, name: str | None = None) -> str:
+        return self.op(Concat(), xs, name)
+
+    def flatten(self, x: str, name: str | None = None) -> str:
+        return self.op(Flatten(), (x,), name)
+
+    def dense(self, x: str, out_features: int, bias: bool = True, name: str | None = None) -> str:
+        return self.op(Dense(out_features, bias), (x,), name)
+
+    def dropout(self, x: str, rate: float = 0.5, name: str | None = None) -> str:
+        return self.op(Dropout(rate), (x,), name)
+
+    def build(self, output: str | None = None) -> ModelSpec:
+        """The finished spec; ``output`` defaults to the last node added."""
+        return ModelSpec(self.name, tuple(self._nodes), output or "")

@@ -1,0 +1,151 @@
+"""The neutral training configuration: loss, optimizer, LR schedule, gradient
+accumulation and precision, each with one exact meaning.
+
+Optimizers follow ``torch.optim`` exactly (coupled L2 weight decay in SGD and
+Adam, decoupled in AdamW; SGD momentum buffer ``b = mu*b + g`` with dampening 0,
+Nesterov ``g + mu*b``). Schedules are functions of the optimizer step (0-based):
+the step that applies update ``t`` uses ``lr * schedule.factor(t)``. A backend
+whose framework default differs implements these rules rather than its own.
+
+Gradient accumulation ``G`` splits each batch into ``G`` equal micro-batches,
+runs forward/backward on each (BatchNorm statistics per micro-batch; running
+statistics updated once per micro-batch, as on the IPU) and applies the mean of
+the micro-batch gradients, i.e. the gradient of the mean micro-batch loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+from hal.errors import ConfigError
+
+LOSSES = ("cross_entropy", "mse")
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class SGD:
+    """``torch.optim.SGD`` (dampening 0)."""
+
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _nonneg(self, "lr", "momentum", "weight_decay")
+        if self.nesterov and self.momentum <= 0:
+            raise ConfigError("SGD: nesterov requires momentum > 0 (as in torch.optim.SGD)")
+
+
+@dataclass(frozen=True)
+class Adam:
+    """``torch.optim.Adam``: weight decay is L2 added to the gradient (coupled)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _nonneg(self, "lr", "eps", "weight_decay")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class AdamW(Adam):
+    """``torch.optim.AdamW``: decoupled weight decay ``p -= lr * wd * p``."""
+
+    weight_decay: float = 1e-2
+
+
+Optimizer = Union[SGD, Adam, AdamW]
+
+
+@dataclass(frozen=True)
+class Constant:
+    """Constant learning rate."""
+
+    def factor(self, step: int) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """``torch.optim.lr_scheduler.StepLR`` stepped once per optimizer step:
+    factor ``gamma ** (step // step_size)``."""
+
+    step_size: int
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.step_size < 1:
+            raise ConfigError(f"StepDecay: step_size must be >= 1, got {self.step_size}")
+
+    def factor(self, step: int) -> float:
+        return self.gamma ** (step // self.step_size)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """Linear warm-up from ``warmup_start`` to 1 over ``warmup_steps`` steps
+    (step ``t < warmup_steps`` gets ``warmup_start + (1 - warmup_start) * t / warmup_steps``),
+    then cosine decay to ``min_factor`` at ``total_steps``; constant after."""
+
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_start: float = 0.0
+    min_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ConfigError(
+                f"Cosine: need 0 <= warmup_steps < total_steps, got {self.warmup_steps}, {self.total_steps}"
+            )
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_start + (1.0 - self.warmup_start) * step / self.warmup_steps
+        t = min(step - self.warmup_steps, self.total_steps - self.warmup_steps)
+        cos = 0.5 * (1.0 + math.cos(math.pi * t / (self.total_steps - self.warmup_steps)))
+        return self.min_factor + (1.0 - self.min_factor) * cos
+
+
+Schedule = Union[Constant, StepDecay, Cosine]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a compiled model trains. ``precision`` is the compute precision:
+    ``fp32`` (default), ``fp64`` (reference runs), ``bf16``/``fp16`` mixed
+    (fp32 master weights)."""
+
+    loss: str = "cross_entropy"
+    optimizer: Optimizer = field(default_factory=SGD)
+    schedule: Schedule = field(default_factory=Constant)
+    grad_accum: int = 1
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
+        if not isinstance(self.optimizer, (SGD, Adam)):
+            raise ConfigError(f"optimizer must be hal.training.SGD, Adam or AdamW, got {self.optimizer!r}")
+
+    def lr(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        return self.optimizer.lr * self.schedule.factor(step)
+
+
+def _nonneg(obj: object, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not (isinstance(v, (int, float)) and v >= 0):
+            raise ConfigError(f"{type(obj).__name__}: {n} must be a number >= 0, got {v!r}")
