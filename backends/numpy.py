@@ -1,0 +1,209 @@
+"""The float64 numpy reference backend: ground truth for forward parity.
+
+Always available; needs nothing but numpy. Every op is written out plainly from
+its canonical definition (DESIGN.md), in float64, channels-first, with explicit
+padding: convolution is an im2col matrix product per group, pooling a reduction
+over strided windows. Inference and training-mode forward only; gradients come
+from a float64 autodiff run on another backend (``torch:cpu`` with
+``precision="fp64"``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from hal.backend import Availability, Backend, Capabilities, Executable, Target, Weights
+from hal.errors import UnsupportedError
+from hal.spec import (
+    Activation,
+    Add,
+    AvgPool,
+    BatchNorm,
+    Concat,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    Input,
+    MaxPool,
+    ModelSpec,
+    Node,
+)
+from hal.training import PRECISIONS, TrainConfig
+from hal.weights import check_weights
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> np.ndarray:
+    """View of ``x`` (N, C, *S) as (N, C, *out, *kernel) strided, dilated windows."""
+    nd = len(kernel)
+    axes = tuple(range(2, 2 + nd))
+    eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    w = sliding_window_view(x, eff, axis=axes)
+    pos = tuple(slice(None, None, s) for s in stride)
+    win = tuple(slice(None, None, d) for d in dilation)
+    return w[(slice(None), slice(None), *pos, *win)]
+
+
+def _pad(x: np.ndarray, padding: tuple[tuple[int, int], ...], value: float = 0.0) -> np.ndarray:
+    if not any(a or b for a, b in padding):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), *padding), constant_values=value)
+
+
+def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, op: Conv) -> np.ndarray:
+    n, nd, g = x.shape[0], len(op.kernel), op.groups
+    win = _windows(_pad(x, op.padding), op.kernel, op.stride, op.dilation)  # (N, C, *out, *k)
+    out_sp = win.shape[2 : 2 + nd]
+    cg, og = x.shape[1] // g, op.out_channels // g
+    # (N, *out, C, *k) so each group's patch is contiguous after the reshape
+    cols = np.moveaxis(win, 1, 1 + nd).reshape(n, *out_sp, g, cg * math.prod(op.kernel))
+    wg = w.reshape(g, og, cg * math.prod(op.kernel))
+    y = np.einsum("n...gk,gok->n...go", cols, wg, optimize=True).reshape(n, *out_sp, op.out_channels)
+    y = np.moveaxis(y, -1, 1)
+    if b is not None:
+        y = y + b.reshape(1, -1, *([1] * nd))
+    return np.ascontiguousarray(y)
+
+
+def batch_norm(x: np.ndarray, p: Mapping[str, np.ndarray], op: BatchNorm, training: bool) -> np.ndarray:
+    axes = (0, *range(2, x.ndim))
+    shape = (1, -1, *([1] * (x.ndim - 2)))
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)  # biased, as in the forward of every framework
+    else:
+        mean, var = p["running_mean"], p["running_var"]
+    inv = p["weight"] / np.sqrt(var + op.eps)
+    return (x - mean.reshape(shape)) * inv.reshape(shape) + p["bias"].reshape(shape)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # exact identity, no overflow
+
+
+ACTIVATIONS: dict[str, Callable[[np.ndarray, Activation], np.ndarray]] = {
+    "relu": lambda x, op: np.maximum(x, 0.0),
+    "leaky_relu": lambda x, op: np.where(x >= 0, x, op.alpha * x),
+    "sigmoid": lambda x, op: _sigmoid(x),
+    "tanh": lambda x, op: np.tanh(x),
+    "silu": lambda x, op: x * _sigmoid(x),
+    "gelu": lambda x, op: (
+        0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        if op.approximate == "tanh"
+        else 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+    ),
+}
+
+
+def max_pool(x: np.ndarray, op: MaxPool) -> np.ndarray:
+    nd = len(op.kernel)
+    win = _windows(_pad(x, op.padding, -np.inf), op.kernel, op.stride, (1,) * nd)
+    return win.max(axis=tuple(range(-nd, 0)))
+
+
+def avg_pool(x: np.ndarray, op: AvgPool) -> np.ndarray:
+    nd = len(op.kernel)
+    axes = tuple(range(-nd, 0))
+    total = _windows(_pad(x, op.padding), op.kernel, op.stride, (1,) * nd).sum(axis=axes)
+    if op.count_include_pad:
+        return total / math.prod(op.kernel)
+    ones = np.ones((1, 1, *x.shape[2:]))
+    count = _windows(_pad(ones, op.padding), op.kernel, op.stride, (1,) * nd).sum(axis=axes)
+    return total / count
+
+
+def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], training: bool) -> np.ndarray:
+    """One node's canonical float64 forward."""
+    op = node.op
+    if isinstance(op, Conv):
+        return conv(xs[0], p["weight"], p.get("bias"), op)
+    if isinstance(op, BatchNorm):
+        return batch_norm(xs[0], p, op, training)
+    if isinstance(op, Activation):
+        return ACTIVATIONS[op.fn](xs[0], op)
+    if isinstance(op, MaxPool):
+        return max_pool(xs[0], op)
+    if isinstance(op, AvgPool):
+        return avg_pool(xs[0], op)
+    if isinstance(op, GlobalAvgPool):
+        return xs[0].mean(axis=tuple(range(2, xs[0].ndim)))
+    if isinstance(op, Add):
+        return sum(xs[1:], xs[0])
+    if isinstance(op, Concat):
+        return np.concatenate(xs, axis=1)
+    if isinstance(op, Flatten):
+        return xs[0].reshape(xs[0].shape[0], -1)
+    if isinstance(op, Dense):
+        y = xs[0] @ p["weight"].T
+        return y + p["bias"] if "bias" in p else y
+    if isinstance(op, Dropout):
+        if training and op.rate > 0:
+            raise UnsupportedError(
+                f"node {node.name!r}: the reference cannot reproduce random dropout masks; "
+                "compare training-mode forwards with dropout rate 0"
+            )
+        return xs[0]
+    raise UnsupportedError(f"node {node.name!r}: numpy has no {op.kind} op")
+
+
+class NumpyExecutable(Executable):
+    def __init__(self, spec: ModelSpec, weights: Weights, config: TrainConfig) -> None:
+        super().__init__(spec, Target("numpy", "cpu"), config)
+        self._dtype = np.dtype(spec.dtype) if spec.dtype in ("float32", "float64", "float16") else np.dtype("float32")
+        self.load_weights(weights)
+        last: dict[str, int] = {}
+        for i, n in enumerate(spec.nodes):
+            for name in n.inputs:
+                last[name] = i
+        self._free_after = [[k for k, v in last.items() if v == i and k != spec.output] for i in range(len(spec.nodes))]
+
+    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        x = self.check_x(x).astype(np.float64)
+        values: dict[str, np.ndarray] = {}
+        for i, node in enumerate(self.spec.nodes):
+            if isinstance(node.op, Input):
+                values[node.name] = x
+            else:
+                values[node.name] = run_node(node, [values[k] for k in node.inputs], self._params[node.name], training)
+            for k in self._free_after[i]:
+                del values[k]
+        return values[self.spec.output]
+
+    def weights(self) -> Weights:
+        return {f"{n}.{p}": a.astype(self._dtype) for n, ps in self._params.items() for p, a in ps.items()}
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        w = check_weights(self.spec, weights)
+        self._params: dict[str, dict[str, np.ndarray]] = {n.name: {} for n in self.spec.nodes}
+        for k, v in w.items():
+            node, _, p = k.rpartition(".")
+            self._params[node][p] = v.astype(np.float64)
+
+
+class NumpyBackend(Backend):
+    """float64 reference: every op, inference and training-mode forward, no training."""
+
+    name = "numpy"
+    description = "float64 numpy reference (ground truth for forward parity)"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return Availability(True, np.__version__)
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        return ["cpu"]
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(precisions=PRECISIONS, training=False)
+
+    @classmethod
+    def compile(cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig) -> Executable:
+        return NumpyExecutable(spec, weights, config)
