@@ -96,7 +96,7 @@ ACTIVATIONS: dict[str, Callable[[np.ndarray, Activation], np.ndarray]] = {
     "gelu": lambda x, op: (
         0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
         if op.approximate == "tanh"
-        else 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+        else 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(x.dtype))
     ),
 }
 
@@ -113,7 +113,7 @@ def avg_pool(x: np.ndarray, op: AvgPool) -> np.ndarray:
     total = _windows(_pad(x, op.padding), op.kernel, op.stride, (1,) * nd).sum(axis=axes)
     if op.count_include_pad:
         return total / math.prod(op.kernel)
-    ones = np.ones((1, 1, *x.shape[2:]))
+    ones = np.ones((1, 1, *x.shape[2:]), dtype=x.dtype)
     count = _windows(_pad(ones, op.padding), op.kernel, op.stride, (1,) * nd).sum(axis=axes)
     return total / count
 
@@ -153,9 +153,13 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
 
 
 class NumpyExecutable(Executable):
-    def __init__(self, spec: ModelSpec, weights: Weights, config: TrainConfig) -> None:
+    """Runs the spec node by node in ``dtype``: float64 for the reference; the
+    parity harness also runs it in float32 to measure the float32 rounding floor."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, config: TrainConfig, dtype: str = "float64") -> None:
         super().__init__(spec, Target("numpy", "cpu"), config)
         self._dtype = np.dtype(spec.dtype) if spec.dtype in ("float32", "float64", "float16") else np.dtype("float32")
+        self.compute_dtype = np.dtype(dtype)
         self.load_weights(weights)
         last: dict[str, int] = {}
         for i, n in enumerate(spec.nodes):
@@ -164,7 +168,7 @@ class NumpyExecutable(Executable):
         self._free_after = [[k for k, v in last.items() if v == i and k != spec.output] for i in range(len(spec.nodes))]
 
     def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        x = self.check_x(x).astype(np.float64)
+        x = self.check_x(x).astype(self.compute_dtype)
         values: dict[str, np.ndarray] = {}
         for i, node in enumerate(self.spec.nodes):
             if isinstance(node.op, Input):
@@ -183,7 +187,7 @@ class NumpyExecutable(Executable):
         self._params: dict[str, dict[str, np.ndarray]] = {n.name: {} for n in self.spec.nodes}
         for k, v in w.items():
             node, _, p = k.rpartition(".")
-            self._params[node][p] = v.astype(np.float64)
+            self._params[node][p] = v.astype(self.compute_dtype)
 
 
 class NumpyBackend(Backend):
