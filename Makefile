@@ -1,0 +1,37 @@
+# `make demo`: set up .venv and run the main job (parity and speed of ResNet50 on every backend here).
+# `make test`: set up .venv if needed and run the test suite (long checks: `make test-slow`).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch pinned to the CPU build this project is developed with; override e.g. TORCH="torch" for a CUDA machine.
+TORCH  ?= torch==2.13.0
+EXTRAS ?= all,dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/hal compare resnet50
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/hal bench resnet50 --batch 16
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

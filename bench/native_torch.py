@@ -1,0 +1,116 @@
+"""A plainly hand-written PyTorch ResNet (torchvision's layout), the baseline that
+``hal bench`` times hal's ``torch`` backend against in the same run.
+
+Nothing here uses hal: it is what a PyTorch user would write. Its ``state_dict``
+names are torchvision's, hence hal's canonical names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, depth: int = 50, num_classes: int = 1000) -> None:
+        super().__init__()
+        block = BasicBlock if depth < 50 else Bottleneck
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            self._stage(block, 64 * 2**i, n, 1 if i == 0 else 2) for i, n in enumerate(LAYERS[depth])
+        )
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _stage(self, block: type, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Native:
+    """The usual eval loop and SGD-momentum training step, numpy in and out like hal."""
+
+    def __init__(self, depth: int, num_classes: int, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = ResNet(depth, num_classes).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x).to(self.device)).cpu().numpy()
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(torch.from_numpy(x).to(self.device)), torch.from_numpy(y).to(self.device))
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def build(model: str, num_classes: int, device: str) -> Native | None:
+    """The native twin of a hal zoo model, or None if there is none."""
+    depth = {f"resnet{d}": d for d in LAYERS}.get(model)
+    return Native(depth, num_classes, device) if depth else None
