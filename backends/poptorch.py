@@ -1,0 +1,515 @@
+"""PopTorch backend: ``poptorch:ipu`` (IPU hardware) and ``poptorch:ipu-model`` (the IPU Model simulator).
+
+The model is the torch backend's :func:`~hal.backends.torch.build_module` graph
+(submodules at the canonical node names), wrapped so that ``forward(x, y)``
+returns ``(logits, loss)``: ``poptorch.trainingModel`` needs the loss inside
+``forward``. An IPU plan (:func:`hal.ipu.plan`) becomes PopTorch's real API:
+
+================================  ==============================================================
+plan / config                     PopTorch
+================================  ==============================================================
+device iterations D               ``Options().deviceIterations(D)``
+replicas R                        ``Options().replicationFactor(R)``
+gradient accumulation G           ``Options().Training.gradientAccumulation(G)``, mean reduction
+pipeline stage s starts at node   ``poptorch.BeginBlock(module.get_submodule(node), f"stage{s}", s)``
+                                  and ``PipelinedExecution(AutoStage.SameAsIpu)``
+recomputation (S > 1)             ``Options()._Popart.set("autoRecomputation", 3)`` (Pipeline)
+fp16                              ``model.half()``, ``Precision.setPartialsType(torch.half)``,
+                                  stochastic rounding on hardware, ``loss_scaling=128``
+SGD / Adam / AdamW                ``poptorch.optim.SGD/Adam/AdamW``, fp32 accumulators and state
+outputs                           ``Options().outputMode(OutputMode.All)`` (``anchorMode`` before SDK 2.6)
+ipu-model                         ``Options().useIpuModel(True)``
+compile cache                     ``Options().enableExecutableCaching($HAL_POPTORCH_CACHE)``
+weights() / load_weights()        ``copyWeightsToHost()`` / ``copyWeightsToDevice()``
+================================  ==============================================================
+
+A host batch is laid out as ``poptorch.DataLoader`` combines it: ``micro x D x R x G``
+consecutive samples, read by PopART as ``[D, G, R, micro]``, so with R = 1 a step's G
+micro-batches are the consecutive slices hal's gradient accumulation uses.
+
+Semantics that differ from ``torch:cpu`` and why:
+
+- fp16 is PopTorch's ``model.half()``: fp16 weights updated with stochastic rounding
+  on hardware, no fp32 master copy (PopTorch user guide, "16-bit float support");
+- with R > 1 replicas each keeps its own BatchNorm running statistics; the values
+  copied back are those PopTorch returns (replica 0's);
+- the learning rate is a host value sent with ``setOptimizer`` between calls, so a
+  per-step schedule needs ``device_iterations=1``;
+- with D > 1 one host call is D optimizer steps: ``train_step`` needs D = 1, use
+  ``run_steps`` with a multiple of D steps.
+
+``loss_and_grads`` runs a second training model, on a copy of the module whose
+BatchNorm layers do not update their statistics, with ``poptorch.optim.SGD(lr=0)``,
+anchors every parameter's ``Gradient___<name>`` tensor (``Options().anchorTensor``
+with ``OutputMode.All``: one value per micro-batch, ``D x G x R`` per call, PopART
+glossary "Anchor tensor") and averages them. PopTorch has no backward-only call;
+lr = 0, passed explicitly so that it stays a variable and is not folded away,
+leaves the weights as they were.
+
+poptorch and torch are imported lazily: importing this module needs neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+
+from hal import ipu as ipu_plan
+from hal.backend import Availability, Backend, Capabilities, Executable, Target, Weights, package_availability
+from hal.errors import BackendUnavailable, ConfigError, InputError, UnsupportedError
+from hal.spec import ModelSpec
+from hal.training import SGD, Adam, AdamW, Constant, TrainConfig
+from hal.weights import check_weights, init_weights
+
+if TYPE_CHECKING:
+    import torch
+
+SDK_HINT = "it ships with Graphcore's Poplar SDK; install its wheel"
+CACHE_ENV = "HAL_POPTORCH_CACHE"
+PRECISIONS = ("fp32", "fp16")
+FP16_LOSS_SCALING = 128.0  # the value graphcore/examples' ResNet50 fp16 configs use
+RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline, as in the poptorch.Options docs
+PREFIX = "graph."  # parameter names inside the loss wrapper: PREFIX + canonical name
+
+
+def _poptorch() -> Any:
+    import poptorch
+
+    return poptorch
+
+
+# ---------------------------------------------------------------------------
+# translation of a plan into PopTorch calls
+# ---------------------------------------------------------------------------
+
+
+def make_options(
+    plan: ipu_plan.Plan, device: str, training: bool, device_iterations: int | None = None,
+    grad_accum: int | None = None, anchors: Mapping[str, str] | None = None,
+) -> Any:
+    """``poptorch.Options`` for ``plan`` on ``device`` (``ipu`` or ``ipu-model``).
+
+    ``device_iterations`` / ``grad_accum`` override the plan's (gradient and
+    inference models); ``anchors`` maps short names to PopART tensor names.
+    """
+    import torch
+
+    poptorch = _poptorch()
+    b = plan.batch
+    stages = plan.ipus_per_replica
+    opts = poptorch.Options()
+    opts.deviceIterations(device_iterations or b.device_iterations)
+    opts.replicationFactor(b.replicas)
+    if training:
+        opts.Training.gradientAccumulation(grad_accum or b.grad_accum)
+        opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
+        if plan.recompute and stages > 1:
+            opts._Popart.set("autoRecomputation", RECOMPUTATION_PIPELINE)
+    if plan.precision == "fp16":
+        opts.Precision.setPartialsType(torch.half)
+        if training and device == "ipu":
+            opts.Precision.enableStochasticRounding(True)
+    if stages > 1:
+        opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
+    total = stages * b.replicas
+    if total & (total - 1):
+        opts.autoRoundNumIPUs(True)
+    if hasattr(poptorch, "OutputMode"):
+        opts.outputMode(poptorch.OutputMode.All)
+    else:  # SDKs before 2.6 spell it anchorMode
+        opts.anchorMode(poptorch.AnchorMode.All)
+    opts.useIpuModel(device == "ipu-model")
+    opts.enableExecutableCaching(os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "hal" / "poptorch"))
+    for short, long in (anchors or {}).items():
+        opts.anchorTensor(short, long, poptorch.OutputMode.All)
+    return opts
+
+
+def place_stages(graph: "torch.nn.Module", plan: ipu_plan.Plan) -> None:
+    """``BeginBlock`` at the first node of every stage: stage s runs on IPU s."""
+    if plan.ipus_per_replica == 1:
+        return
+    poptorch = _poptorch()
+    entry = graph.spec.input.name  # type: ignore[union-attr]
+    for stage in plan.stages:
+        first = next(n for n in stage.nodes if n != entry)
+        poptorch.BeginBlock(graph.get_submodule(first), user_id=f"stage{stage.index}", ipu_id=stage.index)
+
+
+def make_optimizer(params: Any, config: TrainConfig, lr: float) -> Any:
+    """The ``poptorch.optim`` optimizer with ``torch.optim`` semantics for a hal config.
+
+    SGD uses the separate-accumulator variant, "mathematically identical to PyTorch";
+    Adam keeps coupled L2 weight decay, AdamW the decoupled one with bias correction;
+    accumulators and optimizer state are fp32 in both precisions.
+    """
+    import torch
+
+    poptorch = _poptorch()
+    o = config.optimizer
+    scaling = FP16_LOSS_SCALING if config.precision == "fp16" else 1.0
+    fp32 = torch.float32
+    if isinstance(o, SGD):
+        return poptorch.optim.SGD(
+            params, lr=lr, momentum=o.momentum, dampening=0.0, weight_decay=o.weight_decay, nesterov=o.nesterov,
+            loss_scaling=scaling, use_combined_accum=False, accum_type=fp32, velocity_accum_type=fp32,
+        )
+    moments = {"accum_type": fp32, "first_order_momentum_accum_type": fp32, "second_order_momentum_accum_type": fp32}
+    common = {"lr": lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay, "amsgrad": False,
+              "loss_scaling": scaling, **moments}
+    if isinstance(o, AdamW):
+        return poptorch.optim.AdamW(params, bias_correction=True, **common)
+    return poptorch.optim.Adam(params, **common)
+
+
+def _with_loss(graph: "torch.nn.Module", loss: str) -> "torch.nn.Module":
+    """``forward(x, y) -> (logits, loss)`` around ``graph``, the loss in fp32 by one of the
+    ``torch.nn`` loss modules PopTorch supports (mean reduction, as hal's losses)."""
+    from torch import nn
+
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.graph = graph
+            self.criterion = nn.CrossEntropyLoss() if loss == "cross_entropy" else nn.MSELoss()
+
+        def forward(self, x: "torch.Tensor", y: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+            out = self.graph(x)
+            return out, self.criterion(out.float(), y)
+
+    return WithLoss()
+
+
+# ---------------------------------------------------------------------------
+# the executable
+# ---------------------------------------------------------------------------
+
+
+class _Shadow:
+    """An executor on a private copy of the module (``graph`` is the copy's TorchGraph),
+    refreshed from the host weights before it runs."""
+
+    def __init__(self, graph: Any, executor: Any, anchors: tuple[str, ...] = (), version: int = -1) -> None:
+        self.graph, self.executor, self.anchors = graph, executor, anchors
+        self.version = version  # the host weight version it holds
+
+
+class PopTorchExecutable(Executable):
+    """A spec compiled for PopTorch; executors are compiled lazily, one per call shape."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig,
+                 plan: ipu_plan.Plan | None = None) -> None:
+        import torch
+
+        super().__init__(spec, Target("poptorch", device), config)
+        if config.precision not in PRECISIONS:
+            raise UnsupportedError(f"{self.target} supports precisions {PRECISIONS}, not {config.precision!r}")
+        if plan is not None:
+            _check_plan(spec, plan, config)
+        self.device = device
+        self.plan = plan
+        self.dtype = torch.half if config.precision == "fp16" else torch.float32
+        self.graph = self._new_graph(weights)
+        self.model = _with_loss(self.graph, config.loss)
+        self.lr = config.lr(0)
+        self.optimizer = make_optimizer(self.model.parameters(), config, self.lr)
+        self._train: Any = None  # the training PoplarExecutor
+        self._shadows: dict[tuple[Any, ...], _Shadow] = {}
+        self._active: Any = None  # the executor holding the device
+        self._version = 0  # bumped whenever the weights change (a training call, load_weights)
+        self._host_stale = False  # the training executor holds newer weights than the host
+        self._device_stale = False  # the host holds newer weights than the training executor
+
+    def _new_graph(self, weights: Weights) -> Any:
+        """A TorchGraph holding ``weights``, in the compute precision, with the plan's stages."""
+        from hal.backends.torch import build_module
+
+        graph = build_module(self.spec, weights, "float32")
+        if self.config.precision == "fp16":
+            graph.half()
+        if self.plan is not None:
+            place_stages(graph, self.plan)
+        return graph
+
+    # -- plan and batches -----------------------------------------------------------
+
+    def _training_plan(self, n: int) -> ipu_plan.Plan:
+        """The plan; without one, a 1-IPU plan sized by the first batch (micro = n / G)."""
+        if self.plan is None:
+            g = self.config.grad_accum
+            self.plan = ipu_plan.plan(self.spec, ipus=1, micro_batch=n // g, grad_accum=g,
+                                      precision=self.config.precision, optimizer=self.config.optimizer, devices=[])
+        if not self.plan.training:
+            raise UnsupportedError(f"{self.target}: this executable was planned for inference only")
+        want = self.plan.batch.samples_per_update
+        if n != want:
+            b = self.plan.batch
+            raise InputError(
+                f"{self.target}: a step takes micro x G x R = {b.micro_batch} x {b.grad_accum} x {b.replicas} "
+                f"= {want} samples, got {n}"
+            )
+        return self.plan
+
+    def _x(self, x: np.ndarray) -> "torch.Tensor":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.dtype)
+
+    def _y(self, y: np.ndarray) -> "torch.Tensor":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64 if self.config.loss == "cross_entropy"
+                                                    else np.float32))
+
+    # -- executors ----------------------------------------------------------------------
+
+    def _activate(self, executor: Any) -> None:
+        """Give ``executor`` the device: detach the previous holder (the training
+        executor's weights copied back first) and re-attach a compiled executor."""
+        if self._active is executor:
+            return
+        if self._active is not None and self._active.isAttachedToDevice():
+            if self._active is self._train:
+                self._sync_host()
+            self._active.detachFromDevice()
+        if executor.isCompiled() and not executor.isAttachedToDevice():
+            executor.attachToDevice()
+            if executor is self._train:
+                self._device_stale = True
+            else:
+                self._shadow_of(executor).version = -1
+        self._active = executor
+
+    def _shadow_of(self, executor: Any) -> _Shadow:
+        return next(s for s in self._shadows.values() if s.executor is executor)
+
+    def _sync_host(self) -> None:
+        if self._host_stale:
+            self._train.copyWeightsToHost()
+            self._host_stale = False
+
+    def _training_executor(self, plan: ipu_plan.Plan) -> Any:
+        if self._train is None:
+            poptorch = _poptorch()
+            self.model.train()
+            self._train = poptorch.trainingModel(self.model, options=make_options(plan, self.device, True),
+                                                 optimizer=self.optimizer)
+        self._activate(self._train)
+        if self._device_stale and self._train.isCompiled():
+            self._train.copyWeightsToDevice()
+        self._device_stale = False
+        return self._train
+
+    def _shadow(self, key: tuple[Any, ...], build: Callable[[], _Shadow]) -> _Shadow:
+        """A cached shadow executor holding the current host weights."""
+        import torch
+
+        if key not in self._shadows:
+            self._shadows[key] = build()
+        shadow = self._shadows[key]
+        self._activate(shadow.executor)
+        if shadow.version != self._version:
+            target = shadow.graph.state_dict()
+            with torch.no_grad():
+                for name, value in self.graph.state_dict().items():
+                    target[name].copy_(value)
+            if shadow.executor.isCompiled():
+                shadow.executor.copyWeightsToDevice()
+            shadow.version = self._version
+        return shadow
+
+    def _stages(self) -> int:
+        return self.plan.ipus_per_replica if self.plan is not None else 1
+
+    # -- the surface ----------------------------------------------------------------------
+
+    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        x = self.check_x(x)
+        n, stages = len(x), self._stages()
+        if training:  # batch statistics over the whole batch: one micro-batch of n, fed `stages` times
+            shadow = self._shadow(("predict-train", n), lambda: self._build_predict(n, stages, True))
+            out = shadow.executor(self._x(np.concatenate([x] * stages)))
+            return _numpy(out)[:n]
+        b = self.plan.batch if self.plan is not None else None
+        micro = b.micro_batch if b is not None else n
+        iterations = max(b.device_iterations if b is not None else 1, stages)
+        replicas = b.replicas if b is not None else 1
+        host = micro * iterations * replicas
+        shadow = self._shadow(("predict", host), lambda: self._build_predict(micro, iterations, False, replicas))
+        outs = []
+        for start in range(0, n, host):
+            chunk = x[start:start + host]
+            pad = host - len(chunk)
+            if pad:  # inference BatchNorm uses running statistics: padding changes no other row
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(_numpy(shadow.executor(self._x(chunk)))[: host - pad])
+        return np.concatenate(outs)
+
+    def _build_predict(self, micro: int, iterations: int, training: bool, replicas: int = 1) -> _Shadow:
+        poptorch = _poptorch()
+        graph = self._new_graph(self.weights())
+        graph.set_update_stats(False)
+        graph.train(training)
+        base = self.plan or ipu_plan.plan(self.spec, micro_batch=micro, precision=self.config.precision,
+                                          training=False, devices=[])
+        inference = dataclasses.replace(base, batch=ipu_plan.Batch(micro, iterations, replicas, 1, False))
+        executor = poptorch.inferenceModel(graph, options=make_options(inference, self.device, False))
+        return _Shadow(graph, executor, version=self._version)
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
+        x, y = self.check_xy(x, y)
+        plan = self._training_plan(len(x))
+        shadow = self._shadow(("grads",), lambda: self._build_grads(plan))
+        _, loss = shadow.executor(self._x(x), self._y(y))
+        grads = {}
+        for short, name in zip(shadow.anchors, self.spec.trainable()):
+            g = _numpy(shadow.executor.getAnchoredTensor(short)).astype(np.float32)
+            grads[name] = g.reshape(-1, *self.graph.get_parameter(name).shape).mean(axis=0)
+        return float(np.mean(_numpy(loss))), grads
+
+    def _build_grads(self, plan: ipu_plan.Plan) -> _Shadow:
+        poptorch = _poptorch()
+        module = _with_loss(self._new_graph(self.weights()), self.config.loss)
+        module.graph.set_update_stats(False)
+        module.train()
+        anchors = {f"grad{i}": f"Gradient___{PREFIX}{name}" for i, name in enumerate(self.spec.trainable())}
+        opts = make_options(plan, self.device, True, device_iterations=1, anchors=anchors)
+        sgd = poptorch.optim.SGD(module.parameters(), lr=0.0, momentum=0.0, weight_decay=0.0, loss_scaling=1.0)
+        executor = poptorch.trainingModel(module, options=opts, optimizer=sgd)
+        return _Shadow(module.graph, executor, tuple(anchors), version=self._version)
+
+    def _set_lr(self) -> None:
+        lr = self.config.lr(self.step)
+        if lr != self.lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self._train.setOptimizer(self.optimizer)
+            self.lr = lr
+
+    def _run(self, plan: ipu_plan.Plan, x: np.ndarray, y: np.ndarray, steps: int) -> np.ndarray:
+        """``steps`` optimizer steps in one host call; returns each step's mean loss."""
+        executor = self._training_executor(plan)
+        self._set_lr()
+        _, loss = executor(self._x(x), self._y(y))
+        self._host_stale = True
+        self._version += 1
+        self.step += steps
+        return _numpy(loss).astype(np.float64).reshape(steps, -1).mean(axis=1)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        x, y = self.check_xy(x, y)
+        plan = self._training_plan(len(x))
+        if plan.batch.device_iterations != 1:
+            raise UnsupportedError(
+                f"{self.target}: the plan runs {plan.batch.device_iterations} steps per host call "
+                "(device_iterations): use run_steps with a multiple of that many steps"
+            )
+        return float(self._run(plan, x, y, 1)[0])
+
+    def run_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        self.check_steps(xs, ys)
+        plan = self._training_plan(xs.shape[1])
+        d = plan.batch.device_iterations
+        if len(xs) % d:
+            raise InputError(f"{self.target}: run_steps takes a multiple of device_iterations={d} steps, got {len(xs)}")
+        losses = [
+            self._run(plan, np.concatenate(list(xs[i:i + d])), np.concatenate(list(ys[i:i + d])), d)
+            for i in range(0, len(xs), d)
+        ]
+        return np.concatenate(losses)
+
+    def weights(self) -> Weights:
+        if self._train is not None and self._train.isCompiled():
+            self._sync_host()
+        return {k: v.detach().float().numpy().copy() for k, v in self.graph.state_dict().items()}
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        import torch
+
+        w = check_weights(self.spec, weights)
+        with torch.no_grad():
+            for k, v in self.graph.state_dict().items():
+                v.copy_(torch.from_numpy(np.asarray(w[k])))
+        self._host_stale = False
+        self._device_stale = True
+        self._version += 1
+
+    def close(self) -> None:
+        """Release the IPUs: copy the trained weights back, then destroy every executor."""
+        if self._train is not None and self._train.isCompiled():
+            self._sync_host()
+        for ex in [self._train, *(s.executor for s in self._shadows.values())]:
+            if ex is not None:
+                ex.destroy()
+        self._train, self._shadows, self._active = None, {}, None
+
+
+def _numpy(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _check_plan(spec: ModelSpec, plan: ipu_plan.Plan, config: TrainConfig) -> None:
+    if plan.spec_hash != spec.hash:
+        raise ConfigError(f"the plan was made for model {plan.model!r} with another spec than {spec.name!r}")
+    if plan.precision != config.precision:
+        raise ConfigError(f"the plan is {plan.precision} but the training config says {config.precision}")
+    if not plan.training:
+        return
+    if plan.batch.grad_accum != config.grad_accum:
+        raise ConfigError(
+            f"the plan accumulates {plan.batch.grad_accum} micro-batches but the training config says "
+            f"grad_accum={config.grad_accum}: make them equal"
+        )
+    if plan.state_tensors != ipu_plan.optimizer_state_tensors(config.optimizer):
+        raise ConfigError(f"the plan was made for {plan.optimizer}, the training config uses {config.optimizer!r}")
+    if plan.batch.device_iterations > 1 and not isinstance(config.schedule, Constant):
+        raise ConfigError(
+            "a learning-rate schedule changes the rate every step, but PopTorch sets it between host calls: "
+            f"plan device_iterations=1 (got {plan.batch.device_iterations}) or use a Constant schedule"
+        )
+
+
+class PopTorchBackend(Backend):
+    """Graphcore PopTorch: IPU hardware or the IPU Model simulator."""
+
+    name = "poptorch"
+    description = "Graphcore PopTorch (IPU, IPU Model)"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return package_availability("poptorch", "poptorch", SDK_HINT)
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        return (["ipu"] if _poptorch().ipuHardwareIsAvailable() else []) + ["ipu-model"]
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(precisions=PRECISIONS, training=True, pipelining=True, replication=True)
+
+    @classmethod
+    def compile(cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig) -> Executable:
+        return PopTorchExecutable(spec, weights, device, config)
+
+    @classmethod
+    def compile_plan(
+        cls, spec: ModelSpec, plan: ipu_plan.Plan, weights: Mapping[str, np.ndarray] | None = None,
+        config: TrainConfig | None = None, device: str = "", seed: int = 0,
+    ) -> PopTorchExecutable:
+        """Compile ``spec`` with an IPU ``plan`` (pipeline stages, replicas, device iterations).
+
+        ``config`` defaults to the plan's precision and gradient accumulation with SGD.
+        """
+        a = cls.availability()
+        if not a.available:
+            raise BackendUnavailable(f"target 'poptorch' is not available: {a.reason}")
+        config = config or TrainConfig(precision=plan.precision, grad_accum=plan.batch.grad_accum)
+        bad = cls.unsupported(spec, config)
+        if bad:
+            raise UnsupportedError(f"poptorch cannot run spec {spec.name!r}: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
+        w = check_weights(spec, weights) if weights is not None else init_weights(spec, seed)
+        return PopTorchExecutable(spec, w, cls.resolve_device(device), config, plan)
