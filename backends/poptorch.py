@@ -17,7 +17,7 @@ recomputation (S > 1)             ``Options()._Popart.set("autoRecomputation", 3
 fp16                              ``model.half()``, ``Precision.setPartialsType(torch.half)``,
                                   stochastic rounding on hardware, ``loss_scaling=128``
 SGD / Adam / AdamW                ``poptorch.optim.SGD/Adam/AdamW``, fp32 accumulators and state
-outputs                           ``Options().outputMode(OutputMode.All)`` (``anchorMode`` before SDK 2.6)
+outputs                           ``Options().outputMode(OutputMode.All)`` (``anchorMode`` before SDK 2.4)
 ipu-model                         ``Options().useIpuModel(True)``
 compile cache                     ``Options().enableExecutableCaching($HAL_POPTORCH_CACHE)``
 weights() / load_weights()        ``copyWeightsToHost()`` / ``copyWeightsToDevice()``
@@ -119,13 +119,15 @@ def make_options(
     if total & (total - 1):
         opts.autoRoundNumIPUs(True)
     if hasattr(poptorch, "OutputMode"):
-        opts.outputMode(poptorch.OutputMode.All)
-    else:  # SDKs before 2.6 spell it anchorMode
-        opts.anchorMode(poptorch.AnchorMode.All)
+        every = poptorch.OutputMode.All
+        opts.outputMode(every)
+    else:  # SDKs before 2.4 call it AnchorMode
+        every = poptorch.AnchorMode.All
+        opts.anchorMode(every)
     opts.useIpuModel(device == "ipu-model")
     opts.enableExecutableCaching(os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "hal" / "poptorch"))
     for short, long in (anchors or {}).items():
-        opts.anchorTensor(short, long, poptorch.OutputMode.All)
+        opts.anchorTensor(short, long, every)  # the mode is the third argument in every SDK
     return opts
 
 

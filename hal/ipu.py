@@ -76,6 +76,7 @@ import argparse
 import functools
 import json
 import math
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -600,7 +601,7 @@ class Plan:
             right={1, 2, 3, 5},
         )
         lines += [f"  note: {n}" for n in self.notes]
-        lines += ["", self.verdict()]
+        lines += [""] + textwrap.wrap(self.verdict(), 100, subsequent_indent="  ")
         return "\n".join(lines)
 
 
@@ -812,33 +813,63 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None, help="input height = width passed to the zoo model")
     p.add_argument("--num-classes", type=int, default=None, help="classes passed to the zoo model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run_plan)
+    p.set_defaults(fn=run_plan)
     return p
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    """Run ``hal plan``; prints the table (or JSON) and returns 0 if it fits, 1 if not, 2 on error."""
+    """Run ``hal plan``: print the table (or JSON); 0 if the plan fits, 1 if not.
+
+    A bad model name or setting raises the :class:`~hal.errors.HalError` naming it.
+    """
     from hal import models
 
     kwargs = {k: v for k, v in (("input_size", args.input_size), ("num_classes", args.num_classes)) if v is not None}
-    try:
-        spec = models.get(args.model, **kwargs)
-        p = plan(
-            spec, ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
-            grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
-            optimizer=_OPTIMIZERS[args.optimizer](), recompute=args.recompute, training=not args.inference,
-            headroom=args.headroom, efficiency=args.efficiency,
-        )
-    except HalError as exc:
-        print(f"hal plan: error: {exc}")
-        return 2
+    spec = models.get(args.model, **kwargs)
+    p = plan(
+        spec, ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
+        grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
+        optimizer=_OPTIMIZERS[args.optimizer](), recompute=args.recompute, training=not args.inference,
+        headroom=args.headroom, efficiency=args.efficiency,
+    )
     print(p.to_json() if args.json else p.table())
+    if not p.fits and not args.json:
+        print(_hint(spec, args))
     return 0 if p.fits else 1
 
 
+def _hint(spec: ModelSpec, args: argparse.Namespace) -> str:
+    """The first of a few standard changes that makes the plan fit, as a command-line hint."""
+    base = dict(ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
+                grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
+                optimizer=_OPTIMIZERS[args.optimizer](), recompute=args.recompute, training=not args.inference,
+                headroom=args.headroom, efficiency=args.efficiency, devices=[])
+    rec = {"recompute": True} if args.ipus > 1 and not args.inference else {}  # pipeline recomputation only
+    half = {"precision": "fp16", **rec}
+    tries = [rec, {"precision": "fp16"}, half] + [
+        {**half, "micro_batch": m} for m in (args.micro_batch // 2, args.micro_batch // 4) if m >= 1]
+    for change in tries:
+        if not change or all(base[k] == v for k, v in change.items()):
+            continue
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in change.items())
+        try:
+            p = plan(spec, **{**base, **change})  # type: ignore[arg-type]
+        except HalError:
+            continue
+        if p.fits:
+            worst = max(s.memory.total for s in p.stages)
+            return f"hint: it fits with {flags} (largest IPU {worst / MIB:,.1f} MiB, balance {p.balance()[0]:.2f})."
+    return "hint: no standard change fits: try more IPUs per replica (--ipus) or a smaller --micro-batch."
+
+
 def cli_plan(argv: Sequence[str] | None = None) -> int:
-    """``hal plan`` as a stand-alone entry point: ``cli_plan(["resnet50", "--ipus", "4"])``."""
+    """``hal plan`` on its own: ``cli_plan(["resnet50", "--ipus", "4"])``; 2 (and the reason on
+    stderr) for a user error."""
     parser = argparse.ArgumentParser(prog="hal")
     add_plan_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["plan", *(argv if argv is not None else [])])
-    return run_plan(args)
+    try:
+        return run_plan(args)
+    except HalError as exc:
+        print(f"hal plan: error: {exc}", file=sys.stderr)
+        return 2

@@ -481,7 +481,7 @@ def test_importing_the_backend_imports_neither_torch_nor_poptorch():
 
 def test_stand_in_is_strict(poptorch):
     with pytest.raises(AttributeError):
-        poptorch.Options().anchorMode  # noqa: B018  (renamed outputMode in SDK 2.6; the stand-in is 3.x)
+        poptorch.Options().anchorMode  # noqa: B018  (renamed outputMode in SDK 2.4; the stand-in is 3.x)
     with pytest.raises(AttributeError):
         poptorch.Options().gradientAccumulation(4)  # it lives under Options().Training
     with pytest.raises(TypeError):
