@@ -596,13 +596,19 @@ class Plan:
                       f"({samples} samples, {self.precision}):"]
         lines += _columns(
             ["configuration", "TFLOP/s", "GB/s", "ms", "bound", "samples/s"],
-            [[r.name, f"{r.peak_flops / 1e12:,.2f}", f"{r.memory_bandwidth / 1e9:,.0f}", f"{r.seconds * 1e3:,.2f}",
+            [[r.name, f"{r.peak_flops / 1e12:,.2f}", f"{r.memory_bandwidth / 1e9:,.0f}", _ms(r.seconds),
               r.bound, f"{r.samples_per_second:,.0f}"] for r in self.roofline],
             right={1, 2, 3, 5},
         )
+        lines.append("  (lower bounds: no host I/O, synchronisation or kernel inefficiency)")
         lines += [f"  note: {n}" for n in self.notes]
         lines += [""] + textwrap.wrap(self.verdict(), 100, subsequent_indent="  ")
         return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.2f}" if ms >= 1 else f"{ms:.4f}"
 
 
 def _wrap(text: str, width: int = 100) -> list[str]:
@@ -618,7 +624,7 @@ def _columns(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]
     return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
 
 
-def _roofline(model: _Model, dev: Device, precision: str, batch: Batch, states: int, name: str | None = None) -> Roofline:
+def _roofline(model: _Model, dev: Device, precision: str, batch: Batch, states: int) -> Roofline:
     info, w = model.info, model.w
     params = sum(r.params + r.buffers for r in info)
     acts = sum(model.numel) * w
@@ -635,7 +641,7 @@ def _roofline(model: _Model, dev: Device, precision: str, batch: Batch, states: 
         nbytes = params * w * batch.device_iterations * batch.replicas + 2 * acts * samples
     peak = dev.peak(precision)
     t_compute, t_memory = flops / peak, nbytes / dev.memory_bandwidth
-    return Roofline(dev.key, name or dev.name, precision, peak, dev.memory_bandwidth, flops, nbytes,
+    return Roofline(dev.key, dev.name, precision, peak, dev.memory_bandwidth, flops, nbytes,
                     max(t_compute, t_memory), "compute" if t_compute >= t_memory else "memory", samples)
 
 
@@ -666,7 +672,7 @@ def plan(
     micro_batch: int = 1,
     replicas: int = 1,
     grad_accum: int | None = None,
-    device_iterations: int = 1,
+    device_iterations: int | None = None,
     precision: str = "fp32",
     optimizer: Optimizer | None = None,
     recompute: bool = False,
@@ -679,7 +685,8 @@ def plan(
 
     ``grad_accum=None`` picks the smallest value PopTorch accepts (``2S - 1`` for an
     S-IPU training pipeline, else 1), or, with ``efficiency``, the smallest accepted
-    value reaching that pipeline efficiency. ``devices`` are the roofline's
+    value reaching that pipeline efficiency. ``device_iterations=None`` is 1, or S for
+    pipelined inference (PopTorch's minimum). ``devices`` are the roofline's
     comparison chips (default: the whole catalog and this CPU).
     """
     if not isinstance(spec, ModelSpec):
@@ -698,6 +705,8 @@ def plan(
         grad_accum = max(poptorch_min_grad_accum(s), min_grad_accum_for(s, efficiency))
     elif grad_accum is None:
         grad_accum = poptorch_min_grad_accum(s) if training else 1
+    if device_iterations is None:
+        device_iterations = s if not training else 1
     batch = batch_arithmetic(micro_batch, device_iterations, replicas, grad_accum, training, s)
 
     model = _Model(spec, precision)
@@ -803,7 +812,8 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="gradient accumulation G (default: PopTorch's minimum, 2*ipus-1 when pipelined)")
     p.add_argument("--efficiency", type=float, default=None,
                    help="pick the smallest G reaching this pipeline efficiency (0..1) instead")
-    p.add_argument("--device-iterations", type=int, default=1, help="weight updates per host call (default 1)")
+    p.add_argument("--device-iterations", type=int, default=None,
+                   help="iterations per host call (default 1; inference on N IPUs: N)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     p.add_argument("--optimizer", choices=sorted(_OPTIMIZERS), default="sgd")
     p.add_argument("--recompute", action="store_true", help="pipeline recomputation: stash stage inputs only")

@@ -113,11 +113,13 @@ def test_pipelined_training_needs_grad_accum_2s_minus_1():
     assert ipu.poptorch_min_grad_accum(1) == 1 and ipu.poptorch_min_grad_accum(4) == 7
 
 
-def test_inference_rules():
+def test_inference_rules(chain):
     with pytest.raises(ConfigError, match="no gradient accumulation"):
         ipu.batch_arithmetic(8, grad_accum=2, training=False)
     with pytest.raises(ConfigError, match="device_iterations >= 4"):
         ipu.batch_arithmetic(8, device_iterations=3, training=False, stages=4)
+    assert ipu.plan(chain, ipus=2, training=False, devices=[]).batch.device_iterations == 2  # the minimum
+    assert ipu.plan(chain, ipus=2, devices=[]).batch.device_iterations == 1
 
 
 # ---------------------------------------------------------------------------
