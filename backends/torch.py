@@ -118,7 +118,8 @@ def _modules() -> dict[type[S.Op], type]:
         def __init__(self, op: S.AvgPool, in_shapes: list[S.Shape]) -> None:
             super().__init__()
             self.op, self.fn = op, (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(op.kernel) - 1]
-            self.native = symmetric(op.padding, op.kernel)
+            # torch's avg_pool3d rejects an input smaller than the kernel, padded or not
+            self.native = symmetric(op.padding, op.kernel) and all(n >= k for n, k in zip(in_shapes[0][1:], op.kernel))
             self.flat = flat_pad(op.padding)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, Any], where: str = "wei
     if not isinstance(weights, Mapping):
         raise WeightsError(f"{where}: expected a mapping name -> array, got {type(weights).__name__}")
     want = spec.param_shapes()
-    got = {k: v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    got = {k: v for k, v in weights.items() if not (isinstance(k, str) and k.endswith(_IGNORED_SUFFIXES))}
     missing = [k for k in want if k not in got]
     extra = [k for k in got if k not in want]
     if missing or extra:
