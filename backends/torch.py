@@ -303,7 +303,11 @@ def loss_fn(config: TrainConfig) -> Any:
 
 
 class TorchExecutable(Executable):
-    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig) -> None:
+    def __init__(
+        self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, fast: bool = True
+    ) -> None:
+        """``fast=False`` runs plain eager PyTorch (NCHW, no folding): the straightforward
+        implementation the parity harness measures the float32 floor of training with."""
         import torch
 
         super().__init__(spec, Target("torch", device), config)
@@ -313,7 +317,8 @@ class TorchExecutable(Executable):
         self.dtype = getattr(torch, DTYPES[config.precision])
         self.np_dtype = np.dtype(DTYPES[config.precision])
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self.channels_last = len(spec.input_shape) == 3  # 2-d: measured faster on CPU (oneDNN) and CUDA
+        self.fast = fast
+        self.channels_last = fast and len(spec.input_shape) == 3  # 2-d: measured faster on CPU (oneDNN) and CUDA
         self.module = build_module(spec, weights, DTYPES[config.precision]).to(self.device)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -359,7 +364,7 @@ class TorchExecutable(Executable):
                 out = self.module(self._x(x))
         else:
             if self._infer is None:
-                self._infer = self.module.fused()
+                self._infer = self.module.fused() if self.fast else self.module.eval()
             with torch.inference_mode(), self._ctx():
                 out = self._infer(self._x(x))
         return out.float().cpu().numpy() if out.dtype != torch.float64 else out.cpu().numpy()

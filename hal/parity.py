@@ -21,12 +21,16 @@ may sit up to ``FACTOR`` times above the floor (16 = four bits of slack). Other
 precisions scale the floor by their unit roundoff relative to float32's.
 
 ``grads`` and ``trajectory`` have floors of their own, because training can
-amplify rounding far beyond the forward's (BatchNorm over few values, large
-steps: a trajectory is chaotic). Their floor is measured with the float64
-autodiff run itself: once clean, once with every node's output multiplied by
-``1 + d``, ``d ~ U(-u, u)`` with ``u`` the float32 unit roundoff (a model of
-float32 rounding, forward only). The backward pass's own rounding is not in that
-model, so these checks get ``BACKWARD_FACTOR`` more slack.
+amplify rounding far beyond the forward's (training-mode BatchNorm over
+near-constant channels, large steps: a trajectory is chaotic). Their floor is
+the error of a plain float32 run of the reference autodiff (eager PyTorch,
+NCHW, no fast paths) against the float64 run. (Perturbing a float64 run by
+float32-sized noise at every node output was tried first: on ResNet-50 it
+underestimated real float32 gradient error a hundredfold, the rounding inside
+the backward's long reductions being the larger part.)
+
+A check whose tolerance exceeds ``ILL_CONDITIONED`` cannot tell a bug from
+rounding; it is reported as skipped with the floor, never as a pass.
 """
 
 from __future__ import annotations
@@ -45,8 +49,6 @@ from hal.training import SGD, TrainConfig
 from hal.weights import init_weights
 
 FACTOR = 16.0
-BACKWARD_FACTOR = 4.0
-NOISE_SEED = 1234
 ILL_CONDITIONED = 0.1  # a tolerance above this cannot tell a bug from rounding: the check is skipped
 UNIT_ROUNDOFF = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
 CHECKS = ("forward", "forward_train", "grads", "trajectory")
@@ -203,12 +205,14 @@ def run_parity(
     def reference_autodiff() -> dict[str, Any]:
         """float64 loss, gradients and trajectory, and their float32 floors; computed once."""
         if not autodiff:
-            say(f"float64 autodiff reference ({REFERENCE_AUTODIFF}), clean and with float32-sized noise")
-            clean = _autodiff(spec, weights, config, x, y, steps, noise=False)
-            noisy = _autodiff(spec, weights, config, x, y, steps, noise=True)
+            say(f"autodiff reference ({REFERENCE_AUTODIFF}): float64, and plain float32 for the floor")
+            clean = _autodiff(spec, weights, config, x, y, steps, "fp64")
+            plain = _autodiff(spec, weights, config, x, y, steps, "fp32")
             autodiff.update(clean)
-            report.floor["grads"] = _grads_error(noisy["loss"], noisy["grads"], clean)[1]
-            report.floor["trajectory"] = _trajectory_error(noisy["losses"], noisy["weights"], clean, spec)[1]
+            report.floor["grads"] = max(_grads_error(plain["loss"], plain["grads"], clean)[1], UNIT_ROUNDOFF["fp32"])
+            report.floor["trajectory"] = max(
+                _trajectory_error(plain["losses"], plain["weights"], clean, spec)[1], UNIT_ROUNDOFF["fp32"]
+            )
         return autodiff
 
     for name in targets:
@@ -233,12 +237,6 @@ def run_parity(
             result.seconds = time.perf_counter() - t0
             report.results.append(result)
     return report
-
-
-def _with(config: TrainConfig, **changes: Any) -> TrainConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
 
 
 def _check(
@@ -272,7 +270,7 @@ def _check(
         return CheckResult(target, check, note=f"{target} does not train")
     exe = compile(spec, target, weights, config)
     auto = reference_autodiff()
-    tol = tolerance(floor[check], config.precision, FACTOR * BACKWARD_FACTOR)
+    tol = tolerance(floor[check], config.precision)
     if check == "grads":
         loss, grads = exe.loss_and_grads(x, y)
         e_abs, rel, note = _grads_error(loss, grads, auto)
@@ -288,25 +286,16 @@ def _check(
 
 def _autodiff(
     spec: ModelSpec, weights: Mapping[str, np.ndarray], config: TrainConfig, x: np.ndarray, y: np.ndarray,
-    steps: int, noise: bool,
+    steps: int, precision: str,
 ) -> dict[str, Any]:
-    """Loss, gradients, N-step losses and final weights of the float64 torch run;
-    with ``noise``, every node's output carries a float32-sized relative perturbation."""
+    """Loss, gradients, N-step losses and final weights of plain eager PyTorch on the CPU."""
     from dataclasses import replace
 
-    import torch
+    from hal.backends.torch import TorchExecutable
+    from hal.weights import check_weights
 
-    exe = compile(spec, REFERENCE_AUTODIFF, weights, replace(config, precision="fp64"))
-    if noise:
-        gen = torch.Generator().manual_seed(NOISE_SEED)
-        u = UNIT_ROUNDOFF["fp32"]
-
-        def perturb(_module: Any, _inputs: Any, out: Any) -> Any:
-            d = torch.rand(out.shape, generator=gen, dtype=out.dtype) * (2 * u) - u
-            return out * (1 + d)
-
-        for node in spec.nodes[1:]:
-            exe.module.get_submodule(node.name).register_forward_hook(perturb)
+    resolve(REFERENCE_AUTODIFF)  # raises BackendUnavailable with the reason if torch is absent
+    exe = TorchExecutable(spec, check_weights(spec, weights), "cpu", replace(config, precision=precision), fast=False)
     loss, grads = exe.loss_and_grads(x, y)
     losses = exe.run_steps(np.stack([x] * steps), np.stack([y] * steps))
     return {"loss": loss, "grads": grads, "losses": losses, "weights": exe.weights()}
