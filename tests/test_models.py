@@ -1,0 +1,142 @@
+"""The model zoo: ResNet variants, input sizes, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hal.errors import SpecError
+from hal.models import ZOO, get, resnet, small_cnn
+from hal.spec import Conv
+
+
+def _halvings(n: int, times: int = 5) -> int:
+    """conv1 (k7 s2 p3), maxpool (k3 s2 p1) and three stride-2 stages each map n -> ceil(n / 2)."""
+    for _ in range(times):
+        n = math.ceil(n / 2)
+    return n
+
+
+def test_v1_and_v1_5_differ_only_in_where_the_stride_sits():
+    a, b = resnet(50, input_size=64, variant="v1"), resnet(50, input_size=64, variant="v1.5")
+    assert [n.name for n in a.nodes] == [n.name for n in b.nodes]
+    assert a.num_params == b.num_params and a.output_shape == b.output_shape
+    moved = {f"layer{s}.0.{c}" for s in (2, 3, 4) for c in ("conv1", "conv2")}
+    for na, nb in zip(a.nodes, b.nodes):
+        if na.name in moved:
+            assert isinstance(na.op, Conv)
+            assert na.op != nb.op
+            # only the stride differs
+            assert {**na.op.attrs(), "stride": None} == {**nb.op.attrs(), "stride": None}
+            if na.name.endswith("conv1"):
+                assert (na.op.kernel, na.op.stride, nb.op.stride) == ((1, 1), (2, 2), (1, 1))
+            else:
+                assert (na.op.kernel, na.op.stride, nb.op.stride) == ((3, 3), (1, 1), (2, 2))
+        else:
+            assert na.op == nb.op and na.inputs == nb.inputs, na.name
+    # shapes differ exactly at the nodes between the two stride positions
+    differ = {n.name for n in a.nodes if a.shape(n.name) != b.shape(n.name)}
+    assert differ == {f"layer{s}.0.{x}" for s in (2, 3, 4) for x in ("conv1", "bn1", "relu1")}
+    for s, hw in ((2, 8), (3, 4), (4, 2)):
+        assert a.shape(f"layer{s}.0.conv1")[1:] == (hw, hw)  # v1: already strided
+        assert b.shape(f"layer{s}.0.conv1")[1:] == (2 * hw, 2 * hw)  # v1.5: not yet
+    # v1 does a quarter of the 3x3 FLOPs in those blocks and fewer 1x1 ones: cheaper
+    assert a.flops < b.flops
+
+
+def test_basic_block_resnets_have_no_variant_difference():
+    assert resnet(18, input_size=64, variant="v1").to_dict()["nodes"] == resnet(18, input_size=64).to_dict()["nodes"]
+
+
+@pytest.mark.parametrize("size", [64, 97, (64, 80), (33, 200), 1])
+@pytest.mark.parametrize("depth", [18, 50])
+def test_any_input_size_builds(depth, size):
+    spec = resnet(depth, num_classes=7, input_size=size)
+    h, w = (size, size) if isinstance(size, int) else size
+    final = spec.shape("layer4.1.relu2" if depth == 18 else "layer4.2.relu3")
+    assert final == (512 if depth == 18 else 2048, _halvings(h), _halvings(w))
+    assert spec.output_shape == (7,)
+    assert spec.input_shape == (3, h, w)
+
+
+def test_input_size_matches_torch_shapes():
+    """Every ResNet node shape equals what torch's own layers produce (non-square, odd size)."""
+    torch = pytest.importorskip("torch")
+    from hal.backends.torch import build_module
+    from hal.weights import init_weights
+
+    spec = resnet(18, num_classes=4, input_size=(45, 70))
+    module = build_module(spec, init_weights(spec)).eval()
+    got = {}
+    for n in spec.nodes[1:]:
+        module.node_module(n.name).register_forward_hook(
+            lambda m, i, o, name=n.name: got.__setitem__(name, tuple(o.shape[1:])))
+    with torch.no_grad():
+        module(torch.zeros(1, *spec.input_shape))
+    assert got == {n.name: spec.shape(n.name) for n in spec.nodes[1:]}
+
+
+@pytest.mark.parametrize("size", [0, -3, (0, 64), (64, 0)])
+def test_too_small_or_empty_input_raises(size):
+    with pytest.raises(SpecError) as ei:
+        resnet(18, input_size=size)
+    assert ei.value.node == "input"
+
+
+def test_small_cnn_too_small_input_names_the_node():
+    with pytest.raises(SpecError) as ei:
+        small_cnn(input_size=1)
+    assert ei.value.node == "pool1"
+    assert small_cnn(input_size=2).output_shape == (10,)
+
+
+def test_in_channels_and_classes():
+    spec = resnet(18, num_classes=3, input_size=32, in_channels=1)
+    assert spec.input_shape == (1, 32, 32) and spec.output_shape == (3,)
+    assert spec.param_shapes()["conv1.weight"] == (64, 1, 7, 7)
+    assert spec.param_shapes()["fc.weight"] == (3, 512)
+
+
+def test_torchvision_names():
+    names = set(resnet(50).param_shapes())
+    for k in ("conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
+              "layer4.2.conv3.weight", "layer4.2.bn3.weight", "fc.weight", "fc.bias"):
+        assert k in names
+    assert "layer1.1.downsample.0.weight" not in names
+    assert not any(k.startswith("conv1.bias") for k in names)
+
+
+@pytest.mark.parametrize("kwargs", [dict(depth=20), dict(depth=50, variant="v2"), dict(depth=50, variant=None)])
+def test_bad_resnet_arguments(kwargs):
+    with pytest.raises(SpecError):
+        resnet(**kwargs)
+
+
+def test_zoo_unknown_name_lists_names():
+    with pytest.raises(SpecError) as ei:
+        get("resnet51")
+    for name in ("resnet18", "resnet50", "small_cnn"):
+        assert name in str(ei.value)
+
+
+def test_zoo_bad_arguments():
+    with pytest.raises(SpecError, match="resnet50"):
+        get("resnet50", colour="blue")
+
+
+def test_zoo_builds_everything():
+    for name in ZOO:
+        spec = get(name, num_classes=5, input_size=32)
+        assert spec.output_shape == (5,), name
+
+
+def test_small_cnn_uses_every_op():
+    from hal.spec import OPS
+
+    kinds = {n.op.kind for n in small_cnn(dropout=0.2).nodes}
+    assert set(OPS) - kinds <= {"GlobalAvgPool"}  # the docstring says "every op"; GlobalAvgPool is the one left out
+    acts = {n.op.fn for n in small_cnn().nodes if n.op.kind == "Activation"}
+    assert acts == {"relu", "leaky_relu", "silu", "gelu", "tanh", "sigmoid"}
+    pads = [n.op.padding for n in small_cnn().nodes if n.op.kind in ("Conv", "MaxPool", "AvgPool")]
+    assert any(a != b for p in pads for a, b in p)  # an asymmetric SAME padding is exercised

@@ -1,0 +1,702 @@
+"""The PyTorch backend against independent truths: the float64 numpy reference,
+finite differences of that reference, hand-rolled torch.optim loops, and
+hand-computed BatchNorm statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hal
+from hal.backends.numpy import NumpyExecutable
+from hal.errors import InputError
+
+try:  # hal.parity's documented rule: tolerance = FACTOR x the measured float32 rounding floor
+    from hal.parity import FACTOR
+except ImportError:  # pragma: no cover
+    FACTOR = 16.0
+from hal.spec import SpecBuilder
+from hal.training import SGD, Adam, AdamW, StepDecay, TrainConfig
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from hal.backends.torch import build_module  # noqa: E402
+
+
+def normalised_error(a, ref):
+    """(max |a - ref|, max |a - ref| / max |ref|)."""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    assert a.shape == ref.shape
+    err = float(np.max(np.abs(a - ref)))
+    return err, err / float(np.max(np.abs(ref)))
+
+
+def tensors_error(a, ref):
+    """Normwise error of a set of tensors seen as one vector (max abs err / max |ref|)."""
+    assert set(a) == set(ref)
+    err = max(float(np.max(np.abs(a[k].astype(np.float64) - ref[k]))) for k in ref)
+    return err, err / max(float(np.max(np.abs(ref[k]))) for k in ref)
+
+
+def tolerance(floor, precision="fp32", factor=None):
+    unit = {"fp64": 2.0**-53, "fp32": 2.0**-24}[precision]
+    return (FACTOR if factor is None else factor) * max(floor, 2.0**-24) * unit / 2.0**-24
+
+
+def _floor(spec, w, x, training):
+    """float64 reference output and the measured float32 rounding floor (hal.parity's rule)."""
+    cfg = TrainConfig()
+    ref = NumpyExecutable(spec, w, cfg).predict(x, training)
+    f32 = NumpyExecutable(spec, w, cfg, "float32").predict(x, training)
+    return ref, normalised_error(f32, ref)[1]
+
+
+def assert_near_reference(got, ref, floor, precision="fp32", factor=FACTOR):
+    err = normalised_error(got, ref)[1]
+    tol = tolerance(floor, precision, factor)
+    assert err <= tol, f"normalised error {err:.2e} > tolerance {tol:.2e} (floor {floor:.2e})"
+
+
+def small(num_classes=10, input_size=16):
+    from hal.models import small_cnn
+
+    return small_cnn(num_classes=num_classes, input_size=input_size)
+
+
+def batch(spec, n, seed=0, loss="cross_entropy"):
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, *spec.input_shape)).astype(np.float32)
+    if loss == "cross_entropy":
+        return x, r.integers(0, spec.output_shape[0], n)
+    return x, r.standard_normal((n, *spec.output_shape)).astype(np.float32)
+
+
+def no_bn_spec():
+    b = SpecBuilder("nobn")
+    x = b.input((3, 8, 8))
+    x = b.activation(b.conv(x, 6, 3, padding=1, name="c1"), "tanh")
+    x = b.max_pool(x, 2, name="mp")
+    x = b.activation(b.conv(x, 4, 3, stride=2, padding="same", name="c2"), "silu")
+    return b.build(b.dense(b.flatten(x), 5, name="fc"))
+
+
+def bn_only_spec(momentum=0.3):
+    b = SpecBuilder("bn_only")
+    return b.build(b.batch_norm(b.input((3, 4, 5)), momentum=momentum, name="bn"))
+
+
+# ---------------------------------------------------------------------------
+# forward parity
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet18(make_weights):
+    """resnet18 at 32x32 with random weights and BN statistics, one batch, its torch executable."""
+    from hal.models import get
+
+    spec = get("resnet18", num_classes=10, input_size=32)
+    w = make_weights(spec, 3, np.float32)
+    x, _ = batch(spec, 4, seed=5)  # batch 4: layer4 is 1x1, BN statistics over 2 values are degenerate
+    return spec, w, x, hal.compile(spec, "torch:cpu", w)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_predict_matches_float64_reference_small_cnn(training, make_weights):
+    spec = small(input_size=32)
+    w = make_weights(spec, 1, np.float32)
+    x, _ = batch(spec, 3, seed=2)
+    ref, floor = _floor(spec, w, x, training)
+    exe = hal.compile(spec, "torch:cpu", w)
+    got = exe.predict(x, training=training)
+    assert got.dtype == np.float32 and got.shape == (3, 10)
+    assert_near_reference(got, ref, floor)
+    # the check can fail: another model's weights are far outside the tolerance
+    other = hal.compile(spec, "torch:cpu", make_weights(spec, 2, np.float32)).predict(x, training=training)
+    assert normalised_error(other, ref)[1] > 100 * tolerance(floor)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_predict_matches_float64_reference_resnet18(training, resnet18):
+    spec, w, x, exe = resnet18
+    ref, floor = _floor(spec, w, x, training)
+    got = exe.predict(x, training=training)
+    assert got.dtype == np.float32 and got.shape == (4, 10)
+    assert_near_reference(got, ref, floor)
+    assert normalised_error(exe.predict(x[::-1].copy(), training=training)[::-1], ref)[1] <= tolerance(floor)
+
+
+def test_fp64_predict_matches_reference_to_float64_rounding(make_weights):
+    spec = small()
+    w = make_weights(spec, 4)  # float64 weights stay float64 (no float32 detour)
+    x, _ = batch(spec, 3)
+    exe = hal.compile(spec, "torch:cpu", w, TrainConfig(precision="fp64"))
+    assert all(v.dtype == np.float64 and np.array_equal(v, w[k]) for k, v in exe.weights().items())
+    for training in (False, True):
+        ref = NumpyExecutable(spec, w, TrainConfig()).predict(x, training)
+        got = exe.predict(x, training)
+        assert got.dtype == np.float64
+        assert normalised_error(got, ref)[1] < 1e-12
+
+
+def test_duplicate_inputs_add_x_x():
+    """Add(x, x) and Concat(x, x) are valid specs; the torch graph frees x once."""
+    b = SpecBuilder("dup")
+    x = b.input((2, 5, 5))
+    y = b.conv(x, 3, 3, padding=1, name="c")
+    z = b.add(y, y, name="add")
+    spec = b.build(b.concat(z, z, name="cat"))
+    w = hal.init_weights(spec)
+    xb = np.random.default_rng(0).standard_normal((2, 2, 5, 5)).astype(np.float32)
+    ref, floor = _floor(spec, w, xb, False)
+    assert_near_reference(hal.compile(spec, "torch", w).predict(xb), ref, floor)
+
+
+def test_training_mode_predict_changes_nothing(make_weights):
+    spec = small()
+    w = make_weights(spec, 0, np.float32)
+    exe = hal.compile(spec, "torch:cpu", w)
+    x, _ = batch(spec, 4)
+    before = exe.weights()
+    a = exe.predict(x, training=True)
+    b = exe.predict(x, training=True)
+    np.testing.assert_array_equal(a, b)
+    after = exe.weights()
+    for k in before:
+        assert np.array_equal(before[k], after[k]), k
+    assert exe.step == 0
+
+
+def test_bn_folded_inference_equals_unfolded_eval(resnet18):
+    spec, w, x, exe = resnet18
+    fused = exe.predict(x)
+    folded = getattr(exe, "_infer", None) or exe.module.fused()  # the inference copy predict used
+    assert sum(isinstance(m, torch.nn.Identity) for _, m, _, _ in folded._plan) == 20  # every BN of resnet18
+    module = build_module(spec, w).eval()
+    with torch.no_grad():
+        plain = module(torch.from_numpy(x)).numpy()
+    _, floor = _floor(spec, w, x, False)
+    assert_near_reference(fused, plain.astype(np.float64), floor)
+
+
+def test_bn_after_a_shared_conv_is_not_folded(make_weights):
+    b = SpecBuilder("shared")
+    x = b.input((3, 6, 6))
+    c = b.conv(x, 4, 3, padding=1, name="c")
+    y = b.add(b.batch_norm(c, name="bn"), c, name="add")  # the conv output is read twice
+    spec = b.build(y)
+    w = make_weights(spec, 0, np.float32)
+    xb = np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    ref, floor = _floor(spec, w, xb, False)
+    assert_near_reference(hal.compile(spec, "torch", w).predict(xb), ref, floor)
+
+
+# ---------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------
+
+
+def _ref_loss(spec, w, x, y, loss="cross_entropy"):
+    """Training-mode loss from the float64 numpy reference and a hand-written loss."""
+    out = NumpyExecutable(spec, w, TrainConfig()).predict(x, training=True)
+    if loss == "mse":
+        return float(np.mean((out - y) ** 2))
+    z = out - out.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def _finite_difference_check(spec, w, x, y, loss, coords_per_tensor=1, h=1e-5, seed=0):
+    exe = hal.compile(spec, "torch:cpu", w, TrainConfig(loss=loss, precision="fp64"))
+    value, grads = exe.loss_and_grads(x, y)
+    assert set(grads) == set(spec.trainable())
+    assert value == pytest.approx(_ref_loss(spec, w, x, y, loss), rel=1e-12)
+    scale = max(float(np.abs(g).max()) for g in grads.values())
+    r = np.random.default_rng(seed)
+    checked = 0
+    for k in spec.trainable():
+        for _ in range(coords_per_tensor):
+            idx = tuple(int(r.integers(0, s)) for s in w[k].shape)
+            wp, wm = dict(w), dict(w)
+            wp[k], wm[k] = w[k].copy(), w[k].copy()
+            wp[k][idx] += h
+            wm[k][idx] -= h
+            fd = (_ref_loss(spec, wp, x, y, loss) - _ref_loss(spec, wm, x, y, loss)) / (2 * h)
+            assert grads[k][idx] == pytest.approx(fd, rel=1e-5, abs=1e-8 * scale), (k, idx)
+            checked += 1
+    return checked
+
+
+def test_gradients_match_finite_differences_small_cnn(make_weights):
+    spec = small(num_classes=5, input_size=8)
+    w = make_weights(spec, 7)
+    r = np.random.default_rng(3)
+    x, y = r.standard_normal((4, 3, 8, 8)), r.integers(0, 5, 4)
+    assert _finite_difference_check(spec, w, x, y, "cross_entropy", coords_per_tensor=2) == 2 * len(spec.trainable())
+
+
+def test_gradients_match_finite_differences_mse(make_weights):
+    spec = no_bn_spec()
+    w = make_weights(spec, 2)
+    r = np.random.default_rng(4)
+    x, y = r.standard_normal((3, 3, 8, 8)), r.standard_normal((3, 5))
+    _finite_difference_check(spec, w, x, y, "mse", coords_per_tensor=3)
+
+
+def test_gradients_can_fail(monkeypatch, make_weights):
+    """The finite-difference check notices a gradient that is 0.1% off."""
+    from hal.backends.torch import TorchExecutable
+
+    real = TorchExecutable.loss_and_grads
+    monkeypatch.setattr(
+        TorchExecutable, "loss_and_grads",
+        lambda self, x, y: (lambda lg: (lg[0], {k: g * 1.001 for k, g in lg[1].items()}))(real(self, x, y)),
+    )
+    spec = no_bn_spec()
+    w = make_weights(spec, 2)
+    r = np.random.default_rng(4)
+    x, y = r.standard_normal((3, 3, 8, 8)), r.integers(0, 5, 3)
+    with pytest.raises(AssertionError):
+        _finite_difference_check(spec, w, x, y, "cross_entropy")
+
+
+def _plain_grads(spec, w, x, y, dtype):
+    """Loss and gradients of a plain eager PyTorch run (NCHW, default kernels) in dtype."""
+    module = build_module(spec, w, dtype).train()
+    loss = F.cross_entropy(module(torch.from_numpy(x.astype(dtype))), torch.from_numpy(y))
+    loss.backward()
+    return loss.item(), {k: p.grad.numpy().copy() for k, p in module.named_parameters()}
+
+
+def test_fp32_grads_match_fp64_grads(make_weights):
+    spec = small()
+    w = make_weights(spec, 5, np.float32)
+    x, y = batch(spec, 4, seed=6)
+    l32, g32 = hal.compile(spec, "torch", w).loss_and_grads(x, y)
+    l64, g64 = hal.compile(spec, "torch", w, TrainConfig(precision="fp64")).loss_and_grads(x, y)
+    assert all(g.dtype == np.float32 for g in g32.values()) and all(g.dtype == np.float64 for g in g64.values())
+    # the float32 floor of the backward: a plain float32 eager run against the float64 one
+    p32, q32 = _plain_grads(spec, w, x, y, "float32")
+    p64, q64 = _plain_grads(spec, w, x, y, "float64")
+    assert l64 == pytest.approx(p64, rel=1e-12)
+    assert tensors_error(g64, q64)[1] < 1e-12  # normwise: a conv bias before BN has a gradient of pure noise
+    floor = max(tensors_error(q32, q64)[1], abs(p32 - p64) / abs(p64))
+    tol = tolerance(floor)
+    assert tensors_error(g32, g64)[1] <= tol
+    assert abs(l32 - l64) / abs(l64) <= tol
+    # the same comparison flags gradients of other labels
+    _, g_other = hal.compile(spec, "torch", w).loss_and_grads(x, (y + 1) % 10)
+    assert tensors_error(g_other, g64)[1] > 100 * tol
+
+
+def test_loss_and_grads_changes_nothing(make_weights):
+    spec = small()
+    exe = hal.compile(spec, "torch", make_weights(spec, 0, np.float32))
+    before = exe.weights()
+    x, y = batch(spec, 4)
+    l1, g1 = exe.loss_and_grads(x, y)
+    l2, g2 = exe.loss_and_grads(x, y)
+    assert l1 == l2 and all(np.array_equal(g1[k], g2[k]) for k in g1)
+    assert all(np.array_equal(before[k], v) for k, v in exe.weights().items())
+
+
+# ---------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------
+
+
+def _hand_loop(spec, w, xs, ys, make_opt, sched=None, loss_fn=F.cross_entropy, channels_last=False):
+    """The usual PyTorch training loop on the same module layout (optionally in
+    channels_last memory, as hal's backend runs 2-d models)."""
+    module = build_module(spec, w).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    module = module.to(memory_format=fmt)
+    opt = make_opt(module.parameters())
+    lr_sched = sched(opt) if sched else None
+    losses = []
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        loss = loss_fn(module(torch.from_numpy(x).contiguous(memory_format=fmt)), torch.from_numpy(y))
+        loss.backward()
+        opt.step()
+        if lr_sched:
+            lr_sched.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def _pure_noise_keys(spec):
+    """Conv biases read only by a BatchNorm (their exact gradient is 0) and that BN's running mean."""
+    from hal.spec import BatchNorm, Conv
+
+    out = set()
+    consumers = spec.consumers()
+    for n in spec.nodes:
+        if isinstance(n.op, Conv) and n.op.bias and len(consumers[n.name]) == 1:
+            bn = spec.node(consumers[n.name][0])
+            if isinstance(bn.op, BatchNorm):
+                out |= {f"{n.name}.bias", f"{bn.name}.running_mean"}
+    return out
+
+
+OPTIMIZERS = [
+    (SGD(lr=0.05, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    (SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    (Adam(lr=1e-2, weight_decay=1e-3), lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3)),
+    (AdamW(lr=1e-2, weight_decay=0.1), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)),
+]
+
+
+@pytest.mark.parametrize("opt,torch_opt", OPTIMIZERS, ids=["sgd-momentum", "sgd-nesterov-wd", "adam", "adamw"])
+def test_train_step_equals_hand_rolled_torch_loop(opt, torch_opt, make_weights):
+    spec = small()
+    w = make_weights(spec, 1, np.float32)
+    data = [batch(spec, 4, seed=s) for s in range(3)]
+    xs, ys = [d[0] for d in data], [d[1] for d in data]
+    exe = hal.compile(spec, "torch:cpu", w, TrainConfig(optimizer=opt))
+    losses = [exe.train_step(x, y) for x, y in zip(xs, ys)]
+    got = exe.weights()
+    assert exe.step == 3
+    assert not np.allclose(got["fc2.weight"], w["fc2.weight"])  # the weights moved
+
+    # 1. the plain loop (contiguous NCHW, default optimizer kernels): equal up to rounding
+    want_losses, want_w = _hand_loop(spec, w, xs, ys, torch_opt)
+    assert set(got) == set(want_w)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    if isinstance(opt, Adam):
+        # Adam normalises each coordinate's step to ~lr, so gradient rounding (another
+        # convolution algorithm; large *relative* error on a coordinate whose gradient
+        # is tiny) moves a weight by a small fraction of lr, whatever its size. A conv
+        # bias right before BatchNorm has an exact gradient of 0 and pure-noise steps of
+        # +-lr (it and that BN's running mean are skipped). Part 2 below is the tight check.
+        noise = _pure_noise_keys(spec)
+        for k in want_w:
+            if k not in noise:
+                np.testing.assert_allclose(got[k], want_w[k], rtol=0, atol=1e-2 * opt.lr, err_msg=k)
+    else:
+        for k in want_w:
+            np.testing.assert_allclose(got[k], want_w[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+    # 2. the same loop in hal's memory layout: the same arithmetic, so (nearly) the same bits
+    want_losses, want_w = _hand_loop(spec, w, xs, ys, torch_opt, channels_last=True)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    for k in want_w:
+        np.testing.assert_allclose(got[k], want_w[k], rtol=1e-6, atol=1e-8, err_msg=k)
+
+
+def test_schedule_equals_torch_step_lr(make_weights):
+    spec = no_bn_spec()
+    w = make_weights(spec, 2, np.float32)
+    data = [batch(spec, 3, seed=s, loss="mse") for s in range(5)]
+    xs, ys = [d[0] for d in data], [d[1] for d in data]
+    cfg = TrainConfig(loss="mse", optimizer=SGD(lr=0.1, momentum=0.5), schedule=StepDecay(2, 0.3))
+    exe = hal.compile(spec, "torch", w, cfg)
+    losses = exe.run_steps(np.stack(xs), np.stack(ys))
+    want_losses, want_w = _hand_loop(
+        spec, w, xs, ys, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.5),
+        lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.3), F.mse_loss,
+    )
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    for k, v in exe.weights().items():
+        np.testing.assert_allclose(v, want_w[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_grad_accum_without_bn_equals_one_batch():
+    spec = no_bn_spec()
+    w = {k: v.astype(np.float64) for k, v in hal.init_weights(spec, 3).items()}
+    x, y = batch(spec, 6, seed=1)
+    l1, g1 = hal.compile(spec, "torch", w, TrainConfig(precision="fp64")).loss_and_grads(x, y)
+    l2, g2 = hal.compile(spec, "torch", w, TrainConfig(precision="fp64", grad_accum=2)).loss_and_grads(x, y)
+    l3, g3 = hal.compile(spec, "torch", w, TrainConfig(precision="fp64", grad_accum=3)).loss_and_grads(x, y)
+    assert l1 == pytest.approx(l2, rel=1e-13) and l1 == pytest.approx(l3, rel=1e-13)
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-11, atol=1e-14)
+        np.testing.assert_allclose(g3[k], g1[k], rtol=1e-11, atol=1e-14)
+    # and a train step with G=2 lands where the G=1 step does
+    a = hal.compile(spec, "torch", w, TrainConfig(precision="fp64", optimizer=SGD(0.1, 0.9)))
+    b = hal.compile(spec, "torch", w, TrainConfig(precision="fp64", optimizer=SGD(0.1, 0.9), grad_accum=2))
+    for _ in range(2):
+        a.train_step(x, y), b.train_step(x, y)
+    for k, v in a.weights().items():
+        np.testing.assert_allclose(b.weights()[k], v, rtol=1e-10, atol=1e-13)
+
+
+def test_grad_accum_with_bn_uses_per_micro_batch_statistics(make_weights):
+    spec = small()
+    w = make_weights(spec, 3)
+    x, y = batch(spec, 6, seed=2)
+    cfg = TrainConfig(precision="fp64")
+    one = hal.compile(spec, "torch", w, cfg)
+    la, ga = one.loss_and_grads(x[:3], y[:3])
+    lb, gb = one.loss_and_grads(x[3:], y[3:])
+    lg, gg = hal.compile(spec, "torch", w, TrainConfig(precision="fp64", grad_accum=2)).loss_and_grads(x, y)
+    assert lg == pytest.approx((la + lb) / 2, rel=1e-12)
+    for k in gg:
+        np.testing.assert_allclose(gg[k], (ga[k] + gb[k]) / 2, rtol=1e-9, atol=1e-12)
+    # whole-batch statistics give another answer: the check is not vacuous
+    lf, gf = one.loss_and_grads(x, y)
+    assert abs(lf - lg) > 1e-6
+
+
+def _bn_stats(x, mean0, var0, m):
+    """Running statistics after one PyTorch-convention update with batch x (N, C, ...)."""
+    axes = (0, *range(2, x.ndim))
+    n = x.size // x.shape[1]
+    mean = x.mean(axis=axes)
+    unbiased = x.var(axis=axes) * n / (n - 1)
+    return (1 - m) * mean0 + m * mean, (1 - m) * var0 + m * unbiased
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_running_stats_use_unbiased_variance(precision):
+    spec = bn_only_spec(momentum=0.3)
+    w = hal.init_weights(spec)
+    w["bn.running_mean"] = np.array([0.5, -1.0, 2.0], np.float32)
+    w["bn.running_var"] = np.array([2.0, 0.5, 1.0], np.float32)
+    r = np.random.default_rng(0)
+    x = (r.standard_normal((4, 3, 4, 5)) * [[[[3.0]], [[0.5]], [[1.0]]]] + 1.0).astype(np.float32)
+    y = np.zeros((4, 3, 4, 5), np.float32)
+    exe = hal.compile(spec, "torch", w, TrainConfig(loss="mse", optimizer=SGD(lr=0.0), precision=precision))
+    exe.train_step(x, y)
+    mean, var = _bn_stats(x.astype(np.float64), w["bn.running_mean"].astype(np.float64),
+                          w["bn.running_var"].astype(np.float64), 0.3)
+    got = exe.weights()
+    rtol = 1e-6 if precision == "fp32" else 1e-12
+    np.testing.assert_allclose(got["bn.running_mean"], mean, rtol=rtol)
+    np.testing.assert_allclose(got["bn.running_var"], var, rtol=rtol)
+    # biased variance would be off by n/(n-1) = 80/79 in the batch term
+    _, biased = (1 - 0.3) * w["bn.running_mean"], 0.7 * w["bn.running_var"] + 0.3 * x.var(axis=(0, 2, 3))
+    assert not np.allclose(got["bn.running_var"], biased, rtol=1e-4)
+
+
+def test_running_stats_updated_once_per_micro_batch():
+    spec = bn_only_spec(momentum=0.2)
+    w = hal.init_weights(spec)
+    r = np.random.default_rng(1)
+    x = (r.standard_normal((6, 3, 4, 5)) * 2 + 0.5).astype(np.float64)
+    y = np.zeros((6, 3, 4, 5))
+    exe = hal.compile(spec, "torch", w, TrainConfig(loss="mse", optimizer=SGD(lr=0.0), precision="fp64", grad_accum=3))
+    exe.train_step(x, y)
+    mean, var = np.zeros(3), np.ones(3)
+    for part in np.split(x, 3):
+        mean, var = _bn_stats(part, mean, var, 0.2)
+    np.testing.assert_allclose(exe.weights()["bn.running_mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(exe.weights()["bn.running_var"], var, rtol=1e-12)
+
+
+def test_running_stats_after_a_conv_and_a_real_step(make_weights):
+    """Statistics come from the forward of the step (pre-update weights)."""
+    b = SpecBuilder("cbn")
+    x = b.input((2, 5, 5))
+    spec = b.build(b.dense(b.flatten(b.batch_norm(b.conv(x, 3, 3, name="c"), name="bn")), 2, name="fc"))
+    w = make_weights(spec, 0)
+    r = np.random.default_rng(2)
+    xb, yb = r.standard_normal((4, 2, 5, 5)), r.integers(0, 2, 4)
+    exe = hal.compile(spec, "torch", w, TrainConfig(optimizer=SGD(0.5), precision="fp64"))
+    exe.train_step(xb, yb)
+    conv = F.conv2d(torch.from_numpy(xb), torch.from_numpy(w["c.weight"]), torch.from_numpy(w["c.bias"])).numpy()
+    mean, var = _bn_stats(conv, w["bn.running_mean"], w["bn.running_var"], 0.1)
+    np.testing.assert_allclose(exe.weights()["bn.running_mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(exe.weights()["bn.running_var"], var, rtol=1e-12)
+    assert not np.allclose(exe.weights()["c.weight"], w["c.weight"])
+
+
+def test_run_steps_equals_repeated_train_step(make_weights):
+    spec = small()
+    w = make_weights(spec, 8, np.float32)
+    data = [batch(spec, 4, seed=s) for s in range(3)]
+    xs, ys = np.stack([d[0] for d in data]), np.stack([d[1] for d in data])
+    cfg = TrainConfig(optimizer=SGD(0.05, 0.9), grad_accum=2)
+    a, b = hal.compile(spec, "torch", w, cfg), hal.compile(spec, "torch", w, cfg)
+    la = a.run_steps(xs, ys)
+    lb = np.array([b.train_step(x, y) for x, y in zip(xs, ys)])
+    assert la.shape == (3,)
+    np.testing.assert_allclose(la, lb, rtol=1e-7)
+    wa, wb = a.weights(), b.weights()
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-6, atol=1e-8, err_msg=k)
+    assert a.step == b.step == 3
+
+
+def test_weights_round_trip_exact(make_weights):
+    spec = small()
+    w = make_weights(spec, 9, np.float32)
+    a = hal.compile(spec, "torch", w, TrainConfig(optimizer=SGD(0.1, 0.9)))
+    x, y = batch(spec, 4)
+    a.train_step(x, y)
+    trained = a.weights()
+    assert set(trained) == set(spec.param_shapes())
+    b = hal.compile(spec, "torch", w)
+    b.predict(x)  # builds the fused inference copy ...
+    b.load_weights(trained)  # ... which loading must invalidate
+    got = b.weights()
+    for k in trained:
+        assert got[k].dtype == trained[k].dtype and np.array_equal(got[k], trained[k]), k
+    np.testing.assert_array_equal(b.predict(x), a.predict(x))
+    # predict after a train step uses the new weights
+    ref, floor = _floor(spec, trained, x, False)
+    assert_near_reference(a.predict(x), ref, floor)
+    # weights() returns copies
+    got["fc2.bias"][:] = 123.0
+    assert not np.any(b.weights()["fc2.bias"] == 123.0)
+
+
+def test_load_weights_checks(make_weights):
+    spec = small()
+    exe = hal.compile(spec, "torch", make_weights(spec, 0, np.float32))
+    bad = make_weights(spec, 0, np.float32)
+    bad["fc2.weight"] = bad["fc2.weight"].T
+    with pytest.raises(hal.WeightsError, match="fc2.weight"):
+        exe.load_weights(bad)
+
+
+# ---------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exes():
+    spec = small()
+    return (
+        hal.compile(spec, "torch", hal.init_weights(spec)),
+        hal.compile(spec, "torch", hal.init_weights(spec), TrainConfig(grad_accum=2)),
+        hal.compile(spec, "torch", hal.init_weights(spec), TrainConfig(loss="mse")),
+    )
+
+
+GOOD_X = np.zeros((4, 3, 16, 16), np.float32)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [np.zeros((4, 3, 16, 15), np.float32), np.zeros((3, 16, 16), np.float32), np.zeros((4, 16, 16, 3), np.float32),
+     np.zeros((0, 3, 16, 16), np.float32), np.zeros((4, 3, 16, 16), np.int64), np.zeros((4, 3, 16, 16), bool),
+     GOOD_X.tolist(), None, "x"],
+    ids=["wrong-w", "no-batch", "nhwc", "empty", "int", "bool", "list", "none", "str"],
+)
+def test_bad_inputs(exes, x):
+    ce, _, _ = exes
+    for call in (lambda: ce.predict(x), lambda: ce.predict(x, training=True), lambda: ce.train_step(x, np.zeros(4, np.int64)),
+                 lambda: ce.loss_and_grads(x, np.zeros(4, np.int64))):
+        with pytest.raises(InputError, match=r"\(N, 3, 16, 16\)|floating"):
+            call()
+    if isinstance(x, np.ndarray) and x.shape[1:] == (3, 16, 16) and len(x):
+        return
+    with pytest.raises(InputError, match=r"\(N, 3, 16, 16\)"):
+        ce.predict(x)
+
+
+@pytest.mark.parametrize(
+    "y,match",
+    [
+        (np.array([0, 1, 2, 10]), r"\[0, 10\)"),
+        (np.array([0, -1, 2, 3]), r"\[0, 10\)"),
+        (np.zeros(4, np.float32), r"integers of shape \(4,\)"),
+        (np.zeros((4, 1), np.int64), r"integers of shape \(4,\)"),
+        (np.zeros(3, np.int64), r"integers of shape \(4,\)"),
+        (np.zeros(5, np.int64), r"integers of shape \(4,\)"),
+        ([0, 1, 2, 3], "numpy array"),
+    ],
+    ids=["too-big", "negative", "float", "column", "short", "long", "list"],
+)
+def test_bad_labels(exes, y, match):
+    ce, _, _ = exes
+    before = ce.weights()
+    for call in (ce.train_step, ce.loss_and_grads):
+        with pytest.raises(InputError, match=match):
+            call(GOOD_X, y)
+    assert all(np.array_equal(before[k], v) for k, v in ce.weights().items())  # nothing happened
+    assert ce.step == 0
+
+
+def test_batch_not_divisible_by_grad_accum(exes):
+    _, g2, _ = exes
+    with pytest.raises(InputError, match="grad_accum 2"):
+        g2.train_step(np.zeros((3, 3, 16, 16), np.float32), np.zeros(3, np.int64))
+    g2.loss_and_grads(GOOD_X, np.zeros(4, np.int64))  # 4 is fine
+
+
+@pytest.mark.parametrize("y", [np.zeros((4, 10, 1), np.float32), np.zeros((4,), np.float32), np.zeros((4, 9), np.float32),
+                               np.zeros((4, 10), np.int64)])
+def test_mse_target_shape(exes, y):
+    _, _, mse = exes
+    with pytest.raises(InputError, match=r"\(4, 10\)"):
+        mse.train_step(GOOD_X, y)
+
+
+def test_run_steps_bad_stacks(exes):
+    ce, _, _ = exes
+    xs = np.zeros((2, 4, 3, 16, 16), np.float32)
+    with pytest.raises(InputError):
+        ce.run_steps(xs, np.zeros((3, 4), np.int64))
+    with pytest.raises(InputError):
+        ce.run_steps(xs, np.zeros((2, 4, 1), np.int64))
+    with pytest.raises(InputError):
+        ce.run_steps(xs[0], np.zeros((4,), np.int64))
+
+
+# ---------------------------------------------------------------------------
+# property-based: random valid graphs compute the reference's numbers
+# ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from test_spec import valid_graphs  # noqa: E402  (tests/ is on sys.path: pytest's default import mode)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_graphs())
+def test_random_graphs_match_reference_in_fp64(graph):
+    """1/2/3-d convs with groups, dilation and asymmetric padding, asymmetric pools
+    (count_include_pad both ways), BN, every activation, Add/Concat, heads: the torch
+    backend in float64 equals the float64 numpy reference."""
+    from hal.spec import Dropout, ModelSpec
+
+    from conftest import random_weights
+
+    nodes, _ = graph
+    spec = ModelSpec("rand", tuple(nodes))
+    if not spec.trainable():
+        return  # parameter-free specs: see test_parameter_free_spec_compiles_and_predicts
+    w = random_weights(spec, 0)
+    x = np.random.default_rng(1).standard_normal((3, *spec.input_shape))
+    exe = hal.compile(spec, "torch:cpu", w, TrainConfig(precision="fp64"))
+    modes = [False] + ([] if any(isinstance(n.op, Dropout) for n in spec.nodes) else [True])
+    for training in modes:
+        ref = NumpyExecutable(spec, w, TrainConfig()).predict(x, training)
+        got = exe.predict(x, training)
+        assert got.shape == ref.shape == (3, *spec.output_shape)
+        assert normalised_error(got, ref)[1] < 1e-10, training
+
+
+def test_parameter_free_spec_compiles_and_predicts():
+    """A valid spec without parameters (pooling / activations only) must compile and
+    predict; today TorchExecutable builds torch.optim.SGD([]) and raises torch's
+    ValueError("optimizer got an empty parameter list")."""
+    b = SpecBuilder("free")
+    x = b.input((2, 6, 6))
+    spec = b.build(b.global_avg_pool(b.max_pool(b.relu(x), 2)))
+    xb = np.random.default_rng(0).standard_normal((3, 2, 6, 6)).astype(np.float32)
+    ref, floor = _floor(spec, {}, xb, False)
+    exe = hal.compile(spec, "torch:cpu")
+    assert_near_reference(exe.predict(xb), ref, floor)
+    assert exe.weights() == {}
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_avg_pool_3d_input_smaller_than_kernel(count_include_pad):
+    """Valid (padding < kernel, padded input >= kernel), but torch's avg_pool3d refuses an
+    unpadded input smaller than the kernel: the backend must pad explicitly then."""
+    b = SpecBuilder("p3")
+    x = b.input((2, 1, 2, 3))
+    spec = b.build(b.avg_pool(x, (1, 3, 2), 1, ((0, 0), (1, 1), (1, 1)), count_include_pad, name="p"))
+    assert spec.output_shape == (2, 1, 2, 4)
+    xb = np.random.default_rng(0).standard_normal((2, 2, 1, 2, 3))
+    ref = NumpyExecutable(spec, {}, TrainConfig()).predict(xb)
+    module = build_module(spec, {}, "float64").eval()  # (parameter-free: hal.compile fails, see above)
+    with torch.no_grad():
+        got = module(torch.from_numpy(xb)).numpy()
+    assert normalised_error(got, ref)[1] < 1e-12
