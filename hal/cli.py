@@ -1,4 +1,4 @@
-"""The ``hal`` command: info, parity, bench, compare (the main job), plan.
+"""The ``hal`` command: info, parity, bench, compare (the main job), plan, train.
 
 Every command prints a readable table, takes ``--json`` for machines, and exits
 non-zero when a check fails (1) or the command is used wrongly (2).
@@ -11,9 +11,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from hal.errors import HalError
+from hal.ipu import add_plan_parser
 
 DEFAULT_OUT = Path("bench") / "results"
 
@@ -188,7 +189,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for r in rows:
             if r["notes"]:
                 print(f"{r['target']}: {r['notes']}")
+        for name, reason in _unavailable().items():
+            print(f"not available here: {name}: {reason}")
     return 0 if parity.passed else 1
+
+
+def _unavailable() -> dict[str, str]:
+    from hal.registry import backend_names, get_backend
+
+    out = {}
+    for name in backend_names():
+        try:
+            a = get_backend(name).availability()
+        except HalError as exc:
+            out[name] = str(exc)
+            continue
+        if not a.available:
+            out[name] = a.reason
+    return out
 
 
 def _common(p: argparse.ArgumentParser, batch: int) -> None:
@@ -235,20 +253,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.set_defaults(fn=cmd_compare)
 
-    for extra in _extensions():
-        extra(sub)
+    add_plan_parser(sub)  # subcommands defined next to their code
     return ap
-
-
-def _extensions() -> list[Callable[[Any], None]]:
-    """Subcommands defined next to their code (``hal plan``)."""
-    out: list[Callable[[Any], None]] = []
-    try:
-        from hal.ipu import add_plan_parser
-    except ImportError:
-        return out
-    out.append(add_plan_parser)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,6 +83,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from hal.errors import ConfigError, HalError
 from hal.hardware import Device, all_devices, get_ipu
+from hal.table import render
 from hal.spec import DTYPE_BYTES, ModelSpec
 from hal.training import SGD, Adam, AdamW, Optimizer
 
@@ -580,7 +581,7 @@ class Plan:
                 f"{m.optimizer / MIB:,.1f}", f"{m.activations / MIB:,.1f}", f"{m.total / MIB:,.1f}",
                 "yes" if s.fits else f"NO, +{s.over_by / MIB:,.1f}",
             ])
-        lines += _columns(head, rows, right={2, 3, 4, 5, 6, 7, 8})
+        lines += render(head, rows, align="llrrrrrrrl").splitlines()
         what = "training (3 x forward)" if self.training else "forward"
         lines.append(f"  GFLOP: {what} per micro-batch of {b.micro_batch}; memory columns in MiB.")
         ratio, dev = self.balance()
@@ -594,12 +595,12 @@ class Plan:
         samples = b.samples_per_update if self.training else b.host_batch
         lines += ["", f"Roofline lower bound per {'weight update' if self.training else 'host batch'} "
                       f"({samples} samples, {self.precision}):"]
-        lines += _columns(
+        lines += render(
             ["configuration", "TFLOP/s", "GB/s", "ms", "bound", "samples/s"],
             [[r.name, f"{r.peak_flops / 1e12:,.2f}", f"{r.memory_bandwidth / 1e9:,.0f}", _ms(r.seconds),
               r.bound, f"{r.samples_per_second:,.0f}"] for r in self.roofline],
-            right={1, 2, 3, 5},
-        )
+            align="lrrrlr",
+        ).splitlines()
         lines.append("  (lower bounds: no host I/O, synchronisation or kernel inefficiency)")
         lines += [f"  note: {n}" for n in self.notes]
         lines += [""] + textwrap.wrap(self.verdict(), 100, subsequent_indent="  ")
@@ -613,15 +614,6 @@ def _ms(seconds: float) -> str:
 
 def _wrap(text: str, width: int = 100) -> list[str]:
     return textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="  ")
-
-
-def _columns(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-
-    def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
 
 
 def _roofline(model: _Model, dev: Device, precision: str, batch: Batch, states: int) -> Roofline:
