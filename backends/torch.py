@@ -323,7 +323,7 @@ class TorchExecutable(Executable):
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.params = dict(self.module.named_parameters())
-        self.optimizer = make_optimizer(self.params.values(), config)
+        self.optimizer = make_optimizer(self.params.values(), config) if self.params else None
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.loss = loss_fn(config)
         self._infer: Any = None  # fused inference copy, rebuilt when weights change
@@ -372,6 +372,8 @@ class TorchExecutable(Executable):
     def _accumulate(self, x: np.ndarray, y: np.ndarray, update_stats: bool) -> "torch.Tensor":
         """Forward/backward over the G micro-batches; leaves the mean gradient in ``.grad``."""
         x, y = self.check_xy(x, y)
+        if self.optimizer is None:
+            raise UnsupportedError(f"{self.target}: spec {self.spec.name!r} has no trainable parameters")
         g = self.config.grad_accum
         self.module.train()
         self.module.set_update_stats(update_stats)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Sequence, Union
@@ -63,6 +64,49 @@ class Op:
 
     def attrs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars and lists become plain ints/floats/tuples
+            object.__setattr__(self, f.name, _plain(getattr(self, f.name)))
+
+    def check_types(self) -> None:
+        """Raise ``ValueError`` naming the first attribute of the wrong type."""
+        for f in dataclasses.fields(self):
+            v, want = getattr(self, f.name), str(f.type)
+            ok = {
+                "int": _is_int(v),
+                "bool": isinstance(v, bool),
+                "float": isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+                "str": isinstance(v, str),
+                "Shape": isinstance(v, tuple) and all(_is_int(x) for x in v),
+                "Padding": isinstance(v, tuple) and all(
+                    isinstance(p, tuple) and len(p) == 2 and all(_is_int(x) for x in p) for p in v
+                ),
+            }.get(want, True)
+            if not ok:
+                raise ValueError(f"{self.kind}.{f.name} must be {_TYPE_WORDS.get(want, want)}, got {v!r}")
+
+
+_TYPE_WORDS = {
+    "int": "an int", "bool": "a bool", "float": "a finite number", "str": "a string",
+    "Shape": "a tuple of ints", "Padding": "a tuple of (before, after) int pairs",
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return tuple(_plain(x) for x in v)
+    return v
 
 
 def _spatial(shape: Shape, what: str, ndim: int) -> Shape:
@@ -381,6 +425,7 @@ def _infer(node: Node, in_shapes: list[Shape]) -> Shape:
         want = f"{lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}..{hi}"
         raise SpecError(f"{node.op.kind} takes {want} inputs, got {n}", node.name)
     try:
+        node.op.check_types()
         out = node.op.infer(in_shapes)
     except (ValueError, TypeError, IndexError) as exc:
         raise SpecError(f"{exc} (input shapes {in_shapes})", node.name) from None
@@ -396,14 +441,17 @@ def _check_node(node: Any) -> None:
         raise SpecError("names must be non-empty and use only letters, digits, '_', '.', '-'", str(node.name))
     if not isinstance(node.op, Op) or type(node.op) not in OPS.values():
         raise SpecError(f"unknown op {node.op!r}", node.name)
+    if not isinstance(node.inputs, tuple) or not all(isinstance(i, str) for i in node.inputs):
+        raise SpecError(f"inputs must be a tuple of node names, got {node.inputs!r}", node.name)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """An immutable, validated model graph.
 
-    ``nodes`` may be given in any order; they are stored in a deterministic
-    topological order. ``output`` defaults to the last node given.
+    ``nodes`` may be given in any order; they are stored in a canonical
+    topological order (depth-first from the output, inputs in order), so the same
+    graph always has the same JSON and hash. ``output`` defaults to the last node given.
     """
 
     name: str
@@ -433,14 +481,14 @@ class ModelSpec:
         if output not in by_name:
             raise SpecError(f"output {output!r} is not a node of spec {self.name!r}")
 
-        order = _toposort(nodes, by_name)
+        order = _toposort(output, by_name)
+        used = {n.name for n in order}
+        for n in nodes:
+            if n.name not in used:
+                raise SpecError(f"node is not used by the output {output!r}", n.name)
         shapes: dict[str, Shape] = {}
         for n in order:
             shapes[n.name] = _infer(n, [shapes[i] for i in n.inputs])
-        used = _ancestors(output, by_name)
-        for n in order:
-            if n.name not in used:
-                raise SpecError(f"node is not used by the output {output!r}", n.name)
         object.__setattr__(self, "nodes", tuple(order))
         object.__setattr__(self, "output", output)
         object.__setattr__(self, "_shapes", shapes)
@@ -556,21 +604,27 @@ class ModelSpec:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise SpecError(f"unsupported spec schema_version {version!r}; this hal reads {SCHEMA_VERSION}")
+        raw_nodes = data.get("nodes")
+        if not isinstance(raw_nodes, list):
+            raise SpecError(f"'nodes' must be a list, got {type(raw_nodes).__name__}")
         nodes = []
-        for i, raw in enumerate(data.get("nodes") or []):
-            try:
-                name, kind, inputs, attrs = raw["name"], raw["op"], raw.get("inputs", []), raw.get("attrs", {})
-            except (KeyError, TypeError):
-                raise SpecError(f"nodes[{i}] must be an object with 'name' and 'op'") from None
+        for i, raw in enumerate(raw_nodes):
+            if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str) or "op" not in raw:
+                raise SpecError(f"nodes[{i}] must be an object with a string 'name' and an 'op'")
+            name, kind, inputs, attrs = raw["name"], raw["op"], raw.get("inputs", []), raw.get("attrs", {})
             if kind not in OPS:
                 raise SpecError(f"unknown op {kind!r}; known ops: {sorted(OPS)}", name)
+            if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+                raise SpecError(f"'inputs' must be a list of node names, got {inputs!r}", name)
+            if not isinstance(attrs, Mapping):
+                raise SpecError(f"'attrs' must be an object, got {type(attrs).__name__}", name)
             op_cls = OPS[kind]
             known = {f.name for f in dataclasses.fields(op_cls)}
             extra = set(attrs) - known
             if extra:
                 raise SpecError(f"unknown attributes {sorted(extra)} for {kind}; expected {sorted(known)}", name)
             try:
-                op = op_cls(**{k: _tupled(v) for k, v in attrs.items()})
+                op = op_cls(**attrs)
             except TypeError as exc:
                 raise SpecError(f"bad attributes for {kind}: {exc}", name) from None
             nodes.append(Node(name, op, tuple(inputs)))
@@ -580,7 +634,7 @@ class ModelSpec:
     def from_json(cls, text: str | bytes) -> "ModelSpec":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise SpecError(f"spec JSON does not parse: {exc}") from None
         return cls.from_dict(data)
 
@@ -602,48 +656,27 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _tupled(v: Any) -> Any:
-    if isinstance(v, list):
-        return tuple(_tupled(x) for x in v)
-    return v
-
-
-def _toposort(nodes: Sequence[Node], by_name: Mapping[str, Node]) -> list[Node]:
-    """Depth-first topological order, stable in the given order; names a node on any cycle."""
-    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+def _toposort(output: str, by_name: Mapping[str, Node]) -> list[Node]:
+    """The nodes the output depends on, in depth-first post-order from the output
+    (inputs visited in order): canonical for a graph. Names a node on any cycle."""
+    state = {output: 1}  # 1 = on the current path, 2 = done
     order: list[Node] = []
-    for root in nodes:
-        if state.get(root.name) == 2:
-            continue
-        stack: list[tuple[Node, int]] = [(root, 0)]
-        while stack:
-            node, i = stack.pop()
-            if i == 0:
-                if state.get(node.name) == 2:
-                    continue
-                state[node.name] = 1
-            if i < len(node.inputs):
-                stack.append((node, i + 1))
-                child = by_name[node.inputs[i]]
-                s = state.get(child.name)
-                if s == 1:
-                    raise SpecError(f"cycle through input {child.name!r}", node.name)
-                if s is None:
-                    stack.append((child, 0))
-            else:
-                state[node.name] = 2
-                order.append(node)
+    stack = [(output, 0)]
+    while stack:
+        name, i = stack.pop()
+        node = by_name[name]
+        if i < len(node.inputs):
+            stack.append((name, i + 1))
+            child = node.inputs[i]
+            if state.get(child) == 1:
+                raise SpecError(f"cycle through input {child!r}", name)
+            if child not in state:
+                state[child] = 1
+                stack.append((child, 0))
+        else:
+            state[name] = 2
+            order.append(node)
     return order
-
-
-def _ancestors(name: str, by_name: Mapping[str, Node]) -> set[str]:
-    seen, todo = set(), [name]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(by_name[n].inputs)
-    return seen
 
 
 # ---------------------------------------------------------------------------
@@ -664,33 +697,33 @@ def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> 
 
 
 def _tuple(v: IntOrTuple, nd: int, what: str, node: str) -> Shape:
-    if isinstance(v, int):
-        return (v,) * nd
-    t = tuple(v)
-    if len(t) != nd or not all(isinstance(x, int) for x in t):
+    if _is_int(v):
+        return (int(v),) * nd  # type: ignore[arg-type]
+    t = tuple(v) if isinstance(v, (list, tuple)) else ()
+    if len(t) != nd or not all(_is_int(x) for x in t):
         raise SpecError(f"{what} must be an int or {nd} ints, got {v!r}", node)
-    return t
+    return tuple(int(x) for x in t)
 
 
 def _padding(p: PaddingArg, spatial: Shape, kernel: Shape, stride: Shape, dilation: Shape, node: str) -> Padding:
     nd = len(spatial)
+    bad = SpecError(f"padding must be 'same', 'valid', an int, {nd} ints or {nd} (before, after) int pairs, got {p!r}", node)
     if isinstance(p, str):
         if p == "valid":
             return ((0, 0),) * nd
         if p == "same":
             return tuple(same_padding(n, k, s, d) for n, k, s, d in zip(spatial, kernel, stride, dilation))
-        raise SpecError(f"padding must be 'same', 'valid', ints or (before, after) pairs, got {p!r}", node)
-    if isinstance(p, int):
-        return ((p, p),) * nd
-    items = tuple(p)
+        raise bad
+    if _is_int(p):
+        return ((int(p), int(p)),) * nd  # type: ignore[arg-type]
+    items = tuple(p) if isinstance(p, (list, tuple)) else ()
     if len(items) != nd:
-        raise SpecError(f"padding {p!r} has {len(items)} entries for {nd} spatial dims", node)
-    if all(isinstance(x, int) for x in items):
-        return tuple((x, x) for x in items)  # type: ignore[misc]
-    try:
+        raise bad
+    if all(_is_int(x) for x in items):
+        return tuple((int(x), int(x)) for x in items)  # type: ignore[arg-type]
+    if all(isinstance(x, (list, tuple)) and len(x) == 2 and all(_is_int(v) for v in x) for x in items):
         return tuple((int(a), int(b)) for a, b in items)  # type: ignore[misc]
-    except (TypeError, ValueError):
-        raise SpecError(f"padding must be 'same', 'valid', ints or (before, after) pairs, got {p!r}", node) from None
+    raise bad
 
 
 class SpecBuilder:

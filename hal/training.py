@@ -16,6 +16,7 @@ the micro-batch gradients, i.e. the gradient of the mean micro-batch loss.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -51,7 +52,8 @@ class Adam:
 
     def __post_init__(self) -> None:
         _nonneg(self, "lr", "eps", "weight_decay")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        betas = self.betas
+        if not (isinstance(betas, tuple) and len(betas) == 2 and all(_real(b) and 0.0 <= b < 1.0 for b in betas)):
             raise ConfigError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {self.betas}")
 
 
@@ -82,8 +84,9 @@ class StepDecay:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.step_size < 1:
-            raise ConfigError(f"StepDecay: step_size must be >= 1, got {self.step_size}")
+        if not (_int(self.step_size) and self.step_size >= 1):
+            raise ConfigError(f"StepDecay: step_size must be an int >= 1, got {self.step_size!r}")
+        _nonneg(self, "gamma")
 
     def factor(self, step: int) -> float:
         return self.gamma ** (step // self.step_size)
@@ -101,10 +104,11 @@ class Cosine:
     min_factor: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.warmup_steps < self.total_steps:
+        if not (_int(self.warmup_steps) and _int(self.total_steps) and 0 <= self.warmup_steps < self.total_steps):
             raise ConfigError(
-                f"Cosine: need 0 <= warmup_steps < total_steps, got {self.warmup_steps}, {self.total_steps}"
+                f"Cosine: need ints 0 <= warmup_steps < total_steps, got {self.warmup_steps!r}, {self.total_steps!r}"
             )
+        _nonneg(self, "warmup_start", "min_factor")
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -134,18 +138,28 @@ class TrainConfig:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+        if not _int(self.grad_accum) or self.grad_accum < 1:
             raise ConfigError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
         if not isinstance(self.optimizer, (SGD, Adam)):
             raise ConfigError(f"optimizer must be hal.training.SGD, Adam or AdamW, got {self.optimizer!r}")
+        if not isinstance(self.schedule, (Constant, StepDecay, Cosine)):
+            raise ConfigError(f"schedule must be a Constant, StepDecay or Cosine instance, got {self.schedule!r}")
 
     def lr(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
         return self.optimizer.lr * self.schedule.factor(step)
 
 
+def _real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _nonneg(obj: object, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
-        if not (isinstance(v, (int, float)) and v >= 0):
-            raise ConfigError(f"{type(obj).__name__}: {n} must be a number >= 0, got {v!r}")
+        if not (_real(v) and v >= 0):
+            raise ConfigError(f"{type(obj).__name__}: {n} must be a finite number >= 0, got {v!r}")

@@ -271,7 +271,7 @@ class TestValidation:
 
     def test_input_shape_none(self):
         with pytest.raises(SpecError):
-            ModelSpec("bad", (inp(None), Node("r", Activation("relu"), ("input",))))  # type: ignore[arg-type]
+            ModelSpec("bad", (Node("input", Input(None)), Node("r", Activation("relu"), ("input",))))  # type: ignore[arg-type]
 
     def test_node_inputs_none(self):
         """Node.inputs=None must be a SpecError naming the node (today: TypeError)."""
