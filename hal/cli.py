@@ -111,8 +111,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
     progress = Progress(not args.json)
     checks = args.checks.split(",") if args.checks else list(CHECKS)
-    report = run_parity(_spec(args), _targets(args), batch=args.batch, checks=checks, steps=args.steps,
-                        config=_config(args), seed=args.seed, progress=progress)
+    spec = _spec(args)
+    weights = None
+    if args.weights:
+        from hal.weights import load_weights
+
+        _, weights = load_weights(args.weights, spec)
+    report = run_parity(spec, _targets(args), batch=args.batch, checks=checks, steps=args.steps,
+                        config=_config(args), seed=args.seed, weights=weights, progress=progress)
     progress.done()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
@@ -235,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     _common(p, batch=2)
     p.add_argument("--checks", help="comma-separated: forward,forward_train,grads,trajectory (default: all)")
     p.add_argument("--steps", type=int, default=3, help="trajectory length")
+    p.add_argument("--weights", help="a hal .safetensors file to test with (default: seeded init, see hal.parity)")
     p.set_defaults(fn=cmd_parity)
 
     p = sub.add_parser("bench", help="time targets against the native hand-written model")

@@ -14,22 +14,24 @@ from typing import Any, Mapping
 import numpy as np
 
 from hal.errors import SpecError, WeightsError
-from hal.spec import BatchNorm, Conv, Dense, ModelSpec
+from hal.spec import Add, BatchNorm, Conv, Dense, ModelSpec
 
 FORMAT = "hal-weights/1"
 _IGNORED_SUFFIXES = (".num_batches_tracked",)  # torch BatchNorm bookkeeping, not state hal needs
 
 
-def init_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+def init_weights(spec: ModelSpec, seed: int = 0, residual_gamma: float = 1.0) -> dict[str, np.ndarray]:
     """Deterministic weights for ``spec``: the same numbers on every backend.
 
     Conv weights: He/Kaiming normal, fan-out, gain sqrt(2) (the torchvision ResNet
-    init); conv biases 0. BatchNorm: gamma 1, beta 0, running mean 0, running var 1.
-    Dense: ``U(-1/sqrt(in), 1/sqrt(in))`` for weight and bias (``torch.nn.Linear``'s
-    default). Each array draws from its own stream keyed by (seed, name), so adding
-    a node does not change the others.
+    init); conv biases 0. BatchNorm: gamma 1, beta 0, running mean 0, running var 1;
+    ``residual_gamma`` sets gamma of every BatchNorm that feeds an Add (0 is the
+    "zero-init residual" of Goyal et al. 2017). Dense: ``U(-1/sqrt(in), 1/sqrt(in))``
+    for weight and bias (``torch.nn.Linear``'s default). Each array draws from its
+    own stream keyed by (seed, name), so adding a node does not change the others.
     """
     dtype = np.dtype(spec.dtype if spec.dtype != "bfloat16" else "float32")
+    consumers = spec.consumers()
     out: dict[str, np.ndarray] = {}
     for node in spec.nodes:
         op, ins = node.op, spec.in_shapes(node)
@@ -43,6 +45,10 @@ def init_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
             elif isinstance(op, Dense):
                 bound = 1.0 / math.sqrt(ins[0][0])
                 arr = rng.uniform(-bound, bound, shape)
+            elif isinstance(op, BatchNorm) and p == "weight" and any(
+                isinstance(spec.node(c).op, Add) for c in consumers[node.name]
+            ):
+                arr = np.full(shape, residual_gamma)
             elif isinstance(op, BatchNorm) and p in ("weight", "running_var"):
                 arr = np.ones(shape)
             else:
