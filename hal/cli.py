@@ -77,7 +77,8 @@ def _targets(args: argparse.Namespace, include_reference: bool = True) -> list[s
 def _config(args: argparse.Namespace) -> Any:
     from hal.training import SGD, AdamW, TrainConfig
 
-    opt = AdamW(lr=args.lr or 1e-3) if args.optimizer == "adamw" else SGD(lr=args.lr or 0.01, momentum=0.9)
+    lr = args.lr if args.lr is not None else 1e-3
+    opt = AdamW(lr=lr) if args.optimizer == "adamw" else SGD(lr=lr, momentum=0.9)
     return TrainConfig(optimizer=opt, grad_accum=args.grad_accum, precision=args.precision)
 
 
@@ -222,7 +223,7 @@ def _common(p: argparse.ArgumentParser, batch: int) -> None:
     p.add_argument("--input-size", type=int, help="square input size for zoo models")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd: momentum 0.9")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3: larger steps make trajectories chaotic)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp64", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0)
@@ -238,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("parity", help="compare targets against the float64 reference")
-    _common(p, batch=2)
+    _common(p, batch=4)
     p.add_argument("--checks", help="comma-separated: forward,forward_train,grads,trajectory (default: all)")
     p.add_argument("--steps", type=int, default=3, help="trajectory length")
     p.add_argument("--weights", help="a hal .safetensors file to test with (default: seeded init, see hal.parity)")
@@ -255,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the main job: parity and speed of a model on every available target")
     _common(p, batch=16)
-    p.add_argument("--parity-batch", type=int, default=2)
+    p.add_argument("--parity-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.set_defaults(fn=cmd_compare)

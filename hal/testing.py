@@ -19,7 +19,7 @@ def assert_parity(
     target: str,
     *,
     checks: Sequence[str] = CHECKS,
-    batch: int = 2,
+    batch: int = 4,
     steps: int = 3,
     require: bool = True,
     **kwargs: Any,

@@ -31,7 +31,7 @@ def init_weights(spec: ModelSpec, seed: int = 0, residual_gamma: float = 1.0) ->
     own stream keyed by (seed, name), so adding a node does not change the others.
     """
     dtype = np.dtype(spec.dtype if spec.dtype != "bfloat16" else "float32")
-    consumers = spec.consumers()
+    residual = _residual_norms(spec)
     out: dict[str, np.ndarray] = {}
     for node in spec.nodes:
         op, ins = node.op, spec.in_shapes(node)
@@ -45,15 +45,27 @@ def init_weights(spec: ModelSpec, seed: int = 0, residual_gamma: float = 1.0) ->
             elif isinstance(op, Dense):
                 bound = 1.0 / math.sqrt(ins[0][0])
                 arr = rng.uniform(-bound, bound, shape)
-            elif isinstance(op, BatchNorm) and p == "weight" and any(
-                isinstance(spec.node(c).op, Add) for c in consumers[node.name]
-            ):
+            elif isinstance(op, BatchNorm) and p == "weight" and node.name in residual:
                 arr = np.full(shape, residual_gamma)
             elif isinstance(op, BatchNorm) and p in ("weight", "running_var"):
                 arr = np.ones(shape)
             else:
                 arr = np.zeros(shape)
             out[name] = arr.astype(dtype)
+    return out
+
+
+def _residual_norms(spec: ModelSpec) -> set[str]:
+    """BatchNorms that close a residual branch: of each Add's BatchNorm inputs, the one with most ancestors."""
+    ancestors: dict[str, set[str]] = {}
+    for n in spec.nodes:
+        ancestors[n.name] = set().union(*([ancestors[i] | {i} for i in n.inputs] or [set()]))
+    out = set()
+    for n in spec.nodes:
+        if isinstance(n.op, Add):
+            norms = [i for i in n.inputs if isinstance(spec.node(i).op, BatchNorm)]
+            if norms:
+                out.add(max(norms, key=lambda i: len(ancestors[i])))
     return out
 
 
