@@ -13,13 +13,15 @@ Canonical rules, not TensorFlow's defaults:
   the model's first layer transposes the input once, and a spatial output is
   transposed back once. Conv weights are HWIO inside (canonical OIHW transposed
   once at load, back at ``weights()``/gradients), Dense weights ``(in, out)``.
-* **Padding** is the spec's explicit ``(before, after)`` per side: 2-d convs pass
-  it to ``tf.nn.conv2d`` as explicit paddings (no extra op); 1-d/3-d convs and
-  pools ``tf.pad`` first (``-inf`` for max pooling, so padding never wins). A pool
-  uses TF's ``SAME`` only where it is provably the same numbers (max pool, or
-  average pool with ``count_include_pad=False``, whose padding equals TF's SAME
-  split). Average pooling without counting padding divides by a per-position
-  count map computed once in numpy.
+* **Padding** is the spec's explicit ``(before, after)`` per side. TF's ``SAME``
+  is used only where it is provably the same numbers (its split equals the
+  spec's; for pools also: max pool, or average pool with
+  ``count_include_pad=False``); otherwise ``tf.pad`` (``-inf`` for max pooling,
+  so padding never wins) and ``VALID``. Not ``tf.nn.conv2d``'s explicit
+  paddings: their backward pass on the CPU measured 4x slower on ResNet-18 at
+  64x64 (0.50 s vs 0.13 s per training step), 10 % at ResNet-50 224x224. Average
+  pooling without counting padding divides by a per-position count map
+  computed once in numpy.
 * **BatchNorm** is a custom layer: PyTorch momentum convention (``m`` weighs the
   new statistic), the spec's ``eps`` (1e-5 by default, not Keras's 1e-3),
   normalisation with the biased batch variance and running-variance update with
@@ -48,11 +50,11 @@ Canonical rules, not TensorFlow's defaults:
 **XLA.** Each compiled function is a ``tf.function``; ``jit_compile`` is chosen
 per device and mode (``XLA``) from measurements: ResNet50, batch 16, fp32,
 TensorFlow 2.21 on a shared 2-core x86 CPU (``bench/tf_vs_native.py --xla-sweep``,
-hal and a native Keras model interleaved): XLA off / on took 1.93 s / 2.27 s per
-inference batch and 6.0 s / 12.9 s per training step, so the CPU runs *without*
-XLA (Grappler's oneDNN fusions win; Keras 3's own ``jit_compile="auto"`` also
-turns XLA off on CPU-only machines). GPUs (not measured here) use XLA, as Keras
-does. ``HAL_TF_XLA=0/1`` overrides the choice for every mode.
+hal and a native Keras model interleaved, medians of 7): XLA off / on took
+1.82 s / 2.05 s per inference batch and 4.27 s / 8.63 s per training step, so
+the CPU runs *without* XLA (Grappler's oneDNN fusions win; Keras 3's own
+``jit_compile="auto"`` also turns XLA off on CPU-only machines). GPUs (not
+measured here) use XLA, as Keras does. ``HAL_TF_XLA=0/1`` overrides the choice.
 
 **IPU.** ``tensorflow:ipu[:N]`` needs Graphcore's TensorFlow (``tensorflow.python.ipu``,
 shipped with the Poplar SDK, not on PyPI). The translation of hal's IPU plan into
@@ -194,9 +196,10 @@ def _explicit(padding: S.Padding) -> list[list[int]]:
     return [[0, 0], *[[a, b] for a, b in padding], [0, 0]]
 
 
-def _tf_same(sizes: S.Shape, kernel: S.Shape, stride: S.Shape) -> S.Padding:
+def _tf_same(sizes: S.Shape, kernel: S.Shape, stride: S.Shape, dilation: S.Shape | None = None) -> S.Padding:
     """TensorFlow's SAME padding as explicit numbers (odd pixel after)."""
-    return tuple(S.same_padding(n, k, s) for n, k, s in zip(sizes, kernel, stride))
+    dilation = dilation or (1,) * len(kernel)
+    return tuple(S.same_padding(n, k, s, d) for n, k, s, d in zip(sizes, kernel, stride, dilation))
 
 
 class _Mode:
@@ -241,21 +244,28 @@ def _layer_classes() -> dict[Any, type]:
     class Conv(Layer):
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
-            op, cin = self.op, self.in_shapes[0][0]
+            op, cin, spatial = self.op, self.in_shapes[0][0], self.in_shapes[0][1:]
             self.kernel = self.weight("kernel", (*op.kernel, cin // op.groups, op.out_channels))  # HWIO
             self.bias = self.weight("bias", (op.out_channels,)) if op.bias else None
             self.nd = len(op.kernel)
+            # tf.nn.convolution (1-d, 3-d) refuses stride > 1 with dilation > 1: stride 1, then subsample
+            self.subsample = self.nd != 2 and max(op.stride) > 1 and max(op.dilation) > 1
+            self.stride = (1,) * self.nd if self.subsample else op.stride
             zero = not any(a or b for a, b in op.padding)
-            self.pad = "VALID" if zero else _explicit(op.padding)
+            same = not self.subsample and op.padding == _tf_same(spatial, op.kernel, op.stride, op.dilation)
+            self.mode = "SAME" if same and not zero else "VALID"
+            self.pad = None if zero or same else _explicit(op.padding)
 
         def call(self, x: Any) -> Any:
             op = self.op
+            if self.pad is not None:
+                x = tf.pad(x, self.pad)
             if self.nd == 2:
-                y = tf.nn.conv2d(x, self.kernel, op.stride, self.pad, dilations=op.dilation)
-            else:  # conv1d/conv3d take no explicit paddings
-                if self.pad != "VALID":
-                    x = tf.pad(x, self.pad)
-                y = tf.nn.convolution(x, self.kernel, op.stride, "VALID", dilations=op.dilation)
+                y = tf.nn.conv2d(x, self.kernel, self.stride, self.mode, dilations=op.dilation)
+            else:
+                y = tf.nn.convolution(x, self.kernel, self.stride, self.mode, dilations=op.dilation)
+                if self.subsample:
+                    y = y[(slice(None), *(slice(None, None, s) for s in op.stride))]
             return tf.nn.bias_add(y, self.bias) if self.bias is not None else y
 
     class BatchNorm(Layer):
@@ -923,7 +933,9 @@ class IPUExecutable(TensorFlowExecutable):
 
     ``fit`` applies ``model.optimizer`` (a Keras optimizer running the canonical
     torch update, :func:`_keras_torch_optimizer`) after IPU TensorFlow's own
-    gradient accumulation and cross-replica sum. ``predict(x)`` is ``model.predict``
+    gradient accumulation and cross-replica *sum* (``IPUStrategy`` reports one
+    replica in sync and reduces with ``cross_replica_sum``: graphcore/tensorflow
+    ``tensorflow/python/ipu/ipu_strategy.py``), which the optimizer divides by R. ``predict(x)`` is ``model.predict``
     (pipelined where the plan is); ``predict(x, training=True)`` and
     ``loss_and_grads`` run hal's traced bodies through ``strategy.run`` on a
     ``tf.function`` (not pipelined: IPU Keras ignores stage assignments outside

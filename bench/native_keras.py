@@ -64,7 +64,8 @@ def basic(x: Any, planes: int, stride: int) -> Any:
     return layers.ReLU()(layers.Add()([y, shortcut]))
 
 
-def resnet(depth: int = 50, num_classes: int = 1000, image: int = 224) -> keras.Model:
+def resnet(depth: int = 50, num_classes: int = 1000, image: int | None = 224) -> keras.Model:
+    """``image=None`` accepts any square-or-not spatial size (as torchvision's ResNet does)."""
     block, counts = BLOCKS[depth]
     unit = bottleneck if block == "bottleneck" else basic
     inputs = keras.Input((3, image, image))  # channels-first, like the bench's batch
@@ -84,7 +85,7 @@ def resnet(depth: int = 50, num_classes: int = 1000, image: int = 224) -> keras.
 class Native:
     """The usual Keras predict and train step, numpy in and out like hal."""
 
-    def __init__(self, depth: int, num_classes: int, image: int = 224, device: str = "cpu") -> None:
+    def __init__(self, depth: int, num_classes: int, image: int | None = 224, device: str = "cpu") -> None:
         self.device = "/CPU:0" if device == "cpu" else f"/{device.upper()}"
         with tf.device(self.device):
             self.model = resnet(depth, num_classes, image)
@@ -103,11 +104,11 @@ class Native:
 
 
 def build(model: str, num_classes: int, device: str) -> Native | None:
-    """The native twin of a hal zoo model (ResNets at 224x224), or None if there is none."""
+    """The native twin of a hal zoo model (the ResNets, any input size), or None if there is none."""
     depth = {f"resnet{d}": d for d in BLOCKS}.get(model)
     if depth is None or not device.startswith(("cpu", "gpu")):
         return None
-    return Native(depth, num_classes, 224, device)
+    return Native(depth, num_classes, None, device)
 
 
 def build_resnet(batch: int, num_classes: int = 1000, image: int = 224, depth: int = 50,

@@ -125,15 +125,17 @@ def test_ops_at_their_edges():
     1-d convs with groups and dilation, 3-d convs and 5-d BatchNorm, exact gelu, a
     spatial output (transposed back to channels-first)."""
     b = SpecBuilder("edges")
-    x = b.input((4, 9, 7))
+    x = b.input((4, 13, 11))
     x = b.conv(x, 6, (3, 2), stride=(2, 1), padding=((1, 2), (0, 1)), groups=2, name="c")
+    x = b.conv(x, 6, 3, stride=2, dilation=2, padding="same", name="c_sd")  # stride and dilation together
     m = b.max_pool(x, 3, stride=2, padding=((2, 0), (1, 1)), name="mp")
     a1 = b.avg_pool(x, 3, stride=2, padding=((2, 0), (1, 1)), count_include_pad=False, name="ap1")
     a2 = b.avg_pool(x, 3, stride=2, padding=((2, 0), (1, 1)), count_include_pad=True, name="ap2")
     spec2 = b.build(b.concat(m, a1, a2, name="cat"))
     b = SpecBuilder("edges1d")
-    x = b.input((4, 20))
+    x = b.input((4, 40))
     x = b.conv(x, 8, 3, dilation=2, padding=((3, 1),), groups=4, name="c1")
+    x = b.conv(x, 8, 3, stride=2, dilation=2, padding="same", name="c1_sd")
     x = b.activation(b.batch_norm(x, name="bn"), "leaky_relu", alpha=0.2)
     x = b.activation(x, "gelu", approximate="none")
     spec1 = b.build(b.max_pool(x, 2, padding=((1, 0),), name="mp"))
