@@ -23,7 +23,7 @@ import numpy as np
 
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Target, Weights, package_availability
-from hal.errors import UnsupportedError
+from hal.errors import InputError, UnsupportedError
 from hal.training import SGD, Adam, AdamW, TrainConfig
 from hal.weights import check_weights
 
@@ -361,13 +361,20 @@ class TorchExecutable(Executable):
             self.module.train()
             self.module.set_update_stats(False)
             with torch.no_grad(), self._ctx():
-                out = self.module(self._x(x))
+                out = self._forward(self._x(x))
         else:
             if self._infer is None:
                 self._infer = self.module.fused() if self.fast else self.module.eval()
             with torch.inference_mode(), self._ctx():
                 out = self._infer(self._x(x))
         return out.float().cpu().numpy() if out.dtype != torch.float64 else out.cpu().numpy()
+
+    def _forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        """Training-mode forward; torch's complaint about BatchNorm over one value becomes a hal error."""
+        try:
+            return self.module(x)
+        except ValueError as exc:
+            raise InputError(f"{self.target}: {exc} (training-mode BatchNorm needs more than one value per channel)") from None
 
     def _accumulate(self, x: np.ndarray, y: np.ndarray, update_stats: bool) -> "torch.Tensor":
         """Forward/backward over the G micro-batches; leaves the mean gradient in ``.grad``."""
@@ -382,7 +389,7 @@ class TorchExecutable(Executable):
         total = None
         for xm, ym in zip(np.split(x, g), np.split(y, g)):
             with self._ctx():
-                out = self.module(self._x(xm))
+                out = self._forward(self._x(xm))
             loss = self.loss(out.to(self.dtype), self._y(ym)) / g  # the loss in master precision
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()

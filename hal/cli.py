@@ -103,7 +103,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(render(["backend", "available", "version", "targets", "why not / description"],
                      [[r["backend"], "yes" if r["available"] else "no", r["version"] or "-",
-                       ", ".join(r["devices"]) or "-", r["reason"] or r["description"]] for r in rows]))
+                       ", ".join(r["devices"]) or "-",
+                       "; ".join(x for x in (r["description"] if r["available"] else "", r["reason"]) if x)]
+                      for r in rows]))
     return 0
 
 
