@@ -1,0 +1,761 @@
+"""JAX backend: ``jax:cpu``, ``jax:gpu[:N]`` and ``jax:tpu[:N]`` — Flax linen, Optax, XLA.
+
+The spec becomes a Flax **linen** module (:func:`flax_module`): one submodule per
+node that holds parameters, at the canonical node name (``params["layer1.0.conv1"]``),
+the rest plain ``jax.numpy`` calls — a table from op to framework call
+(``Conv -> nn.Conv`` with explicit per-side padding and ``feature_group_count``,
+``Dense -> nn.Dense``, ``MaxPool/AvgPool -> nn.max_pool/nn.avg_pool`` with explicit
+padding, ``BatchNorm ->`` :class:`BatchNorm` below, which implements the canonical
+rule). Linen, not nnx: a linen module is a pure function ``apply(variables, x)`` of
+immutable pytrees, which is exactly what one jitted, donated XLA step wants —
+parameters, BatchNorm statistics and optimizer state go in as buffers and come out
+as new ones, with no graph/state split and merge per call (nnx needs
+``nnx.split``/``nnx.merge`` or ``nnx.jit`` bookkeeping around every step to get
+the same program).
+
+Layout: NHWC inside. Inputs arrive channels-first at the API boundary and are
+transposed once, inside the compiled program; a spatial output is transposed
+back once. ``Flatten`` must flatten in channels-first row-major order, so it
+transposes its (usually small, post-convolution) input to NCHW and reshapes —
+one small transpose where a Flatten appears, exact for every graph (the other
+option, permuting the following Dense weight once at load, is only valid when
+the Flatten feeds Dense layers through elementwise ops alone, and would make the
+exported weights depend on graph analysis). ResNets have no Flatten.
+
+Parameters load from canonical weights and export back: conv ``OIHW <-> HWIO``
+(``(O, I/groups, *k) <-> (*k, I/groups, O)``), dense ``(out, in) <-> (in, out)``,
+BatchNorm ``weight/bias/running_mean/running_var <-> scale/bias/mean/var``; the
+conversions are transposes, so a round trip is bit-exact.
+
+Canonical semantics, not Flax's defaults: BatchNorm uses the PyTorch momentum
+convention (``running = m * batch + (1 - m) * running``), normalises with the
+biased batch variance (two-pass, not Flax's ``E[x^2] - E[x]^2``) and tracks the
+unbiased one. Optimizers are Optax gradient transformations with ``torch.optim``
+semantics (:func:`optimizer`): SGD is ``add_decayed_weights`` (coupled L2) ->
+``trace`` (``b = mu*b + g``, first step ``b = g``; Nesterov ``g + mu*b``, which is
+exactly torch's rule) -> ``-lr``; Adam/AdamW use :func:`scale_by_torch_adam`,
+torch's update written out (``m.lerp_(g, 1-b1)``, ``sqrt(v)/sqrt(bc2) + eps``;
+AdamW's decoupled ``-lr*wd*p`` added beside it). ``optax.adamw`` has the same
+semantics (measured in float64: 3e-15 from torch.optim.AdamW after 10 steps,
+as this transform), but it computes its bias corrections ``1 - b**t`` in float32
+from an int32 count and keeps the LR inside its state; here every step-dependent
+scalar (the scheduled LR ``config.lr(t)`` of step ``t``, 0-based, and Adam's
+bias corrections at torch's 1-based step ``t + 1``) is computed on the host in
+float64 exactly as torch computes it and enters the compiled step as a traced
+argument: any schedule, no recompilation, no drift.
+
+Speed: the training step (forward, backward, optimizer update, BatchNorm
+statistics, gradient accumulation as a ``lax.scan`` over micro-batches) is one
+jitted XLA program with parameters, statistics and optimizer state donated;
+``run_steps`` is a ``lax.scan`` of that step over stacked batches; inference runs
+a copy with every BatchNorm that only reads a convolution folded into it,
+rebuilt (by a small jitted function) only when the weights change. ``jax.jit``
+caches one executable per batch shape, and executables of the same spec and
+config share their jitted functions (:func:`programs`), so compiling a model
+again (parity runs, sweeps over learning rates) reuses the XLA code. Measured on
+a 2-core CPU (bench/jax_vs_native.py): the two-pass BatchNorm variance costs the
+same CPU time as Flax's one-pass form (A/B on ResNet-50 training); folding saves
+3-4% of inference CPU time on ResNet-50 at 224x224, batch 16, but is ~7% slower
+than the unfolded program on ResNet-18 at 32x32, batch 4 (XLA CPU's choice of
+kernels; not investigated further).
+
+Matmul precision: parity mode is the default — convolutions and dense layers run
+with ``lax.Precision.HIGHEST`` (full float32; matters on GPU TF32 and TPU bf16
+passes, not on CPU). Set ``HAL_JAX_MATMUL_PRECISION=high|default`` before
+compiling to trade precision for speed; ``exe.matmul_precision`` reports it.
+
+Precisions: ``fp32``; ``fp64`` (``jax.enable_x64`` is switched on only around
+this executable's own compiles and calls, never globally; not on TPU); ``bf16``
+mixed (bf16 convolutions/matmuls, float32 master weights, BatchNorm statistics,
+loss and optimizer). ``fp16`` is refused: it needs dynamic loss scaling, which
+this backend does not implement (use bf16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+import numpy as np
+
+from hal import spec as S
+from hal.backend import Availability, Backend, Capabilities, Executable, Target, Weights, package_availability
+from hal.errors import ConfigError, InputError, TargetError, UnsupportedError
+from hal.training import SGD, Adam, AdamW, TrainConfig
+from hal.weights import check_weights
+
+if TYPE_CHECKING:  # jax is imported lazily: listing backends must not import it
+    import jax
+
+PRECISIONS = ("fp32", "fp64", "bf16")
+COMPUTE_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16"}
+MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32"}
+MATMUL_PRECISION_ENV = "HAL_JAX_MATMUL_PRECISION"
+MATMUL_PRECISIONS = ("highest", "high", "default")
+INSTALL_HINT = "pip install 'hal-cnn[jax]'"
+
+
+def matmul_precision() -> str:
+    """The matmul/conv precision new executables use: ``$HAL_JAX_MATMUL_PRECISION`` or ``highest``."""
+    value = os.environ.get(MATMUL_PRECISION_ENV, "highest").strip().lower() or "highest"
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(f"{MATMUL_PRECISION_ENV} must be one of {MATMUL_PRECISIONS}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# the Flax module: one table from op to framework call
+# ---------------------------------------------------------------------------
+
+_FLAX: dict[str, Any] = {}
+
+
+def _flax() -> dict[str, Any]:
+    """Module classes, defined on first use so that importing this file needs no jax."""
+    if _FLAX:
+        return _FLAX
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class BatchNorm(nn.Module):
+        """Canonical BatchNorm over the last (channel) axis: PyTorch momentum
+        convention, biased batch variance to normalise, unbiased to track.
+        Statistics are computed in the parameter (master) dtype."""
+
+        eps: float
+        momentum: float
+        dtype: Any
+        param_dtype: Any
+
+        @nn.compact
+        def __call__(self, x: Any, train: bool, update_stats: bool) -> Any:
+            c = x.shape[-1]
+            scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+            bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+            ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), self.param_dtype))
+            ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.param_dtype))
+            xs = x.astype(self.param_dtype)
+            if train:
+                axes = tuple(range(x.ndim - 1))
+                n = x.size // c
+                mean = jnp.mean(xs, axes)
+                sq = jnp.sum(jnp.square(xs - mean), axes)  # two-pass: no E[x^2] - E[x]^2 cancellation
+                var = sq / n
+                if update_stats and not self.is_initializing():
+                    m = self.momentum
+                    ra_mean.value = m * mean + (1.0 - m) * ra_mean.value
+                    ra_var.value = m * (sq / (n - 1)) + (1.0 - m) * ra_var.value
+            else:
+                mean, var = ra_mean.value, ra_var.value
+            a = scale / jnp.sqrt(var + self.eps)
+            return (xs * a + (bias - mean * a)).astype(self.dtype)
+
+    def activation(op: S.Activation, x: Any) -> Any:
+        import jax
+
+        fn = op.fn
+        if fn == "relu":
+            return jax.nn.relu(x)
+        if fn == "leaky_relu":
+            return jax.nn.leaky_relu(x, op.alpha)
+        if fn == "sigmoid":
+            return jax.nn.sigmoid(x)
+        if fn == "tanh":
+            return jnp.tanh(x)
+        if fn == "silu":
+            return jax.nn.silu(x)
+        return jax.nn.gelu(x, approximate=op.approximate == "tanh")
+
+    class SpecNet(nn.Module):
+        """A hal spec as a linen module. Takes and returns channels-first arrays
+        (the hal boundary); NHWC between. ``folded`` names the BatchNorm nodes
+        folded into their convolution (the inference copy)."""
+
+        spec: S.ModelSpec
+        dtype: Any
+        param_dtype: Any
+        precision: Any
+        folded: frozenset = frozenset()
+
+        @nn.compact
+        def __call__(self, x: Any, train: bool = False, update_stats: bool = False) -> Any:
+            spec = self.spec
+            fold_convs = {spec.node(b).inputs[0] for b in self.folded}
+            if x.ndim > 2:
+                x = jnp.moveaxis(x, 1, -1)  # channels-first -> channels-last, once
+            vals: dict[str, Any] = {spec.input.name: x.astype(self.dtype)}
+            for node in spec.nodes[1:]:
+                op, xs, name = node.op, [vals[k] for k in node.inputs], node.name
+                if isinstance(op, S.Conv):
+                    y = nn.Conv(
+                        op.out_channels, op.kernel, op.stride, padding=op.padding, kernel_dilation=op.dilation,
+                        feature_group_count=op.groups, use_bias=op.bias or name in fold_convs, dtype=self.dtype,
+                        param_dtype=self.param_dtype, precision=self.precision, name=name,
+                    )(xs[0])
+                elif isinstance(op, S.BatchNorm):
+                    y = xs[0] if name in self.folded else BatchNorm(
+                        op.eps, op.momentum, self.dtype, self.param_dtype, name=name
+                    )(xs[0], train, update_stats)
+                elif isinstance(op, S.Activation):
+                    y = activation(op, xs[0])
+                elif isinstance(op, S.MaxPool):
+                    y = nn.max_pool(xs[0], op.kernel, op.stride, op.padding)  # pads with -inf
+                elif isinstance(op, S.AvgPool):
+                    y = nn.avg_pool(xs[0], op.kernel, op.stride, op.padding, count_include_pad=op.count_include_pad)
+                elif isinstance(op, S.GlobalAvgPool):
+                    y = jnp.mean(xs[0], axis=tuple(range(1, xs[0].ndim - 1)))
+                elif isinstance(op, S.Add):
+                    y = xs[0]
+                    for other in xs[1:]:
+                        y = y + other
+                elif isinstance(op, S.Concat):
+                    y = jnp.concatenate(xs, axis=-1)
+                elif isinstance(op, S.Flatten):  # channels-first row-major: back to (N, C, *spatial) first
+                    y = xs[0] if xs[0].ndim == 2 else jnp.moveaxis(xs[0], -1, 1)
+                    y = y.reshape(y.shape[0], -1)
+                elif isinstance(op, S.Dense):
+                    y = nn.Dense(
+                        op.out_features, use_bias=op.bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                        precision=self.precision, name=name,
+                    )(xs[0])
+                elif isinstance(op, S.Dropout):
+                    y = nn.Dropout(op.rate, deterministic=not train or op.rate == 0.0, name=name)(xs[0])
+                else:  # pragma: no cover - unsupported() rejects unknown ops first
+                    raise UnsupportedError(f"node {name!r}: jax has no {op.kind} op")
+                vals[name] = y
+            out = vals[spec.output]
+            return jnp.moveaxis(out, -1, 1) if out.ndim > 2 else out
+
+    _FLAX.update(BatchNorm=BatchNorm, SpecNet=SpecNet)
+    return _FLAX
+
+
+def flax_module(
+    spec: S.ModelSpec, precision: str = "fp32", matmul: str = "highest", folded: frozenset = frozenset()
+) -> Any:
+    """The linen module of ``spec``: ``apply({"params", "batch_stats"}, x_nchw, train, update_stats)``."""
+    from jax import lax
+
+    prec = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": None}[matmul]
+    return _flax()["SpecNet"](
+        spec, COMPUTE_DTYPE[precision], MASTER_DTYPE[precision], prec, frozenset(folded)
+    )
+
+
+def foldable(spec: S.ModelSpec) -> dict[str, str]:
+    """BatchNorm node -> the convolution it can be folded into (the conv feeds only it)."""
+    consumers = spec.consumers()
+    out = {}
+    for n in spec.nodes:
+        if isinstance(n.op, S.BatchNorm):
+            src = spec.node(n.inputs[0])
+            if isinstance(src.op, S.Conv) and consumers[src.name] == [n.name]:
+                out[n.name] = src.name
+    return out
+
+
+# ---------------------------------------------------------------------------
+# canonical weights <-> flax variables
+# ---------------------------------------------------------------------------
+
+
+def to_flax(spec: S.ModelSpec, weights: Mapping[str, np.ndarray], dtype: Any) -> tuple[dict, dict]:
+    """Canonical weights -> (params, batch_stats) numpy trees in ``dtype`` (OIHW -> HWIO, (out,in) -> (in,out))."""
+    params: dict[str, dict[str, np.ndarray]] = {}
+    stats: dict[str, dict[str, np.ndarray]] = {}
+
+    def arr(key: str, perm: tuple[int, ...] | None = None) -> np.ndarray:
+        a = np.asarray(weights[key])
+        return np.ascontiguousarray(a.transpose(perm) if perm else a, dtype=dtype)
+
+    for node in spec.nodes:
+        op, name = node.op, node.name
+        if isinstance(op, S.Conv):
+            nd = len(op.kernel)
+            params[name] = {"kernel": arr(f"{name}.weight", (*range(2, nd + 2), 1, 0))}
+            if op.bias:
+                params[name]["bias"] = arr(f"{name}.bias")
+        elif isinstance(op, S.Dense):
+            params[name] = {"kernel": arr(f"{name}.weight", (1, 0))}
+            if op.bias:
+                params[name]["bias"] = arr(f"{name}.bias")
+        elif isinstance(op, S.BatchNorm):
+            params[name] = {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")}
+            stats[name] = {"mean": arr(f"{name}.running_mean"), "var": arr(f"{name}.running_var")}
+    return params, stats
+
+
+def to_canonical(spec: S.ModelSpec, params: Mapping[str, Any], stats: Mapping[str, Any] | None = None) -> Weights:
+    """Flax trees (numpy) -> canonical names and layouts; with ``stats=None`` only the
+    trainable entries (e.g. gradients)."""
+    out: Weights = {}
+
+    def put(key: str, a: Any, perm: tuple[int, ...] | None = None) -> None:
+        a = np.asarray(a)
+        out[key] = np.array(a.transpose(perm) if perm else a, order="C", copy=True)  # writable, C-contiguous
+
+    for node in spec.nodes:
+        op, name = node.op, node.name
+        if isinstance(op, S.Conv):
+            nd = len(op.kernel)
+            put(f"{name}.weight", params[name]["kernel"], (nd + 1, nd, *range(nd)))
+            if op.bias:
+                put(f"{name}.bias", params[name]["bias"])
+        elif isinstance(op, S.Dense):
+            put(f"{name}.weight", params[name]["kernel"], (1, 0))
+            if op.bias:
+                put(f"{name}.bias", params[name]["bias"])
+        elif isinstance(op, S.BatchNorm):
+            put(f"{name}.weight", params[name]["scale"])
+            put(f"{name}.bias", params[name]["bias"])
+            if stats is not None:
+                put(f"{name}.running_mean", stats[name]["mean"])
+                put(f"{name}.running_var", stats[name]["var"])
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Optax optimizers with torch.optim semantics
+# ---------------------------------------------------------------------------
+
+
+def scale_by_hyper(name: str) -> Any:
+    """``updates * -hyper[name]``: the per-step learning rate, passed in as a traced
+    extra argument (``opt.update(g, s, p, hyper={...})``)."""
+    import jax
+    import optax
+
+    def update(updates: Any, state: Any, params: Any = None, *, hyper: Mapping[str, Any], **_: Any) -> Any:
+        s = -hyper[name]
+        return jax.tree.map(lambda u: s.astype(u.dtype) * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def scale_by_torch_adam(b1: float, b2: float, eps: float) -> Any:
+    """``torch.optim.Adam``'s step direction, times ``-step_size``:
+    ``m.lerp_(g, 1-b1)``; ``v = b2*v + (1-b2)*g*g``;
+    ``u = -(lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)``, with ``step_size = lr/bc1``
+    and ``bc2_sqrt = sqrt(1 - b2**t)`` from ``hyper`` (host float64, torch's 1-based t)."""
+    from typing import NamedTuple
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    class TorchAdamState(NamedTuple):
+        exp_avg: Any
+        exp_avg_sq: Any
+
+    def init(params: Any) -> TorchAdamState:
+        return TorchAdamState(jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates: Any, state: TorchAdamState, params: Any = None, *, hyper: Mapping[str, Any], **_: Any) -> Any:
+        m = jax.tree.map(lambda m, g: m + (1.0 - b1) * (g - m), state.exp_avg, updates)
+        v = jax.tree.map(lambda v, g: b2 * v + ((1.0 - b2) * g) * g, state.exp_avg_sq, updates)
+        step_size, bc2_sqrt = hyper["step_size"], hyper["bc2_sqrt"]
+        u = jax.tree.map(
+            lambda m, v: (-step_size).astype(m.dtype) * (m / (jnp.sqrt(v) / bc2_sqrt.astype(v.dtype) + eps)), m, v
+        )
+        return u, TorchAdamState(m, v)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def decoupled_weight_decay() -> Any:
+    """AdamW's ``p *= 1 - lr*wd`` as an additive update ``-(lr*wd) * p`` (``hyper["lr_wd"]``)."""
+    import jax
+    import optax
+
+    def update(updates: Any, state: Any, params: Any = None, *, hyper: Mapping[str, Any], **_: Any) -> Any:
+        s = -hyper["lr_wd"]
+        return jax.tree.map(lambda u, p: u + s.astype(p.dtype) * p, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def optimizer(config: TrainConfig) -> Any:
+    """The Optax transformation of a hal config (torch.optim semantics); its
+    ``update`` takes ``hyper=`` the scalars of :func:`hyper` for the step."""
+    import optax
+
+    o = config.optimizer
+    parts = []
+    if isinstance(o, SGD):
+        if o.weight_decay:
+            parts.append(optax.add_decayed_weights(o.weight_decay))  # g + wd*p, before momentum (coupled)
+        if o.momentum:
+            parts.append(optax.trace(decay=o.momentum, nesterov=o.nesterov))  # b = mu*b + g; nesterov g + mu*b
+        parts.append(scale_by_hyper("lr"))
+    else:
+        assert isinstance(o, Adam)
+        if o.weight_decay and not isinstance(o, AdamW):
+            parts.append(optax.add_decayed_weights(o.weight_decay))  # Adam: coupled L2
+        parts.append(scale_by_torch_adam(o.betas[0], o.betas[1], o.eps))
+        if o.weight_decay and isinstance(o, AdamW):
+            parts.append(decoupled_weight_decay())
+    return optax.chain(*parts)
+
+
+def hyper(config: TrainConfig, step: int) -> dict[str, float]:
+    """Step-dependent optimizer scalars of 0-based step ``step``, in float64 as torch computes them."""
+    o = config.optimizer
+    lr = config.lr(step)
+    if isinstance(o, SGD):
+        return {"lr": lr}
+    t = step + 1  # torch's state["step"] after its increment
+    h = {"step_size": lr / (1.0 - o.betas[0] ** t), "bc2_sqrt": math.sqrt(1.0 - o.betas[1] ** t)}
+    if isinstance(o, AdamW):
+        h["lr_wd"] = lr * o.weight_decay
+    return h
+
+
+# ---------------------------------------------------------------------------
+# the compiled programs, shared by executables of the same spec and config
+# ---------------------------------------------------------------------------
+
+_PROGRAMS: dict[tuple, Any] = {}
+_PROGRAMS_MAX = 32
+
+
+def programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
+    """The jitted programs of ``(spec, config, matmul)``, built once per process.
+
+    The learning rate and schedule are traced arguments, so executables that differ
+    only there (or in weights or device) share one set of jitted functions, hence
+    one XLA compile per argument shape (``jax.jit`` caches compiled code per function
+    object, shapes and devices): the parity harness, a notebook or a sweep compiles
+    the same model many times.
+    """
+    from dataclasses import replace
+
+    key = (spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0), matmul)
+    if key not in _PROGRAMS:
+        while len(_PROGRAMS) >= _PROGRAMS_MAX:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = _build_programs(spec, config, matmul)
+    return _PROGRAMS[key]
+
+
+def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
+    """The jitted train step, run_steps scan, gradients, training-mode forward,
+    BatchNorm folding and folded inference of one spec and config (traced on first call)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax import lax
+
+    net = flax_module(spec, config.precision, matmul)
+    fold = foldable(spec)
+    net_infer = flax_module(spec, config.precision, matmul, frozenset(fold))
+    tx = optimizer(config)
+    g, master = config.grad_accum, np.dtype(MASTER_DTYPE[config.precision])
+    cross_entropy = config.loss == "cross_entropy"
+    dropout = any(isinstance(n.op, S.Dropout) and n.op.rate > 0 for n in spec.nodes)
+    base_key = jax.random.key(0)  # dropout masks: fold_in(step), then fold_in(micro-batch)
+
+    def loss_value(out: Any, y: Any) -> Any:
+        out = out.astype(master)
+        if cross_entropy:
+            return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+        return jnp.mean(jnp.square(out - y))
+
+    def micro_loss(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool) -> Any:
+        rngs = {"dropout": key} if dropout else None
+        v = {"params": params, "batch_stats": stats}
+        if update:
+            out, new = net.apply(v, x, True, True, mutable=["batch_stats"], rngs=rngs)
+            stats = new.get("batch_stats", stats)
+        else:
+            out = net.apply(v, x, True, False, rngs=rngs)
+        return loss_value(out, y) / g, stats  # grads of loss/G summed over micro-batches, as torch
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def loss_grads(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool) -> Any:
+        """Mean loss and mean gradient over the G micro-batches; BatchNorm
+        statistics of each micro-batch, running statistics updated sequentially."""
+        if g == 1:
+            (loss, stats), grads = grad_fn(params, stats, x, y, jax.random.fold_in(key, 0), update)
+            return loss, grads, stats
+        xs, ys = x.reshape(g, -1, *x.shape[1:]), y.reshape(g, -1, *y.shape[1:])
+
+        def body(carry: Any, inp: Any) -> Any:
+            stats, gsum, lsum = carry
+            xi, yi, i = inp
+            (loss, stats), grads = grad_fn(params, stats, xi, yi, jax.random.fold_in(key, i), update)
+            return (stats, jax.tree.map(jnp.add, gsum, grads), lsum + loss), None
+
+        init = (stats, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), master))
+        (stats, grads, loss), _ = lax.scan(body, init, (xs, ys, jnp.arange(g)))
+        return loss, grads, stats
+
+    def train_step(params: Any, stats: Any, opt_state: Any, x: Any, y: Any, h: Any, step: Any) -> Any:
+        loss, grads, stats = loss_grads(params, stats, x, y, jax.random.fold_in(base_key, step), True)
+        updates, opt_state = tx.update(grads, opt_state, params, hyper=h)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    def run_steps(params: Any, stats: Any, opt_state: Any, xs: Any, ys: Any, hs: Any, steps: Any) -> Any:
+        def body(carry: Any, inp: Any) -> Any:
+            p, s, o, loss = train_step(*carry, *inp)
+            return (p, s, o), loss
+
+        (params, stats, opt_state), losses = lax.scan(body, (params, stats, opt_state), (xs, ys, hs, steps))
+        return params, stats, opt_state, losses
+
+    def grads_only(params: Any, stats: Any, x: Any, y: Any, key: Any) -> Any:
+        loss, grads, _ = loss_grads(params, stats, x, y, key, False)
+        return loss, grads
+
+    def forward_train(params: Any, stats: Any, x: Any, key: Any) -> Any:
+        rngs = {"dropout": key} if dropout else None
+        return net.apply({"params": params, "batch_stats": stats}, x, True, False, rngs=rngs).astype(master)
+
+    def fold_bn(params: Any, stats: Any) -> Any:
+        """Inference variables with each foldable BatchNorm folded into its conv."""
+        params, stats = dict(params), dict(stats)
+        for bn, conv in fold.items():
+            p, s = params.pop(bn), stats.pop(bn)
+            a = p["scale"] / jnp.sqrt(s["var"] + net.spec.node(bn).op.eps)
+            c = dict(params[conv])
+            bias = p["bias"] - s["mean"] * a
+            if "bias" in c:
+                bias = bias + c["bias"] * a
+            params[conv] = {"kernel": c["kernel"] * a, "bias": bias}
+        return {"params": params, "batch_stats": stats}
+
+    def infer(variables: Any, x: Any) -> Any:
+        return net_infer.apply(variables, x).astype(master)
+
+    return types.SimpleNamespace(
+        net=net, net_infer=net_infer, tx=tx, key=base_key,
+        train=jax.jit(train_step, donate_argnums=(0, 1, 2)),  # parameters, statistics, optimizer state
+        run=jax.jit(run_steps, donate_argnums=(0, 1, 2)),
+        grads=jax.jit(grads_only),
+        forward_train=jax.jit(forward_train),
+        fold=jax.jit(fold_bn),
+        infer=jax.jit(infer),
+    )
+
+
+# ---------------------------------------------------------------------------
+# the executable
+# ---------------------------------------------------------------------------
+
+
+class JaxExecutable(Executable):
+    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig) -> None:
+        import jax
+
+        super().__init__(spec, Target("jax", device), config)
+        self.device = _jax_device(device)
+        if config.precision not in PRECISIONS:
+            raise UnsupportedError(f"jax:{device}: {_precision_reason(config.precision)}")
+        if config.precision == "fp64" and self.device.platform == "tpu":
+            raise UnsupportedError(f"jax:{device}: TPUs have no float64 arithmetic; use fp32")
+        self.matmul_precision = matmul_precision()
+        self.x64 = config.precision == "fp64"
+        self.master = np.dtype(MASTER_DTYPE[config.precision])
+        bn_sizes = [math.prod(spec.in_shapes(n)[0][1:]) for n in spec.nodes if isinstance(n.op, S.BatchNorm)]
+        self._bn_min = min(bn_sizes) if bn_sizes else None
+        self._calls = 0  # counter for dropout keys of predict(training=True)
+        self._infer_vars: Any = None  # folded inference variables, rebuilt when weights change
+        with self._scope():
+            self.programs = programs(spec, config, self.matmul_precision)
+            self._key = self.programs.key
+            self.params: Any = None
+            self.load_weights(weights)
+            self.opt_state = jax.device_put(self.programs.tx.init(self.params), self.device)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _scope(self) -> Iterator[None]:
+        """float64 on for this executable's traces and calls only; device errors as hal errors."""
+        import jax
+
+        with contextlib.ExitStack() as stack:
+            if self.x64:
+                stack.enter_context(jax.enable_x64(True))
+            try:
+                yield
+            except Exception as exc:  # noqa: BLE001 - only device memory exhaustion is translated
+                if "RESOURCE_EXHAUSTED" in str(exc) or "Out of memory" in str(exc):
+                    raise InputError(
+                        f"{self.target}: out of device memory ({str(exc).splitlines()[0][:200]}); "
+                        "use a smaller batch or gradient accumulation"
+                    ) from None
+                raise
+
+    def _put(self, a: np.ndarray, dtype: Any = None) -> Any:
+        import jax
+
+        return jax.device_put(np.ascontiguousarray(a, dtype=dtype or self.master), self.device)
+
+    def _put_y(self, y: np.ndarray) -> Any:
+        return self._put(y, np.int32) if self.config.loss == "cross_entropy" else self._put(y)
+
+    def _check_bn(self, n: int) -> None:
+        if self._bn_min is not None and n * self._bn_min < 2:
+            raise InputError(
+                f"{self.target}: training-mode BatchNorm needs more than one value per channel; "
+                f"a (micro-)batch of {n} gives {n * self._bn_min} (use a batch of at least 2)"
+            )
+
+    def _hyper(self, steps: range, stacked: bool) -> dict[str, Any]:
+        """The optimizer scalars of ``steps`` on the device, one per step (``stacked``) or of one step."""
+        hs = [hyper(self.config, t) for t in steps]
+        return {k: self._put(np.array([h[k] for h in hs]) if stacked else np.array(hs[0][k])) for k in hs[0]}
+
+    def _variables(self) -> Any:
+        if self._infer_vars is None:
+            self._infer_vars = self.programs.fold(self.params, self.stats)
+        return self._infer_vars
+
+    # -- the surface -------------------------------------------------------------------
+
+    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        import jax
+
+        x = self.check_x(x)
+        with self._scope():
+            if training:
+                self._check_bn(len(x))
+                self._calls += 1
+                key = jax.random.fold_in(jax.random.fold_in(self._key, 2**31 - 1), self._calls)
+                out = self.programs.forward_train(self.params, self.stats, self._put(x), key)
+            else:
+                out = self.programs.infer(self._variables(), self._put(x))
+            return np.array(out)
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
+        import jax
+
+        x, y = self.check_xy(x, y)
+        self._check_bn(len(x) // self.config.grad_accum)
+        with self._scope():
+            key = jax.random.fold_in(self._key, self.step)
+            loss, grads = self.programs.grads(self.params, self.stats, self._put(x), self._put_y(y), key)
+            return float(loss), to_canonical(self.spec, jax.device_get(grads))
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        x, y = self.check_xy(x, y)
+        self._check_bn(len(x) // self.config.grad_accum)
+        with self._scope():
+            h, step = self._hyper(range(self.step, self.step + 1), False), np.asarray(self.step, np.int32)
+            self.params, self.stats, self.opt_state, loss = self.programs.train(
+                self.params, self.stats, self.opt_state, self._put(x), self._put_y(y), h, step
+            )
+            self.step += 1
+            self._infer_vars = None
+            return float(loss)
+
+    def run_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        if isinstance(xs, np.ndarray) and xs.ndim >= 2 and len(xs) == 0:
+            raise InputError(f"{self.target}: run_steps needs at least one step, got xs of shape {xs.shape}")
+        self.check_steps(xs, ys)
+        for x, y in zip(xs[1:], ys[1:]):  # check_steps checks the first; labels of every step must be in range
+            self.check_xy(x, y)
+        self._check_bn(xs.shape[1] // self.config.grad_accum)
+        n = len(xs)
+        with self._scope():
+            hs = self._hyper(range(self.step, self.step + n), True)
+            steps = np.arange(self.step, self.step + n, dtype=np.int32)
+            self.params, self.stats, self.opt_state, losses = self.programs.run(
+                self.params, self.stats, self.opt_state, self._put(xs), self._put_y(ys), hs, steps
+            )
+            self.step += n
+            self._infer_vars = None
+            return np.array(losses, dtype=np.float64)
+
+    def weights(self) -> Weights:
+        import jax
+
+        with self._scope():
+            params, stats = jax.device_get((self.params, self.stats))
+        return to_canonical(self.spec, params, stats)
+
+    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        import jax
+
+        w = check_weights(self.spec, weights)
+        with self._scope():
+            params, stats = to_flax(self.spec, w, self.master)
+            self.params, self.stats = jax.device_put((params, stats), self.device)
+        self._infer_vars = None
+
+
+def _jax_device(device: str) -> "jax.Device":
+    import jax
+
+    platform, _, index = device.partition(":")
+    try:
+        return jax.devices(platform)[int(index or 0)]
+    except (RuntimeError, IndexError, ValueError):
+        raise TargetError(f"jax has no device {device!r} here; devices: {JaxBackend.devices()}") from None
+
+
+def _precision_reason(precision: str) -> str:
+    if precision == "fp16":
+        return (
+            "fp16 mixed precision needs dynamic loss scaling, which the jax backend does not implement; "
+            "use bf16 (same speed on GPU/TPU, no loss scaling)"
+        )
+    return f"jax supports precisions {PRECISIONS}, not {precision!r}"
+
+
+class JaxBackend(Backend):
+    """JAX with Flax linen modules and Optax optimizers, XLA-compiled."""
+
+    name = "jax"
+    description = "JAX/Flax/Optax, one XLA program per step (CPU, GPU, TPU)"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        for module, dist in (("jax", "jax"), ("flax", "flax"), ("optax", "optax")):
+            a = package_availability(module, dist, INSTALL_HINT)
+            if not a.available:
+                return a
+        return package_availability("jax", "jax", INSTALL_HINT)
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        """``cpu``, ``gpu:N``, ``tpu:N``; JAX's default platform first (what ``jax`` alone means)."""
+        import jax
+
+        found: dict[str, list[str]] = {}
+        for platform in ("cpu", "gpu", "tpu"):
+            try:
+                devs = jax.devices(platform)
+            except Exception:  # noqa: BLE001 - no such platform, or its plugin failed to initialise
+                continue
+            found[platform] = ["cpu"] if platform == "cpu" else [f"{platform}:{i}" for i in range(len(devs))]
+        default = jax.default_backend()
+        default = "gpu" if default in ("cuda", "rocm") else default
+        order = sorted(found, key=lambda p: p != default)
+        return [d for p in order for d in found[p]]
+
+    @classmethod
+    def resolve_device(cls, device: str) -> str:
+        if device in ("cpu:0",):
+            device = "cpu"
+        return super().resolve_device(device)
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(precisions=PRECISIONS)
+
+    @classmethod
+    def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
+        out = super().unsupported(spec, config)
+        if "config" in out and config is not None:
+            out["config"] = _precision_reason(config.precision)
+        return out
+
+    @classmethod
+    def compile(cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig) -> Executable:
+        return JaxExecutable(spec, weights, device, config)

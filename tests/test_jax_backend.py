@@ -1,0 +1,474 @@
+"""The JAX backend (Flax linen + Optax): parity with the float64 numpy reference
+and with torch.optim trajectories, gradient accumulation semantics, weight
+round trips, precisions and the errors users can cause.
+
+Exact-semantics checks run the jax backend in float64 against ``torch:cpu`` in
+float64 (any difference of rule — momentum form, bias correction, eps placement,
+weight-decay coupling, BatchNorm momentum or variance — shows up as an error many
+orders of magnitude above float64 rounding); float32 checks use the parity
+tolerances of :mod:`hal.parity` from the measured float32 floor.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax", reason="the jax backend needs jax, flax and optax: pip install 'hal-cnn[jax]'")
+pytest.importorskip("flax", reason="the jax backend needs flax: pip install 'hal-cnn[jax]'")
+pytest.importorskip("optax", reason="the jax backend needs optax: pip install 'hal-cnn[jax]'")
+
+import hal  # noqa: E402
+import hal.models  # noqa: E402
+import hal.testing  # noqa: E402
+from hal.backends.jax import JaxBackend, JaxExecutable  # noqa: E402
+from hal.backends.numpy import NumpyExecutable  # noqa: E402
+from hal.errors import ConfigError, InputError, TargetError, UnsupportedError, WeightsError  # noqa: E402
+from hal.parity import make_batch, normalised_error, tensors_error, tolerance  # noqa: E402
+from hal.training import SGD, Adam, AdamW, Cosine, StepDecay, TrainConfig  # noqa: E402
+
+HAS_TORCH = hal.get_backend("torch").availability().available
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch:cpu is the float64 autodiff and torch.optim reference")
+EXACT = 1e-9  # float64 vs float64: semantic differences are >> this, rounding << this
+
+
+def tiny_bn(in_ch: int = 3, size: int = 8, classes: int = 5) -> hal.ModelSpec:
+    b = hal.SpecBuilder("tiny_bn")
+    x = b.input((in_ch, size, size))
+    x = b.relu(b.batch_norm(b.conv(x, 4, 3, padding="same", bias=False, name="c1"), name="bn1", momentum=0.2))
+    # no conv bias before a BatchNorm: its true gradient is 0, and Adam turns the rounding
+    # noise of a zero gradient into lr-sized steps of random sign (chaotic, on any backend)
+    x = b.relu(b.batch_norm(b.conv(x, 6, 3, stride=2, padding="same", bias=False, name="c2"), name="bn2"))
+    return b.build(b.dense(b.global_avg_pool(x), classes, name="fc"))
+
+
+def tiny_plain(size: int = 8, classes: int = 5) -> hal.ModelSpec:
+    b = hal.SpecBuilder("tiny_plain")
+    x = b.input((3, size, size))
+    x = b.activation(b.conv(x, 6, 3, padding=1, name="c1"), "tanh")
+    x = b.avg_pool(x, 2, name="p")
+    x = b.flatten(x, name="flat")
+    return b.build(b.dense(x, classes, name="fc"))
+
+
+def floor_of(spec: hal.ModelSpec, w: dict, x: np.ndarray, training: bool) -> float:
+    """The measured float32 rounding floor (float32 numpy vs float64 numpy), as hal.parity does."""
+    cfg = TrainConfig()
+    ref = NumpyExecutable(spec, w, cfg).predict(x, training)
+    f32 = NumpyExecutable(spec, w, cfg, "float32").predict(x, training)
+    return normalised_error(f32, ref)[1]
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return normalised_error(a, b)[1]
+
+
+def weights_rel(a: dict, b: dict) -> float:
+    return tensors_error(a, b)[1]
+
+
+def steps_of(x: np.ndarray, y: np.ndarray, n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """n different batches shaped like (x, y)."""
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((n, *x.shape)).astype(np.float32)
+    ys = np.stack([rng.permutation(y) for _ in range(n)])
+    return xs, ys
+
+
+# ---------------------------------------------------------------------------
+# backend facts
+# ---------------------------------------------------------------------------
+
+
+def test_importing_the_backend_imports_no_framework() -> None:
+    code = (
+        "import sys, hal, hal.backends.jax, hal.registry; "
+        "hal.registry.backend_names(); hal.get_backend('jax').availability(); "
+        "bad = [m for m in ('jax', 'flax', 'optax', 'jaxlib') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_availability_devices_capabilities() -> None:
+    assert JaxBackend.availability().available
+    devices = JaxBackend.devices()
+    assert "cpu" in devices
+    assert JaxBackend.resolve_device("cpu") == "cpu"
+    assert set(JaxBackend.capabilities().precisions) == {"fp32", "fp64", "bf16"}
+    assert "jax" in hal.backend_names() and str(hal.registry.resolve("jax")[1]) == f"jax:{devices[0]}"
+    spec = tiny_bn()
+    why = JaxBackend.unsupported(spec, TrainConfig(precision="fp16"))
+    assert "loss scaling" in why["config"]
+    assert JaxBackend.unsupported(spec, TrainConfig()) == {}
+    with pytest.raises(UnsupportedError, match="loss scaling"):
+        hal.compile(spec, "jax:cpu", config=TrainConfig(precision="fp16"))
+
+
+# ---------------------------------------------------------------------------
+# forward parity with the float64 reference
+# ---------------------------------------------------------------------------
+
+FORWARD_MODELS = {
+    "small_cnn": lambda: hal.models.get("small_cnn"),
+    "resnet18_32": lambda: hal.models.get("resnet18", num_classes=10, input_size=32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_MODELS))
+def test_forward_matches_float64_reference(name: str) -> None:
+    spec = FORWARD_MODELS[name]()
+    w = hal.init_weights(spec, seed=3)
+    # non-trivial BatchNorm statistics, so that inference exercises the folded path
+    rng = np.random.default_rng(0)
+    for k in w:
+        if k.endswith("running_mean"):
+            w[k] = rng.normal(0, 0.2, w[k].shape).astype(np.float32)
+        elif k.endswith("running_var"):
+            w[k] = rng.uniform(0.5, 2.0, w[k].shape).astype(np.float32)
+    x, _ = make_batch(spec, 4, "cross_entropy", seed=1)
+    exe = hal.compile(spec, "jax:cpu", w)
+    ref = NumpyExecutable(spec, w, TrainConfig())
+    for training in (False, True):
+        out = exe.predict(x, training=training)
+        assert out.dtype == np.float32 and out.shape == (4, *spec.output_shape)
+        err, tol = rel(out, ref.predict(x, training)), tolerance(floor_of(spec, w, x, training))
+        assert err <= tol, f"{name} training={training}: normalised error {err:.2e} > tolerance {tol:.2e}"
+    # the training-mode forward updates nothing
+    hal.testing.assert_weights_equal(exe.weights(), {k: v.astype(np.float32) for k, v in w.items()})
+
+
+def test_ops_1d_3d_grouped_dilated_asymmetric_pools_and_spatial_mse() -> None:
+    """Every op variant the spec allows: the float32 inference forward against the numpy
+    reference, the float64 training-mode loss and gradients against torch float64 autodiff."""
+    for nd, size in ((1, 11), (3, 6)):
+        b = hal.SpecBuilder(f"ops{nd}d")
+        x = b.input((4, *(size,) * nd))
+        y = b.conv(x, 6, 3, stride=1, padding=[(2, 0)] * nd, dilation=2, groups=2, name="gconv")
+        y = b.batch_norm(y, name="bn")
+        y = b.max_pool(y, 3, stride=2, padding=[(0, 2)] * nd, name="mp")  # -inf padding must never win
+        y = b.activation(y, "leaky_relu", alpha=0.2)
+        z = b.avg_pool(y, 2, stride=1, padding=[(1, 0)] * nd, count_include_pad=True, name="ap_in")
+        z2 = b.avg_pool(y, 2, stride=1, padding=[(1, 0)] * nd, count_include_pad=False, name="ap_ex")
+        y = b.concat(z, z2, name="cat")
+        y = b.activation(b.conv(y, 3, 1, name="head"), "gelu")  # exact (erf) gelu, spatial output
+        spec = b.build(y)
+        w = hal.init_weights(spec, seed=1)
+        cfg = TrainConfig(loss="mse")
+        x, t = make_batch(spec, 3, "mse", seed=2)
+        x = x - 3.0  # mostly negative inputs: max-pool windows in padding see only negatives
+        exe = hal.compile(spec, "jax:cpu", w, cfg)
+        ref = NumpyExecutable(spec, w, cfg)
+        err, tol = rel(exe.predict(x), ref.predict(x)), tolerance(floor_of(spec, w, x, False))
+        assert err <= tol, f"{nd}-d: {err:.2e} > {tol:.2e}"
+        if HAS_TORCH:  # training-mode forward and backward, float64 against float64
+            f64 = replace(cfg, precision="fp64")
+            loss, grads = hal.compile(spec, "jax:cpu", w, f64).loss_and_grads(x, t)
+            t_loss, t_grads = hal.compile(spec, "torch:cpu", w, f64).loss_and_grads(x, t)
+            assert abs(loss - t_loss) <= EXACT * abs(t_loss)
+            assert weights_rel(grads, t_grads) <= EXACT
+
+
+# ---------------------------------------------------------------------------
+# gradients vs float64 autodiff
+# ---------------------------------------------------------------------------
+
+
+@needs_torch
+def test_loss_and_grads_float64_equal_torch_float64() -> None:
+    """Same rules, same arithmetic precision: loss and every gradient agree to float64
+    rounding (the float32 comparison is in the parity-harness test below)."""
+    spec = hal.models.get("small_cnn")
+    w = hal.init_weights(spec, seed=0)
+    x, y = make_batch(spec, 4, "cross_entropy", seed=0)
+    cfg = TrainConfig(precision="fp64")
+    t_loss, t_grads = hal.compile(spec, "torch:cpu", w, cfg).loss_and_grads(x, y)
+    exe = hal.compile(spec, "jax:cpu", w, cfg)
+    loss, grads = exe.loss_and_grads(x, y)
+    assert set(grads) == set(spec.trainable())
+    assert all(grads[k].shape == w[k].shape and grads[k].dtype == np.float64 for k in grads)
+    assert abs(loss - t_loss) <= EXACT * abs(t_loss)
+    assert weights_rel(grads, t_grads) <= EXACT
+    hal.testing.assert_weights_equal(exe.weights(), {k: v.astype(np.float64) for k, v in w.items()})  # no update
+
+
+# ---------------------------------------------------------------------------
+# optimizers and schedules: torch.optim semantics
+# ---------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd_momentum": TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9)),
+    "sgd_nesterov_wd": TrainConfig(optimizer=SGD(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
+    "sgd_plain_stepdecay": TrainConfig(optimizer=SGD(lr=0.1, weight_decay=1e-3), schedule=StepDecay(2, 0.5)),
+    "adam_l2": TrainConfig(optimizer=Adam(lr=0.01, betas=(0.8, 0.99), weight_decay=0.05)),
+    "adamw": TrainConfig(optimizer=AdamW(lr=0.01, weight_decay=0.1)),
+    "adamw_cosine_warmup": TrainConfig(
+        optimizer=AdamW(lr=0.02, weight_decay=0.05), schedule=Cosine(total_steps=5, warmup_steps=2, warmup_start=0.1)
+    ),
+    "sgd_cosine_warmup": TrainConfig(
+        optimizer=SGD(lr=0.1, momentum=0.9), schedule=Cosine(total_steps=4, warmup_steps=2, min_factor=0.1)
+    ),
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_trajectory_float64_is_torch_optim_exactly(name: str) -> None:
+    """5 steps (losses, weights, BatchNorm buffers) vs torch.optim, both float64."""
+    spec = tiny_bn()
+    cfg = replace(OPTIMIZERS[name], precision="fp64")
+    w = hal.init_weights(spec, seed=4)
+    x, y = make_batch(spec, 6, "cross_entropy", seed=4)
+    xs, ys = steps_of(x, y, 5)
+    jexe, texe = hal.compile(spec, "jax:cpu", w, cfg), hal.compile(spec, "torch:cpu", w, cfg)
+    jl, tl = jexe.run_steps(xs, ys), texe.run_steps(xs, ys)
+    assert jexe.step == texe.step == 5
+    assert rel(jl, tl) <= EXACT, (jl, tl)
+    jw, tw = jexe.weights(), texe.weights()
+    assert all(jw[k].dtype == np.float64 for k in jw)
+    assert weights_rel(jw, tw) <= EXACT, tensors_error(jw, tw)
+    moved = weights_rel(tw, {k: v.astype(np.float64) for k, v in w.items()})
+    assert moved > 1e-3  # the check can see a difference
+
+
+@needs_torch
+@pytest.mark.parametrize("name", ["sgd_momentum", "sgd_nesterov_wd", "adamw_cosine_warmup"])
+def test_trajectory_float32_vs_torch_parity_harness(name: str) -> None:
+    """5 float32 steps vs the float64 torch.optim run, at hal.parity's calibrated tolerance."""
+    hal.testing.assert_parity(tiny_bn(), "jax:cpu", checks=("trajectory",), batch=8, steps=5, config=OPTIMIZERS[name])
+
+
+@needs_torch
+def test_small_cnn_parity_harness() -> None:
+    """small_cnn (every op): forward, training forward, grads, 3 SGD-momentum steps."""
+    hal.testing.assert_parity(hal.models.get("small_cnn"), "jax:cpu", batch=4, steps=3)
+
+
+def test_optax_transforms_match_torch_optim_on_raw_tensors() -> None:
+    """The Optax chains alone (no model), 8 steps with a warm-up cosine schedule, float64."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import optax
+
+    from hal.backends.jax import hyper, optimizer
+    from hal.backends.torch import make_optimizer
+
+    rng = np.random.default_rng(0)
+    p0 = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(8)]
+    sched = Cosine(total_steps=8, warmup_steps=3, warmup_start=0.2)
+    with jax.enable_x64(True):
+        for opt in OPTIMIZERS.values():
+            cfg = TrainConfig(optimizer=opt.optimizer, schedule=sched)
+            tp = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
+            topt = make_optimizer(tp.values(), cfg)
+            tx = optimizer(cfg)
+            jp = jax.tree.map(jax.numpy.asarray, p0)
+            state = tx.init(jp)
+            for t, g in enumerate(grads):
+                for k in tp:
+                    tp[k].grad = torch.tensor(g[k])
+                for group in topt.param_groups:
+                    group["lr"] = cfg.lr(t)
+                topt.step()
+                h = {k: jax.numpy.asarray(v) for k, v in hyper(cfg, t).items()}
+                u, state = tx.update(jax.tree.map(jax.numpy.asarray, g), state, jp, hyper=h)
+                jp = optax.apply_updates(jp, u)
+            for k in tp:
+                np.testing.assert_allclose(np.asarray(jp[k]), tp[k].detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# gradient accumulation
+# ---------------------------------------------------------------------------
+
+
+def test_grad_accum_without_batchnorm_equals_one_big_batch() -> None:
+    spec = tiny_plain()
+    w = hal.init_weights(spec, seed=6)
+    x, y = make_batch(spec, 16, "cross_entropy", seed=6)
+    cfg = TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9))
+    one, four = hal.compile(spec, "jax:cpu", w, cfg), hal.compile(spec, "jax:cpu", w, replace(cfg, grad_accum=4))
+    l1, l4 = one.train_step(x, y), four.train_step(x, y)
+    assert abs(l1 - l4) <= 1e-6 * abs(l1)
+    # w - lr * mean gradient: equal weights after the step mean equal (averaged) gradients
+    assert weights_rel(four.weights(), one.weights()) <= 1e-6
+    assert weights_rel(four.weights(), w) > 1e-3
+
+
+@needs_torch
+def test_grad_accum_with_batchnorm_uses_micro_batch_statistics_like_torch() -> None:
+    spec = tiny_bn()
+    w = hal.init_weights(spec, seed=7)
+    x, y = make_batch(spec, 16, "cross_entropy", seed=7)
+    cfg = TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9), grad_accum=4, precision="fp64")
+    jexe, texe = hal.compile(spec, "jax:cpu", w, cfg), hal.compile(spec, "torch:cpu", w, cfg)
+    jl, jg = jexe.loss_and_grads(x, y)
+    tl, tg = texe.loss_and_grads(x, y)
+    assert abs(jl - tl) <= EXACT * abs(tl) and weights_rel(jg, tg) <= EXACT
+    assert abs(jexe.train_step(x, y) - texe.train_step(x, y)) <= EXACT * abs(tl)
+    assert weights_rel(jexe.weights(), texe.weights()) <= EXACT  # running stats: 4 sequential updates
+    # and it is not the same as one batch of 16 (the check discriminates)
+    big = hal.compile(spec, "jax:cpu", w, replace(cfg, grad_accum=1))
+    assert weights_rel(big.loss_and_grads(x, y)[1], jg) > 1e-4
+
+
+# ---------------------------------------------------------------------------
+# weights, steps, state
+# ---------------------------------------------------------------------------
+
+
+@needs_torch
+def test_weights_round_trip_torch_canonical_jax_is_bit_exact() -> None:
+    spec = hal.models.get("small_cnn")
+    x, y = make_batch(spec, 4, "cross_entropy", seed=8)
+    texe = hal.compile(spec, "torch:cpu", config=TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9)))
+    texe.train_step(x, y)  # non-trivial BatchNorm buffers and parameters
+    canonical = texe.weights()
+    jexe = hal.compile(spec, "jax:cpu", canonical)
+    hal.testing.assert_weights_equal(jexe.weights(), canonical)
+    other = hal.compile(spec, "jax:cpu", seed=1)
+    other.load_weights(canonical)
+    back = other.weights()
+    hal.testing.assert_weights_equal(back, canonical)
+    assert all(back[k].flags["C_CONTIGUOUS"] for k in back)
+    texe.load_weights(back)
+    hal.testing.assert_weights_equal(texe.weights(), canonical)
+
+
+def test_run_steps_equals_train_steps_and_predict_sees_updates() -> None:
+    spec = tiny_bn()
+    w = hal.init_weights(spec, seed=9)
+    x, y = make_batch(spec, 8, "cross_entropy", seed=9)
+    xs, ys = steps_of(x, y, 3)
+    cfg = TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9), schedule=StepDecay(1, 0.5))
+    a, b = hal.compile(spec, "jax:cpu", w, cfg), hal.compile(spec, "jax:cpu", w, cfg)
+    before = a.predict(x)
+    la = np.concatenate([[a.train_step(xs[0], ys[0])], a.run_steps(xs[1:], ys[1:])])  # the step count carries over
+    lb = np.array([b.train_step(xi, yi) for xi, yi in zip(xs, ys)])
+    assert la.dtype == np.float64 and la.shape == (3,) and a.step == b.step == 3
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    assert weights_rel(a.weights(), b.weights()) <= 1e-5
+    after = a.predict(x)  # the folded inference copy is rebuilt after training
+    ref = NumpyExecutable(spec, a.weights(), cfg).predict(x)
+    assert rel(after, ref) <= 1e-5 and rel(after, before) > 1e-3
+
+
+def test_fp64_stays_inside_its_executable() -> None:
+    import jax
+
+    spec = tiny_bn()
+    exe = hal.compile(spec, "jax:cpu", config=TrainConfig(precision="fp64"))
+    x, y = make_batch(spec, 4, "cross_entropy")
+    assert exe.predict(x).dtype == np.float64
+    exe.train_step(x, y)
+    assert all(v.dtype == np.float64 for v in exe.weights().values())
+    assert not jax.config.jax_enable_x64
+    assert jax.numpy.ones(2).dtype == np.float32
+
+
+def test_bf16_mixed_precision() -> None:
+    spec = tiny_bn()
+    w = hal.init_weights(spec)
+    x, y = make_batch(spec, 4, "cross_entropy")
+    exe = hal.compile(spec, "jax:cpu", w, TrainConfig(precision="bf16"))
+    out = exe.predict(x)
+    assert out.dtype == np.float32
+    assert rel(out, NumpyExecutable(spec, w, TrainConfig()).predict(x)) <= tolerance(floor_of(spec, w, x, False), "bf16")
+    assert np.isfinite(exe.train_step(x, y))
+    assert all(v.dtype == np.float32 for v in exe.weights().values())  # float32 master weights
+
+
+def test_dropout_is_identity_in_inference_and_random_in_training() -> None:
+    b = hal.SpecBuilder("drop")
+    x = b.flatten(b.relu(b.conv(b.input((3, 6, 6)), 4, 3, name="c")))
+    spec = b.build(b.dense(b.dropout(x, 0.5, name="drop"), 3, name="fc"))
+    w = hal.init_weights(spec)
+    x, y = make_batch(spec, 4, "cross_entropy")
+    exe = hal.compile(spec, "jax:cpu", w)
+    ref = NumpyExecutable(spec, w, TrainConfig()).predict(x)
+    assert rel(exe.predict(x), ref) <= 1e-5
+    t1, t2 = exe.predict(x, training=True), exe.predict(x, training=True)
+    assert not np.allclose(t1, t2)
+    assert np.isfinite(exe.train_step(x, y))
+
+
+def test_matmul_precision_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = tiny_plain()
+    assert hal.compile(spec, "jax:cpu").matmul_precision == "highest"
+    monkeypatch.setenv("HAL_JAX_MATMUL_PRECISION", "default")
+    exe = hal.compile(spec, "jax:cpu")
+    assert exe.matmul_precision == "default"
+    x, _ = make_batch(spec, 2, "cross_entropy")
+    assert rel(exe.predict(x), NumpyExecutable(spec, hal.init_weights(spec), TrainConfig()).predict(x)) < 1e-4
+    monkeypatch.setenv("HAL_JAX_MATMUL_PRECISION", "fastest")
+    with pytest.raises(ConfigError, match="HAL_JAX_MATMUL_PRECISION"):
+        hal.compile(spec, "jax:cpu")
+
+
+# ---------------------------------------------------------------------------
+# errors users can cause
+# ---------------------------------------------------------------------------
+
+
+def test_user_errors_are_hal_errors() -> None:
+    spec = tiny_bn()
+    exe = hal.compile(spec, "jax:cpu", config=TrainConfig(grad_accum=2))
+    x, y = make_batch(spec, 4, "cross_entropy")
+    assert isinstance(exe, JaxExecutable)
+    with pytest.raises(InputError, match=r"shape \(N, 3, 8, 8\)"):
+        exe.predict(x[:, :2])
+    with pytest.raises(InputError, match="shape"):
+        exe.predict(x[0])
+    with pytest.raises(InputError, match="floating-point"):
+        exe.predict(x.astype(np.int32))
+    with pytest.raises(InputError, match="numpy array"):
+        exe.predict(x.tolist())
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 5\)"):
+        exe.train_step(x, y + 5)
+    with pytest.raises(InputError, match="integers"):
+        exe.loss_and_grads(x, y.astype(np.float32))
+    with pytest.raises(InputError, match="divisible by grad_accum"):
+        exe.train_step(x[:3], y[:3])
+    bad = np.stack([y, y])
+    bad[1, 0] = 7  # only a later step is wrong: still caught, before anything runs
+    with pytest.raises(InputError, match="labels"):
+        exe.run_steps(np.stack([x, x]), bad)
+    assert exe.step == 0
+    with pytest.raises(InputError, match="at least one step"):
+        exe.run_steps(np.zeros((0, *x.shape), np.float32), np.zeros((0, *y.shape), np.int64))
+    b = hal.SpecBuilder("bn_1x1")
+    one_pixel = b.build(b.batch_norm(b.conv(b.input((3, 2, 2)), 4, 2), name="bn"))  # BatchNorm sees 1x1 maps
+    single = hal.compile(one_pixel, "jax:cpu", config=TrainConfig(loss="mse"))
+    with pytest.raises(InputError, match="more than one value per channel"):
+        single.train_step(x[:1, :, :2, :2], np.zeros((1, 4, 1, 1), np.float32))
+    with pytest.raises(InputError, match="more than one value per channel"):
+        single.predict(x[:1, :, :2, :2], training=True)
+    with pytest.raises(TargetError, match="no device 'tpu:3'"):
+        hal.compile(spec, "jax:tpu:3")
+    with pytest.raises(TargetError, match="no device"):
+        hal.compile(spec, "jax:quantum")
+    if "gpu:0" not in JaxBackend.devices():
+        with pytest.raises(TargetError, match="devices: "):
+            hal.compile(spec, "jax:gpu")
+    w = hal.init_weights(spec)
+    del w["bn1.running_var"]
+    with pytest.raises(WeightsError, match="bn1.running_var"):
+        exe.load_weights(w)
+
+
+# ---------------------------------------------------------------------------
+# slow: the full parity harness on a ResNet
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_torch
+def test_resnet18_full_parity_harness() -> None:
+    spec = hal.models.get("resnet18", num_classes=10, input_size=32)
+    report = hal.testing.assert_parity(spec, "jax:cpu", batch=4, steps=3)
+    print(report.table())
