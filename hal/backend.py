@@ -205,9 +205,13 @@ class Executable(ABC):
         return x, y
 
     def check_steps(self, xs: object, ys: object) -> None:
-        if not isinstance(xs, np.ndarray) or not isinstance(ys, np.ndarray) or xs.ndim < 2 or len(xs) != len(ys):
-            raise InputError(f"{self.target}: run_steps takes stacked batches xs (S, N, ...) and ys (S, N, ...) of equal S")
-        self.check_xy(xs[0], ys[0])
+        if (not isinstance(xs, np.ndarray) or not isinstance(ys, np.ndarray) or xs.ndim < 2 or ys.ndim < 1
+                or len(xs) != len(ys) or len(xs) == 0):
+            raise InputError(
+                f"{self.target}: run_steps takes stacked batches xs (S, N, ...) and ys (S, N, ...) with the same S >= 1"
+            )
+        for x, y in zip(xs, ys):
+            self.check_xy(x, y)
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

@@ -240,6 +240,7 @@ def load_native(backend: str, model: str, num_classes: int, device: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"hal_bench_native_{backend}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclass/flax annotation lookups need the module registered
     spec.loader.exec_module(module)
     return module.build(model, num_classes, device)
 
