@@ -7,12 +7,14 @@ from typing import Any, Callable
 
 from hal.errors import SpecError
 from hal.spec import ModelSpec
+from hal.models.conductivity import conductivity_cnn
 from hal.models.resnet import resnet
 from hal.models.small_cnn import small_cnn
 
 ZOO: dict[str, Callable[..., ModelSpec]] = {
     **{f"resnet{d}": partial(resnet, d) for d in (18, 34, 50, 101, 152)},
     "small_cnn": small_cnn,
+    "conductivity_cnn": conductivity_cnn,
 }
 
 
@@ -26,4 +28,4 @@ def get(name: str, **kwargs: Any) -> ModelSpec:
         raise SpecError(f"bad arguments for model {name!r}: {exc}") from None
 
 
-__all__ = ["ZOO", "get", "resnet", "small_cnn"]
+__all__ = ["ZOO", "conductivity_cnn", "get", "resnet", "small_cnn"]

@@ -1,0 +1,433 @@
+"""Train the conductivity CNN on any target, or on several to compare them: ``hal train conductivity``.
+
+Data and preprocessing
+----------------------
+* Inputs are the 0/1 phase labels as they are. No standardisation: the first
+  convolution has no bias and feeds BatchNorm, which absorbs any affine rescaling
+  of the input, and zero padding then reads as the insulating phase.
+* Targets: ``y`` (normalised effective conductivity) goes through ``transform``
+  (``plain``, ``sqrt`` or ``log``: ``log(y + LOG_OFFSET)``, since a
+  non-percolating sample has ``y = 0``) and is standardised with the mean and
+  standard deviation of the training split. Predictions are mapped back and
+  clipped at 0; R² and MAE are on the original ``y`` scale, on the test split.
+  The report's ``training.target_scaler`` holds what the saved weights need to be used.
+  ``sqrt`` is the default, for the measurements in
+  ``bench/results/conductivity/README.md``.
+
+Training
+--------
+MSE loss, AdamW (``weight_decay`` decoupled), cosine schedule with a one-epoch
+linear warm-up, by optimizer step. Every target is compiled with the same seed,
+so it starts from the same initial weights (``hal.init_weights``), and sees the
+same batches in the same order: epoch ``e`` visits the training split in the
+order ``default_rng([seed, e]).permutation``, dropping the last partial batch so
+every step has the same batch shape. By default one ``Executable.run_steps``
+call runs an epoch; ``steps_per_call`` splits it, and 1 calls ``train_step`` per
+step (on jax:cpu ``run_steps`` measured 10-20x slower than ``train_step``, see
+``bench/results/conductivity/README.md``). After each epoch the validation loss
+(the same MSE, BatchNorm in inference mode) is recorded.
+
+Timing: ``train_seconds`` is the wall time of all training calls (compile and
+tracing included); ``samples_per_s`` counts epochs after the first only, so it
+is the steady rate without the first call's compile. On a busy 2-core machine
+``--threads 1`` trained torch:cpu 16x faster than torch's default two threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import numbers
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+import hal
+from hal.backend import Weights
+from hal.errors import ConfigError, HalError, UnsupportedError
+from hal.models.conductivity.cnn import conductivity_cnn
+from hal.models.conductivity.dataset import ConductivityDataset, build_dataset
+from hal.registry import resolve
+from hal.spec import ModelSpec
+from hal.table import markdown, render
+from hal.training import AdamW, Cosine, TrainConfig
+from hal.weights import atomic_write, save_weights
+
+TRANSFORMS = ("plain", "sqrt", "log")
+LOG_OFFSET = 0.01
+DEFAULT_CACHE = Path(".hal-cache") / "conductivity"
+DEFAULT_OUT = Path("bench") / "results" / "conductivity"
+EVAL_BATCH = 256
+WEIGHT_DECAY = 1e-4
+
+
+@dataclass(frozen=True)
+class TargetScaler:
+    """``y -> (transform(y) - mean) / std`` and back (clipped at 0)."""
+
+    transform: str
+    mean: float
+    std: float
+
+    @classmethod
+    def fit(cls, transform: str, y: np.ndarray) -> "TargetScaler":
+        """Mean and standard deviation of the transformed training targets."""
+        if transform not in TRANSFORMS:
+            raise ConfigError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+        t = _forward(transform, y)
+        return cls(transform, float(t.mean()), float(t.std()) or 1.0)
+
+    def encode(self, y: np.ndarray) -> np.ndarray:
+        """Training targets of shape ``(N, 1)``, float32."""
+        return ((_forward(self.transform, y) - self.mean) / self.std).astype(np.float32)[:, None]
+
+    def decode(self, out: np.ndarray) -> np.ndarray:
+        """Network outputs ``(N, 1)`` to conductivities ``(N,)``."""
+        t = np.asarray(out, np.float64).reshape(-1) * self.std + self.mean
+        if self.transform == "sqrt":
+            y = np.square(np.maximum(t, 0.0))
+        elif self.transform == "log":
+            y = np.exp(t) - LOG_OFFSET
+        else:
+            y = t
+        return np.maximum(y, 0.0)
+
+
+def _forward(transform: str, y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, np.float64)
+    if transform == "sqrt":
+        return np.sqrt(y)
+    if transform == "log":
+        return np.log(y + LOG_OFFSET)
+    return y
+
+
+@dataclass
+class TrainResult:
+    """One target's run: curves, test accuracy, timing and final weights."""
+
+    target: str
+    train_loss: list[float]  # mean training loss per epoch (standardised target space)
+    val_loss: list[float]  # validation loss after each epoch
+    y_true: np.ndarray  # test split, original scale
+    y_pred: np.ndarray
+    r2: float
+    mae: float
+    train_seconds: float
+    first_epoch_seconds: float
+    samples_per_s: float
+    weights: Weights = field(repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures (no arrays but the curves)."""
+        keep = ("target", "r2", "mae", "train_seconds", "first_epoch_seconds", "samples_per_s",
+                "train_loss", "val_loss")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot``."""
+    ss_tot = float(np.sum(np.square(y_true - np.mean(y_true))))
+    return 1.0 - float(np.sum(np.square(y_true - y_pred))) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def train_config(lr: float, weight_decay: float, epochs: int, steps_per_epoch: int) -> TrainConfig:
+    """MSE, AdamW, cosine decay to 0 after a one-epoch linear warm-up."""
+    total = epochs * steps_per_epoch
+    warmup = steps_per_epoch if epochs > 1 else 0
+    return TrainConfig(loss="mse", optimizer=AdamW(lr=lr, weight_decay=weight_decay),
+                       schedule=Cosine(total_steps=total, warmup_steps=warmup))
+
+
+def train_conductivity(
+    data: ConductivityDataset,
+    target: str,
+    *,
+    spec: ModelSpec | None = None,
+    epochs: int = 30,
+    batch: int = 32,
+    lr: float = 3e-3,
+    weight_decay: float = WEIGHT_DECAY,
+    transform: str = "sqrt",
+    seed: int = 0,
+    steps_per_call: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``spec`` (default: :func:`conductivity_cnn` for the data's grid) on ``target``.
+
+    Deterministic batches and initial weights from ``seed``: the same for every target.
+    ``steps_per_call`` optimizer steps go to one ``run_steps`` call (0: a whole epoch; 1: ``train_step``).
+    """
+    x, splits = data.x, data.splits
+    spec = spec or conductivity_cnn(dims=x.ndim - 2, size=x.shape[2:])
+    _check_int("epochs", epochs)
+    _check_int("batch", batch)
+    _check_int("steps_per_call", steps_per_call, low=0)
+    if not (isinstance(lr, numbers.Real) and lr > 0):
+        raise ConfigError(f"lr must be a number > 0, got {lr!r}")
+    if not all(len(splits[s]) for s in ("val", "test")):
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        raise ConfigError(f"the validation and test splits must not be empty ({sizes}): use more samples")
+    train_idx = splits["train"]
+    steps = len(train_idx) // batch
+    if steps < 1:
+        raise ConfigError(f"batch {batch} is larger than the training split ({len(train_idx)} samples)")
+    chunk = steps_per_call or steps
+    scaler = TargetScaler.fit(transform, data.y[train_idx])
+    t_all = scaler.encode(data.y)
+    exe = hal.compile(spec, target, config=train_config(lr, weight_decay, epochs, steps), seed=seed)
+    train_loss, val_loss, seconds = [], [], []
+    x_val, t_val = x[splits["val"]], t_all[splits["val"]]
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(train_idx)[: steps * batch]
+        xs = x[order].reshape(steps, batch, *x.shape[1:])
+        ys = t_all[order].reshape(steps, batch, 1)
+        start = time.perf_counter()
+        if chunk == 1:
+            losses = np.array([exe.train_step(xb, yb) for xb, yb in zip(xs, ys)])
+        else:
+            losses = np.concatenate([exe.run_steps(xs[i:i + chunk], ys[i:i + chunk]) for i in range(0, steps, chunk)])
+        seconds.append(time.perf_counter() - start)
+        train_loss.append(float(np.mean(losses)))
+        val_loss.append(float(np.mean(np.square(_predict(exe, x_val) - t_val))))
+        if not all(map(math.isfinite, (train_loss[-1], val_loss[-1]))):
+            raise ConfigError(f"{target}: the loss diverged in epoch {epoch + 1} (lr {lr}): try a smaller --lr")
+        if progress:
+            progress(f"{target} epoch {epoch + 1}/{epochs}: train {train_loss[-1]:.4f}, val {val_loss[-1]:.4f} "
+                     f"({seconds[-1]:.1f} s)")
+    test = splits["test"]
+    y_true, y_pred = data.y[test], scaler.decode(_predict(exe, x[test]))
+    later = sum(seconds[1:])
+    rate = (epochs - 1) * steps * batch / later if epochs > 1 else steps * batch / seconds[0]
+    return TrainResult(
+        target=str(exe.target), train_loss=train_loss, val_loss=val_loss, y_true=y_true, y_pred=y_pred,
+        r2=r2_score(y_true, y_pred), mae=float(np.mean(np.abs(y_true - y_pred))), train_seconds=sum(seconds),
+        first_epoch_seconds=seconds[0], samples_per_s=rate, weights=exe.weights(),
+    )
+
+
+def _predict(exe: Any, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([exe.predict(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+
+
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
+def parity_plot(results: Sequence[TrainResult], path: Path, title: str) -> Path:
+    """Predicted vs true test conductivity, one panel per target."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(results), 4.2))
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    top = max(max(r.y_true.max(), r.y_pred.max()) for r in results) * 1.05
+    for ax, r in zip(axes, results):
+        ax.plot([0, top], [0, top], color="0.6", lw=1)
+        ax.scatter(r.y_true, r.y_pred, s=8, alpha=0.6)
+        ax.set(xlim=(0, top), ylim=(0, top), aspect="equal", xlabel="true σ_eff / σ₁", ylabel="predicted",
+               title=f"{r.target}: R² {r.r2:.3f}, MAE {r.mae:.4f}")
+        ax.title.set_fontsize(9)
+    fig.suptitle(title, fontsize=10)
+    return _save_png(fig, path)
+
+
+def loss_plot(results: Sequence[TrainResult], path: Path, title: str) -> Path:
+    """Training (solid) and validation (dashed) loss per epoch, all targets on one axes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for i, r in enumerate(results):
+        epochs = np.arange(1, len(r.train_loss) + 1)
+        ax.plot(epochs, r.train_loss, color=f"C{i}", label=f"{r.target} train")
+        ax.plot(epochs, r.val_loss, color=f"C{i}", ls="--", marker="o", ms=2.5, label=f"{r.target} val")
+    ax.set(yscale="log", xlabel="epoch", ylabel="MSE (standardised target)", title=title)
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8)
+    return _save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------
+
+
+def add_train_parser(subparsers: Any) -> None:
+    """Register ``train`` on an ``argparse`` sub-parser collection."""
+    p = subparsers.add_parser(
+        "train", help="train a workload's model on a target, or compare targets",
+        description="Build (or reload) the workload's dataset, train its CNN, report R² and MAE on the held-out "
+        "test split, write a parity plot, loss curves and the weights. Exits 1 if a target failed.",
+    )
+    p.add_argument("workload", choices=("conductivity",))
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--target", default="torch:cpu", help="target to train on (default torch:cpu)")
+    which.add_argument("--compare", help="comma-separated targets, each trained from the same weights and batches")
+    p.add_argument("--samples", type=int, default=2000, help="dataset size (split 80/10/10)")
+    p.add_argument("--size", type=int, default=64, help="grid extent per side")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--kind", choices=("grf", "spheres", "mixed"), default="grf", help="microstructure generator")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--width", type=int, default=8, help="channels of the first stage (doubling per stage)")
+    p.add_argument("--transform", choices=TRANSFORMS, default="sqrt", help="target transform before standardising")
+    p.add_argument("--seed", type=int, default=0, help="dataset, initial weights and batch order")
+    p.add_argument("--steps-per-call", type=int, default=0,
+                   help="optimizer steps per Executable.run_steps call (default 0: a whole epoch; 1: train_step)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads for torch/TensorFlow/XLA (default 0: the frameworks' own choice)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="dataset cache folder")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for weights, plots, JSON and Markdown")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(fn=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``hal train conductivity``: 0 if every target trained, 1 if one failed."""
+    from hal.cli import Progress  # hal.cli registers this command: import it late
+
+    for name in ("threads", "steps_per_call"):
+        _check_int(name, getattr(args, name), low=0)
+    for name in ("epochs", "batch"):
+        _check_int(name, getattr(args, name))
+    if args.threads:  # read when each framework loads, which is after this point
+        _set_threads(args.threads)
+    targets = [t.strip() for t in (args.compare or args.target).split(",") if t.strip()]
+    if not targets:
+        raise ConfigError("--compare needs at least one target")
+    for t in targets:  # fail before the dataset is built
+        cls, _ = resolve(t)
+        if not cls.capabilities().training:
+            raise UnsupportedError(f"target {t!r} does not train")
+    spec = conductivity_cnn(dims=args.dims, size=args.size, width=args.width)
+    progress = Progress(not args.json)
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    data = build_dataset(args.samples, args.size, args.dims, args.seed, args.kind, cache_dir=args.cache_dir,
+                         progress=not args.json)
+    build_seconds = time.perf_counter() - start
+
+    results: list[TrainResult] = []
+    failed: dict[str, str] = {}
+    for t in targets:
+        try:
+            results.append(train_conductivity(data, t, spec=spec, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                                              transform=args.transform, seed=args.seed,
+                                              steps_per_call=args.steps_per_call, progress=progress))
+        except Exception as exc:  # one broken target must not hide the others' results
+            if len(targets) == 1 and isinstance(exc, HalError):
+                raise
+            failed[t] = f"{type(exc).__name__}: {exc}"
+    progress.done()
+
+    out, stem = Path(args.out), f"conductivity{args.dims}d"
+    files = [save_weights(out / f"{stem}-{r.target.replace(':', '-')}.safetensors", spec, r.weights) for r in results]
+    setting = _setting(args.dims, args.kind, args.samples, args.size, args.transform)
+    if results:
+        files.append(parity_plot(results, out / f"{stem}-parity.png", f"test split: {setting}"))
+        files.append(loss_plot(results, out / f"{stem}-loss.png", f"loss curves: {setting}"))
+    steps = len(data.splits["train"]) // args.batch
+    report = {
+        "workload": "conductivity",
+        "dataset": {"samples": args.samples, "size": args.size, "dims": args.dims, "kind": args.kind,
+                    "seed": args.seed, "splits": {k: len(v) for k, v in data.splits.items()},
+                    "from_cache": data.from_cache, "seconds": build_seconds,
+                    "generation_seconds": data.manifest["generation_seconds"], "rate": data.rate,
+                    "zero_fraction": float(np.mean(data.y == 0))},
+        "model": {"spec": spec.name, "params": spec.num_params, "width": args.width},
+        "training": {"epochs": args.epochs, "batch": args.batch, "steps_per_epoch": steps, "lr": args.lr,
+                     "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY})", "schedule": "Cosine, 1-epoch warm-up",
+                     "transform": args.transform, "loss": "mse",
+                     "target_scaler": asdict(TargetScaler.fit(args.transform, data.y[data.splits["train"]]))},
+        "env": {"cpus": os.cpu_count(), "threads": args.threads or "default", "steps_per_call": args.steps_per_call,
+                "load_average_start": load, "load_average_end": os.getloadavg()[0]},
+        "results": [r.summary() for r in results],
+        "failed": failed,
+    }
+    header, rows = report_table(report)
+    atomic_write(out / f"{stem}.md", report_markdown(report).encode())
+    atomic_write(out / f"{stem}.json", json.dumps(report, indent=2).encode())
+    files += [out / f"{stem}.md", out / f"{stem}.json"]
+    if args.json:
+        print(json.dumps({**report, "files": [str(f) for f in files]}, indent=2))
+    else:
+        src = "cache" if data.from_cache else f"built in {build_seconds:.1f} s, {data.rate:.1f} samples/s"
+        print(f"{spec.name} ({spec.num_params:,} params), {setting}; dataset {src}; "
+              f"{args.epochs} epochs x {steps} steps of {args.batch}; load average {load:.1f}")
+        print(render(header, rows))
+        for t, why in failed.items():
+            print(f"{t}: {why}")
+        for f in files:
+            print(f"wrote {f}")
+    return 1 if failed else 0
+
+
+def report_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table: target | R² | MAE | train time | samples/s."""
+    header = ["target", "R²", "MAE", "train time (s)", "samples/s"]
+    rows = [[r["target"], f"{r['r2']:.4f}", f"{r['mae']:.4f}", f"{r['train_seconds']:.1f}", f"{r['samples_per_s']:.1f}"]
+            for r in report["results"]]
+    return header, rows + [[t, "failed", "-", "-", "-"] for t in report["failed"]]
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report of one ``hal train conductivity`` run as Markdown."""
+    d, m, t, env = report["dataset"], report["model"], report["training"], report["env"]
+    built = (f"loaded from the cache in {d['seconds']:.1f} s (generated earlier in {d['generation_seconds']:.1f} s, "
+             f"{d['rate']:.0f} samples/s)" if d["from_cache"] else
+             f"generated in {d['generation_seconds']:.1f} s ({d['rate']:.0f} samples/s)")
+    lines = [
+        f"# Conductivity CNN: {_setting(d['dims'], d['kind'], d['samples'], d['size'], t['transform'])}",
+        markdown(*report_table(report)),
+        f"- Dataset: seed {d['seed']}, splits {d['splits']}, {d['zero_fraction']:.1%} non-percolating (y = 0); "
+        f"{built}.",
+        f"- Model: `{m['spec']}`, width {m['width']}, {m['params']:,} parameters.",
+        f"- Training: {t['epochs']} epochs x {t['steps_per_epoch']} steps of {t['batch']}, {t['optimizer']}, "
+        f"peak lr {t['lr']}, {t['schedule']}, MSE on the standardised {t['transform']} target; "
+        f"{_calls(env['steps_per_call'])}.",
+        f"- Machine: {env['cpus']} CPUs, threads {env['threads']}, load average {env['load_average_start']:.1f} "
+        f"at the start, {env['load_average_end']:.1f} at the end. R² and MAE on the test split, original scale; "
+        "train time includes the first call's compile; samples/s excludes the first epoch.",
+        *(f"- {target} failed: {why}" for target, why in report["failed"].items()),
+    ]
+    return "\n\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n"
+
+
+def _calls(steps_per_call: int) -> str:
+    if steps_per_call == 1:
+        return "one train_step call per step"
+    return f"{steps_per_call or 'an epoch of'} steps per run_steps call"
+
+
+def _setting(dims: int, kind: str, samples: int, size: int, transform: str) -> str:
+    return f"{dims}-d {kind}, {samples} samples at {size}^{dims}, {transform} target"
+
+
+def _set_threads(n: int) -> None:
+    """Intra-op thread counts for frameworks loaded after this call (torch/OpenMP, TensorFlow, XLA CPU)."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(n)
+    flag = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} intra_op_parallelism_threads={n}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
