@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from hal.errors import HalError
 from hal.ipu import add_plan_parser
+from hal.models.conductivity.train import add_train_parser
 
 DEFAULT_OUT = Path("bench") / "results"
 
@@ -264,6 +265,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_compare)
 
     add_plan_parser(sub)  # subcommands defined next to their code
+    add_train_parser(sub)
     return ap
 
 

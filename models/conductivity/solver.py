@@ -47,9 +47,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
-from scipy import ndimage
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # scipy loads on first solve: `import hal` and the CLI need only numpy
+    import scipy.sparse as sp
 
 from hal.errors import InputError
 
@@ -172,6 +173,8 @@ def _check_axis(axis: int, ndim: int) -> int:
 
 def _percolating(mask: np.ndarray, axis: int) -> np.ndarray:
     """Cells of ``mask`` face-connected within ``mask`` to both end faces along ``axis``."""
+    from scipy import ndimage
+
     clusters, _ = ndimage.label(mask)
     spanning = np.intersect1d(np.take(clusters, 0, axis), np.take(clusters, -1, axis))
     return np.isin(clusters, spanning[spanning > 0])
@@ -181,6 +184,8 @@ def _assemble(
     cond: np.ndarray, active: np.ndarray, axis: int
 ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
     """The SPD system over active cells; also the outlet cells' unknowns and conductances."""
+    import scipy.sparse as sp
+
     n = int(active.sum())
     index = np.full(cond.shape, -1, np.int64)
     index[active] = np.arange(n)
@@ -214,6 +219,8 @@ def _assemble(
 
 
 def _direct(matrix: sp.csr_matrix, rhs: np.ndarray) -> np.ndarray:
+    import scipy.sparse.linalg as spla
+
     lu = spla.splu(matrix.tocsc(), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                    options={"SymmetricMode": True})
     return lu.solve(rhs)
