@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from hal.backend import Target
+from hal.backend import Executable, Target
 from hal.errors import ConfigError, HalError
 from hal.registry import compile, resolve
 from hal.spec import Dropout, ModelSpec
@@ -238,11 +238,14 @@ def run_parity(
             report.results.append(CheckResult(target, "compile", passed=False, note=str(exc)))
             continue
         target = str(resolved)
-        for check in checks:
+        exe: list[Executable] = []  # compiled on first use, shared by the checks (trajectory runs last)
+        for check in (c for c in CHECKS if c in checks):
             t0 = time.perf_counter()
             say(f"{target} {check}")
             try:
-                result = _check(check, spec, target, weights, config, x, y, ref, report.floor, steps, reference_autodiff)
+                if not exe:
+                    exe.append(compile(spec, target, weights, config))
+                result = _check(check, spec, target, exe[0], config, x, y, ref, report.floor, steps, reference_autodiff)
             except HalError as exc:
                 result = CheckResult(target, check, passed=False, note=str(exc))
             result.seconds = time.perf_counter() - t0
@@ -254,7 +257,7 @@ def _check(
     check: str,
     spec: ModelSpec,
     target: str,
-    weights: Mapping[str, np.ndarray],
+    exe: Executable,
     config: TrainConfig,
     x: np.ndarray,
     y: np.ndarray,
@@ -266,7 +269,6 @@ def _check(
     if check in ("forward", "forward_train"):
         if check not in ref:
             return CheckResult(target, check, note="spec has active dropout: training-mode outputs are random")
-        exe = compile(spec, target, weights, config)
         e_abs, e_rel = normalised_error(exe.predict(x, training=check == "forward_train"), ref[check])
         tol = tolerance(floor[check], config.precision)
         return CheckResult(target, check, e_abs, e_rel, tol, e_rel <= tol)
@@ -279,7 +281,6 @@ def _check(
         return CheckResult(target, check, note=f"no float64 autodiff reference: {exc}")
     if not resolve(target)[0].capabilities().training:
         return CheckResult(target, check, note=f"{target} does not train")
-    exe = compile(spec, target, weights, config)
     auto = reference_autodiff()
     tol = tolerance(floor[check], config.precision)
     if check == "grads":
