@@ -65,9 +65,9 @@ def _targets(args: argparse.Namespace, include_reference: bool = True) -> list[s
 
     if args.targets:
         return [t.strip() for t in args.targets.split(",") if t.strip()]
-    # default: the reference plus the first (default) device of every other available backend
+    # default: the reference first, then the first (default) device of every other available backend
     seen, out = set(), []
-    for t in available_targets():
+    for t in sorted(available_targets(), key=lambda t: not t.startswith("numpy:")):
         backend = t.split(":")[0]
         if backend not in seen and (include_reference or backend != "numpy"):
             seen.add(backend)
