@@ -53,18 +53,10 @@ tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip 
 import hal  # noqa: E402
 from hal import ConfigError, InputError, TargetError, TrainConfig, ipu as planner, models  # noqa: E402
 from hal.backends import tensorflow as T  # noqa: E402
-from hal.parity import normalised_error, tolerance  # noqa: E402
+from hal.parity import normalised_error, tensors_error, tolerance  # noqa: E402
 from hal.training import SGD, AdamW, Cosine  # noqa: E402
 
 REAL_IPU = T._ipu_importable() and "tensorflow.python.ipu" not in sys.modules
-def tensors_error(a, ref):
-    """Normwise error of a set of tensors seen as one vector: (max abs err, that / max |ref|)."""
-    assert set(a) == set(ref), sorted(set(a) ^ set(ref))
-    err = max(float(np.max(np.abs(np.asarray(a[k], np.float64) - ref[k]))) for k in ref)
-    scale = max(float(np.max(np.abs(ref[k]))) for k in ref)
-    return err, err / scale if scale else err
-
-
 standin_only = pytest.mark.skipif(
     REAL_IPU, reason="Graphcore's TensorFlow is installed: the IPU Model smoke test runs instead"
 )

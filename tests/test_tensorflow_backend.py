@@ -27,20 +27,12 @@ import hal  # noqa: E402
 from hal.backends.numpy import NumpyExecutable  # noqa: E402
 from hal.errors import ConfigError, HalError, InputError, TargetError, WeightsError  # noqa: E402
 from hal.models import get  # noqa: E402
-from hal.parity import FACTOR, normalised_error, tolerance  # noqa: E402
+from hal.parity import FACTOR, normalised_error, tensors_error, tolerance  # noqa: E402
 from hal.testing import assert_parity  # noqa: E402
 from hal.spec import SpecBuilder  # noqa: E402
 from hal.training import SGD, Adam, AdamW, Cosine, StepDecay, TrainConfig  # noqa: E402
 
 TARGET = "tensorflow:cpu"
-
-
-def tensors_error(a, ref):
-    """Normwise error of a set of tensors seen as one vector: (max abs err, that / max |ref|)."""
-    assert set(a) == set(ref), sorted(set(a) ^ set(ref))
-    err = max(float(np.max(np.abs(np.asarray(a[k], np.float64) - ref[k]))) for k in ref)
-    scale = max(float(np.max(np.abs(ref[k]))) for k in ref)
-    return err, err / scale if scale else err
 
 
 def batch(spec, n, seed=0, loss="cross_entropy"):
