@@ -9,6 +9,7 @@ from hal.errors import (
     ConfigError,
     HalError,
     InputError,
+    NonFiniteError,
     SpecError,
     TargetError,
     UnsupportedError,
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adam", "AdamW", "Availability", "Backend", "BackendUnavailable", "Capabilities", "ConfigError",
-    "Constant", "Cosine", "Executable", "HalError", "InputError", "ModelSpec", "Node", "SGD", "SpecBuilder",
+    "Constant", "Cosine", "Executable", "HalError", "InputError", "ModelSpec", "Node", "NonFiniteError", "SGD", "SpecBuilder",
     "SpecError", "StepDecay", "Target", "TargetError", "TrainConfig", "UnsupportedError", "WeightsError",
     "available_targets", "backend_names", "check_weights", "compile", "get_backend", "init_weights",
     "load_weights", "register_backend", "save_weights",

@@ -41,3 +41,15 @@ class InputError(HalError, ValueError):
 
 class ConfigError(HalError, ValueError):
     """An invalid training, parity or benchmark configuration."""
+
+
+class NonFiniteError(HalError, ArithmeticError):
+    """A training step produced a non-finite loss or gradient; it was not applied."""
+
+    def __init__(self, message: str, step: int) -> None:
+        self.step = step
+        super().__init__(message)
+
+
+class WorkerError(HalError, RuntimeError):
+    """A target's worker process died (crash, out of memory, kill) or failed to start."""

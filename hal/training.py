@@ -125,15 +125,20 @@ Schedule = Union[Constant, StepDecay, Cosine]
 class TrainConfig:
     """How a compiled model trains. ``precision`` is the compute precision:
     ``fp32`` (default), ``fp64`` (reference runs), ``bf16``/``fp16`` mixed
-    (fp32 master weights)."""
+    (fp32 master weights). With ``check_finite`` (default) a training step whose
+    loss or any gradient is not finite is not applied: it raises
+    :class:`hal.errors.NonFiniteError` naming the step, weights as before it."""
 
     loss: str = "cross_entropy"
     optimizer: Optimizer = field(default_factory=SGD)
     schedule: Schedule = field(default_factory=Constant)
     grad_accum: int = 1
     precision: str = "fp32"
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.check_finite, bool):
+            raise ConfigError(f"check_finite must be a bool, got {self.check_finite!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
