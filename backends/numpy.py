@@ -1,7 +1,10 @@
-"""The float64 numpy reference backend: ground truth for forward parity.
+"""The numpy reference backend: in float64, the ground truth for forward parity.
 
-Always available; needs nothing but numpy. Every op is written out plainly from
-its canonical definition (DESIGN.md), in float64, channels-first, with explicit
+Always available; needs nothing but numpy. It computes in the config's
+precision exactly (``fp64`` for the reference, ``fp32`` for the parity
+harness's float32 rounding floor, ``fp16``) and refuses ``bf16``, which numpy
+lacks. Every op is written out plainly from
+its canonical definition (DESIGN.md), channels-first, with explicit
 padding: convolution is an im2col matrix product per group, pooling a reduction
 over strided windows. Inference and training-mode forward only; gradients come
 from a float64 autodiff run on another backend (``torch:cpu`` with
@@ -11,7 +14,7 @@ from a float64 autodiff run on another backend (``torch:cpu`` with
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -34,8 +37,10 @@ from hal.spec import (
     ModelSpec,
     Node,
 )
-from hal.training import PRECISIONS, TrainConfig
-from hal.weights import check_weights
+from hal.lowering import COMPUTE_DTYPE, free_after
+from hal.training import TrainConfig
+
+PRECISIONS = ("fp64", "fp32", "fp16")  # numpy has no bfloat16
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -153,48 +158,44 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
 
 
 class NumpyExecutable(Executable):
-    """Runs the spec node by node in ``dtype``: float64 for the reference; the
-    parity harness also runs it in float32 to measure the float32 rounding floor."""
+    """Runs the spec node by node in the config's precision: ``fp64`` for the
+    reference, ``fp32`` (the parity harness's float32 rounding floor) or ``fp16``;
+    numpy has no bfloat16."""
 
-    def __init__(self, spec: ModelSpec, weights: Weights, config: TrainConfig, dtype: str = "float64") -> None:
+    def __init__(self, spec: ModelSpec, weights: Weights, config: TrainConfig) -> None:
         super().__init__(spec, Target("numpy", "cpu"), config)
         self._dtype = np.dtype(spec.dtype) if spec.dtype in ("float32", "float64", "float16") else np.dtype("float32")
-        self.compute_dtype = np.dtype(dtype)
+        self.compute_dtype = np.dtype(COMPUTE_DTYPE[config.precision])
+        self._free_after = free_after(spec)
         self.load_weights(weights)
-        last: dict[str, int] = {}
-        for i, n in enumerate(spec.nodes):
-            for name in n.inputs:
-                last[name] = i
-        self._free_after = [[k for k, v in last.items() if v == i and k != spec.output] for i in range(len(spec.nodes))]
 
-    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        x = self.check_x(x).astype(self.compute_dtype)
+    def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
         values: dict[str, np.ndarray] = {}
-        for i, node in enumerate(self.spec.nodes):
+        for node, free in zip(self.spec.nodes, self._free_after):
             if isinstance(node.op, Input):
-                values[node.name] = x
+                values[node.name] = x.astype(self.compute_dtype)
             else:
                 values[node.name] = run_node(node, [values[k] for k in node.inputs], self._params[node.name], training)
-            for k in self._free_after[i]:
+            for k in free:
                 del values[k]
         return values[self.spec.output]
 
     def weights(self) -> Weights:
         return {f"{n}.{p}": a.astype(self._dtype) for n, ps in self._params.items() for p, a in ps.items()}
 
-    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        w = check_weights(self.spec, weights)
-        self._params: dict[str, dict[str, np.ndarray]] = {n.name: {} for n in self.spec.nodes}
-        for k, v in w.items():
+    def _load_weights(self, weights: Weights) -> None:
+        params: dict[str, dict[str, np.ndarray]] = {n.name: {} for n in self.spec.nodes}
+        for k, v in weights.items():
             node, _, p = k.rpartition(".")
-            self._params[node][p] = v.astype(self.compute_dtype)
+            params[node][p] = v.astype(self.compute_dtype)
+        self._params = params
 
 
 class NumpyBackend(Backend):
-    """float64 reference: every op, inference and training-mode forward, no training."""
+    """The reference: every op, inference and training-mode forward, no training."""
 
     name = "numpy"
-    description = "float64 numpy reference (ground truth for forward parity)"
+    description = "numpy reference: float64 ground truth for forward parity (also fp32, fp16)"
 
     @classmethod
     def availability(cls) -> Availability:
@@ -209,5 +210,8 @@ class NumpyBackend(Backend):
         return Capabilities(precisions=PRECISIONS, training=False)
 
     @classmethod
-    def compile(cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig) -> Executable:
+    def compile(
+        cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
+        plan: Any,
+    ) -> Executable:
         return NumpyExecutable(spec, weights, config)

@@ -11,13 +11,17 @@ import importlib.metadata
 import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import numpy as np
 
-from hal.errors import InputError, TargetError, UnsupportedError
+from hal.errors import ConfigError, InputError, NonFiniteError, TargetError, UnsupportedError
 from hal.spec import OPS, ModelSpec
 from hal.training import TrainConfig
+from hal.weights import check_weights
+
+if TYPE_CHECKING:
+    from hal.ipu import Plan
 
 Weights = dict[str, np.ndarray]
 
@@ -62,6 +66,26 @@ class Capabilities:
     replication: bool = False
 
 
+@dataclass(frozen=True)
+class Option:
+    """A backend option, passed as ``hal.compile(..., options={name: value})``."""
+
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None = None  # None: any value of the default's type
+
+    def check(self, backend: str, name: str, value: Any) -> Any:
+        """``value`` if it is legal for this option; raises :class:`ConfigError` otherwise."""
+        if self.choices is not None:
+            if value not in self.choices or type(value) is not type(self.default):
+                raise ConfigError(f"{backend} option {name!r} must be one of {self.choices}, got {value!r}")
+        elif self.default is not None and type(value) is not type(self.default) and not (
+            isinstance(self.default, float) and type(value) is int
+        ):
+            raise ConfigError(f"{backend} option {name!r} takes a {type(self.default).__name__}, got {value!r}")
+        return value
+
+
 def package_availability(module: str, dist: str, hint: str) -> Availability:
     """Availability of a framework package without importing it."""
     if importlib.util.find_spec(module) is None:
@@ -94,6 +118,11 @@ class Backend(ABC):
         return Capabilities()
 
     @classmethod
+    def options(cls) -> dict[str, Option]:
+        """The options ``compile`` takes (name -> default, meaning); none by default."""
+        return {}
+
+    @classmethod
     def unsupported(cls, spec: ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
         """Nodes (or ``"config"``) this backend cannot run, with the reason."""
         caps = cls.capabilities()
@@ -116,8 +145,15 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
-    def compile(cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig) -> "Executable":
-        """Build an executable for ``spec`` with canonical ``weights`` on ``device``."""
+    def compile(
+        cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
+        plan: "Plan | None",
+    ) -> "Executable":
+        """Build an executable for ``spec`` with canonical ``weights`` on ``device``.
+
+        Called by :func:`hal.compile` with everything checked: ``device`` resolved,
+        ``weights`` complete, ``options`` holding every declared option (defaults
+        filled in), ``plan`` an IPU plan only if ``capabilities().pipelining``."""
 
 
 class Executable(ABC):
@@ -125,43 +161,104 @@ class Executable(ABC):
 
     Inputs are channels-first ``(N, C, *spatial)`` floats; labels are integer
     classes ``(N,)`` for cross-entropy and floats ``(N, *output)`` for MSE.
+
+    The public methods are defined here, once: they validate their arguments
+    and then call the backend's hooks (``_predict``, ``_loss_and_grads``,
+    ``_train_step`` / ``_run_steps``, ``_load_weights``), which trust what they
+    receive. A training hook reports how many leading steps it *applied*: with
+    ``config.check_finite`` a step whose loss or any gradient is not finite is
+    not applied (weights, optimizer state, BatchNorm statistics and ``step``
+    stay as before it), nor is any later step of the same call, and the base
+    raises :class:`~hal.errors.NonFiniteError` naming the step.
     """
 
     def __init__(self, spec: ModelSpec, target: Target, config: TrainConfig) -> None:
         self.spec = spec
         self.target = target
         self.config = config
-        self.step = 0  # optimizer steps taken
+        self.step = 0  # optimizer steps applied; the backend advances it
 
     # -- the surface ------------------------------------------------------------
 
-    @abstractmethod
     def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         """Forward pass. ``training=True`` is the training-mode forward (batch
         statistics in BatchNorm, dropout active) without updating any state."""
+        if not isinstance(training, bool):
+            raise InputError(f"{self.target}: predict(training=...) takes a bool, got {training!r}")
+        return self._predict(self.check_x(x), training)
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         """Training-mode loss and the gradients of the trainable parameters
         (canonical names and layouts), with gradient accumulation as configured;
         no update of weights or BatchNorm statistics."""
-        raise UnsupportedError(f"{self.target} does not compute gradients")
+        x, y = self.check_xy(x, y)
+        return self._loss_and_grads(x, y)
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimizer step (forward, backward, update); returns the mean loss."""
-        raise UnsupportedError(f"{self.target} does not train")
+        x, y = self.check_xy(x, y)
+        loss, applied = self._train_step(x, y)
+        self._raise_if_not_applied(np.array([loss]), applied)
+        return float(loss)
 
     def run_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """``len(xs)`` training steps in one call; returns the loss per step."""
         self.check_steps(xs, ys)
-        return np.array([self.train_step(x, y) for x, y in zip(xs, ys)], dtype=np.float64)
+        losses, applied = self._run_steps(xs, ys)
+        self._raise_if_not_applied(losses, applied)
+        return np.asarray(losses, dtype=np.float64)
 
     @abstractmethod
     def weights(self) -> Weights:
         """Current weights and buffers, canonical names and layouts, on the host."""
 
-    @abstractmethod
     def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all weights and buffers (checked against the spec)."""
+        """Replace all weights and buffers. Checked against the spec first: a bad
+        tensor raises :class:`~hal.errors.WeightsError` and changes nothing."""
+        self._load_weights(check_weights(self.spec, weights, f"{self.target}: load_weights"))
+
+    # -- the backend's hooks ----------------------------------------------------------
+
+    @abstractmethod
+    def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
+        """Forward of a checked batch."""
+
+    @abstractmethod
+    def _load_weights(self, weights: Weights) -> None:
+        """Load checked canonical weights (all of them; convert before replacing)."""
+
+    def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
+        raise UnsupportedError(f"{self.target} does not compute gradients: it is inference-only")
+
+    def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
+        """One step on a checked batch: ``(loss, applied)``. Defaults to ``_run_steps`` on a stack of one."""
+        losses, applied = self._run_steps(x[None], y[None])
+        return float(losses[0]), applied == 1
+
+    def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
+        """Steps on checked stacked batches: ``(losses (S,), leading steps applied)``.
+        Defaults to ``_train_step`` per batch, stopping after the first step not applied."""
+        if type(self)._train_step is Executable._train_step:
+            raise UnsupportedError(f"{self.target} does not train: it is inference-only")
+        losses = np.full(len(xs), np.nan)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            losses[i], applied = self._train_step(x, y)
+            if not applied:
+                return losses, i
+        return losses, len(xs)
+
+    def _raise_if_not_applied(self, losses: np.ndarray, applied: int) -> None:
+        if applied == len(losses):
+            return
+        loss = losses[applied]
+        what = f"the loss is {loss}" if not np.isfinite(loss) else f"the loss is {loss:.6g} but a gradient is not finite"
+        where = f" (batch {applied} of this run_steps call)" if len(losses) > 1 else ""
+        raise NonFiniteError(
+            f"{self.target}: training step {self.step}{where} was not applied: {what}. The weights are as they "
+            "were before it. Check the inputs and labels for NaN/inf, or lower the learning rate; "
+            "TrainConfig(check_finite=False) applies such steps anyway.",
+            step=self.step,
+        )
 
     # -- checks shared by every backend ------------------------------------------
 

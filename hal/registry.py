@@ -6,15 +6,18 @@ Loading an entry point imports only the backend module, never its framework.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from hal.backend import Backend, Executable, Target
-from hal.errors import BackendUnavailable, HalError, TargetError, UnsupportedError
+from hal.errors import BackendUnavailable, ConfigError, HalError, TargetError, UnsupportedError
 from hal.spec import ModelSpec
 from hal.training import TrainConfig
 from hal.weights import check_weights, init_weights
+
+if TYPE_CHECKING:
+    from hal.ipu import Plan
 
 GROUP = "hal.backends"
 _registered: dict[str, type[Backend]] = {}
@@ -104,15 +107,51 @@ def compile(
     weights: Mapping[str, np.ndarray] | None = None,
     config: TrainConfig | None = None,
     seed: int = 0,
+    *,
+    options: Mapping[str, Any] | None = None,
+    plan: "Plan | None" = None,
 ) -> Executable:
-    """Compile ``spec`` for ``target`` with canonical ``weights`` (default: ``init_weights(spec, seed)``)."""
+    """Compile ``spec`` for ``target``: the one place where everything is checked.
+
+    ``weights`` default to ``init_weights(spec, seed)``; ``config`` to
+    ``TrainConfig()`` (with a ``plan``: its precision and gradient accumulation).
+    ``options`` are the backend's own (``Backend.options()``: name, default,
+    meaning); ``plan`` is a :class:`hal.ipu.Plan` for a pipelining backend.
+    """
+    from hal.ipu import Plan
+
     if not isinstance(spec, ModelSpec):
         raise HalError(f"compile expects a hal ModelSpec, got {type(spec).__name__}")
     cls, t = resolve(target)
-    config = config or TrainConfig()
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise ConfigError(f"plan must be a hal.ipu.Plan (from hal.ipu.plan), got {type(plan).__name__}")
+        if not cls.capabilities().pipelining:
+            raise UnsupportedError(f"{t} does not take an IPU plan: it does no pipelining or replication")
+        if plan.spec_hash != spec.hash:
+            raise ConfigError(f"the plan was made for model {plan.model!r} with another spec than {spec.name!r}")
+    if config is None:
+        config = TrainConfig(precision=plan.precision, grad_accum=plan.batch.grad_accum) if plan else TrainConfig()
+    elif not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a hal.TrainConfig, got {type(config).__name__}")
     bad = cls.unsupported(spec, config)
     if bad:
         listed = "; ".join(f"{k}: {v}" for k, v in bad.items())
         raise UnsupportedError(f"{t} cannot run spec {spec.name!r}: {listed}")
+    opts = check_options(cls, options)
     w = check_weights(spec, weights) if weights is not None else init_weights(spec, seed)
-    return cls.compile(spec, w, t.device, config)
+    return cls.compile(spec, w, t.device, config, opts, plan)
+
+
+def check_options(cls: type[Backend], options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` checked against ``cls.options()``, with every default filled in."""
+    declared = cls.options()
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"options must be a mapping name -> value, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in declared)
+    if unknown:
+        known = ", ".join(f"{k} (default {o.default!r}: {o.doc})" for k, o in declared.items()) or "none"
+        raise ConfigError(f"{cls.name} has no option {', '.join(unknown)}; its options: {known}")
+    return {k: o.check(cls.name, k, options[k]) if k in options else o.default for k, o in declared.items()}

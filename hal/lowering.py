@@ -1,0 +1,176 @@
+"""What every backend needs to lower a spec, written once (numpy and the standard library only).
+
+A backend module is a table from op to framework call plus its executable;
+the decisions that do not depend on the framework live here, so that two
+backends cannot disagree on them:
+
+- liveness: which values die after each node (:func:`free_after`);
+- padding: whether an explicit padding is symmetric, TensorFlow's ``SAME`` or
+  neither, and its layouts for ``torch.nn.functional.pad`` and channels-last pads;
+- the average-pool divisor per output position;
+- which BatchNorms fold into the convolution before them, and the folding formula;
+- optimizer step scalars (learning rate from the schedule, Adam's bias
+  corrections, AdamW's decay) in float64, as ``torch.optim`` computes them;
+- precision -> compute and master dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+
+from hal.spec import AvgPool, BatchNorm, Conv, ModelSpec, Padding, Shape, same_padding
+from hal.training import SGD, AdamW, TrainConfig
+
+# ---------------------------------------------------------------------------
+# liveness
+# ---------------------------------------------------------------------------
+
+
+def free_after(spec: ModelSpec) -> list[tuple[str, ...]]:
+    """Per node index, the names of the values last read by that node (never the
+    output): a backend running the graph node by node frees them there. Linear."""
+    last: dict[str, int] = {}
+    for i, n in enumerate(spec.nodes):
+        for name in n.inputs:
+            last[name] = i
+    out: list[list[str]] = [[] for _ in spec.nodes]
+    for name, i in last.items():
+        if name != spec.output:
+            out[i].append(name)
+    return [tuple(names) for names in out]
+
+
+# ---------------------------------------------------------------------------
+# padding
+# ---------------------------------------------------------------------------
+
+PaddingMode = Literal["valid", "same", "symmetric", "explicit"]
+
+
+def symmetric(padding: Padding) -> tuple[int, ...] | None:
+    """The per-dimension pad if every dimension pads as much before as after, else None."""
+    if all(a == b for a, b in padding):
+        return tuple(a for a, _ in padding)
+    return None
+
+
+def tf_same(sizes: Shape, kernel: Shape, stride: Shape, dilation: Shape | None = None) -> Padding:
+    """TensorFlow's ``SAME`` padding as explicit numbers (the odd pixel goes after)."""
+    dilation = dilation or (1,) * len(kernel)
+    return tuple(same_padding(n, k, s, d) for n, k, s, d in zip(sizes, kernel, stride, dilation))
+
+
+def padding_mode(
+    padding: Padding, sizes: Shape, kernel: Shape, stride: Shape, dilation: Shape | None = None
+) -> PaddingMode:
+    """How a framework can express ``padding`` of a window op over ``sizes``:
+    ``valid`` (none), ``same`` (exactly TF ``SAME``), ``symmetric`` (before ==
+    after in every dimension) or ``explicit`` (anything else)."""
+    if not any(a or b for a, b in padding):
+        return "valid"
+    if padding == tf_same(sizes, kernel, stride, dilation):
+        return "same"
+    return "symmetric" if symmetric(padding) is not None else "explicit"
+
+
+def torch_pad(padding: Padding) -> tuple[int, ...]:
+    """``padding`` as ``torch.nn.functional.pad`` takes it: last dimension first."""
+    return tuple(x for a, b in reversed(padding) for x in (a, b))
+
+
+def nhwc_pad(padding: Padding) -> list[list[int]]:
+    """``padding`` for a channels-last ``(N, *spatial, C)`` tensor (``tf.pad``, ``jnp.pad``)."""
+    return [[0, 0], *[[a, b] for a, b in padding], [0, 0]]
+
+
+# ---------------------------------------------------------------------------
+# average pooling
+# ---------------------------------------------------------------------------
+
+
+def avg_pool_divisor(sizes: Shape, op: AvgPool) -> np.ndarray:
+    """The divisor of each output position, shape ``(*out)``: ``prod(kernel)``
+    everywhere with ``count_include_pad``, else the number of real pixels in the window."""
+    ones = np.pad(np.ones(sizes), op.padding)
+    win = np.lib.stride_tricks.sliding_window_view(ones, op.kernel)
+    win = win[tuple(slice(None, None, s) for s in op.stride)]
+    if op.count_include_pad:
+        return np.full(win.shape[: len(sizes)], float(math.prod(op.kernel)))
+    return win.sum(axis=tuple(range(-len(op.kernel), 0)))
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm folding (inference)
+# ---------------------------------------------------------------------------
+
+
+def foldable_batchnorms(spec: ModelSpec) -> dict[str, str]:
+    """BatchNorm node -> the convolution it folds into: the BatchNorm reads a Conv
+    whose output nothing else reads."""
+    consumers = spec.consumers()
+    out = {}
+    for n in spec.nodes:
+        if isinstance(n.op, BatchNorm):
+            src = spec.node(n.inputs[0])
+            if isinstance(src.op, Conv) and consumers[src.name] == [n.name]:
+                out[n.name] = src.name
+    return out
+
+
+def fold_batchnorm(
+    w: np.ndarray, b: np.ndarray | None, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weight ``(O, ...)`` and bias ``(O,)`` of ``BatchNorm(conv(x))`` in inference:
+    ``w * s`` and ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``."""
+    scale = gamma / np.sqrt(var + eps)
+    bias = beta - mean * scale if b is None else beta + (b - mean) * scale
+    return w * scale.reshape(-1, *([1] * (w.ndim - 1))), bias
+
+
+# ---------------------------------------------------------------------------
+# optimizer step scalars
+# ---------------------------------------------------------------------------
+
+
+def step_scalar_names(config: TrainConfig) -> tuple[str, ...]:
+    """Names of :func:`step_scalars` for ``config``'s optimizer, in table order."""
+    o = config.optimizer
+    if isinstance(o, SGD):
+        return ("lr",)
+    return ("lr", "step_size", "bc2_sqrt", "decay") if isinstance(o, AdamW) else ("lr", "step_size", "bc2_sqrt")
+
+
+def step_scalars(config: TrainConfig, step: int) -> dict[str, float]:
+    """The host scalars of 0-based optimizer step ``step``, in float64 exactly as
+    ``torch.optim`` computes them in Python: ``lr`` (schedule applied); Adam and
+    AdamW ``step_size = lr / (1 - b1**t)`` and ``bc2_sqrt = sqrt(1 - b2**t)`` with
+    torch's 1-based ``t = step + 1``; AdamW ``decay = 1 - lr * weight_decay``."""
+    o = config.optimizer
+    lr = config.lr(step)
+    if isinstance(o, SGD):
+        return {"lr": lr}
+    t = step + 1
+    out = {"lr": lr, "step_size": lr / (1.0 - o.betas[0] ** t), "bc2_sqrt": math.sqrt(1.0 - o.betas[1] ** t)}
+    if isinstance(o, AdamW):
+        out["decay"] = 1.0 - lr * o.weight_decay
+    return out
+
+
+def scalar_table(config: TrainConfig, first_step: int, steps: int) -> np.ndarray:
+    """:func:`step_scalars` of steps ``first_step .. first_step + steps - 1`` as a
+    float64 array ``(steps, len(step_scalar_names(config)))``."""
+    names = step_scalar_names(config)
+    rows = [[step_scalars(config, s)[k] for k in names] for s in range(first_step, first_step + steps)]
+    return np.asarray(rows, dtype=np.float64).reshape(steps, len(names))
+
+
+# ---------------------------------------------------------------------------
+# precision
+# ---------------------------------------------------------------------------
+
+COMPUTE_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}
+MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32", "fp16": "float32"}
