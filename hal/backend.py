@@ -77,7 +77,7 @@ class Option:
     def check(self, backend: str, name: str, value: Any) -> Any:
         """``value`` if it is legal for this option; raises :class:`ConfigError` otherwise."""
         if self.choices is not None:
-            if value not in self.choices or type(value) is not type(self.default):
+            if not any(type(value) is type(c) and value == c for c in self.choices):  # 1 is not True here
                 raise ConfigError(f"{backend} option {name!r} must be one of {self.choices}, got {value!r}")
         elif self.default is not None and type(value) is not type(self.default) and not (
             isinstance(self.default, float) and type(value) is int
