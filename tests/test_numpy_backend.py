@@ -12,6 +12,9 @@ import pytest
 import hal
 from hal.errors import InputError, UnsupportedError
 from hal.spec import SpecBuilder
+from hal.training import TrainConfig
+
+FP64 = TrainConfig(precision="fp64")  # the reference
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -34,7 +37,7 @@ def one_op(shape, add, seed=0, batch=3):
     for k, s in spec.param_shapes().items():
         w[k] = r.uniform(0.5, 1.5, s) if k.endswith("running_var") else r.standard_normal(s)
     xb = r.standard_normal((batch, *shape))
-    return spec, w, xb, hal.compile(spec, "numpy", w)
+    return spec, w, xb, hal.compile(spec, "numpy", w, FP64)
 
 
 def T(a):
@@ -177,7 +180,7 @@ def test_training_mode_forward_uses_batch_statistics():
     w = {k: r.standard_normal(s) for k, s in spec.param_shapes().items()}
     w["bn.running_var"] = np.abs(w["bn.running_var"]) + 0.5
     x = r.standard_normal((5, 3, 6, 6))
-    exe = hal.compile(spec, "numpy", w)
+    exe = hal.compile(spec, "numpy", w, FP64)
     conv = F.conv2d(T(x), T(w["c.weight"]), T(w["c.bias"]), 1, 1)
     mean, var = conv.mean(dim=(0, 2, 3)), conv.var(dim=(0, 2, 3), unbiased=False)
     want = torch.relu((conv - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + 1e-5)
@@ -296,7 +299,7 @@ def test_whole_small_cnn_against_torch_functional_float64(make_weights):
         return F.linear(t, W["fc2.weight"], W["fc2.bias"])
 
     assert spec.node("conv3").op.padding == ((0, 1), (0, 1))
-    exe = hal.compile(spec, "numpy", w)
+    exe = hal.compile(spec, "numpy", w, FP64)
     for training in (False, True):
         close(exe.predict(x, training=training), forward(T(x), training).numpy())
 
