@@ -1,23 +1,35 @@
-"""The ``hal`` command: info, parity, bench, compare (the main job), plan, train.
+"""The ``hal`` command: info, parity, bench, compare (the main job), conformance, plan, train.
 
-Every command prints a readable table, takes ``--json`` for machines, and exits
-non-zero when a check fails (1) or the command is used wrongly (2).
+Every command prints a readable table and takes ``--json`` for machines. Exit status: 0 when
+everything passed, 1 when a check, a target or a plan failed, 2 when the command is used wrongly.
+A wrong use is reported as one line ``hal: error: ...`` on stderr, before any long work starts.
+
+This module imports only the core; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from hal.errors import HalError
-from hal.ipu import add_plan_parser
-from hal.models.conductivity.train import add_train_parser
+from hal.errors import ConfigError, HalError
+from hal.ipu import DEFAULT_HEADROOM, MIB, PRECISIONS as IPU_PRECISIONS
+from hal.training import PRECISIONS, SGD, Adam, AdamW, Optimizer
 
 DEFAULT_OUT = Path("bench") / "results"
+DEFAULT_TRAIN_OUT = DEFAULT_OUT / "conductivity"
+DEFAULT_TRAIN_CACHE = Path(".hal-cache") / "conductivity"
+TRANSFORMS = ("plain", "sqrt", "log")  # = hal.models.conductivity.train.TRANSFORMS, which loads the workload
+PLAN_OPTIMIZERS: dict[str, Callable[[], Optimizer]] = {
+    "sgd": SGD, "sgd-momentum": lambda: SGD(momentum=0.9), "adam": Adam, "adamw": AdamW,
+}
 
 
 class Progress:
@@ -44,28 +56,112 @@ class Progress:
             sys.stderr.flush()
 
 
+# ---------------------------------------------------------------------------
+# argument types: each turns a bad value into a one-line usage error
+# ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _int(low: int) -> Callable[[str], int]:
+    """An integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list: no empty entry, no entry twice."""
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"an empty entry in {text!r} (expected comma-separated names)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice in {text!r}")
+    return names
+
+
+def _target(text: str) -> str:
+    from hal.backend import Target
+
+    try:
+        return str(Target.parse(text))
+    except HalError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _targets(text: str) -> list[str]:
+    return [_target(t) for t in _names(text)]
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
+def _check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Raise unless ``folder`` is, or can be created as, a folder this process may write to."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {str(folder)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(folder)!r}: {str(existing)!r} is not writable")
+
+
+# ---------------------------------------------------------------------------
+# what the commands share
+# ---------------------------------------------------------------------------
+
+
 def _spec(args: argparse.Namespace) -> Any:
-    """A zoo model by name (with --input-size/--num-classes) or a spec JSON file."""
+    """A zoo model by name (with --input-size/--num-classes) or a spec .json file."""
     from hal.models import get
     from hal.spec import ModelSpec
 
+    sizes = {k: v for k, v in (("input_size", args.input_size), ("num_classes", args.num_classes)) if v is not None}
     path = Path(args.model)
-    if path.suffix == ".json" and path.is_file():
-        return ModelSpec.from_json(path.read_text())
-    kwargs: dict[str, Any] = {}
-    if args.input_size is not None:
-        kwargs["input_size"] = args.input_size
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    return get(args.model, **kwargs)
+    if path.suffix != ".json":
+        return get(args.model, **sizes)
+    if sizes:
+        raise ConfigError("--input-size and --num-classes apply to zoo models, not to a spec file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the spec file {args.model!r}: {exc}") from None
+    return ModelSpec.from_json(text)
 
 
-def _targets(args: argparse.Namespace, include_reference: bool = True) -> list[str]:
+def _default_targets(include_reference: bool = True) -> list[str]:
+    """The reference first, then the first (default) device of every other available backend."""
     from hal.registry import available_targets
 
-    if args.targets:
-        return [t.strip() for t in args.targets.split(",") if t.strip()]
-    # default: the reference first, then the first (default) device of every other available backend
     seen, out = set(), []
     for t in sorted(available_targets(), key=lambda t: not t.startswith("numpy:")):
         backend = t.split(":")[0]
@@ -76,11 +172,31 @@ def _targets(args: argparse.Namespace, include_reference: bool = True) -> list[s
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from hal.training import SGD, AdamW, TrainConfig
+    from hal.training import TrainConfig
 
     lr = args.lr if args.lr is not None else 1e-3
     opt = AdamW(lr=lr) if args.optimizer == "adamw" else SGD(lr=lr, momentum=0.9)
     return TrainConfig(optimizer=opt, grad_accum=args.grad_accum, precision=args.precision)
+
+
+def _unavailable() -> dict[str, str]:
+    from hal.registry import backend_names, get_backend
+
+    out = {}
+    for name in backend_names():
+        try:
+            a = get_backend(name).availability()
+        except HalError as exc:
+            out[name] = str(exc)
+            continue
+        if not a.available:
+            out[name] = a.reason
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the commands
+# ---------------------------------------------------------------------------
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -113,16 +229,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from hal.parity import CHECKS, run_parity
 
-    progress = Progress(not args.json)
-    checks = args.checks.split(",") if args.checks else list(CHECKS)
     spec = _spec(args)
     weights = None
     if args.weights:
         from hal.weights import load_weights
 
         _, weights = load_weights(args.weights, spec)
-    report = run_parity(spec, _targets(args), batch=args.batch, checks=checks, steps=args.steps,
-                        config=_config(args), seed=args.seed, weights=weights, progress=progress)
+    progress = Progress(not args.json)
+    report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks or CHECKS,
+                        steps=args.steps, config=_config(args), seed=args.seed, weights=weights, progress=progress)
     progress.done()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
@@ -131,10 +246,13 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from hal.bench import run_bench
 
+    if args.out:
+        _check_writable(args.out, "--out")
+    spec = _spec(args)
     progress = Progress(not args.json)
-    modes = args.modes.split(",")
-    report = run_bench(_spec(args), _targets(args), batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                       modes=modes, native=not args.no_native, config=_config(args), progress=progress)
+    report = run_bench(spec, args.targets or _default_targets(), batch=args.batch, repeats=args.repeats,
+                       warmup=args.warmup, modes=args.modes, native=not args.no_native, config=_config(args),
+                       progress=progress)
     progress.done()
     written = report.write(args.out) if args.out else []
     if args.json:
@@ -153,7 +271,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hal.table import render
 
     spec = _spec(args)
-    targets = _targets(args)
+    targets = args.targets or _default_targets()
     progress = Progress(not args.json)
     parity = run_parity(spec, targets, batch=args.parity_batch, checks=("forward", "forward_train", "grads"),
                         config=_config(args), seed=args.seed, progress=progress)
@@ -204,37 +322,168 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if parity.passed else 1
 
 
-def _unavailable() -> dict[str, str]:
-    from hal.registry import backend_names, get_backend
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from hal.testing.conformance import run_conformance
 
-    out = {}
-    for name in backend_names():
-        try:
-            a = get_backend(name).availability()
-        except HalError as exc:
-            out[name] = str(exc)
+    progress = Progress(not args.json)
+    report = run_conformance(args.target, include=args.include, exclude=args.exclude, progress=progress)
+    progress.done()
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.passed else 1
+
+
+def _plan_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
+                grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
+                optimizer=PLAN_OPTIMIZERS[args.optimizer](), recompute=args.recompute, training=not args.inference,
+                headroom=args.headroom, efficiency=args.efficiency)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``hal plan``: the plan's table (or JSON) and, when it does not fit, a hint; 0 if it fits, 1 if not."""
+    from hal.ipu import plan
+
+    spec = _spec(args)
+    p = plan(spec, **_plan_settings(args))
+    print(p.to_json() if args.json else p.table())
+    if not p.fits and not args.json:
+        print(_plan_hint(spec, args))
+    return 0 if p.fits else 1
+
+
+def _plan_hint(spec: Any, args: argparse.Namespace) -> str:
+    """The first of a few standard changes that makes the plan fit, as a command-line hint."""
+    from hal.ipu import plan
+
+    base = {**_plan_settings(args), "devices": []}
+    rec = {"recompute": True} if args.ipus > 1 and not args.inference else {}  # pipeline recomputation only
+    half = {"precision": "fp16", **rec}
+    tries = [rec, {"precision": "fp16"}, half] + [
+        {**half, "micro_batch": m} for m in (args.micro_batch // 2, args.micro_batch // 4) if m >= 1]
+    for change in tries:
+        if not change or all(base[k] == v for k, v in change.items()):
             continue
-        if not a.available:
-            out[name] = a.reason
-    return out
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in change.items())
+        try:
+            p = plan(spec, **{**base, **change})
+        except HalError:
+            continue
+        if p.fits:
+            worst = max(s.memory.total for s in p.stages)
+            return f"hint: it fits with {flags} (largest IPU {worst / MIB:,.1f} MiB, balance {p.balance()[0]:.2f})."
+    return "hint: no standard change fits: try more IPUs per replica (--ipus) or a smaller --micro-batch."
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``hal train conductivity``: 0 if every target trained, 1 if one failed or the results went elsewhere."""
+    _check_writable(args.out, "--out")
+    _check_writable(args.cache_dir, "--cache-dir")
+    from hal.models.conductivity.train import report_text, run_workload
+
+    progress = Progress(not args.json)
+    report, files = run_workload(
+        args.compare or [args.target], samples=args.samples, size=args.size, dims=args.dims, kind=args.kind,
+        epochs=args.epochs, batch=args.batch, lr=args.lr, width=args.width, transform=args.transform, seed=args.seed,
+        steps_per_call=args.steps_per_call, threads=args.threads, cache_dir=args.cache_dir, out=args.out,
+        isolate=args.compare is not None, progress=progress)
+    progress.done()
+    if args.json:
+        print(json.dumps({**report, "files": [str(f) for f in files]}, indent=2))
+    else:
+        print(report_text(report))
+        for f in files:
+            print(f"wrote {f}")
+    if "output_error" in report:
+        print(f"hal: warning: {report['output_error']}", file=sys.stderr)
+    return 1 if report["failed"] or "output_error" in report else 0
+
+
+# ---------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="zoo model name (see `hal info`) or a spec .json file")
+    p.add_argument("--input-size", type=_int(1), help="square input size for zoo models")
+    p.add_argument("--num-classes", type=_int(1), help="classes for zoo models")
 
 
 def _common(p: argparse.ArgumentParser, batch: int) -> None:
-    p.add_argument("model", help="zoo model name (see `hal info`) or a spec .json file")
-    p.add_argument("--targets", help="comma-separated targets (default: every available backend)")
-    p.add_argument("--batch", type=int, default=batch)
-    p.add_argument("--input-size", type=int, help="square input size for zoo models")
-    p.add_argument("--num-classes", type=int)
+    _model_args(p)
+    p.add_argument("--targets", type=_targets, help="comma-separated targets (default: every available backend)")
+    p.add_argument("--batch", type=_int(1), default=batch)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="sgd: momentum 0.9")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-3: larger steps make trajectories chaotic)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp64", "bf16", "fp16"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=_positive_float,
+                   help="learning rate (default 1e-3: larger steps make trajectories chaotic)")
+    p.add_argument("--grad-accum", type=_int(1), default=1)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--seed", type=_int(0), default=0)
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
+def _add_plan(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan", help="plan a model on Graphcore IPUs (pipeline stages, memory, batch arithmetic)",
+        description="Split a model into pipeline stages over IPUs, estimate each IPU's memory and check "
+        "PopTorch's batch rules. Exits with status 1 when the plan does not fit.",
+    )
+    _model_args(p)
+    p.add_argument("--ipu", default="bow", help="IPU type: gc2 (Mk1), gc200 (Mk2) or bow (default)")
+    p.add_argument("--ipus", type=_int(1), default=1, help="IPUs per replica = pipeline stages (default 1)")
+    p.add_argument("--micro-batch", type=_int(1), default=1, help="samples per micro-batch (default 1)")
+    p.add_argument("--replicas", type=_int(1), default=1, help="data-parallel replicas (default 1)")
+    p.add_argument("--grad-accum", type=_int(1), default=None,
+                   help="gradient accumulation G (default: PopTorch's minimum, 2*ipus-1 when pipelined)")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="pick the smallest G reaching this pipeline efficiency (0..1) instead")
+    p.add_argument("--device-iterations", type=_int(1), default=None,
+                   help="iterations per host call (default 1; inference on N IPUs: N)")
+    p.add_argument("--precision", choices=sorted(IPU_PRECISIONS), default="fp32")
+    p.add_argument("--optimizer", choices=sorted(PLAN_OPTIMIZERS), default="sgd")
+    p.add_argument("--recompute", action="store_true", help="pipeline recomputation: stash stage inputs only")
+    p.add_argument("--inference", action="store_true", help="plan inference instead of training")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"fraction of IPU memory kept for code and exchange (default {DEFAULT_HEADROOM})")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="train a workload's model on a target, or compare targets",
+        description="Build (or reload) the workload's dataset, train its CNN, report R² and MAE on the held-out "
+        "test split, write a parity plot, loss curves and the weights. Exits 1 if a target failed.",
+    )
+    p.add_argument("workload", choices=("conductivity",))
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--target", type=_target, default="torch:cpu", help="target to train on (default torch:cpu)")
+    which.add_argument("--compare", type=_targets,
+                       help="comma-separated targets, each trained in its own process from the same weights and "
+                       "batches")
+    p.add_argument("--samples", type=_int(1), default=2000, help="dataset size (split 80/10/10)")
+    p.add_argument("--size", type=_int(1), default=64, help="grid extent per side")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    p.add_argument("--kind", choices=("grf", "spheres", "mixed"), default="grf", help="microstructure generator")
+    p.add_argument("--epochs", type=_int(1), default=30)
+    p.add_argument("--batch", type=_int(1), default=32)
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--width", type=_int(1), default=8, help="channels of the first stage (doubling per stage)")
+    p.add_argument("--transform", choices=TRANSFORMS, default="sqrt", help="target transform before standardising")
+    p.add_argument("--seed", type=_int(0), default=0, help="dataset, initial weights and batch order")
+    p.add_argument("--steps-per-call", type=_int(0), default=0,
+                   help="optimizer steps per Executable.run_steps call (default 0: a whole epoch; 1: train_step)")
+    p.add_argument("--threads", type=_int(0), default=0,
+                   help="intra-op threads for torch/TensorFlow/XLA (default 0: the frameworks' own choice)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_TRAIN_CACHE), help="dataset cache folder")
+    p.add_argument("--out", default=str(DEFAULT_TRAIN_OUT), help="folder for weights, plots, JSON and Markdown")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(fn=cmd_train)
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="hal", description="Define a CNN once; run, parity-test and benchmark it anywhere.")
+    """The ``hal`` argument parser; a wrong use raises :class:`~hal.errors.ConfigError`."""
+    ap = _Parser(prog="hal", description="Define a CNN once; run, parity-test and benchmark it anywhere.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="backends, versions, devices, and why a backend is unavailable")
@@ -243,38 +492,48 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="compare targets against the float64 reference")
     _common(p, batch=4)
-    p.add_argument("--checks", help="comma-separated: forward,forward_train,grads,trajectory (default: all)")
-    p.add_argument("--steps", type=int, default=3, help="trajectory length")
+    p.add_argument("--checks", type=_names, help="comma-separated: forward,forward_train,grads,trajectory (default: all)")
+    p.add_argument("--steps", type=_int(1), default=3, help="trajectory length")
     p.add_argument("--weights", help="a hal .safetensors file to test with (default: seeded init, see hal.parity)")
     p.set_defaults(fn=cmd_parity)
 
     p = sub.add_parser("bench", help="time targets against the native hand-written model")
     _common(p, batch=16)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--modes", default="inference,training")
+    p.add_argument("--repeats", type=_int(1), default=5)
+    p.add_argument("--warmup", type=_int(0), default=2)
+    p.add_argument("--modes", type=_names, default=["inference", "training"], help="comma-separated: inference,training")
     p.add_argument("--no-native", action="store_true")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for JSON/Markdown/PNG ('' to skip)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("compare", help="the main job: parity and speed of a model on every available target")
     _common(p, batch=16)
-    p.add_argument("--parity-batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--parity-batch", type=_int(2), default=4)
+    p.add_argument("--repeats", type=_int(1), default=3)
+    p.add_argument("--warmup", type=_int(0), default=1)
     p.set_defaults(fn=cmd_compare)
 
-    add_plan_parser(sub)  # subcommands defined next to their code
-    add_train_parser(sub)
+    p = sub.add_parser("conformance", help="run the backend conformance suite on a target",
+                       description="Every op, training path, weights round trip and documented error of a target "
+                       "against the float64 reference. Exits 1 if a case failed.")
+    p.add_argument("target", type=_target, help="e.g. numpy, torch:cpu, or a plug-in's target")
+    p.add_argument("--include", type=_regex, help="run only the cases whose name matches this regular expression")
+    p.add_argument("--exclude", type=_regex, help="skip the cases whose name matches this regular expression")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(fn=cmd_conformance)
+
+    _add_plan(sub)
+    _add_train(sub)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run ``hal`` with ``argv`` (default: the command line); returns the exit status."""
     try:
+        args = parser().parse_args(argv)
         return int(args.fn(args))
     except HalError as exc:
-        print(f"hal {args.command}: error: {exc}", file=sys.stderr)
+        print("hal: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

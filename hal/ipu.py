@@ -72,16 +72,14 @@ weight, gradient and state traffic, and activations written and read twice
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from hal.errors import ConfigError, HalError
+from hal.errors import ConfigError
 from hal.hardware import Device, all_devices, get_ipu
 from hal.table import render
 from hal.spec import DTYPE_BYTES, ModelSpec
@@ -777,101 +775,3 @@ def _optimizer_name(o: Optimizer) -> str:
     if isinstance(o, SGD):
         return f"SGD(momentum={o.momentum:g})" if o.momentum else "SGD"
     return "AdamW" if isinstance(o, AdamW) else "Adam"
-
-
-# ---------------------------------------------------------------------------
-# command line: `hal plan MODEL ...`
-# ---------------------------------------------------------------------------
-
-_OPTIMIZERS: dict[str, Callable[[], Optimizer]] = {
-    "sgd": SGD, "sgd-momentum": lambda: SGD(momentum=0.9), "adam": Adam, "adamw": AdamW,
-}
-
-
-def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``plan`` on an ``argparse`` sub-parser collection; returns the parser."""
-    p = subparsers.add_parser(
-        "plan", help="plan a zoo model on Graphcore IPUs (pipeline stages, memory, batch arithmetic)",
-        description="Split a model into pipeline stages over IPUs, estimate each IPU's memory and check "
-        "PopTorch's batch rules. Exits with status 1 when the plan does not fit.",
-    )
-    p.add_argument("model", help="zoo model name, e.g. resnet50 or small_cnn")
-    p.add_argument("--ipu", default="bow", help="IPU type: gc2 (Mk1), gc200 (Mk2) or bow (default)")
-    p.add_argument("--ipus", type=int, default=1, help="IPUs per replica = pipeline stages (default 1)")
-    p.add_argument("--micro-batch", type=int, default=1, help="samples per micro-batch (default 1)")
-    p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas (default 1)")
-    p.add_argument("--grad-accum", type=int, default=None,
-                   help="gradient accumulation G (default: PopTorch's minimum, 2*ipus-1 when pipelined)")
-    p.add_argument("--efficiency", type=float, default=None,
-                   help="pick the smallest G reaching this pipeline efficiency (0..1) instead")
-    p.add_argument("--device-iterations", type=int, default=None,
-                   help="iterations per host call (default 1; inference on N IPUs: N)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
-    p.add_argument("--optimizer", choices=sorted(_OPTIMIZERS), default="sgd")
-    p.add_argument("--recompute", action="store_true", help="pipeline recomputation: stash stage inputs only")
-    p.add_argument("--inference", action="store_true", help="plan inference instead of training")
-    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
-                   help=f"fraction of IPU memory kept for code and exchange (default {DEFAULT_HEADROOM})")
-    p.add_argument("--input-size", type=int, default=None, help="input height = width passed to the zoo model")
-    p.add_argument("--num-classes", type=int, default=None, help="classes passed to the zoo model")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(fn=run_plan)
-    return p
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """Run ``hal plan``: print the table (or JSON); 0 if the plan fits, 1 if not.
-
-    A bad model name or setting raises the :class:`~hal.errors.HalError` naming it.
-    """
-    from hal import models
-
-    kwargs = {k: v for k, v in (("input_size", args.input_size), ("num_classes", args.num_classes)) if v is not None}
-    spec = models.get(args.model, **kwargs)
-    p = plan(
-        spec, ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
-        grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
-        optimizer=_OPTIMIZERS[args.optimizer](), recompute=args.recompute, training=not args.inference,
-        headroom=args.headroom, efficiency=args.efficiency,
-    )
-    print(p.to_json() if args.json else p.table())
-    if not p.fits and not args.json:
-        print(_hint(spec, args))
-    return 0 if p.fits else 1
-
-
-def _hint(spec: ModelSpec, args: argparse.Namespace) -> str:
-    """The first of a few standard changes that makes the plan fit, as a command-line hint."""
-    base = dict(ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
-                grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
-                optimizer=_OPTIMIZERS[args.optimizer](), recompute=args.recompute, training=not args.inference,
-                headroom=args.headroom, efficiency=args.efficiency, devices=[])
-    rec = {"recompute": True} if args.ipus > 1 and not args.inference else {}  # pipeline recomputation only
-    half = {"precision": "fp16", **rec}
-    tries = [rec, {"precision": "fp16"}, half] + [
-        {**half, "micro_batch": m} for m in (args.micro_batch // 2, args.micro_batch // 4) if m >= 1]
-    for change in tries:
-        if not change or all(base[k] == v for k, v in change.items()):
-            continue
-        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in change.items())
-        try:
-            p = plan(spec, **{**base, **change})  # type: ignore[arg-type]
-        except HalError:
-            continue
-        if p.fits:
-            worst = max(s.memory.total for s in p.stages)
-            return f"hint: it fits with {flags} (largest IPU {worst / MIB:,.1f} MiB, balance {p.balance()[0]:.2f})."
-    return "hint: no standard change fits: try more IPUs per replica (--ipus) or a smaller --micro-batch."
-
-
-def cli_plan(argv: Sequence[str] | None = None) -> int:
-    """``hal plan`` on its own: ``cli_plan(["resnet50", "--ipus", "4"])``; 2 (and the reason on
-    stderr) for a user error."""
-    parser = argparse.ArgumentParser(prog="hal")
-    add_plan_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *(argv if argv is not None else [])])
-    try:
-        return run_plan(args)
-    except HalError as exc:
-        print(f"hal plan: error: {exc}", file=sys.stderr)
-        return 2

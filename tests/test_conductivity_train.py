@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import hal
-from hal.errors import ConfigError, SpecError, TargetError, UnsupportedError
+from hal.cli import TRANSFORMS as CLI_TRANSFORMS, main
+from hal.errors import ConfigError, SpecError
 from hal.models import ZOO, conductivity_cnn, get
 from hal.models.conductivity import ConductivityDataset, build_dataset, train_conductivity
-from hal.models.conductivity.train import TRANSFORMS, TargetScaler, add_train_parser
+from hal.models.conductivity import train
+from hal.models.conductivity.train import TRANSFORMS, TargetScaler
 from hal.spec import Conv, Dense, GlobalAvgPool, MaxPool
 
 pytest.importorskip("torch")
@@ -23,10 +26,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> ConductivityDataset:
     return build_dataset(48, 12, 2, seed=3, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
 
 
-def _cli(*argv: str) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="hal")
-    add_train_parser(ap.add_subparsers(dest="command", required=True))
-    return ap.parse_args(["train", "conductivity", *argv])
+def _train(tmp_path, *argv: str) -> int:
+    """``hal train conductivity`` on a 48-sample 12x12 dataset cached under ``tmp_path``."""
+    return main(["train", "conductivity", "--samples", "48", "--size", "12", "--epochs", "2", "--batch", "8",
+                 "--width", "4", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), *argv])
 
 
 @pytest.mark.parametrize("dims, size", [(2, 64), (3, 32), (2, (16, 24))])
@@ -93,9 +96,7 @@ def test_train_rejects_bad_arguments(tiny, kwargs, match):
 
 def test_train_command_writes_weights_plots_and_report(tmp_path, capsys):
     out = tmp_path / "out"
-    args = _cli("--target", "torch:cpu", "--samples", "48", "--size", "12", "--epochs", "2", "--batch", "8",
-                "--width", "4", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json")
-    assert args.fn(args) == 0
+    assert _train(tmp_path, "--target", "torch:cpu", "--out", str(out), "--json") == 0
     report = json.loads(capsys.readouterr().out)
     (row,) = report["results"]
     assert row["target"] == "torch:cpu" and len(row["val_loss"]) == 2 and not report["failed"]
@@ -109,12 +110,55 @@ def test_train_command_writes_weights_plots_and_report(tmp_path, capsys):
     assert "| torch:cpu |" in (out / "conductivity2d.md").read_text()
 
 
-@pytest.mark.parametrize("argv, error", [
-    (("--target", "numpy"), UnsupportedError), (("--target", "torch:tpu"), TargetError),
-    (("--compare", " , "), ConfigError), (("--threads", "-1"), ConfigError),
+def test_train_command_keeps_the_weights_when_the_output_folder_fails(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    trained = {}
+
+    def fake_train(data, target, *, spec, **_):  # stands for the training: known weights, no time
+        test = data.y[data.splits["test"]]
+        trained.update(hal.init_weights(spec, seed=7))
+        return train.TrainResult(target, [1.0, 0.5], [1.0, 0.6], test, test, 1.0, 0.0, 1.0, 0.5, 10.0, trained)
+
+    def full_disk(path, spec, weights):  # the disk under --out fills up while training
+        raise OSError(28, "No space left on device")
+
+    real_save = train.save_weights
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the fallback folder goes
+    monkeypatch.setattr(train, "train_conductivity", fake_train)
+    monkeypatch.setattr(train, "save_weights", lambda p, *a: (full_disk if out in p.parents else real_save)(p, *a))
+    assert _train(tmp_path, "--target", "torch:cpu", "--out", str(out), "--json") == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "No space left on device" in report["output_error"]
+    assert captured.err.endswith(f"hal: warning: {report['output_error']}\n")
+    (saved,) = [f for f in map(Path, report["files"]) if f.suffix == ".safetensors"]
+    assert out not in saved.parents and saved.name == "conductivity2d-torch-cpu.safetensors"
+    spec, weights = hal.load_weights(saved)
+    assert spec == conductivity_cnn(2, 12, width=4) and weights.keys() == trained.keys()
+    assert all(np.array_equal(weights[k], trained[k]) for k in trained)
+    assert (saved.parent / "conductivity2d.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--target", "numpy"), "target 'numpy' does not train"),
+    (("--target", "torch:tpu"), "torch has no device 'tpu'"),
+    (("--compare", " , "), "argument --compare: an empty entry"),
+    (("--compare", "torch:cpu,nosuch"), "unknown backend 'nosuch'"),
+    (("--threads", "-1"), "argument --threads: expected an integer >= 0, got '-1'"),
+    (("--lr", "nan"), "argument --lr: expected a finite number > 0"),
+    (("--transform", "exp"), "argument --transform: invalid choice"),
+    (("--size", "4"), "conductivity_cnn: size must be"),
+    (("--out", "FILE/results"), "--out 'FILE/results': "),
+    (("--cache-dir", "FILE"), "--cache-dir 'FILE': "),
 ])
-def test_train_command_rejects_bad_targets_before_building_data(tmp_path, argv, error):
-    args = _cli(*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path))
-    with pytest.raises(error):
-        args.fn(args)
+def test_train_command_rejects_bad_arguments_before_building_data(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    assert _train(tmp_path, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hal: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "cache").exists()
+
+
+def test_cli_transforms_are_the_trainers():
+    assert CLI_TRANSFORMS == TRANSFORMS

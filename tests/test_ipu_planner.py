@@ -11,6 +11,7 @@ import pytest
 
 from hal import Adam, AdamW, ConfigError, SGD, SpecBuilder
 from hal import hardware, ipu, models
+from hal.cli import main
 from hal.hardware import MiB
 
 # ---------------------------------------------------------------------------
@@ -349,16 +350,16 @@ def test_plan_to_dict_is_json_and_table_is_readable(chain):
 
 
 def test_cli_plan(capsys):
-    assert ipu.cli_plan(["small_cnn", "--ipus", "2", "--micro-batch", "8", "--input-size", "32"]) == 0
+    assert main(["plan", "small_cnn", "--ipus", "2", "--micro-batch", "8", "--input-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "small_cnn on 2 x Graphcore Bow IPU" in out and "FITS" in out
-    assert ipu.cli_plan(["resnet50", "--ipus", "1", "--micro-batch", "16", "--json"]) == 1
+    assert main(["plan", "resnet50", "--ipus", "1", "--micro-batch", "16", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
-    assert ipu.cli_plan(["resnet50", "--ipus", "4", "--micro-batch", "16"]) == 1
+    assert main(["plan", "resnet50", "--ipus", "4", "--micro-batch", "16"]) == 1
     assert capsys.readouterr().out.rstrip().endswith("hint: it fits with --recompute (largest IPU 663.2 MiB, balance 1.57).")
-    assert ipu.cli_plan(["resnet50", "--ipus", "4", "--grad-accum", "3"]) == 2
+    assert main(["plan", "resnet50", "--ipus", "4", "--grad-accum", "3"]) == 2
     assert "grad_accum >= 2 x 4 - 1 = 7" in capsys.readouterr().err
-    assert ipu.cli_plan(["nonet"]) == 2
+    assert main(["plan", "nonet"]) == 2
     assert "unknown model 'nonet'" in capsys.readouterr().err
 
 

@@ -35,12 +35,13 @@ is the steady rate without the first call's compile. On a busy 2-core machine
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import io
 import json
 import math
 import numbers
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,11 +59,10 @@ from hal.spec import ModelSpec
 from hal.table import markdown, render
 from hal.training import AdamW, Cosine, TrainConfig
 from hal.weights import atomic_write, save_weights
+from hal.worker import describe, run_isolated
 
 TRANSFORMS = ("plain", "sqrt", "log")
 LOG_OFFSET = 0.01
-DEFAULT_CACHE = Path(".hal-cache") / "conductivity"
-DEFAULT_OUT = Path("bench") / "results" / "conductivity"
 EVAL_BATCH = 256
 WEIGHT_DECAY = 1e-4
 
@@ -272,115 +272,132 @@ def loss_plot(results: Sequence[TrainResult], path: Path, title: str) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def add_train_parser(subparsers: Any) -> None:
-    """Register ``train`` on an ``argparse`` sub-parser collection."""
-    p = subparsers.add_parser(
-        "train", help="train a workload's model on a target, or compare targets",
-        description="Build (or reload) the workload's dataset, train its CNN, report R² and MAE on the held-out "
-        "test split, write a parity plot, loss curves and the weights. Exits 1 if a target failed.",
-    )
-    p.add_argument("workload", choices=("conductivity",))
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--target", default="torch:cpu", help="target to train on (default torch:cpu)")
-    which.add_argument("--compare", help="comma-separated targets, each trained from the same weights and batches")
-    p.add_argument("--samples", type=int, default=2000, help="dataset size (split 80/10/10)")
-    p.add_argument("--size", type=int, default=64, help="grid extent per side")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=2)
-    p.add_argument("--kind", choices=("grf", "spheres", "mixed"), default="grf", help="microstructure generator")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    p.add_argument("--width", type=int, default=8, help="channels of the first stage (doubling per stage)")
-    p.add_argument("--transform", choices=TRANSFORMS, default="sqrt", help="target transform before standardising")
-    p.add_argument("--seed", type=int, default=0, help="dataset, initial weights and batch order")
-    p.add_argument("--steps-per-call", type=int, default=0,
-                   help="optimizer steps per Executable.run_steps call (default 0: a whole epoch; 1: train_step)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="intra-op threads for torch/TensorFlow/XLA (default 0: the frameworks' own choice)")
-    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="dataset cache folder")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for weights, plots, JSON and Markdown")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.set_defaults(fn=run_train)
+def run_workload(
+    targets: Sequence[str],
+    *,
+    samples: int,
+    size: int,
+    dims: int,
+    kind: str,
+    epochs: int,
+    batch: int,
+    lr: float,
+    width: int,
+    transform: str,
+    seed: int,
+    steps_per_call: int,
+    threads: int,
+    cache_dir: str | os.PathLike | None,
+    out: str | os.PathLike,
+    isolate: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """``hal train conductivity``: build (or reload) the dataset, train on each target, write the results.
 
-
-def run_train(args: argparse.Namespace) -> int:
-    """``hal train conductivity``: 0 if every target trained, 1 if one failed."""
-    from hal.cli import Progress  # hal.cli registers this command: import it late
-
-    for name in ("threads", "steps_per_call"):
-        _check_int(name, getattr(args, name), low=0)
-    for name in ("epochs", "batch"):
-        _check_int(name, getattr(args, name))
-    if args.threads:  # read when each framework loads, which is after this point
-        _set_threads(args.threads)
-    targets = [t.strip() for t in (args.compare or args.target).split(",") if t.strip()]
+    Every argument is checked before the dataset is built. A target that fails is listed in the report's
+    ``failed`` (with ``isolate``, each target trains in its own worker process, so even a crash is); a
+    single target's hal error is raised. Writes to ``out`` the weights of each trained target, then the
+    parity and loss plots (when matplotlib is installed) and the Markdown and JSON report. If ``out``
+    cannot be written, everything goes to a new temporary folder instead and ``report["output_error"]``
+    says where and why. Returns the report and the files written.
+    """
+    for name, value, low in (("epochs", epochs, 1), ("batch", batch, 1), ("threads", threads, 0),
+                             ("steps_per_call", steps_per_call, 0), ("samples", samples, 1)):
+        _check_int(name, value, low)
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a finite number > 0, got {lr!r}")
+    if transform not in TRANSFORMS:
+        raise ConfigError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    targets = list(targets)
     if not targets:
-        raise ConfigError("--compare needs at least one target")
+        raise ConfigError("no target to train on")
     for t in targets:  # fail before the dataset is built
         cls, _ = resolve(t)
         if not cls.capabilities().training:
             raise UnsupportedError(f"target {t!r} does not train")
-    spec = conductivity_cnn(dims=args.dims, size=args.size, width=args.width)
-    progress = Progress(not args.json)
+    spec = conductivity_cnn(dims=dims, size=size, width=width)
+    if threads:  # read when each framework loads, which is after this point (worker processes inherit it)
+        _set_threads(threads)
+    say = progress or (lambda _msg: None)
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    data = build_dataset(args.samples, args.size, args.dims, args.seed, args.kind, cache_dir=args.cache_dir,
-                         progress=not args.json)
+    data = build_dataset(samples, size, dims, seed, kind, cache_dir=cache_dir, progress=progress is not None)
     build_seconds = time.perf_counter() - start
 
     results: list[TrainResult] = []
     failed: dict[str, str] = {}
+    settings = dict(spec=spec, epochs=epochs, batch=batch, lr=lr, transform=transform, seed=seed,
+                    steps_per_call=steps_per_call)
     for t in targets:
         try:
-            results.append(train_conductivity(data, t, spec=spec, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                                              transform=args.transform, seed=args.seed,
-                                              steps_per_call=args.steps_per_call, progress=progress))
+            if isolate:  # a framework that crashes or runs out of memory fails its target only
+                results.append(run_isolated(train_conductivity, data, t, label=t, progress=progress, **settings))
+            else:
+                results.append(train_conductivity(data, t, progress=progress, **settings))
         except Exception as exc:  # one broken target must not hide the others' results
             if len(targets) == 1 and isinstance(exc, HalError):
                 raise
-            failed[t] = f"{type(exc).__name__}: {exc}"
-    progress.done()
+            failed[t] = describe(exc)
+            say(f"{t} failed: {failed[t]}")
 
-    out, stem = Path(args.out), f"conductivity{args.dims}d"
-    files = [save_weights(out / f"{stem}-{r.target.replace(':', '-')}.safetensors", spec, r.weights) for r in results]
-    setting = _setting(args.dims, args.kind, args.samples, args.size, args.transform)
-    if results:
-        files.append(parity_plot(results, out / f"{stem}-parity.png", f"test split: {setting}"))
-        files.append(loss_plot(results, out / f"{stem}-loss.png", f"loss curves: {setting}"))
-    steps = len(data.splits["train"]) // args.batch
+    steps = len(data.splits["train"]) // batch
     report = {
         "workload": "conductivity",
-        "dataset": {"samples": args.samples, "size": args.size, "dims": args.dims, "kind": args.kind,
-                    "seed": args.seed, "splits": {k: len(v) for k, v in data.splits.items()},
+        "dataset": {"samples": samples, "size": size, "dims": dims, "kind": kind,
+                    "seed": seed, "splits": {k: len(v) for k, v in data.splits.items()},
                     "from_cache": data.from_cache, "seconds": build_seconds,
                     "generation_seconds": data.manifest["generation_seconds"], "rate": data.rate,
                     "zero_fraction": float(np.mean(data.y == 0))},
-        "model": {"spec": spec.name, "params": spec.num_params, "width": args.width},
-        "training": {"epochs": args.epochs, "batch": args.batch, "steps_per_epoch": steps, "lr": args.lr,
+        "model": {"spec": spec.name, "params": spec.num_params, "width": width},
+        "training": {"epochs": epochs, "batch": batch, "steps_per_epoch": steps, "lr": lr,
                      "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY})", "schedule": "Cosine, 1-epoch warm-up",
-                     "transform": args.transform, "loss": "mse",
-                     "target_scaler": asdict(TargetScaler.fit(args.transform, data.y[data.splits["train"]]))},
-        "env": {"cpus": os.cpu_count(), "threads": args.threads or "default", "steps_per_call": args.steps_per_call,
+                     "transform": transform, "loss": "mse",
+                     "target_scaler": asdict(TargetScaler.fit(transform, data.y[data.splits["train"]]))},
+        "env": {"cpus": os.cpu_count(), "threads": threads or "default", "steps_per_call": steps_per_call,
                 "load_average_start": load, "load_average_end": os.getloadavg()[0]},
         "results": [r.summary() for r in results],
         "failed": failed,
     }
-    header, rows = report_table(report)
+    stem = f"conductivity{dims}d"
+    try:
+        files = _write_outputs(Path(out), stem, spec, results, report)
+    except OSError as exc:  # trained weights are never lost: they go somewhere that can be written
+        fallback = Path(tempfile.mkdtemp(prefix="hal-train-"))
+        report["output_error"] = f"could not write to {str(out)!r} ({exc}); wrote to {str(fallback)!r} instead"
+        files = _write_outputs(fallback, stem, spec, results, report)
+    return report, files
+
+
+def _write_outputs(out: Path, stem: str, spec: ModelSpec, results: Sequence[TrainResult],
+                   report: dict[str, Any]) -> list[Path]:
+    """Weights first (the costly part), then plots, Markdown and JSON; returns the paths written."""
+    files = [save_weights(out / f"{stem}-{r.target.replace(':', '-')}.safetensors", spec, r.weights)
+             for r in results]
+    d, t = report["dataset"], report["training"]
+    setting = _setting(d["dims"], d["kind"], d["samples"], d["size"], t["transform"])
+    if results and importlib.util.find_spec("matplotlib") is None:
+        report["plots"] = "not drawn: matplotlib is not installed (pip install 'hal-cnn[plot]')"
+    elif results:
+        files.append(parity_plot(results, out / f"{stem}-parity.png", f"test split: {setting}"))
+        files.append(loss_plot(results, out / f"{stem}-loss.png", f"loss curves: {setting}"))
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{stem}.md", report_markdown(report).encode())
     atomic_write(out / f"{stem}.json", json.dumps(report, indent=2).encode())
-    files += [out / f"{stem}.md", out / f"{stem}.json"]
-    if args.json:
-        print(json.dumps({**report, "files": [str(f) for f in files]}, indent=2))
-    else:
-        src = "cache" if data.from_cache else f"built in {build_seconds:.1f} s, {data.rate:.1f} samples/s"
-        print(f"{spec.name} ({spec.num_params:,} params), {setting}; dataset {src}; "
-              f"{args.epochs} epochs x {steps} steps of {args.batch}; load average {load:.1f}")
-        print(render(header, rows))
-        for t, why in failed.items():
-            print(f"{t}: {why}")
-        for f in files:
-            print(f"wrote {f}")
-    return 1 if failed else 0
+    return files + [out / f"{stem}.md", out / f"{stem}.json"]
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The terminal summary of one run: setting, results table, failed targets."""
+    d, m, t, env = report["dataset"], report["model"], report["training"], report["env"]
+    src = "cache" if d["from_cache"] else f"built in {d['seconds']:.1f} s, {d['rate']:.1f} samples/s"
+    lines = [f"{m['spec']} ({m['params']:,} params), "
+             f"{_setting(d['dims'], d['kind'], d['samples'], d['size'], t['transform'])}; dataset {src}; "
+             f"{t['epochs']} epochs x {t['steps_per_epoch']} steps of {t['batch']}; "
+             f"load average {env['load_average_start']:.1f}",
+             render(*report_table(report))]
+    lines += [f"{target}: {why}" for target, why in report["failed"].items()]
+    lines += [f"plots {report['plots']}"] if "plots" in report else []
+    return "\n".join(lines)
 
 
 def report_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
