@@ -1,7 +1,8 @@
-"""pytest-friendly parity assertions, so users can parity-test their own specs.
+"""Testing helpers: parity assertions for your own specs, and the backend conformance suite.
 
->>> from hal.testing import assert_parity
+>>> from hal.testing import assert_parity, run_conformance
 >>> assert_parity(my_spec, "torch:cpu")            # forward, grads, trajectory
+>>> print(run_conformance("torch:cpu").table())   # every op, training path and error (hal.testing.conformance)
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import numpy as np
 
 from hal.parity import CHECKS, ParityReport, normalised_error, run_parity, tolerance
 from hal.spec import ModelSpec
+from hal.testing.conformance import ConformanceReport, run_conformance
+
+__all__ = ["ConformanceReport", "assert_close_to_reference", "assert_parity", "assert_weights_equal", "run_conformance"]
 
 
 def assert_parity(

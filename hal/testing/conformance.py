@@ -1,0 +1,883 @@
+"""The conformance suite: one set of cases that proves a backend against the reference.
+
+Modelled on ONNX's backend test runner (cases named by what they test, selected
+with ``include``/``exclude`` regular expressions) and Keras 3's one-suite-many-
+backends tests. Every in-tree backend runs it; a plug-in runs the same suite::
+
+    import pytest
+    from hal.testing.conformance import check_case, conformance_cases
+
+    @pytest.mark.parametrize("case", conformance_cases("mybackend:cpu"), ids=str)
+    def test_conformance(case):
+        check_case("mybackend:cpu", case)
+
+or, as a report: ``hal.testing.run_conformance("mybackend:cpu").table()``.
+
+Groups of cases (a case name is ``group/what``):
+
+``op/``         each op alone in a tiny spec (1/2/3-d, asymmetric and edge paddings,
+                strides, dilations, groups, odd sizes, batch 1): inference and
+                training-mode forward against the float64 numpy reference
+``grad/``       the same ops behind a BatchNorm: ``loss_and_grads`` (MSE) against
+                float64 autodiff, so each op's backward is checked on its own
+``loss/``       ``loss_and_grads`` of a small MLP, cross-entropy and MSE
+``train/``      3-step trajectories: SGD (plain, momentum, Nesterov, weight decay),
+                Adam, AdamW, the StepDecay and Cosine schedules (every other case
+                uses Constant), gradient accumulation with and without BatchNorm
+``precision/``  forward and gradients in fp64, bf16 and fp16
+``state/``      ``predict``/``loss_and_grads`` change nothing, bit-exact weights
+                round trip, ``run_steps`` equals repeated ``train_step``, unchecked
+                non-finite steps are applied
+``error/``      every documented bad input raises its hal error; failed loads and
+                non-finite steps leave the executable as it was
+``import/``     loading the backend class imports no framework
+
+Training cases avoid convolutions (the MLP is Flatten, Dense, BatchNorm, tanh),
+so a wrong op fails the ``op/`` and ``grad/`` cases named after it, and nothing else.
+
+Tolerances are those of :mod:`hal.parity`: ``FACTOR`` times the float32 floor
+measured on the same case (forward: float32 numpy against float64 numpy;
+gradients and trajectories: plain float32 PyTorch autodiff against float64),
+scaled by unit roundoff for other precisions. The float64 autodiff reference is
+``torch:cpu``; without torch those cases are SKIP, never PASS.
+
+What a backend declares it cannot do (``capabilities()``, ``unsupported()``), or
+refuses at run time with :class:`~hal.errors.UnsupportedError`, is reported
+UNSUPPORTED with the reason, never PASS; a report passes when no case FAILs,
+so an inference-only backend can pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from hal.backend import Backend, Executable, Target, Weights
+from hal.errors import (
+    ConfigError,
+    HalError,
+    InputError,
+    NonFiniteError,
+    UnsupportedError,
+    WeightsError,
+)
+from hal.parity import (
+    ILL_CONDITIONED,
+    REFERENCE_AUTODIFF,
+    UNIT_ROUNDOFF,
+    _grads_error,
+    _trajectory_error,
+    make_batch,
+    normalised_error,
+    tolerance,
+)
+from hal.registry import compile, get_backend, resolve
+from hal.spec import ModelSpec, SpecBuilder
+from hal.table import render
+from hal.training import SGD, Adam, AdamW, Cosine, StepDecay, TrainConfig
+
+PASS, FAIL, UNSUPPORTED, SKIP = "PASS", "FAIL", "UNSUPPORTED", "SKIP"
+FRAMEWORKS = ("torch", "jax", "tensorflow", "flax", "optax", "keras", "poptorch", "onnxruntime")
+BATCH = 4  # training and gradient cases
+STEPS = 3  # trajectory length
+
+Patterns = str | Sequence[str] | None
+
+
+# ---------------------------------------------------------------------------
+# cases and results
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case: ``check(session, case)`` raises on failure or returns
+    the measured error and its tolerance. ``spec`` and ``config`` say what the
+    backend must support for the case to apply; ``training`` that it must train."""
+
+    name: str
+    check: Callable[["_Session", "Case"], "_Measured"] = field(repr=False, compare=False)
+    spec: ModelSpec | None = None
+    config: TrainConfig = field(default_factory=TrainConfig)
+    training: bool = False
+    doc: str = ""
+
+    @property
+    def group(self) -> str:
+        return self.name.partition("/")[0]
+
+    @property
+    def ops(self) -> frozenset[str]:
+        """Op kinds of the case's spec."""
+        return frozenset(n.op.kind for n in self.spec.nodes) if self.spec is not None else frozenset()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass
+class CaseResult:
+    """One row of a report. ``error`` and ``tolerance`` are normalised max errors
+    (see :func:`hal.parity.normalised_error`); None for exact checks."""
+
+    name: str
+    group: str
+    status: str
+    error: float | None = None
+    tolerance: float | None = None
+    note: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ConformanceReport:
+    """The rows of one target's run."""
+
+    target: str
+    rows: list[CaseResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        """No case failed (UNSUPPORTED and SKIP rows do not fail a report)."""
+        return all(r.status != FAIL for r in self.rows)
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.status == s for r in self.rows) for s in (PASS, FAIL, UNSUPPORTED, SKIP)}
+
+    def table(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        head = f"conformance of {self.target}: {counts or 'no cases'} ({self.seconds:.1f} s)"
+        rows = [[r.name, r.status, _sci(r.error), _sci(r.tolerance), f"{r.seconds:.2f}", r.note] for r in self.rows]
+        return head + "\n" + render(["case", "result", "error", "tolerance", "seconds", "note"], rows, "llrrrl")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "passed": self.passed, "counts": self.counts(), "seconds": self.seconds,
+            "rows": [asdict(r) for r in self.rows],
+        }
+
+
+@dataclass(frozen=True)
+class _Measured:
+    error: float | None = None
+    tol: float | None = None
+    note: str = ""
+
+
+class _Failed(Exception):
+    """An exact check did not hold."""
+
+
+class _Skipped(Exception):
+    """The case cannot be decided here (no reference, ill-conditioned)."""
+
+
+def _sci(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
+# ---------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------
+
+
+class _Session:
+    """A resolved target and the executables its read-only cases share."""
+
+    def __init__(self, target: str) -> None:
+        self.backend, t = resolve(target)
+        self.target = str(t)
+        self._shared: dict[tuple[str, TrainConfig], Executable] = {}
+
+    def compile(self, spec: ModelSpec, weights: Weights, config: TrainConfig) -> Executable:
+        return compile(spec, self.target, weights, config)
+
+    def shared(self, spec: ModelSpec, config: TrainConfig) -> Executable:
+        """One executable per (spec, config) for cases that only feed it bad inputs."""
+        key = (spec.hash, config)
+        if key not in self._shared:
+            self._shared[key] = self.compile(spec, _weights(spec), config)
+        return self._shared[key]
+
+
+def _declared_unsupported(backend: type[Backend], case: Case) -> str:
+    caps = backend.capabilities()
+    if case.training and not caps.training:
+        return f"{backend.name} is inference-only (capabilities().training is False)"
+    if case.config.precision not in caps.precisions:
+        return f"{backend.name} declares precisions {caps.precisions}, not {case.config.precision}"
+    if case.spec is None:
+        return ""
+    missing = sorted(case.ops - caps.ops)
+    if missing:
+        return f"{backend.name} declares no {', '.join(missing)} op"
+    return "; ".join(f"{k}: {v}" for k, v in backend.unsupported(case.spec, case.config).items())
+
+
+def _run_case(session: _Session, case: Case) -> CaseResult:
+    t0 = time.perf_counter()
+    row = CaseResult(case.name, case.group, PASS)
+    reason = _declared_unsupported(session.backend, case)
+    if reason:
+        row.status, row.note = UNSUPPORTED, reason
+        return row
+    try:
+        m = case.check(session, case)
+        row.error, row.tolerance, row.note = m.error, m.tol, m.note
+        if m.error is not None and not m.error <= m.tol:  # a NaN error fails
+            row.status = FAIL
+    except UnsupportedError as exc:
+        row.status, row.note = UNSUPPORTED, f"refused at run time: {exc}"
+    except _Skipped as exc:
+        row.status, row.note = SKIP, str(exc)
+    except (_Failed, HalError) as exc:
+        row.status, row.note = FAIL, str(exc)
+    except Exception as exc:  # a backend raising anything but a hal error fails the case
+        row.status, row.note = FAIL, f"{type(exc).__name__}: {exc}"
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def _compile_patterns(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    items = [patterns] if isinstance(patterns, str) else list(patterns)
+    out = []
+    for p in items:
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"conformance {what}: {p!r} is not a regular expression: {exc}") from None
+    return out
+
+
+def conformance_cases(target: str, include: Patterns = None, exclude: Patterns = None) -> list[Case]:
+    """The cases for ``target``, in run order: those whose name matches (``re.search``)
+    any ``include`` pattern (all when None) and no ``exclude`` pattern.
+
+    Imports no framework (only the backend's module, for its options), so a
+    plug-in's test file can call it at collection time even where the backend is
+    not available."""
+    backend = get_backend(Target.parse(target).backend)
+    inc, exc = _compile_patterns(include, "include"), _compile_patterns(exclude, "exclude")
+    return [
+        c for c in (*_static_cases(), *_option_cases(backend))
+        if (not inc or any(p.search(c.name) for p in inc)) and not any(p.search(c.name) for p in exc)
+    ]
+
+
+def run_conformance(
+    target: str,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    progress: Callable[[str], None] | None = None,
+) -> ConformanceReport:
+    """Run the suite on ``target`` (see the module docstring). A target that is not
+    available here raises its hal error; a failing case never raises: it is a row."""
+    cases = conformance_cases(target, include, exclude)
+    session = _Session(target)
+    report = ConformanceReport(session.target)
+    t0 = time.perf_counter()
+    for case in cases:
+        if progress:
+            progress(case.name)
+        report.rows.append(_run_case(session, case))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+_SESSIONS: dict[str, _Session] = {}
+
+
+def check_case(target: str, case: Case) -> CaseResult:
+    """Run one case under pytest: a FAIL raises ``AssertionError``, UNSUPPORTED and
+    SKIP call ``pytest.skip`` with the reason. Cases of one target share a session."""
+    if target not in _SESSIONS:
+        _SESSIONS[target] = _Session(target)
+    row = _run_case(_SESSIONS[target], case)
+    if row.status == FAIL:
+        measured = f" (error {row.error:.2e} > tolerance {row.tolerance:.2e})" if row.error is not None else ""
+        raise AssertionError(f"{case.name} on {target}{measured}: {row.note}")
+    if row.status in (UNSUPPORTED, SKIP):
+        import pytest
+
+        pytest.skip(f"{row.status}: {row.note}")
+    return row
+
+
+# ---------------------------------------------------------------------------
+# references and data
+# ---------------------------------------------------------------------------
+
+
+def _weights(spec: ModelSpec, seed: int = 0) -> Weights:
+    """float32 weights in which every value matters: random parameters, BatchNorm
+    statistics away from 0 and 1 (running_var positive)."""
+    r = np.random.default_rng(seed)
+    out = {}
+    for k, shape in spec.param_shapes().items():
+        if k.endswith(("running_var", ".weight")) and len(shape) == 1:  # variance and BatchNorm gamma
+            a = r.uniform(0.5, 1.5, shape)
+        elif k.endswith(("running_mean", ".bias")):
+            a = r.normal(0.0, 0.2, shape)
+        else:
+            a = r.normal(0.0, 1.0 / np.sqrt(np.prod(shape[1:])), shape)
+        out[k] = a.astype(np.float32)
+    return out
+
+
+def _reference_forward(spec: ModelSpec, w: Weights, x: np.ndarray, training: bool, precision: str) -> np.ndarray:
+    from hal.backends.numpy import NumpyExecutable
+
+    return NumpyExecutable(spec, w, TrainConfig(precision=precision)).predict(x, training)
+
+
+def _autodiff(spec: ModelSpec, w: Weights, config: TrainConfig, precision: str) -> Executable:
+    """Plain eager PyTorch (no fast paths) in ``precision``: the autodiff reference."""
+    try:
+        resolve(REFERENCE_AUTODIFF)
+    except HalError as exc:
+        raise _Skipped(f"no float64 autodiff reference: {exc}") from None
+    from hal.backends.torch import TorchExecutable
+
+    return TorchExecutable(spec, w, "cpu", replace(config, precision=precision), fast=False)
+
+
+def _decided(error: float, tol: float, floor: float, note: str) -> _Measured:
+    if tol > ILL_CONDITIONED:
+        raise _Skipped(f"ill-conditioned: float32 rounding alone moves it {floor:.0e}; {note}")
+    return _Measured(error, tol, note)
+
+
+def _check_forward(
+    s: _Session, case: Case, batch: int = 2, shift: float = 0.0, modes: tuple[bool, ...] = (False, True)
+) -> _Measured:
+    """``predict`` in each mode against float64 numpy; tolerance from float32 numpy."""
+    spec, w = case.spec, _weights(case.spec)
+    x = make_batch(spec, batch, "mse")[0] + np.float32(shift)
+    exe = s.compile(spec, w, case.config)
+    measured, notes = [], []
+    for training in modes:
+        ref = _reference_forward(spec, w, x, training, "fp64")
+        floor = max(normalised_error(_reference_forward(spec, w, x, training, "fp32"), ref)[1], UNIT_ROUNDOFF["fp32"])
+        err = normalised_error(exe.predict(x, training), ref)[1]
+        mode = "training" if training else "inference"
+        measured.append(_decided(err, tolerance(floor, case.config.precision), floor, mode))
+        notes.append(f"{mode} {err:.1e}")
+    return replace(max(measured, key=lambda m: m.error / m.tol), note=f"{_describe(spec)}; " + ", ".join(notes))
+
+
+def _describe(spec: ModelSpec) -> str:
+    """The op under test (the output node) and its attributes."""
+    op = spec.node(spec.output).op
+    attrs = ", ".join(f"{k}={v}" for k, v in op.attrs().items())
+    return f"{op.kind}({attrs}) on {spec.input_shape}"
+
+
+def _check_dropout_scaling(s: _Session, case: Case, batch: int = 4) -> _Measured:
+    """Training-mode dropout of rate p keeps each value scaled by 1/(1-p) or zeroes it;
+    random masks are not comparable, so the rule is checked, not the values."""
+    spec, rate = case.spec, case.spec.node(case.spec.output).op.rate  # type: ignore[attr-defined]
+    x = make_batch(spec, batch, "mse")[0]
+    out = s.compile(spec, _weights(spec), case.config).predict(x, True)
+    kept = out != 0
+    err = normalised_error(out[kept], x[kept] / (1.0 - rate))[1]
+    dropped = 1.0 - kept.mean()
+    if not abs(dropped - rate) < 0.2:  # 240 values: a fair mask is this far off with probability < 1e-9
+        raise _Failed(f"dropout rate {rate} zeroed a fraction {dropped:.2f} of {out.size} values")
+    return _Measured(err, tolerance(UNIT_ROUNDOFF["fp32"], case.config.precision), f"zeroed {dropped:.2f}")
+
+
+def _check_grads(s: _Session, case: Case) -> _Measured:
+    """``loss_and_grads`` against float64 autodiff; floor: plain float32 autodiff."""
+    spec, w, config = case.spec, _weights(case.spec), case.config
+    x, y = make_batch(spec, BATCH, config.loss)
+    refs = {}
+    for p in ("fp64", "fp32"):
+        loss, grads = _autodiff(spec, w, config, p).loss_and_grads(x, y)
+        refs[p] = {"loss": loss, "grads": grads}
+    floor = max(_grads_error(refs["fp32"]["loss"], refs["fp32"]["grads"], refs["fp64"])[1], UNIT_ROUNDOFF["fp32"])
+    _, err, note = _grads_error(*s.compile(spec, w, config).loss_and_grads(x, y), refs["fp64"])
+    return _decided(err, tolerance(floor, config.precision), floor, note)
+
+
+def _steps_batches(spec: ModelSpec, loss: str) -> tuple[np.ndarray, np.ndarray]:
+    """``STEPS`` different batches, stacked."""
+    xs, ys = zip(*(make_batch(spec, BATCH, loss, seed) for seed in range(STEPS)))
+    return np.stack(xs), np.stack(ys)
+
+
+def _trajectory_floor(spec: ModelSpec, w: Weights, config: TrainConfig, xs: np.ndarray, ys: np.ndarray) -> tuple[dict, float]:
+    """The float64 reference trajectory and the float32 floor against it."""
+    refs = {}
+    for p in ("fp64", "fp32"):
+        exe = _autodiff(spec, w, config, p)
+        refs[p] = {"losses": exe.run_steps(xs, ys), "weights": exe.weights()}
+    floor = _trajectory_error(refs["fp32"]["losses"], refs["fp32"]["weights"], refs["fp64"], spec)[1]
+    return refs["fp64"], max(floor, UNIT_ROUNDOFF["fp32"])
+
+
+def _check_trajectory(s: _Session, case: Case) -> _Measured:
+    """``STEPS`` optimizer steps (``run_steps``) against the float64 reference trajectory."""
+    spec, w, config = case.spec, _weights(case.spec), case.config
+    xs, ys = _steps_batches(spec, config.loss)
+    ref, floor = _trajectory_floor(spec, w, config, xs, ys)
+    exe = s.compile(spec, w, config)
+    losses = exe.run_steps(xs, ys)
+    if exe.step != STEPS:
+        raise _Failed(f"after run_steps of {STEPS} batches, step is {exe.step}")
+    _, err, note = _trajectory_error(losses, exe.weights(), ref, spec)
+    return _decided(err, tolerance(floor, config.precision), floor, note)
+
+
+# ---------------------------------------------------------------------------
+# state checks
+# ---------------------------------------------------------------------------
+
+
+def _unchanged(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], what: str) -> None:
+    """Bit-exact equality of two weight mappings, or :class:`_Failed` naming the first difference."""
+    from hal.testing import assert_weights_equal
+
+    try:
+        assert_weights_equal(before, after)
+    except AssertionError as exc:
+        raise _Failed(f"{what}: {exc}") from None
+
+
+def _check_predict_pure(s: _Session, case: Case) -> _Measured:
+    spec = case.spec
+    exe = s.compile(spec, _weights(spec), case.config)
+    x = make_batch(spec, BATCH, case.config.loss)[0]
+    x0, before = x.copy(), exe.weights()
+    for training in (True, False, True):
+        exe.predict(x, training)
+    _unchanged(before, exe.weights(), "predict (training-mode and inference) changed the weights or buffers")
+    if not np.array_equal(x, x0) or exe.step != 0:
+        raise _Failed("predict changed its input array or the step count")
+    return _Measured()
+
+
+def _check_loss_and_grads_pure(s: _Session, case: Case) -> _Measured:
+    spec = case.spec
+    exe = s.compile(spec, _weights(spec), case.config)
+    x, y = make_batch(spec, BATCH, case.config.loss)
+    before, out0 = exe.weights(), exe.predict(x)
+    first = exe.loss_and_grads(x, y)
+    _unchanged(before, exe.weights(), "loss_and_grads changed the weights or buffers")
+    if exe.step != 0 or not np.array_equal(exe.predict(x), out0):
+        raise _Failed("loss_and_grads changed the step count or later predictions")
+    second = exe.loss_and_grads(x, y)
+    if first[0] != second[0]:
+        raise _Failed(f"two loss_and_grads calls on the same batch gave losses {first[0]!r} and {second[0]!r}")
+    return _Measured()
+
+
+def _check_round_trip(s: _Session, case: Case) -> _Measured:
+    """Weights in the master dtype come back bit-exact, through compile and load_weights."""
+    from hal.lowering import MASTER_DTYPE
+
+    spec, dtype = case.spec, np.dtype(MASTER_DTYPE[case.config.precision])
+    w0, w1 = ({k: v.astype(dtype) for k, v in _weights(spec, seed).items()} for seed in (0, 1))
+    exe = s.compile(spec, w0, case.config)
+    _unchanged(w0, exe.weights(), "weights() after compile(weights=w)")
+    exe.load_weights(w1)
+    _unchanged(w1, exe.weights(), "weights() after load_weights(w)")
+    return _Measured()
+
+
+def _check_run_steps_vs_train_step(s: _Session, case: Case) -> _Measured:
+    spec, w, config = case.spec, _weights(case.spec), case.config
+    xs, ys = _steps_batches(spec, config.loss)
+    _, floor = _trajectory_floor(spec, w, config, xs, ys)
+    stepped = s.compile(spec, w, config)
+    ref = {"losses": np.array([stepped.train_step(x, y) for x, y in zip(xs, ys)]), "weights": stepped.weights()}
+    run = s.compile(spec, w, config)
+    _, err, note = _trajectory_error(run.run_steps(xs, ys), run.weights(), ref, spec)
+    if (run.step, stepped.step) != (STEPS, STEPS):
+        raise _Failed(f"step counts after {STEPS} steps: run_steps {run.step}, train_step {stepped.step}")
+    return _decided(err, tolerance(floor, config.precision), floor, note)
+
+
+def _check_unchecked_nonfinite(s: _Session, case: Case) -> _Measured:
+    """With ``check_finite=False`` a NaN step is applied, as asked."""
+    spec = case.spec
+    exe = s.compile(spec, _weights(spec), case.config)
+    x, y = make_batch(spec, BATCH, case.config.loss)
+    x[0] = np.nan
+    loss = exe.train_step(x, y)
+    if not np.isnan(loss) or exe.step != 1:
+        raise _Failed(f"with check_finite=False a NaN batch gave loss {loss} and step {exe.step}, expected nan and 1")
+    return _Measured()
+
+
+# ---------------------------------------------------------------------------
+# error checks
+# ---------------------------------------------------------------------------
+
+
+def _expect(error: type[HalError], action: Callable[[], object], what: str) -> str:
+    """Run ``action``; it must raise ``error``. Returns the message."""
+    try:
+        action()
+    except error as exc:
+        return str(exc)
+    except Exception as exc:
+        raise _Failed(f"{what} raised {type(exc).__name__} ({exc}), expected {error.__name__}") from None
+    raise _Failed(f"{what} raised nothing, expected {error.__name__}")
+
+
+def _error_case(error: type[HalError], action: Callable[[Executable, np.ndarray, np.ndarray], object], what: str):
+    def check(s: _Session, case: Case) -> _Measured:
+        exe = s.shared(case.spec, case.config)
+        x, y = make_batch(case.spec, BATCH, case.config.loss)
+        return _Measured(note=_expect(error, lambda: action(exe, x, y), what)[:120])
+
+    return check
+
+
+def _bad_weights(kind: str) -> Callable[[_Session, Case], _Measured]:
+    """New weights whose *last* tensor (or name) is bad: a loader that copies as it
+    goes would have replaced the others first; the load must change nothing."""
+
+    def check(s: _Session, case: Case) -> _Measured:
+        spec = case.spec
+        exe = s.compile(spec, _weights(spec, 0), case.config)
+        x = make_batch(spec, BATCH, case.config.loss)[0]
+        before, out0 = exe.weights(), exe.predict(x)
+        w = _weights(spec, 1)
+        last = list(w)[-1]
+        if kind == "missing":
+            del w[last]
+        elif kind == "extra":
+            w["no_such_node.weight"] = np.zeros(3, np.float32)
+        elif kind == "wrong_shape":
+            w[last] = np.zeros((*w[last].shape, 2), np.float32)
+        else:
+            w[last] = np.full_like(w[last], np.nan)
+        note = _expect(WeightsError, lambda: exe.load_weights(w), f"load_weights with a {kind} tensor")
+        _unchanged(before, exe.weights(), f"a failed load_weights ({kind}) changed the weights")
+        if not np.array_equal(exe.predict(x), out0):
+            raise _Failed(f"a failed load_weights ({kind}) changed what predict computes")
+        return _Measured(note=note[:120])
+
+    return check
+
+
+def _check_nonfinite_step(s: _Session, case: Case) -> _Measured:
+    """A NaN batch raises NonFiniteError naming the step and applies nothing; in
+    run_steps the steps before it are applied and none after it."""
+    spec = case.spec
+    exe = s.compile(spec, _weights(spec), case.config)
+    x, y = make_batch(spec, BATCH, case.config.loss)
+    bad = x.copy()
+    bad[0] = np.nan
+    before = exe.weights()
+    _expect(NonFiniteError, lambda: exe.train_step(bad, y), "train_step on a NaN batch")
+    _unchanged(before, exe.weights(), "a train_step that raised NonFiniteError changed the weights")
+    if exe.step != 0:
+        raise _Failed(f"a train_step that raised NonFiniteError advanced step to {exe.step}")
+    try:
+        exe.run_steps(np.stack([x, bad, x]), np.stack([y, y, y]))
+        raise _Failed("run_steps with a NaN second batch raised nothing, expected NonFiniteError")
+    except NonFiniteError as exc:
+        if exc.step != 1 or exe.step != 1:
+            raise _Failed(f"run_steps with a NaN second batch: error names step {exc.step}, step is {exe.step}; "
+                          "expected 1 and 1 (the first batch applied, nothing after the bad one)") from None
+    after = exe.weights()
+    if not all(np.all(np.isfinite(v)) for v in after.values()):
+        raise _Failed("run_steps with a NaN second batch left non-finite weights")
+    if all(np.array_equal(after[k], before[k]) for k in spec.trainable()):
+        raise _Failed("run_steps with a NaN second batch did not apply the first batch")
+    return _Measured()
+
+
+def _check_unknown_option(s: _Session, case: Case) -> _Measured:
+    return _Measured(note=_expect(
+        ConfigError, lambda: compile(case.spec, s.target, options={"no_such_option": 1}), "an unknown option"
+    )[:120])
+
+
+def _option_case(name: str, value: object) -> Callable[[_Session, Case], _Measured]:
+    def check(s: _Session, case: Case) -> _Measured:
+        return _Measured(note=_expect(
+            ConfigError, lambda: compile(case.spec, s.target, options={name: value}), f"option {name}={value!r}"
+        )[:120])
+
+    return check
+
+
+# ---------------------------------------------------------------------------
+# the import check
+# ---------------------------------------------------------------------------
+
+_IMPORT_PROBE = """
+import importlib, json, sys
+from hal.registry import backend_names
+backend_names()
+cls = importlib.import_module(sys.argv[1])
+for part in sys.argv[2].split("."):
+    cls = getattr(cls, part)
+cls.availability(), cls.capabilities(), cls.options()
+print(json.dumps(sorted(m for m in sys.modules if m.partition(".")[0] in sys.argv[3].split(","))))
+"""
+
+
+def _check_no_framework_import(s: _Session, case: Case) -> _Measured:
+    """A fresh interpreter lists backends, imports the backend class and asks its
+    availability, capabilities and options: no framework may be imported."""
+    cls = s.backend
+    if "<locals>" in cls.__qualname__ or cls.__module__ == "__main__":
+        raise _Skipped(f"{cls.__qualname__} is not importable by name from a fresh interpreter")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, cls.__module__, cls.__qualname__, ",".join(FRAMEWORKS)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    if proc.returncode:
+        raise _Failed(f"loading {cls.__module__}.{cls.__qualname__} failed: {proc.stderr.strip()[-300:]}")
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    if loaded:
+        raise _Failed(f"loading {cls.__module__}.{cls.__qualname__} imported {', '.join(loaded[:8])}")
+    return _Measured(note=f"{cls.__module__}: no framework imported")
+
+
+# ---------------------------------------------------------------------------
+# the case table
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Op:
+    """An op case: ``build(builder, input)`` adds the op under test."""
+
+    name: str
+    shape: tuple[int, ...]
+    build: Callable[[SpecBuilder, str], str]
+    batch: int = 2
+    shift: float = 0.0  # added to the standard-normal input (max-pool: all below the zero padding)
+    modes: tuple[bool, ...] = (False, True)
+    grad: bool = True  # also a grad/ case
+
+    def spec(self, behind_batchnorm: bool = False) -> ModelSpec:
+        b = SpecBuilder(self.name)
+        x = b.input(self.shape)
+        return b.build(self.build(b, b.batch_norm(x) if behind_batchnorm else x))
+
+
+def _conv(*args: Any, **kw: Any) -> Callable[[SpecBuilder, str], str]:
+    return lambda b, x: b.conv(x, *args, **kw)
+
+
+def _act(fn: str, **kw: Any) -> Callable[[SpecBuilder, str], str]:
+    return lambda b, x: b.activation(x, fn, **kw)
+
+
+def _pool_cases() -> list[_Op]:
+    windows = [  # name, shape, kernel, stride, padding
+        ("2d_k3_s2_pad1", (3, 7, 7), 3, 2, 1),
+        ("2d_k2_odd_size", (3, 6, 7), 2, None, 0),
+        ("2d_asym_pad", (3, 7, 6), 2, 2, ((0, 1), (1, 0))),
+        ("2d_pad_kernel_minus_1", (2, 5, 5), 3, 1, 2),  # as large as legal: one real pixel in a corner window
+        ("1d_k3_s2_pad_after", (3, 8), 3, 2, [(0, 2)]),
+        ("3d_asym", (2, 4, 5, 4), 2, (1, 2, 2), ((1, 0), (0, 1), (0, 0))),
+        ("3d_input_smaller_than_kernel", (2, 2, 2, 2), 3, 1, 1),
+    ]
+    out = [
+        _Op(f"maxpool{n}", shape, lambda b, x, k=k, s=s, p=p: b.max_pool(x, k, s, p), shift=-3.0)
+        for n, shape, k, s, p in windows
+    ]
+    for incl in (True, False):
+        out += [
+            _Op(f"avgpool{n}_{'incl' if incl else 'excl'}_pad", shape,
+                lambda b, x, k=k, s=s, p=p, incl=incl: b.avg_pool(x, k, s, p, count_include_pad=incl))
+            for n, shape, k, s, p in windows if p
+        ]
+    return out
+
+
+def _op_cases() -> list[_Op]:
+    return [
+        _Op("input_identity", (3, 5), lambda b, x: x, grad=False),
+        _Op("conv1d_k3_pad1", (3, 9), _conv(4, 3, padding=1)),
+        _Op("conv1d_stride2_dilation2_pad_before", (3, 11), _conv(4, 3, stride=2, dilation=2, padding=[(3, 0)])),
+        _Op("conv1d_depthwise_pad_after", (4, 8), _conv(4, 3, padding=[(0, 2)], groups=4)),
+        _Op("conv2d_k3_pad1", (3, 6, 5), _conv(4, 3, padding=1)),
+        _Op("conv2d_stride2_asym_pad", (3, 8, 7), _conv(4, 3, stride=2, padding=((0, 1), (1, 0)))),
+        _Op("conv2d_pad_before_only", (3, 6, 6), _conv(4, 3, padding=((2, 0), (1, 0)))),
+        _Op("conv2d_pad_after_only", (3, 6, 6), _conv(4, 3, padding=((0, 2), (0, 1)))),
+        _Op("conv2d_tf_same_even_kernel", (3, 7, 6), _conv(4, 4, padding="same")),  # odd split (1, 2)
+        _Op("conv2d_tf_same_stride2", (3, 8, 8), _conv(4, 3, stride=2, padding="same")),  # (0, 1)
+        _Op("conv2d_pad_beyond_kernel", (2, 4, 5), _conv(3, 3, padding=((3, 4), (0, 3)))),  # windows of padding only
+        _Op("conv2d_dilation2", (3, 8, 7), _conv(4, 3, dilation=2, padding=2)),
+        _Op("conv2d_kernel5_stride2", (3, 9, 9), _conv(4, 5, stride=2, padding=2)),
+        _Op("conv2d_kernel2_stride3", (3, 8, 7), _conv(4, 2, stride=3)),
+        _Op("conv2d_rect_kernel", (3, 6, 7), _conv(4, (1, 3), stride=(2, 1), padding=((0, 0), (2, 1)))),
+        _Op("conv2d_groups2", (4, 5, 5), _conv(6, 3, padding=1, groups=2)),
+        _Op("conv2d_depthwise_multiplier2", (4, 5, 5), _conv(8, 3, padding=1, groups=4)),
+        _Op("conv2d_no_bias", (3, 5, 5), _conv(4, 3, bias=False)),
+        _Op("conv2d_batch1", (3, 6, 6), _conv(4, 3, padding=1), batch=1, grad=False),
+        _Op("conv3d_k3_pad1", (2, 4, 5, 4), _conv(3, 3, padding=1)),
+        _Op("conv3d_stride_dilation_asym_pad", (2, 6, 5, 6),
+            _conv(4, (3, 2, 3), stride=(2, 1, 2), padding=((1, 0), (0, 1), (1, 1)), dilation=(1, 2, 1))),
+        _Op("conv3d_groups2", (4, 3, 4, 3), _conv(4, 2, groups=2)),
+        _Op("batchnorm_features", (5,), lambda b, x: b.batch_norm(x)),
+        _Op("batchnorm1d", (3, 7), lambda b, x: b.batch_norm(x), grad=False),
+        _Op("batchnorm2d", (3, 4, 5), lambda b, x: b.batch_norm(x)),
+        _Op("batchnorm2d_eps1e-3_batch1", (3, 4, 5), lambda b, x: b.batch_norm(x, eps=1e-3), batch=1, grad=False),
+        _Op("batchnorm3d", (2, 3, 4, 3), lambda b, x: b.batch_norm(x), grad=False),
+        _Op("relu", (3, 4, 5), _act("relu")),
+        _Op("leaky_relu_alpha0.2", (3, 4, 5), _act("leaky_relu", alpha=0.2)),
+        _Op("sigmoid", (3, 4, 5), _act("sigmoid")),
+        _Op("tanh", (3, 4, 5), _act("tanh")),
+        _Op("gelu_erf", (3, 4, 5), _act("gelu")),
+        _Op("gelu_tanh", (3, 4, 5), _act("gelu", approximate="tanh")),
+        _Op("silu", (3, 4, 5), _act("silu")),
+        *_pool_cases(),
+        _Op("global_avgpool1d", (3, 7), lambda b, x: b.global_avg_pool(x), grad=False),
+        _Op("global_avgpool2d", (3, 4, 5), lambda b, x: b.global_avg_pool(x)),
+        _Op("global_avgpool3d", (2, 3, 4, 3), lambda b, x: b.global_avg_pool(x), grad=False),
+        _Op("add3", (3, 4, 5), lambda b, x: b.add(x, b.relu(x), b.activation(x, "tanh"))),
+        _Op("add_same_input_twice", (3, 4), lambda b, x: b.add(x, x)),
+        _Op("concat3", (2, 3, 4), lambda b, x: b.concat(x, b.activation(x, "sigmoid"), x)),
+        _Op("concat_features", (4,), lambda b, x: b.concat(x, b.activation(x, "tanh"))),
+        _Op("flatten2d", (3, 4, 5), lambda b, x: b.flatten(x)),
+        _Op("flatten3d", (2, 3, 2, 2), lambda b, x: b.flatten(x), grad=False),
+        _Op("dense", (7,), lambda b, x: b.dense(x, 5)),
+        _Op("dense_no_bias", (7,), lambda b, x: b.dense(x, 5, bias=False)),
+        _Op("dense_batch1", (7,), lambda b, x: b.dense(x, 5), batch=1, grad=False),
+        _Op("flatten_dense", (3, 2, 4), lambda b, x: b.dense(b.flatten(x), 5)),
+        _Op("dropout_rate0", (3, 4, 5), lambda b, x: b.dropout(x, 0.0)),
+        _Op("dropout_rate_half", (3, 4, 5), lambda b, x: b.dropout(x, 0.5), modes=(False,), grad=False),
+    ]
+
+
+def _mlp(batchnorm: bool = True, name: str = "mlp") -> ModelSpec:
+    """Flatten, Dense, [BatchNorm], tanh, Dense: the training cases' model (no convolution)."""
+    b = SpecBuilder(name)
+    x = b.dense(b.flatten(b.input((3, 4))), 6)
+    x = b.activation(b.batch_norm(x) if batchnorm else x, "tanh")
+    return b.build(b.dense(x, 3))
+
+
+@functools.lru_cache(maxsize=1)
+def _static_cases() -> tuple[Case, ...]:
+    cases: list[Case] = []
+    for op in _op_cases():
+        check = functools.partial(_check_forward, batch=op.batch, shift=op.shift, modes=op.modes)
+        doc = "inference and training-mode forward" if len(op.modes) == 2 else "inference forward"
+        if op.name == "dropout_rate0":
+            doc += " (training mode is comparable at rate 0 only: random masks are not)"
+        cases.append(Case(f"op/{op.name}", check, op.spec(), doc=doc))
+    rate_half = next(op for op in _op_cases() if op.name == "dropout_rate_half")
+    cases.append(Case("op/dropout_rate_half_training_scaling", _check_dropout_scaling, rate_half.spec(),
+                      doc="training-mode dropout zeroes or scales by 1/(1-rate)"))
+    mse = TrainConfig(loss="mse")
+    cases += [
+        Case(f"grad/{op.name}", _check_grads, op.spec(behind_batchnorm=True), mse, training=True,
+             doc="loss_and_grads (MSE) of the op behind a BatchNorm against float64 autodiff")
+        for op in _op_cases() if op.grad
+    ]
+    mlp, mlp_plain = _mlp(), _mlp(batchnorm=False, name="mlp_no_batchnorm")
+    cases += [
+        Case("loss/cross_entropy", _check_grads, mlp, training=True),
+        Case("loss/mse", _check_grads, mlp, mse, training=True),
+    ]
+    momentum = SGD(lr=0.1, momentum=0.9)
+    trajectories = {
+        "sgd": (mlp, TrainConfig(optimizer=SGD(lr=0.1))),
+        "sgd_momentum": (mlp, TrainConfig(optimizer=momentum)),
+        "sgd_nesterov_wd": (mlp, TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05))),
+        "sgd_wd": (mlp, TrainConfig(optimizer=SGD(lr=0.1, weight_decay=0.05))),
+        "adam": (mlp, TrainConfig(optimizer=Adam(lr=0.01))),
+        "adam_wd": (mlp, TrainConfig(optimizer=Adam(lr=0.01, weight_decay=0.1))),
+        "adamw": (mlp, TrainConfig(optimizer=AdamW(lr=0.01, weight_decay=0.1))),
+        "adam_mse": (mlp, TrainConfig(loss="mse", optimizer=Adam(lr=0.01))),
+        "step_decay": (mlp, TrainConfig(optimizer=momentum, schedule=StepDecay(step_size=1, gamma=0.5))),
+        "cosine_warmup": (mlp, TrainConfig(optimizer=momentum, schedule=Cosine(
+            total_steps=STEPS, warmup_steps=1, warmup_start=0.1, min_factor=0.1))),
+        "grad_accum2": (mlp_plain, TrainConfig(optimizer=momentum, grad_accum=2)),
+        "grad_accum2_batchnorm": (mlp, TrainConfig(optimizer=momentum, grad_accum=2)),
+    }
+    cases += [
+        Case(f"train/{name}", _check_trajectory, spec, config, training=True,
+             doc=f"{STEPS} steps of run_steps against the float64 reference trajectory")
+        for name, (spec, config) in trajectories.items()
+    ]
+    for p in ("fp64", "bf16", "fp16"):
+        cases += [
+            Case(f"precision/{p}_forward", _check_forward, mlp, TrainConfig(precision=p)),
+            Case(f"precision/{p}_grads", _check_grads, mlp, TrainConfig(precision=p), training=True),
+        ]
+    default = TrainConfig(optimizer=momentum)
+    cases += [
+        Case("state/predict_pure", _check_predict_pure, mlp, default,
+             doc="predict in both modes changes no weight, buffer, input or step"),
+        Case("state/loss_and_grads_pure", _check_loss_and_grads_pure, mlp, default, training=True,
+             doc="loss_and_grads changes no weight, buffer, step or later prediction; repeatable"),
+        Case("state/weights_round_trip", _check_round_trip, mlp, default,
+             doc="master-dtype weights come back bit-exact through compile and load_weights"),
+        Case("state/run_steps_equals_train_step", _check_run_steps_vs_train_step, mlp, default, training=True),
+        Case("state/unchecked_nonfinite_step_applies", _check_unchecked_nonfinite, mlp,
+             replace(default, check_finite=False), training=True),
+    ]
+    bad_x = {
+        "input_shape": (lambda e, x, y: e.predict(x[:, :, :-1]), "predict with a wrong input shape"),
+        "input_rank": (lambda e, x, y: e.predict(x[0]), "predict without the batch dimension"),
+        "input_dtype_int": (lambda e, x, y: e.predict(x.astype(np.int32)), "predict with an int array"),
+        "input_not_array": (lambda e, x, y: e.predict(x.tolist()), "predict with a list"),
+        "predict_training_not_bool": (lambda e, x, y: e.predict(x, "yes"), "predict(training='yes')"),
+    }
+    cases += [
+        Case(f"error/{name}", _error_case(InputError, action, what), mlp, default, doc=f"{what}: InputError")
+        for name, (action, what) in bad_x.items()
+    ]
+    bad_xy = {
+        "labels_out_of_range": (lambda e, x, y: e.loss_and_grads(x, np.full_like(y, 3)), "labels >= classes"),
+        "labels_negative": (lambda e, x, y: e.train_step(x, np.full_like(y, -1)), "negative labels"),
+        "labels_float": (lambda e, x, y: e.loss_and_grads(x, y.astype(np.float32)), "float cross-entropy labels"),
+        "labels_batch_mismatch": (lambda e, x, y: e.train_step(x, y[:-1]), "fewer labels than inputs"),
+        "run_steps_mismatched_stacks": (lambda e, x, y: e.run_steps(np.stack([x, x]), y[None]),
+                                        "run_steps with 2 input batches and 1 label batch"),
+    }
+    cases += [
+        Case(f"error/{name}", _error_case(InputError, action, what), mlp, default, training=True,
+             doc=f"{what}: InputError")
+        for name, (action, what) in bad_xy.items()
+    ]
+    accum = TrainConfig(optimizer=momentum, grad_accum=3)
+    cases.append(Case("error/batch_not_divisible_by_grad_accum",
+                      _error_case(InputError, lambda e, x, y: e.train_step(x, y), f"batch {BATCH} with grad_accum 3"),
+                      mlp, accum, training=True))
+    cases += [
+        Case(f"error/load_weights_{kind}", _bad_weights(kind), mlp, default,
+             doc=f"load_weights with a {kind} tensor raises WeightsError and changes nothing")
+        for kind in ("missing", "extra", "wrong_shape", "non_finite")
+    ]
+    cases += [
+        Case("error/nonfinite_step", _check_nonfinite_step, mlp, default, training=True,
+             doc="NonFiniteError naming the step; nothing of that step or later ones applied"),
+        Case("error/unknown_option", _check_unknown_option, mlp, default),
+        Case("import/no_framework_at_listing", _check_no_framework_import),
+    ]
+    return tuple(cases)
+
+
+def _option_cases(backend: type[Backend]) -> list[Case]:
+    """Per declared option with choices: a value outside them raises ConfigError."""
+    out = []
+    for name, option in backend.options().items():
+        if option.choices is not None:
+            out.append(Case(f"error/option_{name}_value", _option_case(name, "not-a-choice"), _mlp(),
+                            doc=f"option {name} outside its choices {option.choices}: ConfigError"))
+    return out
