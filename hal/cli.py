@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
+from hal.bench import MODES
 from hal.errors import ConfigError, HalError
 from hal.ipu import DEFAULT_HEADROOM, MIB, PRECISIONS as IPU_PRECISIONS
+from hal.parity import CHECKS
 from hal.training import PRECISIONS, SGD, Adam, AdamW, Optimizer
 
 DEFAULT_OUT = Path("bench") / "results"
@@ -104,6 +106,19 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _names_in(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """A comma-separated list of some of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        names = _names(text)
+        unknown = [n for n in names if n not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
 def _target(text: str) -> str:
     from hal.backend import Target
 
@@ -123,6 +138,27 @@ def _regex(text: str) -> str:
     except re.error as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {exc}") from None
     return text
+
+
+def _value(text: str) -> Any:
+    """An option value: true/false/none, an int, a float, else the string itself."""
+    words = {"true": True, "false": False, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _sweep(text: str) -> tuple[str, list[Any]]:
+    """``name=value[,value...]``: a backend option and the values to time it with."""
+    name, eq, values = text.partition("=")
+    if not (name.strip() and eq and values.strip()):
+        raise argparse.ArgumentTypeError(f"expected name=value[,value...], got {text!r}")
+    return name.strip(), [_value(v) for v in _names(values)]
 
 
 def _check_writable(folder: str | os.PathLike, flag: str) -> None:
@@ -227,7 +263,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from hal.parity import CHECKS, run_parity
+    from hal.parity import run_parity
 
     spec = _spec(args)
     weights = None
@@ -236,7 +272,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
         _, weights = load_weights(args.weights, spec)
     progress = Progress(not args.json)
-    report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks or CHECKS,
+    report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks,
                         steps=args.steps, config=_config(args), seed=args.seed, weights=weights, progress=progress)
     progress.done()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
@@ -250,9 +286,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _check_writable(args.out, "--out")
     spec = _spec(args)
     progress = Progress(not args.json)
+    options: dict[str, list[Any]] = {}
+    for name, values in args.options or ():
+        if name in options:
+            raise ConfigError(f"argument --options: {name} given twice")
+        options[name] = values
     report = run_bench(spec, args.targets or _default_targets(), batch=args.batch, repeats=args.repeats,
                        warmup=args.warmup, modes=args.modes, native=not args.no_native, config=_config(args),
-                       progress=progress)
+                       options=options, progress=progress)
     progress.done()
     written = report.write(args.out) if args.out else []
     if args.json:
@@ -492,7 +533,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="compare targets against the float64 reference")
     _common(p, batch=4)
-    p.add_argument("--checks", type=_names, help="comma-separated: forward,forward_train,grads,trajectory (default: all)")
+    p.add_argument("--checks", type=_names_in(CHECKS), default=list(CHECKS),
+                   help=f"comma-separated: {','.join(CHECKS)} (default: all)")
     p.add_argument("--steps", type=_int(1), default=3, help="trajectory length")
     p.add_argument("--weights", help="a hal .safetensors file to test with (default: seeded init, see hal.parity)")
     p.set_defaults(fn=cmd_parity)
@@ -501,8 +543,11 @@ def parser() -> argparse.ArgumentParser:
     _common(p, batch=16)
     p.add_argument("--repeats", type=_int(1), default=5)
     p.add_argument("--warmup", type=_int(0), default=2)
-    p.add_argument("--modes", type=_names, default=["inference", "training"], help="comma-separated: inference,training")
+    p.add_argument("--modes", type=_names_in(MODES), default=list(MODES), help=f"comma-separated: {','.join(MODES)}")
     p.add_argument("--no-native", action="store_true")
+    p.add_argument("--options", type=_sweep, action="append", metavar="NAME=VALUE[,VALUE...]",
+                   help="sweep a backend option (see its backend's options()), e.g. xla=true,false; repeatable: "
+                   "every combination is timed")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for JSON/Markdown/PNG ('' to skip)")
     p.set_defaults(fn=cmd_bench)
 
