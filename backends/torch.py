@@ -3,35 +3,65 @@
 The spec becomes a :class:`TorchGraph`, an ``nn.Module`` whose submodules sit
 at the canonical dotted node names, so ``state_dict()`` keys *are* the canonical
 weight names (a torchvision ResNet checkpoint loads as is). Each op is one small
-module, read as a table from op to torch call (``MODULES``). The PopTorch backend
-builds the same module with :func:`build_module`.
+module, read as a table from op to torch call (``_modules``); the decisions that
+do not depend on torch (padding split, average-pool divisor, which BatchNorms
+fold, liveness, precision dtypes) come from :mod:`hal.lowering`. The PopTorch
+backend builds the same module with :func:`build_module`.
 
-Speed without changing numbers beyond rounding: inference runs under
-``torch.inference_mode`` on a copy with BatchNorm folded into the preceding
-convolution, rebuilt only when the weights change; 2-d models run channels_last
-(NHWC memory, NCHW semantics: measured faster for ResNet50 on the CPU with
-oneDNN, and the layout cuDNN prefers); the optimizer uses torch's ``foreach``
-kernels; losses of ``run_steps`` stay on the device until the end of the call.
+Option ``fast`` (default True) buys speed without changing numbers beyond
+rounding: inference runs under ``torch.inference_mode`` on a copy with BatchNorm
+folded into the preceding convolution, rebuilt only when the weights change, and
+2-d models run channels_last (NHWC memory, NCHW semantics: measured faster for
+ResNet50 on the CPU with oneDNN, and the layout cuDNN prefers). ``fast=False``
+is plain eager NCHW PyTorch, the float64 autodiff reference of the parity harness.
+Either way the optimizer uses torch's ``foreach`` kernels and ``run_steps``
+copies its batches to the device once per call.
+
+Non-finite steps (``config.check_finite``): after the backward of a step, one
+host sync reads whether the loss and every gradient are finite (the largest
+absolute gradient per tensor, ``torch._foreach_norm(grads, inf)``, stacked with
+the loss), as ``torch.amp.GradScaler`` does before its step. A bad step never
+reaches ``optimizer.step()``, and the BatchNorm running statistics, which the
+training forward updates in place, are restored from a snapshot taken before it.
+With fp16, a gradient overflow is loss scaling's business (``GradScaler`` skips
+the update and lowers the scale); only a non-finite loss stops training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from hal import spec as S
-from hal.backend import Availability, Backend, Capabilities, Executable, Target, Weights, package_availability
+from hal.backend import (
+    Availability,
+    Backend,
+    Capabilities,
+    Executable,
+    Option,
+    Target,
+    Weights,
+    package_availability,
+)
 from hal.errors import InputError, UnsupportedError
-from hal.training import SGD, Adam, AdamW, TrainConfig
-from hal.weights import check_weights
+from hal.lowering import COMPUTE_DTYPE, MASTER_DTYPE, avg_pool_divisor, foldable_batchnorms, free_after, symmetric, torch_pad
+from hal.training import SGD, AdamW, TrainConfig
 
 if TYPE_CHECKING:  # torch is imported lazily: listing backends must not import it
     import torch
     from torch import nn
 
-DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "float32", "fp16": "float32"}
+    from hal.ipu import Plan
+
+
+def _native_pad(padding: S.Padding, kernel: S.Shape) -> tuple[int, ...] | None:
+    """The per-dimension pad a torch pooling op applies itself (symmetric, at most half the kernel), else None."""
+    pad = symmetric(padding)
+    return pad if pad is not None and all(p <= k // 2 for p, k in zip(pad, kernel)) else None
 
 
 def _modules() -> dict[type[S.Op], type]:
@@ -39,13 +69,6 @@ def _modules() -> dict[type[S.Op], type]:
     import torch
     import torch.nn.functional as F
     from torch import nn
-
-    def flat_pad(padding: S.Padding) -> list[int]:
-        return [v for pair in reversed(padding) for v in pair]  # F.pad lists the last dim first
-
-    def symmetric(padding: S.Padding, kernel: tuple[int, ...] | None = None) -> bool:
-        same = all(a == b for a, b in padding)
-        return same and (kernel is None or all(a <= k // 2 for (a, _), k in zip(padding, kernel)))
 
     class Conv(nn.Module):
         def __init__(self, op: S.Conv, in_shapes: list[S.Shape]) -> None:
@@ -55,14 +78,14 @@ def _modules() -> dict[type[S.Op], type]:
             self.bias = nn.Parameter(torch.empty(shapes["bias"])) if op.bias else None
             self.fn = (F.conv1d, F.conv2d, F.conv3d)[len(op.kernel) - 1]
             self.op = op
-            self.sym = symmetric(op.padding)
-            self.pad = tuple(a for a, _ in op.padding) if self.sym else 0
-            self.flat = flat_pad(op.padding)
+            self.pad = symmetric(op.padding)  # None: F.pad first
+            self.flat = torch_pad(op.padding)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if not self.sym:
-                x = F.pad(x, self.flat)
-            return self.fn(x, self.weight, self.bias, self.op.stride, self.pad, self.op.dilation, self.op.groups)
+            op = self.op
+            if self.pad is None:
+                return self.fn(F.pad(x, self.flat), self.weight, self.bias, op.stride, 0, op.dilation, op.groups)
+            return self.fn(x, self.weight, self.bias, op.stride, self.pad, op.dilation, op.groups)
 
     class BatchNorm(nn.Module):
         def __init__(self, op: S.BatchNorm, in_shapes: list[S.Shape]) -> None:
@@ -83,55 +106,53 @@ def _modules() -> dict[type[S.Op], type]:
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, op.eps)
 
     class Activation(nn.Module):
+        FNS = {
+            "relu": lambda x, op: F.relu(x),
+            "leaky_relu": lambda x, op: F.leaky_relu(x, op.alpha),
+            "sigmoid": lambda x, op: torch.sigmoid(x),
+            "tanh": lambda x, op: torch.tanh(x),
+            "silu": lambda x, op: F.silu(x),
+            "gelu": lambda x, op: F.gelu(x, approximate=op.approximate),
+        }
+
         def __init__(self, op: S.Activation, in_shapes: list[S.Shape]) -> None:
             super().__init__()
-            self.op = op
+            self.op, self.fn = op, self.FNS[op.fn]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            fn = self.op.fn
-            if fn == "relu":
-                return F.relu(x)
-            if fn == "leaky_relu":
-                return F.leaky_relu(x, self.op.alpha)
-            if fn == "sigmoid":
-                return torch.sigmoid(x)
-            if fn == "tanh":
-                return torch.tanh(x)
-            if fn == "silu":
-                return F.silu(x)
-            return F.gelu(x, approximate=self.op.approximate)
+            return self.fn(x, self.op)
 
     class MaxPool(nn.Module):
         def __init__(self, op: S.MaxPool, in_shapes: list[S.Shape]) -> None:
             super().__init__()
             self.op, self.fn = op, (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(op.kernel) - 1]
-            self.native = symmetric(op.padding, op.kernel)  # torch pads max-pool with -inf itself
-            self.flat = flat_pad(op.padding)
+            self.pad = _native_pad(op.padding, op.kernel)  # torch pads max-pool with -inf itself
+            self.flat = torch_pad(op.padding)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             op = self.op
-            if self.native:
-                return self.fn(x, op.kernel, op.stride, tuple(a for a, _ in op.padding))
+            if self.pad is not None:
+                return self.fn(x, op.kernel, op.stride, self.pad)
             return self.fn(F.pad(x, self.flat, value=float("-inf")), op.kernel, op.stride)
 
     class AvgPool(nn.Module):
         def __init__(self, op: S.AvgPool, in_shapes: list[S.Shape]) -> None:
             super().__init__()
+            sizes = in_shapes[0][1:]
             self.op, self.fn = op, (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(op.kernel) - 1]
             # torch's avg_pool3d rejects an input smaller than the kernel, padded or not
-            self.native = symmetric(op.padding, op.kernel) and all(n >= k for n, k in zip(in_shapes[0][1:], op.kernel))
-            self.flat = flat_pad(op.padding)
+            self.pad = _native_pad(op.padding, op.kernel) if all(n >= k for n, k in zip(sizes, op.kernel)) else None
+            self.flat = torch_pad(op.padding)
+            # F.pad then a plain average divides by prod(kernel): rescale to the canonical divisor
+            scale = math.prod(op.kernel) / avg_pool_divisor(sizes, op)
+            self.register_buffer("scale", torch.from_numpy(scale), persistent=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             op = self.op
-            if self.native:
-                pad = tuple(a for a, _ in op.padding)
-                return self.fn(x, op.kernel, op.stride, pad, count_include_pad=op.count_include_pad)
-            total = self.fn(F.pad(x, self.flat), op.kernel, op.stride)
-            if op.count_include_pad:
-                return total
-            ones = F.pad(torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device), self.flat)
-            return total / self.fn(ones, op.kernel, op.stride)
+            if self.pad is not None:
+                return self.fn(x, op.kernel, op.stride, self.pad, count_include_pad=op.count_include_pad)
+            out = self.fn(F.pad(x, self.flat), op.kernel, op.stride)
+            return out if op.count_include_pad else out * self.scale
 
     class GlobalAvgPool(nn.Module):
         def __init__(self, op: S.GlobalAvgPool, in_shapes: list[S.Shape]) -> None:
@@ -216,14 +237,8 @@ def _graph_class() -> type:
                 if hasattr(parent, leaf):
                     raise UnsupportedError(f"node {name!r}: its name clashes with another node's module path")
                 parent.add_module(leaf, mods[name])
-            last: dict[str, int] = {}
-            for i, n in enumerate(spec.nodes):
-                for k in n.inputs:
-                    last[k] = i
-            self._plan = [
-                (n.name, mods[n.name], n.inputs, tuple(dict.fromkeys(k for k in n.inputs if last[k] == i and k != spec.output)))
-                for i, n in enumerate(spec.nodes[1:], start=1)
-            ]
+            free = free_after(spec)
+            self._plan = [(n.name, mods[n.name], n.inputs, free[i]) for i, n in enumerate(spec.nodes) if i > 0]
 
         def node_module(self, name: str) -> nn.Module:
             return self.get_submodule(name)
@@ -242,22 +257,17 @@ def _graph_class() -> type:
             return vals[self.spec.output]
 
         def fused(self) -> "TorchGraph":
-            """An inference copy with each BatchNorm that only reads a convolution
-            (read by nothing else) folded into that convolution's weight and bias."""
+            """An inference copy with every foldable BatchNorm (:func:`hal.lowering.foldable_batchnorms`)
+            folded into its convolution's weight and bias, by :func:`hal.lowering.fold_batchnorm`'s formula."""
             g = copy.deepcopy(self)
-            nodes = {n.name: n for n in self.spec.nodes}
-            consumers = self.spec.consumers()
+            folds = foldable_batchnorms(self.spec)
             with torch.no_grad():
-                for i, (name, mod, ins, free) in enumerate(g._plan):
-                    node = nodes[name]
-                    if not isinstance(node.op, S.BatchNorm):
+                for i, (name, bn, ins, free) in enumerate(g._plan):
+                    if name not in folds:
                         continue
-                    src = ins[0]
-                    if not isinstance(nodes[src].op, S.Conv) or consumers[src] != [name]:
-                        continue
-                    conv = g.get_submodule(src)
-                    scale = mod.weight / torch.sqrt(mod.running_var + node.op.eps)
-                    bias = mod.bias - mod.running_mean * scale
+                    conv = g.get_submodule(folds[name])
+                    scale = bn.weight / torch.sqrt(bn.running_var + bn.op.eps)
+                    bias = bn.bias - bn.running_mean * scale
                     if conv.bias is not None:
                         bias = bias + conv.bias * scale
                     conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
@@ -272,15 +282,14 @@ _GRAPH: list[type] = []
 
 
 def build_module(spec: S.ModelSpec, weights: Mapping[str, np.ndarray], dtype: str = "float32") -> "nn.Module":
-    """A ``TorchGraph`` for ``spec`` holding ``weights`` (canonical names) in ``dtype``, on the CPU."""
+    """A ``TorchGraph`` for ``spec`` holding checked canonical ``weights`` in ``dtype``, on the CPU."""
     import torch
 
     if not _GRAPH:
         _GRAPH.append(_graph_class())
     graph = _GRAPH[0](spec).to(getattr(torch, dtype))  # before loading: fp64 weights stay exact
-    w = check_weights(spec, weights)
-    graph.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=dtype)) for k, v in w.items()}, strict=True)
-    return graph.to(getattr(torch, dtype))
+    graph.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=dtype)) for k, v in weights.items()}, strict=True)
+    return graph
 
 
 def make_optimizer(params: Any, config: TrainConfig) -> "torch.optim.Optimizer":
@@ -296,147 +305,154 @@ def make_optimizer(params: Any, config: TrainConfig) -> "torch.optim.Optimizer":
     return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, foreach=True)
 
 
-def loss_fn(config: TrainConfig) -> Any:
-    import torch.nn.functional as F
-
-    return F.cross_entropy if config.loss == "cross_entropy" else F.mse_loss
-
-
 class TorchExecutable(Executable):
+    """A spec on one torch device; ``options`` as declared by :meth:`TorchBackend.options`."""
+
     def __init__(
-        self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, fast: bool = True
+        self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any]
     ) -> None:
-        """``fast=False`` runs plain eager PyTorch (NCHW, no folding): the straightforward
-        implementation the parity harness measures the float32 floor of training with."""
         import torch
+        import torch.nn.functional as F
 
         super().__init__(spec, Target("torch", device), config)
         self.device = torch.device(device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise UnsupportedError(f"torch:{device}: fp16 mixed precision needs CUDA; use bf16 on the CPU")
-        self.dtype = getattr(torch, DTYPES[config.precision])
-        self.np_dtype = np.dtype(DTYPES[config.precision])
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-        self.fast = fast
-        self.channels_last = fast and len(spec.input_shape) == 3  # 2-d: measured faster on CPU (oneDNN) and CUDA
-        self.module = build_module(spec, weights, DTYPES[config.precision]).to(self.device)
+        master, compute = MASTER_DTYPE[config.precision], COMPUTE_DTYPE[config.precision]
+        self.dtype, self.np_dtype = getattr(torch, master), np.dtype(master)
+        self.autocast = getattr(torch, compute) if compute != master else None
+        self.fast = options["fast"]
+        self.channels_last = self.fast and len(spec.input_shape) == 3  # 2-d: measured faster on CPU (oneDNN) and CUDA
+        self.module = build_module(spec, weights, master).to(self.device)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.params = dict(self.module.named_parameters())
+        self.stats = [t for k, t in self.module.state_dict().items() if k not in self.params]  # BatchNorm buffers
+        self._saved_stats = [t.clone() for t in self.stats]  # their snapshot before a checked step
         self.optimizer = make_optimizer(self.params.values(), config) if self.params else None
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-        self.loss = loss_fn(config)
+        self.loss = F.cross_entropy if config.loss == "cross_entropy" else F.mse_loss
         self._infer: Any = None  # fused inference copy, rebuilt when weights change
 
     # -- I/O boundary -----------------------------------------------------------
 
-    def _x(self, x: np.ndarray) -> "torch.Tensor":
+    def _tensor(self, a: np.ndarray, dtype: np.dtype) -> "torch.Tensor":
         import torch
 
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=self.np_dtype)).to(self.device, non_blocking=True)
-        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(self.device, non_blocking=True)
+
+    def _x(self, x: np.ndarray) -> "torch.Tensor":
+        return self._tensor(x, self.np_dtype)
 
     def _y(self, y: np.ndarray) -> "torch.Tensor":
-        import torch
-
-        dtype = np.int64 if self.config.loss == "cross_entropy" else self.np_dtype
-        return torch.from_numpy(np.ascontiguousarray(y, dtype=dtype)).to(self.device, non_blocking=True)
+        return self._tensor(y, np.dtype(np.int64) if self.config.loss == "cross_entropy" else self.np_dtype)
 
     def _ctx(self) -> Any:
-        import contextlib
-
         import torch
 
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    # -- the surface ----------------------------------------------------------------
-
-    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+    def _run(self, module: "nn.Module", x: "torch.Tensor") -> "torch.Tensor":
+        """``module(x)`` in the executable's layout and precision; torch's complaint about
+        training-mode BatchNorm over one value becomes a hal error."""
         import torch
 
-        x = self.check_x(x)
-        if training:
-            self.module.train()
-            self.module.set_update_stats(False)
-            with torch.no_grad(), self._ctx():
-                out = self._forward(self._x(x))
-        else:
-            if self._infer is None:
-                self._infer = self.module.fused() if self.fast else self.module.eval()
-            with torch.inference_mode(), self._ctx():
-                out = self._infer(self._x(x))
-        return out.float().cpu().numpy() if out.dtype != torch.float64 else out.cpu().numpy()
-
-    def _forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        """Training-mode forward; torch's complaint about BatchNorm over one value becomes a hal error."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         try:
-            return self.module(x)
+            with self._ctx():
+                return module(x)
         except ValueError as exc:
             raise InputError(f"{self.target}: {exc} (training-mode BatchNorm needs more than one value per channel)") from None
 
-    def _accumulate(self, x: np.ndarray, y: np.ndarray, update_stats: bool) -> "torch.Tensor":
-        """Forward/backward over the G micro-batches; leaves the mean gradient in ``.grad``."""
-        x, y = self.check_xy(x, y)
+    # -- hooks ----------------------------------------------------------------------
+
+    def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
+        import torch
+
+        if training:
+            self.module.train()
+            self.module.set_update_stats(False)
+            with torch.no_grad():
+                out = self._run(self.module, self._x(x))
+        else:
+            if self._infer is None:
+                self._infer = self.module.fused() if self.fast else self.module.eval()
+            with torch.inference_mode():
+                out = self._run(self._infer, self._x(x))
+        return out.cpu().numpy() if out.dtype == torch.float64 else out.float().cpu().numpy()
+
+    def _accumulate(self, x: "torch.Tensor", y: "torch.Tensor", update_stats: bool) -> "torch.Tensor":
+        """Forward/backward over the G micro-batches; leaves the mean gradient in ``.grad``
+        and returns the mean loss (on the device)."""
         if self.optimizer is None:
             raise UnsupportedError(f"{self.target}: spec {self.spec.name!r} has no trainable parameters")
         g = self.config.grad_accum
         self.module.train()
         self.module.set_update_stats(update_stats)
-        for p in self.params.values():
-            p.grad = None
+        self.optimizer.zero_grad(set_to_none=True)
         total = None
-        for xm, ym in zip(np.split(x, g), np.split(y, g)):
-            with self._ctx():
-                out = self._forward(self._x(xm))
-            loss = self.loss(out.to(self.dtype), self._y(ym)) / g  # the loss in master precision
+        for xm, ym in zip(x.chunk(g), y.chunk(g)):
+            loss = self.loss(self._run(self.module, xm).to(self.dtype), ym) / g  # the loss in master precision
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total  # type: ignore[return-value]
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
-        loss = self._accumulate(x, y, update_stats=False)
+    def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
+        loss = self._accumulate(self._x(x), self._y(y), update_stats=False)
         scale = float(self.scaler.get_scale()) if self.scaler else 1.0
         grads = {k: (p.grad.float() / scale if scale != 1.0 else p.grad).cpu().numpy() for k, p in self.params.items()}
-        for p in self.params.values():
-            p.grad = None
+        self.optimizer.zero_grad(set_to_none=True)
         return float(loss), grads
 
-    def _step(self, x: np.ndarray, y: np.ndarray) -> "torch.Tensor":
-        loss = self._accumulate(x, y, update_stats=True)
-        lr = self.config.lr(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.step += 1
-        self._infer = None
-        return loss
-
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        return float(self._step(x, y))
-
-    def run_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    def _finite(self, loss: "torch.Tensor") -> bool:
+        """Whether the loss and (unless GradScaler owns them) every gradient are finite: one host sync."""
         import torch
 
-        self.check_steps(xs, ys)
-        losses = torch.stack([self._step(x, y) for x, y in zip(xs, ys)])  # one host sync per call
-        return losses.double().cpu().numpy()
+        norms = [] if self.scaler else torch._foreach_norm([p.grad for p in self.params.values()], float("inf"))
+        return bool(torch.stack([loss, *norms]).isfinite().all())
+
+    def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
+        import torch
+
+        check = self.config.check_finite
+        xs_t, ys_t = self._x(xs), self._y(ys)  # one copy to the device per call
+        losses = []
+        for i, (x, y) in enumerate(zip(xs_t, ys_t)):
+            if check and self.stats:
+                torch._foreach_copy_(self._saved_stats, self.stats)
+            loss = self._accumulate(x, y, update_stats=True)
+            if check and not self._finite(loss):
+                if self.stats:
+                    torch._foreach_copy_(self.stats, self._saved_stats)
+                self.optimizer.zero_grad(set_to_none=True)
+                out = np.full(len(xs), np.nan)
+                out[: i + 1] = [float(v) for v in losses + [loss]]
+                return out, i
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr(self.step)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.step += 1
+            self._infer = None
+            losses.append(loss)
+        return torch.stack(losses).double().cpu().numpy(), len(xs)  # without the check: one host sync per call
 
     def weights(self) -> Weights:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
 
-    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+    def _load_weights(self, weights: Weights) -> None:
         import torch
 
-        w = check_weights(self.spec, weights)
+        new = {k: self._tensor(v, self.np_dtype) for k, v in weights.items()}  # every conversion before any change
         with torch.no_grad():
             for k, v in self.module.state_dict().items():
-                v.copy_(torch.from_numpy(np.asarray(w[k])))
+                v.copy_(new[k])
         self._infer = None
 
 
@@ -461,5 +477,18 @@ class TorchBackend(Backend):
         return Capabilities(precisions=("fp32", "fp64", "bf16", "fp16"))
 
     @classmethod
-    def compile(cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig) -> Executable:
-        return TorchExecutable(spec, weights, device, config)
+    def options(cls) -> dict[str, Option]:
+        return {
+            "fast": Option(
+                True,
+                "channels_last for 2-d models and BatchNorm folded into convolutions for inference; "
+                "False: plain eager NCHW PyTorch (the parity harness's float64 autodiff reference)",
+            ),
+        }
+
+    @classmethod
+    def compile(
+        cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
+        plan: "Plan | None",
+    ) -> Executable:
+        return TorchExecutable(spec, weights, device, config, options)

@@ -46,11 +46,15 @@ def tolerance(floor, precision="fp32", factor=None):
     return (FACTOR if factor is None else factor) * max(floor, 2.0**-24) * unit / 2.0**-24
 
 
+def reference(spec, w, precision="fp64"):
+    """The numpy reference executable in ``precision``."""
+    return NumpyExecutable(spec, w, TrainConfig(precision=precision))
+
+
 def _floor(spec, w, x, training):
     """float64 reference output and the measured float32 rounding floor (hal.parity's rule)."""
-    cfg = TrainConfig()
-    ref = NumpyExecutable(spec, w, cfg).predict(x, training)
-    f32 = NumpyExecutable(spec, w, cfg, "float32").predict(x, training)
+    ref = reference(spec, w).predict(x, training)
+    f32 = reference(spec, w, "fp32").predict(x, training)
     return ref, normalised_error(f32, ref)[1]
 
 
@@ -136,7 +140,7 @@ def test_fp64_predict_matches_reference_to_float64_rounding(make_weights):
     exe = hal.compile(spec, "torch:cpu", w, TrainConfig(precision="fp64"))
     assert all(v.dtype == np.float64 and np.array_equal(v, w[k]) for k, v in exe.weights().items())
     for training in (False, True):
-        ref = NumpyExecutable(spec, w, TrainConfig()).predict(x, training)
+        ref = reference(spec, w).predict(x, training)
         got = exe.predict(x, training)
         assert got.dtype == np.float64
         assert normalised_error(got, ref)[1] < 1e-12
@@ -201,7 +205,7 @@ def test_bn_after_a_shared_conv_is_not_folded(make_weights):
 
 def _ref_loss(spec, w, x, y, loss="cross_entropy"):
     """Training-mode loss from the float64 numpy reference and a hand-written loss."""
-    out = NumpyExecutable(spec, w, TrainConfig()).predict(x, training=True)
+    out = reference(spec, w).predict(x, training=True)
     if loss == "mse":
         return float(np.mean((out - y) ** 2))
     z = out - out.max(axis=1, keepdims=True)
@@ -250,9 +254,9 @@ def test_gradients_can_fail(monkeypatch, make_weights):
     """The finite-difference check notices a gradient that is 0.1% off."""
     from hal.backends.torch import TorchExecutable
 
-    real = TorchExecutable.loss_and_grads
+    real = TorchExecutable._loss_and_grads
     monkeypatch.setattr(
-        TorchExecutable, "loss_and_grads",
+        TorchExecutable, "_loss_and_grads",
         lambda self, x, y: (lambda lg: (lg[0], {k: g * 1.001 for k, g in lg[1].items()}))(real(self, x, y)),
     )
     spec = no_bn_spec()
@@ -554,6 +558,137 @@ def test_load_weights_checks(make_weights):
         exe.load_weights(bad)
 
 
+def test_load_weights_is_all_or_nothing(make_weights, monkeypatch):
+    """A conversion that fails on the third tensor leaves every weight, and predict, as before."""
+    spec = small()
+    exe = hal.compile(spec, "torch", make_weights(spec, 0, np.float32))
+    x, _ = batch(spec, 2)
+    before, out = exe.weights(), exe.predict(x)
+    real, calls = torch.from_numpy, []
+
+    def failing(a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("conversion failed")
+        return real(a)
+
+    monkeypatch.setattr(torch, "from_numpy", failing)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        exe.load_weights(make_weights(spec, 1, np.float32))
+    monkeypatch.undo()
+    assert len(calls) == 3
+    after = exe.weights()
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+    np.testing.assert_array_equal(exe.predict(x), out)
+
+
+# ---------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------
+
+
+def test_fast_option_off_is_plain_eager_nchw(make_weights):
+    spec = small()
+    w = make_weights(spec, 0, np.float32)
+    x, y = batch(spec, 4)
+    fast, plain = hal.compile(spec, "torch", w), hal.compile(spec, "torch", w, options={"fast": False})
+    assert fast.channels_last and not plain.channels_last
+    assert not plain.module.get_parameter("conv1.weight").is_contiguous(memory_format=torch.channels_last)
+    plain.predict(x)
+    assert plain._infer is plain.module  # no folded copy
+    ref, floor = _floor(spec, w, x, False)
+    assert_near_reference(plain.predict(x), ref, floor)
+    assert plain.train_step(x, y) == pytest.approx(fast.train_step(x, y), rel=1e-6)
+    with pytest.raises(hal.ConfigError, match="fast"):
+        hal.compile(spec, "torch", w, options={"fast": 1})
+    with pytest.raises(hal.ConfigError, match="no option channels_last; its options: fast"):
+        hal.compile(spec, "torch", w, options={"channels_last": True})
+
+
+# ---------------------------------------------------------------------------
+# non-finite steps are not applied
+# ---------------------------------------------------------------------------
+
+NON_FINITE_OPTIMIZERS = [SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2, weight_decay=1e-3)]
+
+
+def _bit_equal(a, b):
+    wa, wb = a.weights(), b.weights()
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    assert a.step == b.step
+
+
+@pytest.mark.parametrize("opt", NON_FINITE_OPTIMIZERS, ids=["sgd-momentum", "adam"])
+def test_nan_input_of_train_step_is_not_applied(opt, make_weights):
+    spec = small()  # with BatchNorm: the training forward updates running statistics in place
+    w = make_weights(spec, 1, np.float32)
+    (x0, y0), (x1, y1), (x2, y2) = (batch(spec, 4, seed=s) for s in range(3))
+    x1[2, 0, 3, 3] = np.nan
+    exe, clean = (hal.compile(spec, "torch", w, TrainConfig(optimizer=opt)) for _ in range(2))
+    exe.train_step(x0, y0)
+    with pytest.raises(hal.NonFiniteError, match="training step 1 was not applied: the loss is nan") as info:
+        exe.train_step(x1, y1)
+    assert info.value.step == 1
+    clean.train_step(x0, y0)
+    _bit_equal(exe, clean)
+    # the optimizer state (momentum, Adam moments and step count) is untouched too
+    assert exe.train_step(x2, y2) == clean.train_step(x2, y2)
+    _bit_equal(exe, clean)
+
+
+@pytest.mark.parametrize("opt", NON_FINITE_OPTIMIZERS, ids=["sgd-momentum", "adam"])
+def test_nan_in_the_second_batch_of_run_steps_stops_there(opt, make_weights):
+    spec = small()
+    w = make_weights(spec, 2, np.float32)
+    data = [batch(spec, 4, seed=s) for s in range(4)]
+    xs, ys = np.stack([d[0] for d in data[:3]]), np.stack([d[1] for d in data[:3]])
+    xs[1, 0, 1, 2, 2] = np.inf
+    cfg = TrainConfig(optimizer=opt, grad_accum=2)
+    exe, clean = (hal.compile(spec, "torch", w, cfg) for _ in range(2))
+    with pytest.raises(hal.NonFiniteError, match=r"training step 1 \(batch 1 of this run_steps call\)") as info:
+        exe.run_steps(xs, ys)
+    assert info.value.step == 1 and exe.step == 1  # batch 0 applied; batches 1 and 2 not
+    clean.run_steps(xs[:1], ys[:1])
+    _bit_equal(exe, clean)
+    x3, y3 = data[3]
+    assert exe.train_step(x3, y3) == clean.train_step(x3, y3)
+    _bit_equal(exe, clean)
+
+
+def _inf_gradient_case():
+    """-inf into a 1x1 conv with a positive weight, then ReLU: the forward sees 0 (finite
+    loss), the weight's gradient 0 * -inf = nan."""
+    b = SpecBuilder("inf_grad")
+    x = b.input((1, 4, 4))
+    spec = b.build(b.dense(b.flatten(b.relu(b.conv(x, 1, 1, name="c"))), 3, name="fc"))
+    w = hal.init_weights(spec)
+    w["c.weight"] = np.full((1, 1, 1, 1), 0.5, np.float32)
+    xb = np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    xb[0, 0, 1, 1] = -np.inf
+    return spec, w, xb, np.array([0, 1])
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_not_applied():
+    spec, w, x, y = _inf_gradient_case()
+    exe = hal.compile(spec, "torch", w, TrainConfig(optimizer=SGD(0.1)))
+    loss, grads = exe.loss_and_grads(x, y)
+    assert np.isfinite(loss) and not np.isfinite(grads["c.weight"]).all()  # the case is what it claims
+    with pytest.raises(hal.NonFiniteError, match="but a gradient is not finite"):
+        exe.run_steps(x[None], y[None])
+    assert exe.step == 0
+    assert all(np.array_equal(v, w[k]) for k, v in exe.weights().items())
+
+
+def test_check_finite_off_applies_the_step():
+    spec, w, x, y = _inf_gradient_case()
+    exe = hal.compile(spec, "torch", w, TrainConfig(optimizer=SGD(0.1), check_finite=False))
+    loss = exe.train_step(x, y)
+    assert np.isfinite(loss) and exe.step == 1
+    assert np.isnan(exe.weights()["c.weight"]).all()
+
+
 # ---------------------------------------------------------------------------
 # bad inputs
 # ---------------------------------------------------------------------------
@@ -668,7 +803,7 @@ def test_random_graphs_match_reference_in_fp64(graph):
     exe = hal.compile(spec, "torch:cpu", w, TrainConfig(precision="fp64"))
     modes = [False] + ([] if any(isinstance(n.op, Dropout) for n in spec.nodes) else [True])
     for training in modes:
-        ref = NumpyExecutable(spec, w, TrainConfig()).predict(x, training)
+        ref = reference(spec, w).predict(x, training)
         got = exe.predict(x, training)
         assert got.shape == ref.shape == (3, *spec.output_shape)
         assert normalised_error(got, ref)[1] < 1e-10, training
@@ -697,7 +832,7 @@ def test_avg_pool_3d_input_smaller_than_kernel(count_include_pad):
     spec = b.build(b.avg_pool(x, (1, 3, 2), 1, ((0, 0), (1, 1), (1, 1)), count_include_pad, name="p"))
     assert spec.output_shape == (2, 1, 2, 4)
     xb = np.random.default_rng(0).standard_normal((2, 2, 1, 2, 3))
-    ref = NumpyExecutable(spec, {}, TrainConfig()).predict(xb)
+    ref = reference(spec, {}).predict(xb)
     module = build_module(spec, {}, "float64").eval()  # (parameter-free: hal.compile fails, see above)
     with torch.no_grad():
         got = module(torch.from_numpy(xb)).numpy()
