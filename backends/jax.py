@@ -41,8 +41,16 @@ as this transform), but it computes its bias corrections ``1 - b**t`` in float32
 from an int32 count and keeps the LR inside its state; here every step-dependent
 scalar (the scheduled LR ``config.lr(t)`` of step ``t``, 0-based, and Adam's
 bias corrections at torch's 1-based step ``t + 1``) is computed on the host in
-float64 exactly as torch computes it and enters the compiled step as a traced
-argument: any schedule, no recompilation, no drift.
+float64 exactly as torch computes it (:func:`hal.lowering.scalar_table`) and
+enters the compiled step as a traced argument: any schedule, no recompilation,
+no drift.
+
+Non-finite steps (``config.check_finite``, the default): the step computes
+``ok = isfinite(loss) & all(isfinite(grads))`` inside the program and selects the
+new or the old parameters, BatchNorm statistics and optimizer state with
+``jnp.where`` (elementwise, fused by XLA into the update); ``run_steps`` carries
+the flag through its ``lax.scan``, so no step after a failed one is applied. The
+number of applied steps comes back with the losses: no extra host sync.
 
 Speed: the training step (forward, backward, optimizer update, BatchNorm
 statistics, gradient accumulation as a ``lax.scan`` over micro-batches) is one
@@ -59,10 +67,11 @@ same CPU time as Flax's one-pass form (A/B on ResNet-50 training); folding saves
 than the unfolded program on ResNet-18 at 32x32, batch 4 (XLA CPU's choice of
 kernels; not investigated further).
 
-Matmul precision: parity mode is the default — convolutions and dense layers run
-with ``lax.Precision.HIGHEST`` (full float32; matters on GPU TF32 and TPU bf16
-passes, not on CPU). Set ``HAL_JAX_MATMUL_PRECISION=high|default`` before
-compiling to trade precision for speed; ``exe.matmul_precision`` reports it.
+Options (``hal.compile(..., options={...})``): ``matmul_precision`` —
+``highest`` (default, parity mode: convolutions and dense layers run with
+``lax.Precision.HIGHEST``, full float32; matters on GPU TF32 and TPU bf16
+passes, not on CPU), ``high`` or ``default`` to trade precision for speed;
+``exe.matmul_precision`` reports it.
 
 Precisions: ``fp32``; ``fp64`` (``jax.enable_x64`` is switched on only around
 this executable's own compiles and calls, never globally; not on TPU); ``bf16``
@@ -75,34 +84,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
 from hal import spec as S
-from hal.backend import Availability, Backend, Capabilities, Executable, Target, Weights, package_availability
-from hal.errors import ConfigError, InputError, TargetError, UnsupportedError
+from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
+from hal.errors import InputError, UnsupportedError
+from hal.lowering import COMPUTE_DTYPE, MASTER_DTYPE, foldable_batchnorms, scalar_table, step_scalar_names
 from hal.training import SGD, Adam, AdamW, TrainConfig
-from hal.weights import check_weights
 
 if TYPE_CHECKING:  # jax is imported lazily: listing backends must not import it
     import jax
 
 PRECISIONS = ("fp32", "fp64", "bf16")
-COMPUTE_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16"}
-MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32"}
-MATMUL_PRECISION_ENV = "HAL_JAX_MATMUL_PRECISION"
 MATMUL_PRECISIONS = ("highest", "high", "default")
 INSTALL_HINT = "pip install 'hal-cnn[jax]'"
-
-
-def matmul_precision() -> str:
-    """The matmul/conv precision new executables use: ``$HAL_JAX_MATMUL_PRECISION`` or ``highest``."""
-    value = os.environ.get(MATMUL_PRECISION_ENV, "highest").strip().lower() or "highest"
-    if value not in MATMUL_PRECISIONS:
-        raise ConfigError(f"{MATMUL_PRECISION_ENV} must be one of {MATMUL_PRECISIONS}, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------
@@ -244,21 +241,14 @@ def flax_module(
     )
 
 
-def foldable(spec: S.ModelSpec) -> dict[str, str]:
-    """BatchNorm node -> the convolution it can be folded into (the conv feeds only it)."""
-    consumers = spec.consumers()
-    out = {}
-    for n in spec.nodes:
-        if isinstance(n.op, S.BatchNorm):
-            src = spec.node(n.inputs[0])
-            if isinstance(src.op, S.Conv) and consumers[src.name] == [n.name]:
-                out[n.name] = src.name
-    return out
-
-
 # ---------------------------------------------------------------------------
 # canonical weights <-> flax variables
 # ---------------------------------------------------------------------------
+
+
+def to_flax_layout(a: np.ndarray, dtype: Any, perm: tuple[int, ...] | None = None) -> np.ndarray:
+    """One canonical tensor as a contiguous ``dtype`` array, axes permuted by ``perm``."""
+    return np.ascontiguousarray(a.transpose(perm) if perm else a, dtype=dtype)
 
 
 def to_flax(spec: S.ModelSpec, weights: Mapping[str, np.ndarray], dtype: Any) -> tuple[dict, dict]:
@@ -267,8 +257,7 @@ def to_flax(spec: S.ModelSpec, weights: Mapping[str, np.ndarray], dtype: Any) ->
     stats: dict[str, dict[str, np.ndarray]] = {}
 
     def arr(key: str, perm: tuple[int, ...] | None = None) -> np.ndarray:
-        a = np.asarray(weights[key])
-        return np.ascontiguousarray(a.transpose(perm) if perm else a, dtype=dtype)
+        return to_flax_layout(np.asarray(weights[key]), dtype, perm)
 
     for node in spec.nodes:
         op, name = node.op, node.name
@@ -323,7 +312,8 @@ def to_canonical(spec: S.ModelSpec, params: Mapping[str, Any], stats: Mapping[st
 
 def scale_by_hyper(name: str) -> Any:
     """``updates * -hyper[name]``: the per-step learning rate, passed in as a traced
-    extra argument (``opt.update(g, s, p, hyper={...})``)."""
+    extra argument (``opt.update(g, s, p, hyper={...})``, the names of
+    :func:`hal.lowering.step_scalars`)."""
     import jax
     import optax
 
@@ -365,12 +355,13 @@ def scale_by_torch_adam(b1: float, b2: float, eps: float) -> Any:
 
 
 def decoupled_weight_decay() -> Any:
-    """AdamW's ``p *= 1 - lr*wd`` as an additive update ``-(lr*wd) * p`` (``hyper["lr_wd"]``)."""
+    """AdamW's ``p *= decay`` (``decay = 1 - lr*wd``, ``hyper["decay"]``) as an additive
+    update ``(decay - 1) * p`` (the subtraction is exact for ``lr*wd <= 0.5``)."""
     import jax
     import optax
 
     def update(updates: Any, state: Any, params: Any = None, *, hyper: Mapping[str, Any], **_: Any) -> Any:
-        s = -hyper["lr_wd"]
+        s = hyper["decay"] - 1.0
         return jax.tree.map(lambda u, p: u + s.astype(p.dtype) * p, updates, params), state
 
     return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
@@ -378,7 +369,7 @@ def decoupled_weight_decay() -> Any:
 
 def optimizer(config: TrainConfig) -> Any:
     """The Optax transformation of a hal config (torch.optim semantics); its
-    ``update`` takes ``hyper=`` the scalars of :func:`hyper` for the step."""
+    ``update`` takes ``hyper=`` the step's :func:`hal.lowering.step_scalars`."""
     import optax
 
     o = config.optimizer
@@ -397,19 +388,6 @@ def optimizer(config: TrainConfig) -> Any:
         if o.weight_decay and isinstance(o, AdamW):
             parts.append(decoupled_weight_decay())
     return optax.chain(*parts)
-
-
-def hyper(config: TrainConfig, step: int) -> dict[str, float]:
-    """Step-dependent optimizer scalars of 0-based step ``step``, in float64 as torch computes them."""
-    o = config.optimizer
-    lr = config.lr(step)
-    if isinstance(o, SGD):
-        return {"lr": lr}
-    t = step + 1  # torch's state["step"] after its increment
-    h = {"step_size": lr / (1.0 - o.betas[0] ** t), "bc2_sqrt": math.sqrt(1.0 - o.betas[1] ** t)}
-    if isinstance(o, AdamW):
-        h["lr_wd"] = lr * o.weight_decay
-    return h
 
 
 # ---------------------------------------------------------------------------
@@ -431,7 +409,10 @@ def programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
     """
     from dataclasses import replace
 
-    key = (spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0), matmul)
+    key = (
+        spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0),
+        config.check_finite, matmul,
+    )
     if key not in _PROGRAMS:
         while len(_PROGRAMS) >= _PROGRAMS_MAX:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
@@ -450,9 +431,10 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
     from jax import lax
 
     net = flax_module(spec, config.precision, matmul)
-    fold = foldable(spec)
+    fold = foldable_batchnorms(spec)
     net_infer = flax_module(spec, config.precision, matmul, frozenset(fold))
     tx = optimizer(config)
+    names = step_scalar_names(config)
     g, master = config.grad_accum, np.dtype(MASTER_DTYPE[config.precision])
     cross_entropy = config.loss == "cross_entropy"
     dropout = any(isinstance(n.op, S.Dropout) and n.op.rate > 0 for n in spec.nodes)
@@ -494,18 +476,37 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
         (stats, grads, loss), _ = lax.scan(body, init, (xs, ys, jnp.arange(g)))
         return loss, grads, stats
 
-    def train_step(params: Any, stats: Any, opt_state: Any, x: Any, y: Any, h: Any, step: Any) -> Any:
-        loss, grads, stats = loss_grads(params, stats, x, y, jax.random.fold_in(base_key, step), True)
-        updates, opt_state = tx.update(grads, opt_state, params, hyper=h)
-        return optax.apply_updates(params, updates), stats, opt_state, loss
+    def step(state: Any, x: Any, y: Any, scalars: Any, t: Any, ok: Any) -> Any:
+        """One optimizer step from ``state = (params, stats, opt_state)`` with the step's
+        scalar row and index ``t``. ``ok``: every earlier step of the call was applied.
+        Returns the state after it (the old one if it is not applied), its loss, and
+        whether it was applied."""
+        params, stats, opt_state = state
+        loss, grads, stats = loss_grads(params, stats, x, y, jax.random.fold_in(base_key, t), True)
+        updates, opt_state = tx.update(grads, opt_state, params, hyper=dict(zip(names, scalars)))
+        new = (optax.apply_updates(params, updates), stats, opt_state)
+        if not config.check_finite:
+            return new, loss, ok
+        finite = [jnp.isfinite(loss)] + [jnp.isfinite(v).all() for v in jax.tree.leaves(grads)]
+        ok = ok & jnp.all(jnp.stack(finite))
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), loss, ok
 
-    def run_steps(params: Any, stats: Any, opt_state: Any, xs: Any, ys: Any, hs: Any, steps: Any) -> Any:
+    def train_step(params: Any, stats: Any, opt_state: Any, x: Any, y: Any, scalars: Any, t: Any) -> Any:
+        (params, stats, opt_state), loss, ok = step((params, stats, opt_state), x, y, scalars, t, jnp.array(True))
+        return params, stats, opt_state, loss, ok
+
+    def run_steps(params: Any, stats: Any, opt_state: Any, xs: Any, ys: Any, table: Any, ts: Any) -> Any:
+        """``lax.scan`` of :func:`step`; a step after one not applied is computed but
+        neither applied nor reported (its loss is nan)."""
+
         def body(carry: Any, inp: Any) -> Any:
-            p, s, o, loss = train_step(*carry, *inp)
-            return (p, s, o), loss
+            state, ok = carry
+            state, loss, applied = step(state, *inp, ok)
+            return (state, applied), (jnp.where(ok, loss, jnp.nan), applied)
 
-        (params, stats, opt_state), losses = lax.scan(body, (params, stats, opt_state), (xs, ys, hs, steps))
-        return params, stats, opt_state, losses
+        init = ((params, stats, opt_state), jnp.array(True))
+        ((params, stats, opt_state), _), (losses, applied) = lax.scan(body, init, (xs, ys, table, ts))
+        return params, stats, opt_state, losses, applied.sum()
 
     def grads_only(params: Any, stats: Any, x: Any, y: Any, key: Any) -> Any:
         loss, grads, _ = loss_grads(params, stats, x, y, key, False)
@@ -548,16 +549,17 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
 
 
 class JaxExecutable(Executable):
-    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig) -> None:
+    """Parameters, BatchNorm statistics and optimizer state as device pytrees, updated
+    by the shared jitted :func:`programs` (donated: the old buffers are reused)."""
+
+    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str) -> None:
         import jax
 
         super().__init__(spec, Target("jax", device), config)
         self.device = _jax_device(device)
-        if config.precision not in PRECISIONS:
-            raise UnsupportedError(f"jax:{device}: {_precision_reason(config.precision)}")
         if config.precision == "fp64" and self.device.platform == "tpu":
             raise UnsupportedError(f"jax:{device}: TPUs have no float64 arithmetic; use fp32")
-        self.matmul_precision = matmul_precision()
+        self.matmul_precision = matmul
         self.x64 = config.precision == "fp64"
         self.master = np.dtype(MASTER_DTYPE[config.precision])
         bn_sizes = [math.prod(spec.in_shapes(n)[0][1:]) for n in spec.nodes if isinstance(n.op, S.BatchNorm)]
@@ -565,10 +567,9 @@ class JaxExecutable(Executable):
         self._calls = 0  # counter for dropout keys of predict(training=True)
         self._infer_vars: Any = None  # folded inference variables, rebuilt when weights change
         with self._scope():
-            self.programs = programs(spec, config, self.matmul_precision)
+            self.programs = programs(spec, config, matmul)
             self._key = self.programs.key
-            self.params: Any = None
-            self.load_weights(weights)
+            self._load_weights(weights)
             self.opt_state = jax.device_put(self.programs.tx.init(self.params), self.device)
 
     # -- helpers ---------------------------------------------------------------------
@@ -606,22 +607,16 @@ class JaxExecutable(Executable):
                 f"a (micro-)batch of {n} gives {n * self._bn_min} (use a batch of at least 2)"
             )
 
-    def _hyper(self, steps: range, stacked: bool) -> dict[str, Any]:
-        """The optimizer scalars of ``steps`` on the device, one per step (``stacked``) or of one step."""
-        hs = [hyper(self.config, t) for t in steps]
-        return {k: self._put(np.array([h[k] for h in hs]) if stacked else np.array(hs[0][k])) for k in hs[0]}
-
     def _variables(self) -> Any:
         if self._infer_vars is None:
             self._infer_vars = self.programs.fold(self.params, self.stats)
         return self._infer_vars
 
-    # -- the surface -------------------------------------------------------------------
+    # -- the hooks ---------------------------------------------------------------------
 
-    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+    def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
         import jax
 
-        x = self.check_x(x)
         with self._scope():
             if training:
                 self._check_bn(len(x))
@@ -632,45 +627,45 @@ class JaxExecutable(Executable):
                 out = self.programs.infer(self._variables(), self._put(x))
             return np.array(out)
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
+    def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         import jax
 
-        x, y = self.check_xy(x, y)
         self._check_bn(len(x) // self.config.grad_accum)
         with self._scope():
             key = jax.random.fold_in(self._key, self.step)
             loss, grads = self.programs.grads(self.params, self.stats, self._put(x), self._put_y(y), key)
             return float(loss), to_canonical(self.spec, jax.device_get(grads))
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        x, y = self.check_xy(x, y)
+    def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
+        import jax
+
         self._check_bn(len(x) // self.config.grad_accum)
         with self._scope():
-            h, step = self._hyper(range(self.step, self.step + 1), False), np.asarray(self.step, np.int32)
-            self.params, self.stats, self.opt_state, loss = self.programs.train(
-                self.params, self.stats, self.opt_state, self._put(x), self._put_y(y), h, step
+            scalars = self._put(scalar_table(self.config, self.step, 1)[0])
+            self.params, self.stats, self.opt_state, loss, ok = self.programs.train(
+                self.params, self.stats, self.opt_state, self._put(x), self._put_y(y), scalars,
+                np.asarray(self.step, np.int32),
             )
-            self.step += 1
-            self._infer_vars = None
-            return float(loss)
+            self._infer_vars = None  # built from donated buffers
+            loss, ok = jax.device_get((loss, ok))
+        self.step += int(ok)
+        return float(loss), bool(ok)
 
-    def run_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        if isinstance(xs, np.ndarray) and xs.ndim >= 2 and len(xs) == 0:
-            raise InputError(f"{self.target}: run_steps needs at least one step, got xs of shape {xs.shape}")
-        self.check_steps(xs, ys)
-        for x, y in zip(xs[1:], ys[1:]):  # check_steps checks the first; labels of every step must be in range
-            self.check_xy(x, y)
+    def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
+        import jax
+
         self._check_bn(xs.shape[1] // self.config.grad_accum)
         n = len(xs)
         with self._scope():
-            hs = self._hyper(range(self.step, self.step + n), True)
-            steps = np.arange(self.step, self.step + n, dtype=np.int32)
-            self.params, self.stats, self.opt_state, losses = self.programs.run(
-                self.params, self.stats, self.opt_state, self._put(xs), self._put_y(ys), hs, steps
+            table = self._put(scalar_table(self.config, self.step, n))
+            ts = np.arange(self.step, self.step + n, dtype=np.int32)
+            self.params, self.stats, self.opt_state, losses, applied = self.programs.run(
+                self.params, self.stats, self.opt_state, self._put(xs), self._put_y(ys), table, ts
             )
-            self.step += n
             self._infer_vars = None
-            return np.array(losses, dtype=np.float64)
+            losses, applied = jax.device_get((losses, applied))
+        self.step += int(applied)
+        return np.asarray(losses, dtype=np.float64), int(applied)
 
     def weights(self) -> Weights:
         import jax
@@ -679,24 +674,20 @@ class JaxExecutable(Executable):
             params, stats = jax.device_get((self.params, self.stats))
         return to_canonical(self.spec, params, stats)
 
-    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+    def _load_weights(self, weights: Weights) -> None:
         import jax
 
-        w = check_weights(self.spec, weights)
         with self._scope():
-            params, stats = to_flax(self.spec, w, self.master)
-            self.params, self.stats = jax.device_put((params, stats), self.device)
-        self._infer_vars = None
+            params, stats = jax.device_put(to_flax(self.spec, weights, self.master), self.device)
+        self.params, self.stats, self._infer_vars = params, stats, None
 
 
 def _jax_device(device: str) -> "jax.Device":
+    """The jax device of a resolved device name (``cpu``, ``gpu:N``, ``tpu:N``)."""
     import jax
 
     platform, _, index = device.partition(":")
-    try:
-        return jax.devices(platform)[int(index or 0)]
-    except (RuntimeError, IndexError, ValueError):
-        raise TargetError(f"jax has no device {device!r} here; devices: {JaxBackend.devices()}") from None
+    return jax.devices(platform)[int(index or 0)]
 
 
 def _precision_reason(precision: str) -> str:
@@ -750,6 +741,17 @@ class JaxBackend(Backend):
         return Capabilities(precisions=PRECISIONS)
 
     @classmethod
+    def options(cls) -> dict[str, Option]:
+        return {
+            "matmul_precision": Option(
+                "highest",
+                "precision of convolutions and matmuls: 'highest' (full float32, parity), 'high' or 'default' "
+                "(faster TF32/bf16 passes on GPU and TPU; no effect on CPU)",
+                MATMUL_PRECISIONS,
+            )
+        }
+
+    @classmethod
     def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
         out = super().unsupported(spec, config)
         if "config" in out and config is not None:
@@ -757,5 +759,8 @@ class JaxBackend(Backend):
         return out
 
     @classmethod
-    def compile(cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig) -> Executable:
-        return JaxExecutable(spec, weights, device, config)
+    def compile(
+        cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
+        plan: Any,
+    ) -> Executable:
+        return JaxExecutable(spec, weights, device, config, options["matmul_precision"])

@@ -27,7 +27,14 @@ import hal.models  # noqa: E402
 import hal.testing  # noqa: E402
 from hal.backends.jax import JaxBackend, JaxExecutable  # noqa: E402
 from hal.backends.numpy import NumpyExecutable  # noqa: E402
-from hal.errors import ConfigError, InputError, TargetError, UnsupportedError, WeightsError  # noqa: E402
+from hal.errors import (  # noqa: E402
+    ConfigError,
+    InputError,
+    NonFiniteError,
+    TargetError,
+    UnsupportedError,
+    WeightsError,
+)
 from hal.parity import make_batch, normalised_error, tensors_error, tolerance  # noqa: E402
 from hal.training import SGD, Adam, AdamW, Cosine, StepDecay, TrainConfig  # noqa: E402
 
@@ -55,11 +62,15 @@ def tiny_plain(size: int = 8, classes: int = 5) -> hal.ModelSpec:
     return b.build(b.dense(x, classes, name="fc"))
 
 
+def reference(spec: hal.ModelSpec, w: dict, precision: str = "fp64") -> NumpyExecutable:
+    """The numpy reference, float64 unless asked otherwise."""
+    return NumpyExecutable(spec, w, TrainConfig(precision=precision))
+
+
 def floor_of(spec: hal.ModelSpec, w: dict, x: np.ndarray, training: bool) -> float:
     """The measured float32 rounding floor (float32 numpy vs float64 numpy), as hal.parity does."""
-    cfg = TrainConfig()
-    ref = NumpyExecutable(spec, w, cfg).predict(x, training)
-    f32 = NumpyExecutable(spec, w, cfg, "float32").predict(x, training)
+    ref = reference(spec, w).predict(x, training)
+    f32 = reference(spec, w, "fp32").predict(x, training)
     return normalised_error(f32, ref)[1]
 
 
@@ -132,7 +143,7 @@ def test_forward_matches_float64_reference(name: str) -> None:
             w[k] = rng.uniform(0.5, 2.0, w[k].shape).astype(np.float32)
     x, _ = make_batch(spec, 4, "cross_entropy", seed=1)
     exe = hal.compile(spec, "jax:cpu", w)
-    ref = NumpyExecutable(spec, w, TrainConfig())
+    ref = reference(spec, w)
     for training in (False, True):
         out = exe.predict(x, training=training)
         assert out.dtype == np.float32 and out.shape == (4, *spec.output_shape)
@@ -162,7 +173,7 @@ def test_ops_1d_3d_grouped_dilated_asymmetric_pools_and_spatial_mse() -> None:
         x, t = make_batch(spec, 3, "mse", seed=2)
         x = x - 3.0  # mostly negative inputs: max-pool windows in padding see only negatives
         exe = hal.compile(spec, "jax:cpu", w, cfg)
-        ref = NumpyExecutable(spec, w, cfg)
+        ref = reference(spec, w)
         err, tol = rel(exe.predict(x), ref.predict(x)), tolerance(floor_of(spec, w, x, False))
         assert err <= tol, f"{nd}-d: {err:.2e} > {tol:.2e}"
         if HAS_TORCH:  # training-mode forward and backward, float64 against float64
@@ -254,8 +265,9 @@ def test_optax_transforms_match_torch_optim_on_raw_tensors() -> None:
     import jax
     import optax
 
-    from hal.backends.jax import hyper, optimizer
+    from hal.backends.jax import optimizer
     from hal.backends.torch import make_optimizer
+    from hal.lowering import step_scalars
 
     rng = np.random.default_rng(0)
     p0 = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
@@ -275,7 +287,7 @@ def test_optax_transforms_match_torch_optim_on_raw_tensors() -> None:
                 for group in topt.param_groups:
                     group["lr"] = cfg.lr(t)
                 topt.step()
-                h = {k: jax.numpy.asarray(v) for k, v in hyper(cfg, t).items()}
+                h = {k: jax.numpy.asarray(v) for k, v in step_scalars(cfg, t).items()}
                 u, state = tx.update(jax.tree.map(jax.numpy.asarray, g), state, jp, hyper=h)
                 jp = optax.apply_updates(jp, u)
             for k in tp:
@@ -354,7 +366,7 @@ def test_run_steps_equals_train_steps_and_predict_sees_updates() -> None:
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     assert weights_rel(a.weights(), b.weights()) <= 1e-5
     after = a.predict(x)  # the folded inference copy is rebuilt after training
-    ref = NumpyExecutable(spec, a.weights(), cfg).predict(x)
+    ref = reference(spec, a.weights()).predict(x)
     assert rel(after, ref) <= 1e-5 and rel(after, before) > 1e-3
 
 
@@ -378,7 +390,7 @@ def test_bf16_mixed_precision() -> None:
     exe = hal.compile(spec, "jax:cpu", w, TrainConfig(precision="bf16"))
     out = exe.predict(x)
     assert out.dtype == np.float32
-    assert rel(out, NumpyExecutable(spec, w, TrainConfig()).predict(x)) <= tolerance(floor_of(spec, w, x, False), "bf16")
+    assert rel(out, reference(spec, w).predict(x)) <= tolerance(floor_of(spec, w, x, False), "bf16")
     assert np.isfinite(exe.train_step(x, y))
     assert all(v.dtype == np.float32 for v in exe.weights().values())  # float32 master weights
 
@@ -390,7 +402,7 @@ def test_dropout_is_identity_in_inference_and_random_in_training() -> None:
     w = hal.init_weights(spec)
     x, y = make_batch(spec, 4, "cross_entropy")
     exe = hal.compile(spec, "jax:cpu", w)
-    ref = NumpyExecutable(spec, w, TrainConfig()).predict(x)
+    ref = reference(spec, w).predict(x)
     assert rel(exe.predict(x), ref) <= 1e-5
     t1, t2 = exe.predict(x, training=True), exe.predict(x, training=True)
     assert not np.allclose(t1, t2)
@@ -399,15 +411,110 @@ def test_dropout_is_identity_in_inference_and_random_in_training() -> None:
 
 def test_matmul_precision_option(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tiny_plain()
-    assert hal.compile(spec, "jax:cpu").matmul_precision == "highest"
-    monkeypatch.setenv("HAL_JAX_MATMUL_PRECISION", "default")
+    monkeypatch.setenv("HAL_JAX_MATMUL_PRECISION", "default")  # the old environment variable is ignored
     exe = hal.compile(spec, "jax:cpu")
-    assert exe.matmul_precision == "default"
+    assert exe.matmul_precision == "highest" == JaxBackend.options()["matmul_precision"].default
+    fast = hal.compile(spec, "jax:cpu", options={"matmul_precision": "default"})
+    assert fast.matmul_precision == "default"
+    # the option is part of the program cache key: same option, same jitted programs
+    assert fast.programs is not exe.programs
+    assert hal.compile(spec, "jax:cpu", options={"matmul_precision": "highest"}).programs is exe.programs
     x, _ = make_batch(spec, 2, "cross_entropy")
-    assert rel(exe.predict(x), NumpyExecutable(spec, hal.init_weights(spec), TrainConfig()).predict(x)) < 1e-4
-    monkeypatch.setenv("HAL_JAX_MATMUL_PRECISION", "fastest")
-    with pytest.raises(ConfigError, match="HAL_JAX_MATMUL_PRECISION"):
-        hal.compile(spec, "jax:cpu")
+    assert rel(fast.predict(x), reference(spec, hal.init_weights(spec)).predict(x)) < 1e-4
+    with pytest.raises(ConfigError, match=r"'matmul_precision' must be one of \('highest', 'high', 'default'\)"):
+        hal.compile(spec, "jax:cpu", options={"matmul_precision": "fastest"})
+
+
+def test_load_weights_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hal.backends.jax as hal_jax
+
+    spec = tiny_bn()
+    exe = hal.compile(spec, "jax:cpu", seed=1)
+    x, y = make_batch(spec, 4, "cross_entropy")
+    exe.predict(x)  # the folded inference copy exists and must stay valid
+    before, out = exe.weights(), exe.predict(x)
+    convert, calls = hal_jax.to_flax_layout, []
+
+    def failing(*args: object) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("conversion failed")
+        return convert(*args)
+
+    monkeypatch.setattr(hal_jax, "to_flax_layout", failing)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        exe.load_weights(hal.init_weights(spec, seed=2))
+    assert len(calls) == 3
+    hal.testing.assert_weights_equal(exe.weights(), before)
+    np.testing.assert_array_equal(exe.predict(x), out)
+    monkeypatch.undo()
+    other = hal.init_weights(spec, seed=2)
+    exe.load_weights(other)
+    hal.testing.assert_weights_equal(exe.weights(), other)
+
+
+# ---------------------------------------------------------------------------
+# non-finite steps: computed, not applied
+# ---------------------------------------------------------------------------
+
+NONFINITE_CFG = TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9))  # momentum: optimizer state must be kept too
+
+
+def test_non_finite_train_step_is_not_applied() -> None:
+    spec = tiny_bn()
+    w = hal.init_weights(spec, seed=10)
+    x, y = make_batch(spec, 6, "cross_entropy", seed=10)
+    xs, ys = steps_of(x, y, 2)
+    bad = xs[1].copy()
+    bad[2, 1, 3, 3] = np.nan
+    a, b = hal.compile(spec, "jax:cpu", w, NONFINITE_CFG), hal.compile(spec, "jax:cpu", w, NONFINITE_CFG)
+    a.train_step(xs[0], ys[0])
+    with pytest.raises(NonFiniteError, match="training step 1 was not applied: the loss is nan") as info:
+        a.train_step(bad, ys[1])
+    assert info.value.step == 1 and a.step == 1
+    b.train_step(xs[0], ys[0])  # b never sees the bad batch
+    hal.testing.assert_weights_equal(a.weights(), b.weights())  # parameters and BatchNorm buffers
+    assert a.train_step(xs[1], ys[1]) == b.train_step(xs[1], ys[1])  # same momentum, same step index
+    hal.testing.assert_weights_equal(a.weights(), b.weights())
+    assert a.step == b.step == 2
+
+
+def test_non_finite_step_stops_run_steps() -> None:
+    spec = tiny_bn()
+    w = hal.init_weights(spec, seed=11)
+    x, y = make_batch(spec, 6, "cross_entropy", seed=11)
+    xs, ys = steps_of(x, y, 3)
+    xs[1, 0, 0, 0, 0] = np.inf  # the 2nd of 3 batches: steps 1 and 2 are not applied
+    a, b = hal.compile(spec, "jax:cpu", w, NONFINITE_CFG), hal.compile(spec, "jax:cpu", w, NONFINITE_CFG)
+    with pytest.raises(NonFiniteError, match=r"training step 1 \(batch 1 of this run_steps call\)") as info:
+        a.run_steps(xs, ys)
+    assert info.value.step == 1 and a.step == 1
+    b.run_steps(xs[:1], ys[:1])
+    hal.testing.assert_weights_equal(a.weights(), b.weights())
+    assert a.train_step(xs[2], ys[2]) == b.train_step(xs[2], ys[2])
+    hal.testing.assert_weights_equal(a.weights(), b.weights())
+
+
+def test_non_finite_hooks_report_losses_and_applied_count() -> None:
+    spec = tiny_bn()
+    x, y = make_batch(spec, 6, "cross_entropy", seed=12)
+    xs, ys = steps_of(x, y, 3)
+    xs[1, 0, 0, 0, 0] = np.nan
+    exe = hal.compile(spec, "jax:cpu", config=NONFINITE_CFG)
+    losses, applied = exe._run_steps(xs, ys)
+    assert applied == 1 and exe.step == 1
+    assert np.isfinite(losses[0]) and np.isnan(losses[1]) and np.isnan(losses[2])  # 2: not attempted
+
+
+def test_check_finite_false_applies_non_finite_steps() -> None:
+    spec = tiny_bn()
+    x, y = make_batch(spec, 6, "cross_entropy", seed=13)
+    xs, ys = steps_of(x, y, 2)
+    xs[0, 0, 0, 0, 0] = np.nan
+    exe = hal.compile(spec, "jax:cpu", config=replace(NONFINITE_CFG, check_finite=False))
+    losses = exe.run_steps(xs, ys)
+    assert np.isnan(losses).all() and exe.step == 2
+    assert any(np.isnan(v).any() for v in exe.weights().values())  # the NaN step was applied
 
 
 # ---------------------------------------------------------------------------
@@ -439,7 +546,7 @@ def test_user_errors_are_hal_errors() -> None:
     with pytest.raises(InputError, match="labels"):
         exe.run_steps(np.stack([x, x]), bad)
     assert exe.step == 0
-    with pytest.raises(InputError, match="at least one step"):
+    with pytest.raises(InputError, match="S >= 1"):
         exe.run_steps(np.zeros((0, *x.shape), np.float32), np.zeros((0, *y.shape), np.int64))
     b = hal.SpecBuilder("bn_1x1")
     one_pixel = b.build(b.batch_norm(b.conv(b.input((3, 2, 2)), 4, 2), name="bn"))  # BatchNorm sees 1x1 maps
