@@ -580,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HalError as exc:
         print("hal: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return 2
+    except MemoryError as exc:  # e.g. a --batch far too large for this machine
+        print(f"hal: error: out of memory{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -205,3 +205,14 @@ def test_conformance_exits_1_when_a_case_fails_and_prints_json(conformance, caps
     out, err = capsys.readouterr()
     assert json.loads(out) == {"passed": False, "rows": [{"case": "conv2d", "status": "FAIL (conv off by 1e-4)"}]}
     assert err == ""  # --json: no progress
+
+
+def test_out_of_memory_is_one_error_line(monkeypatch, capsys):
+    import hal.ipu
+
+    def plan(*args, **kwargs):
+        raise MemoryError("Unable to allocate 186. GiB for an array")
+
+    monkeypatch.setattr(hal.ipu, "plan", plan)
+    assert main(["plan", "small_cnn"]) == 2
+    assert capsys.readouterr().err == "hal: error: out of memory: Unable to allocate 186. GiB for an array\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 import hal
+from hal import registry
+from hal.backends.torch import TorchBackend
 from hal.cli import TRANSFORMS as CLI_TRANSFORMS, main
 from hal.errors import ConfigError, SpecError
 from hal.models import ZOO, conductivity_cnn, get
@@ -139,15 +142,38 @@ def test_train_command_keeps_the_weights_when_the_output_folder_fails(tmp_path, 
     assert (saved.parent / "conductivity2d.json").is_file()
 
 
+class Crashing(TorchBackend):
+    """torch, except that compiling kills the process: a framework that segfaults."""
+
+    name = "crashing"
+
+    @classmethod
+    def compile(cls, *args, **kwargs):  # type: ignore[override]
+        os.abort()
+
+
+def test_compare_trains_each_target_in_its_own_process_and_survives_a_crash(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(registry, "_registered", dict(registry._registered))
+    hal.register_backend("crashing", Crashing)  # reaches the worker processes (hal.worker)
+    out = tmp_path / "out"
+    assert _train(tmp_path, "--compare", "crashing:cpu,torch:cpu", "--out", str(out), "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["failed"]) == ["crashing:cpu"] and "SIGABRT" in report["failed"]["crashing:cpu"]
+    assert [r["target"] for r in report["results"]] == ["torch:cpu"]
+    spec, _ = hal.load_weights(out / "conductivity2d-torch-cpu.safetensors")
+    assert spec == conductivity_cnn(2, 12, width=4)
+    assert "| crashing:cpu | failed |" in (out / "conductivity2d.md").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (("--target", "numpy"), "target 'numpy' does not train"),
     (("--target", "torch:tpu"), "torch has no device 'tpu'"),
     (("--compare", " , "), "argument --compare: an empty entry"),
-    (("--compare", "torch:cpu,nosuch"), "unknown backend 'nosuch'"),
     (("--threads", "-1"), "argument --threads: expected an integer >= 0, got '-1'"),
     (("--lr", "nan"), "argument --lr: expected a finite number > 0"),
     (("--transform", "exp"), "argument --transform: invalid choice"),
     (("--size", "4"), "conductivity_cnn: size must be"),
+    (("--size", "100000"), "GiB for the dataset alone"),
     (("--out", "FILE/results"), "--out 'FILE/results': "),
     (("--cache-dir", "FILE"), "--cache-dir 'FILE': "),
 ])

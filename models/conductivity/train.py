@@ -64,6 +64,7 @@ from hal.worker import describe, run_isolated
 TRANSFORMS = ("plain", "sqrt", "log")
 LOG_OFFSET = 0.01
 EVAL_BATCH = 256
+DATASET_BYTES = 5  # per voxel: the uint8 phases and the float32 network inputs
 WEIGHT_DECAY = 1e-4
 
 
@@ -316,6 +317,10 @@ def run_workload(
         if not cls.capabilities().training:
             raise UnsupportedError(f"target {t!r} does not train")
     spec = conductivity_cnn(dims=dims, size=size, width=width)
+    need, have = samples * math.prod(spec.input_shape) * DATASET_BYTES, _physical_memory()
+    if have and need > have:
+        raise ConfigError(f"{samples} samples at {size}^{dims} need about {need / 2**30:,.1f} GiB for the dataset "
+                          f"alone; this machine has {have / 2**30:,.1f} GiB: use fewer --samples or a smaller --size")
     if threads:  # read when each framework loads, which is after this point (worker processes inherit it)
         _set_threads(threads)
     say = progress or (lambda _msg: None)
@@ -439,6 +444,14 @@ def _calls(steps_per_call: int) -> str:
 
 def _setting(dims: int, kind: str, samples: int, size: int, transform: str) -> str:
     return f"{dims}-d {kind}, {samples} samples at {size}^{dims}, {transform} target"
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM, or 0 where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def _set_threads(n: int) -> None:
