@@ -1,22 +1,31 @@
 """Benchmarks: hal on each target against the native hand-written model on the
 same framework, timed side by side in one process.
 
-Per target and mode (inference, training): first-call time (compile + first
-step), steady-state samples/s (median over ``repeats`` timed calls after
-``warmup`` calls), batch-1 latency (inference) and peak host memory growth of
-one call. hal and native calls are *interleaved* (hal, native, hal, native...)
-so that drift in machine load hits both alike; the ratio is
-``median native time / median hal time`` (>= 1: hal at least as fast).
+Per target, mode (inference, training) and combination of backend options:
+first-call time (compile + first step), steady-state samples/s (median over
+``repeats`` timed calls after ``warmup`` calls), the process CPU seconds of each
+phase (all threads: on a shared machine wall time swings with other jobs' load,
+CPU time measures the work done), batch-1 latency (inference) and peak host
+memory growth of the first call. hal and native calls are *interleaved* (hal,
+native, hal, native...) so that drift in machine load hits both alike; the ratio
+is ``median native time / median hal time`` (>= 1: hal at least as fast), the CPU
+ratio the same with CPU seconds. The load average is recorded at the start and
+the end of the run.
 
-Native baselines live in the repository's ``bench/`` folder as
-``bench/native_<framework>.py`` with ``build(model, num_classes, device)``
-returning an object with ``predict(x)`` and ``train_step(x, y)`` (numpy in and
-out, like hal), or ``None`` when there is no native twin of that model.
+Each (target, mode, options) runs in its own worker process (:mod:`hal.worker`)
+unless ``isolate=False``: frameworks do not share a process or compete for its
+threads, and a crash or an out-of-memory is a row with its reason.
+
+Native baselines are the ``hal.native`` package (the repository's
+``bench/native/``): per framework, ``build(model, num_classes, device)`` returns
+an object with ``predict(x)`` and ``train_step(x, y)`` (numpy in and out, like
+hal), or ``None`` when there is no native twin of that model.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import itertools
 import json
 import os
 import platform
@@ -25,20 +34,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from hal.backend import Target
+from hal.backend import Backend, Target, Weights
 from hal.errors import ConfigError, HalError
-from hal.parity import make_batch
-from hal.registry import compile, get_backend, resolve
+from hal.native import MODULES as NATIVE_MODULES
+from hal.parity import available_backend, check_common, check_int, check_names, make_batch
+from hal.registry import check_options, compile, get_backend, resolve
 from hal.spec import ModelSpec
 from hal.training import SGD, TrainConfig
 from hal.weights import init_weights
+from hal.worker import run_inline, run_isolated
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-NATIVE_FILES = {"torch": "native_torch.py", "jax": "native_flax.py", "tensorflow": "native_keras.py"}
 MODES = ("inference", "training")
 
 
@@ -52,10 +61,16 @@ class Measurement:
     batch: int
     peak_mem_mb: float | None = None
     latency_b1_ms: float | None = None
+    first_call_cpu_s: float | None = None
+    cpu_times_s: list[float] = field(default_factory=list)
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.times_s)
+
+    @property
+    def median_cpu_s(self) -> float | None:
+        return statistics.median(self.cpu_times_s) if self.cpu_times_s else None
 
     @property
     def samples_per_s(self) -> float:
@@ -69,13 +84,25 @@ class BenchRow:
     hal: Measurement | None = None
     native: Measurement | None = None
     note: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The target, with the options this row was timed with (``tensorflow:cpu xla=False``)."""
+        return " ".join([self.target, *(f"{k}={v}" for k, v in self.options.items())])
 
     @property
     def ratio(self) -> float | None:
-        """hal throughput over native throughput (median times)."""
+        """hal throughput over native throughput (median wall times)."""
         if self.hal is None or self.native is None:
             return None
         return self.native.median_s / self.hal.median_s
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Native CPU seconds per call over hal's (medians): the work each side does, whatever the load."""
+        h, n = (m and m.median_cpu_s for m in (self.hal, self.native))
+        return n / h if h and n is not None else None
 
 
 @dataclass
@@ -90,11 +117,12 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for r, row in zip(d["rows"], self.rows):
-            r["ratio"] = row.ratio
+            r["ratio"], r["cpu_ratio"] = row.ratio, row.cpu_ratio
             for impl in ("hal", "native"):
                 m = getattr(row, impl)
                 if m is not None:
                     r[impl]["median_s"], r[impl]["samples_per_s"] = m.median_s, m.samples_per_s
+                    r[impl]["median_cpu_s"] = m.median_cpu_s
         return d
 
     def _rows(self) -> list[list[str]]:
@@ -102,15 +130,15 @@ class BenchReport:
         for r in self.rows:
             h, n = r.hal, r.native
             out.append([
-                r.target, r.mode,
+                r.label, r.mode,
                 _f(h and h.samples_per_s, ".1f"), _f(n and n.samples_per_s, ".1f"),
-                _f(r.ratio, ".2f", "x"),
+                _f(r.ratio, ".2f", "x"), _f(r.cpu_ratio, ".2f", "x"),
                 _f(h and h.first_call_s, ".2f"), _f(n and n.first_call_s, ".2f"),
                 _f(h and h.latency_b1_ms, ".1f"), _f(h and h.peak_mem_mb, ".0f"), _f(n and n.peak_mem_mb, ".0f"), r.note,
             ])
         return out
 
-    HEADER = ["target", "mode", "hal samples/s", "native samples/s", "hal/native",
+    HEADER = ["target", "mode", "hal samples/s", "native samples/s", "hal/native", "hal/native CPU",
               "hal first call s", "native first call s", "hal b1 latency ms", "hal peak MB", "native peak MB", "note"]
 
     def table(self) -> str:
@@ -138,7 +166,7 @@ class BenchReport:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        labels = [f"{r.target}\n{r.mode}" for r in self.rows]
+        labels = [f"{r.label}\n{r.mode}" for r in self.rows]
         hal = [r.hal.samples_per_s if r.hal else 0.0 for r in self.rows]
         nat = [r.native.samples_per_s if r.native else 0.0 for r in self.rows]
         xs = np.arange(len(labels))
@@ -161,8 +189,7 @@ class BenchReport:
         """JSON, Markdown and PNG under ``out_dir``; returns the paths written."""
         from hal.weights import atomic_write
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_writable(out_dir)
         stem = out / f"{self.model}-b{self.batch}"
         paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
         atomic_write(paths[0], json.dumps(self.to_dict(), indent=2).encode())
@@ -171,28 +198,69 @@ class BenchReport:
         return paths + ([png] if png else [])
 
 
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path, created if needed, after checking files can be written in it;
+    raises :class:`~hal.errors.ConfigError` otherwise (call it before long work)."""
+    try:
+        out = Path(out_dir)
+    except TypeError as exc:
+        raise ConfigError(f"output folder must be a path, got {type(out_dir).__name__}") from exc
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"cannot write results under {str(out)!r}: {str(blocker)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".hal-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write results under {str(out)!r}: {exc.strerror or exc}") from exc
+    return out
+
+
 def _f(v: float | None, fmt: str, suffix: str = "") -> str:
     return "-" if v is None else f"{format(v, fmt)}{suffix}"
 
 
-def environment(targets: Sequence[str]) -> dict[str, Any]:
-    """Versions, threads and machine, recorded with every benchmark."""
+def environment(targets: Sequence[Target]) -> dict[str, Any]:
+    """Versions, machine and load, recorded with every benchmark; imports no framework
+    (each worker adds its framework's thread settings)."""
     env: dict[str, Any] = {
         "machine": _cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_avg_start": _load_average(),
     }
     for var in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "XLA_FLAGS"):
         if os.environ.get(var):
             env[var] = os.environ[var]
-    for t in {Target.parse(t).backend for t in targets}:
-        a = get_backend(t).availability()
-        env[t] = a.version
-        if t == "torch" and "torch" in sys.modules:
-            env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    for backend in dict.fromkeys(t.backend for t in targets):
+        try:
+            env[backend] = get_backend(backend).availability().version
+        except HalError:  # an unknown backend is reported in its row
+            continue
     return env
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _threads(backend: str) -> dict[str, Any]:
+    """The thread settings of the framework loaded in this process."""
+    if backend in ("torch", "poptorch") and "torch" in sys.modules:
+        return {"torch_threads": sys.modules["torch"].get_num_threads()}
+    if backend == "tensorflow" and "tensorflow" in sys.modules:
+        threading = sys.modules["tensorflow"].config.threading
+        return {"tf_intra_op_threads": threading.get_intra_op_parallelism_threads() or "auto",
+                "tf_inter_op_threads": threading.get_inter_op_parallelism_threads() or "auto"}
+    return {}
 
 
 def _cpu_name() -> str:
@@ -220,6 +288,7 @@ def peak_growth_mb(fn: Callable[[], Any]) -> float | None:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     except OSError:
+        fn()
         return None
     base = _rss_mb("VmRSS")
     fn()
@@ -227,28 +296,18 @@ def peak_growth_mb(fn: Callable[[], Any]) -> float | None:
     return None if base is None or peak is None else max(peak - base, 0.0)
 
 
-def _native_path(backend: str) -> Path | None:
-    path = BENCH_DIR / NATIVE_FILES.get(backend, "-")
-    return path if path.is_file() else None
-
-
 def load_native(backend: str, model: str, num_classes: int, device: str) -> Any:
-    """The native twin from ``bench/native_<framework>.py``, or None."""
-    path = _native_path(backend)
-    if path is None:
-        return None
-    spec = importlib.util.spec_from_file_location(f"hal_bench_native_{backend}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass/flax annotation lookups need the module registered
-    spec.loader.exec_module(module)
-    return module.build(model, num_classes, device)
+    """The native twin of zoo ``model`` on ``backend`` from :mod:`hal.native` (imports its
+    framework), or None if there is none."""
+    module = NATIVE_MODULES.get(backend)
+    return None if module is None else importlib.import_module(module).build(model, num_classes, device)
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
+def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn()``."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_bench(
@@ -261,40 +320,92 @@ def run_bench(
     native: bool = True,
     config: TrainConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    options: Mapping[str, Sequence[Any]] | None = None,
+    isolate: bool = True,
 ) -> BenchReport:
-    """Time ``spec`` on each target (and its native twin); see the module docstring."""
-    if repeats < 1 or warmup < 0 or batch < 1:
-        raise ConfigError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
+    """Time ``spec`` on each target (and its native twin); see the module docstring.
+
+    ``options`` sweeps backend options: ``{"xla": [True, False]}`` gives one row per
+    combination of values on each target whose backend declares those options
+    (``Backend.options()``), labelled with them; a name no target declares, or a
+    value a backend refuses, raises :class:`~hal.errors.ConfigError` before any work.
+    A target that fails or crashes is a row with the reason; bad arguments raise.
+    """
+    check_common("bench", spec, config)
+    check_int("bench", "batch", batch, 1)
+    check_int("bench", "repeats", repeats, 1)
+    check_int("bench", "warmup", warmup, 0)
+    targets, modes = check_names("bench", "targets", targets), check_names("bench", "modes", modes)
     bad = [m for m in modes if m not in MODES]
     if bad:
-        raise ConfigError(f"unknown bench modes {bad}; choose from {MODES}")
+        raise ConfigError(f"bench: unknown modes {bad}; choose from {MODES}")
     say = progress or (lambda _msg: None)
+    run = run_isolated if isolate else run_inline
     config = config or TrainConfig(optimizer=SGD(lr=0.01, momentum=0.9))
     weights = init_weights(spec, 0)
     x, y = make_batch(spec, batch, config.loss, seed=1)
-    report = BenchReport(spec.name, batch, repeats, warmup, environment(targets))
+    parsed: list[tuple[str, Target | None, type[Backend] | HalError]] = []
     for name in targets:
         try:
-            cls, target = resolve(name)
+            target, cls = available_backend(name)
+            parsed.append((name, target, cls))
         except HalError as exc:
-            report.rows.append(BenchRow(str(name), "-", note=str(exc)))
+            parsed.append((name, None, exc))
+    sweeps = _sweeps(options, [cls for _, _, cls in parsed if not isinstance(cls, HalError)])
+    report = BenchReport(spec.name, batch, repeats, warmup, environment([t for _, t, _ in parsed if t is not None]))
+    twin = native and spec.name in _zoo_names()
+    for name, target, cls in parsed:
+        if isinstance(cls, HalError):
+            report.rows.append(BenchRow(str(name), "-", note=str(cls)))
             continue
-        has_native = native and spec.name in _zoo_names() and _native_path(target.backend) is not None
-        make_native = (lambda t=target: load_native(t.backend, spec.name, spec.output_shape[0], t.device)) if has_native else None
-        for mode in modes:
-            if mode == "training" and not cls.capabilities().training:
-                report.rows.append(BenchRow(str(target), mode, note=f"{target.backend} does not train"))
+        rows = [BenchRow(str(target), mode, options=opts) for opts in sweeps[cls.name] for mode in modes]
+        resolved = str(target)
+        for row in rows:
+            if row.mode == "training" and not cls.capabilities().training:
+                row.note = f"{target.backend} does not train"
                 continue
-            say(f"{target} {mode}: compiling")
-            row = BenchRow(str(target), mode)
+            say(f"{row.label} {row.mode}" + (" (in a worker process)" if isolate else ""))
             try:
-                row.hal, row.native = _measure(spec, target, weights, config, x, y, mode, make_native, repeats, warmup, say)
+                resolved, row.hal, row.native, threads = run(
+                    _measure, spec, str(target), weights, config, row.options, x, y, row.mode,
+                    twin and target.backend in NATIVE_MODULES, repeats, warmup, label=row.label, progress=say,
+                )
             except HalError as exc:
                 row.note = str(exc)
+                continue
+            report.env.update(threads)
             if row.native is None and native:
-                row.note = row.note or "no native baseline for this model/framework"
-            report.rows.append(row)
+                row.note = "no native baseline for this model/framework"
+        for row in rows:  # one name per target, device filled in (``torch`` -> ``torch:cpu``)
+            row.target = resolved
+        report.rows.extend(rows)
+    report.env["load_avg_end"] = _load_average()
     return report
+
+
+def _sweeps(options: Mapping[str, Sequence[Any]] | None, backends: Sequence[type[Backend]]) -> dict[str, list[dict[str, Any]]]:
+    """Per backend name, the option combinations to time (``[{}]``: the defaults only), each
+    checked against the backend's declared options."""
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"bench: options must map an option name to a list of values, got {type(options).__name__}")
+    for k, values in options.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ConfigError(f"bench: option {k!r} needs a non-empty list of values to sweep, got {values!r}")
+    declared = {k for cls in backends for k in cls.options()}
+    unknown = sorted(str(k) for k in options if k not in declared)
+    if unknown:
+        known = ", ".join(f"{cls.name}: {', '.join(cls.options()) or 'none'}" for cls in backends)
+        raise ConfigError(f"bench: no target takes option {', '.join(unknown)}; options per backend: {known}")
+    out = {}
+    for cls in backends:
+        names = [k for k in options if k in cls.options()]
+        combos = [dict(zip(names, values)) for values in itertools.product(*(options[k] for k in names))]
+        for combo in combos:
+            check_options(cls, combo)
+        out[cls.name] = combos
+    return out
 
 
 def _zoo_names() -> set[str]:
@@ -304,47 +415,54 @@ def _zoo_names() -> set[str]:
 
 
 def _measure(
-    spec: ModelSpec, target: Target, weights: dict[str, np.ndarray], config: TrainConfig,
-    x: np.ndarray, y: np.ndarray, mode: str, make_native: Callable[[], Any] | None, repeats: int, warmup: int,
-    say: Callable[[str], None],
-) -> tuple[Measurement, Measurement | None]:
-    """Interleaved timings of hal and (if any) its native twin; peak memory is the
-    resident-memory growth over building the model and its first call."""
+    spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, options: dict[str, Any], x: np.ndarray,
+    y: np.ndarray, mode: str, native: bool, repeats: int, warmup: int, progress: Callable[[str], None] | None = None,
+) -> tuple[str, Measurement, Measurement | None, dict[str, Any]]:
+    """Interleaved timings of hal and (with ``native``) its native twin, run in a worker:
+    ``(resolved target, hal, native or None, framework thread settings)``. Peak memory is
+    the resident-memory growth over building the model and its first call."""
+    say = progress or (lambda _msg: None)
+    _, resolved = resolve(target)
     infer = mode == "inference"
     box: dict[str, Any] = {}
 
     def hal_first() -> None:
-        box["hal"] = exe = compile(spec, target, weights, config)
+        box["hal"] = exe = compile(spec, resolved, weights, config, options=options)
         exe.predict(x) if infer else exe.train_step(x, y)
 
     def native_first() -> None:
-        box["native"] = nat = make_native()  # type: ignore[misc]
+        box["native"] = nat = load_native(resolved.backend, spec.name, spec.output_shape[0], resolved.device)
         if nat is not None:
             nat.predict(x) if infer else nat.train_step(x, y)
 
     fns: dict[str, Callable[[], Any]] = {}
-    first: dict[str, float] = {}
+    first: dict[str, tuple[float, float]] = {}
     peak: dict[str, float | None] = {}
-    for impl, build in (("hal", hal_first), ("native", native_first if make_native else None)):
+    for impl, build in (("hal", hal_first), ("native", native_first if native else None)):
         if build is None:
             continue
-        t0 = time.perf_counter()
+        say(f"{resolved} {mode}: {impl} first call")
+        t0, c0 = time.perf_counter(), time.process_time()
         peak[impl] = peak_growth_mb(build)
-        first[impl] = time.perf_counter() - t0
+        first[impl] = (time.perf_counter() - t0, time.process_time() - c0)
         obj = box[impl]
         if obj is not None:
             fns[impl] = (lambda o=obj: o.predict(x)) if infer else (lambda o=obj: o.train_step(x, y))
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     for i in range(repeats):
-        say(f"{target} {mode}: repeat {i + 1}/{repeats}")
+        say(f"{resolved} {mode}: repeat {i + 1}/{repeats}")
         for k, fn in fns.items():
             times[k].append(_timed(fn))
-    out = {k: Measurement(k, first[k], times[k], len(x), peak[k]) for k in fns}
+    out = {
+        k: Measurement(k, first[k][0], [t[0] for t in times[k]], len(x), peak_mem_mb=peak[k],
+                       first_call_cpu_s=first[k][1], cpu_times_s=[t[1] for t in times[k]])
+        for k in fns
+    }
     if infer:
         exe, x1 = box["hal"], x[:1]
         exe.predict(x1)
-        out["hal"].latency_b1_ms = 1e3 * statistics.median(_timed(lambda: exe.predict(x1)) for _ in range(max(repeats, 5)))
-    return out["hal"], out.get("native")
+        out["hal"].latency_b1_ms = 1e3 * statistics.median(_timed(lambda: exe.predict(x1))[0] for _ in range(max(repeats, 5)))
+    return str(resolved), out["hal"], out.get("native"), _threads(resolved.backend)

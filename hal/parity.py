@@ -44,17 +44,18 @@ training-mode forward's from 4.4e-5 to 7.4e-7. Pass ``weights`` to test others.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from hal.backend import Executable, Target
-from hal.errors import ConfigError, HalError
-from hal.registry import compile, resolve
+from hal.backend import Backend, Target, Weights
+from hal.errors import BackendUnavailable, ConfigError, HalError
+from hal.registry import compile, get_backend, resolve
 from hal.spec import Dropout, ModelSpec
 from hal.training import SGD, TrainConfig
-from hal.weights import init_weights
+from hal.weights import check_weights, init_weights
+from hal.worker import describe, run_inline, run_isolated
 
 FACTOR = 16.0
 ILL_CONDITIONED = 0.1  # a tolerance above this cannot tell a bug from rounding: the check is skipped
@@ -179,21 +180,26 @@ def run_parity(
     seed: int = 0,
     weights: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
+    isolate: bool = True,
 ) -> ParityReport:
-    """Compare ``targets`` on ``spec`` (see the module docstring); never raises for a
-    failing target: its failure is a FAIL row with the error message."""
+    """Compare ``targets`` on ``spec`` (see the module docstring).
+
+    Bad arguments raise :class:`~hal.errors.ConfigError`; a failing target never
+    raises: each of its checks is a FAIL row with the error. With ``isolate``
+    (the default) each target, and the float64 autodiff reference, runs in its
+    own worker process (:mod:`hal.worker`): a framework that crashes or runs out
+    of memory fails its rows and the run goes on, and this process loads no
+    framework. The numpy references run here.
+    """
     from hal.backends.numpy import NumpyExecutable
 
-    bad = [c for c in checks if c not in CHECKS]
-    if bad:
-        raise ConfigError(f"unknown parity checks {bad}; choose from {CHECKS}")
-    if batch < 2:
-        raise ConfigError("parity needs batch >= 2 (training-mode BatchNorm over one sample is degenerate)")
+    targets, checks = _check_args(spec, targets, batch, checks, steps, config, seed, progress)
     config = config or TrainConfig(optimizer=SGD(lr=1e-3, momentum=0.9))
     if batch % config.grad_accum:
-        raise ConfigError(f"batch {batch} is not divisible by grad_accum {config.grad_accum}")
+        raise ConfigError(f"parity: batch {batch} is not divisible by grad_accum {config.grad_accum}")
     say = progress or (lambda _msg: None)
-    weights = dict(weights) if weights is not None else init_weights(spec, seed, PARITY_RESIDUAL_GAMMA)
+    run = run_isolated if isolate else run_inline
+    weights = check_weights(spec, weights) if weights is not None else init_weights(spec, seed, PARITY_RESIDUAL_GAMMA)
     x, y = make_batch(spec, batch, config.loss, seed)
     report = ParityReport(spec.name, batch, spec.input_shape, {})
 
@@ -205,90 +211,179 @@ def run_parity(
         if check not in checks and not (training and {"grads", "trajectory"} & set(checks)):
             continue
         say(f"reference {check}")
-        ref[check] = NumpyExecutable(spec, weights, config).predict(x, training)
-        f32 = NumpyExecutable(spec, weights, config, "float32").predict(x, training)
+        ref[check] = NumpyExecutable(spec, weights, replace(config, precision="fp64")).predict(x, training)
+        f32 = NumpyExecutable(spec, weights, replace(config, precision="fp32")).predict(x, training)
         report.floor[check] = max(normalised_error(f32, ref[check])[1], UNIT_ROUNDOFF["fp32"])
 
-    autodiff: dict[str, Any] = {}
+    auto: dict[str, Any] = {}  # the float64 autodiff reference, computed once, when first needed
+    trajectory_steps = steps if "trajectory" in checks else 0
 
-    def reference_autodiff() -> dict[str, Any]:
-        """float64 loss, gradients and trajectory, and their float32 floors; computed once."""
-        if not autodiff:
+    def autodiff_reference() -> dict[str, Any]:
+        if not auto:
             say(f"autodiff reference ({REFERENCE_AUTODIFF}): float64, and plain float32 for the floor")
-            n = steps if "trajectory" in checks else 0
-            clean = _autodiff(spec, weights, config, x, y, n, "fp64")
-            plain = _autodiff(spec, weights, config, x, y, n, "fp32")
-            autodiff.update(clean)
-            report.floor["grads"] = max(_grads_error(plain["loss"], plain["grads"], clean)[1], UNIT_ROUNDOFF["fp32"])
-            if n:
-                report.floor["trajectory"] = max(
-                    _trajectory_error(plain["losses"], plain["weights"], clean, spec)[1], UNIT_ROUNDOFF["fp32"]
-                )
-        return autodiff
+            try:
+                clean, floor = run(_autodiff_reference, spec, weights, config, x, y, trajectory_steps,
+                                   label=f"float64 autodiff reference ({REFERENCE_AUTODIFF})")
+            except HalError as exc:
+                auto["error"] = str(exc)
+            else:
+                auto["clean"] = clean
+                report.floor.update(floor)
+        return auto
 
     for name in targets:
-        target = str(Target.parse(name))
-        if target.split(":")[0] == "numpy":
-            for check in (c for c in checks if c in ref):
-                report.results.append(CheckResult(target, check, 0.0, 0.0, 0.0, True, "the float64 reference itself"))
-            continue
         try:
-            _, resolved = resolve(target)
+            target, cls = available_backend(name)
         except HalError as exc:
-            report.results.append(CheckResult(target, "compile", passed=False, note=str(exc)))
+            report.results.append(CheckResult(str(name), "compile", passed=False, note=str(exc)))
             continue
-        target = str(resolved)
-        exe: list[Executable] = []  # compiled on first use, shared by the checks (trajectory runs last)
+        if target.backend == "numpy":
+            for check in (c for c in checks if c in ref):
+                report.results.append(CheckResult(str(target), check, 0.0, 0.0, 0.0, True, "the float64 reference itself"))
+            continue
+        rows: dict[str, CheckResult] = {}
         for check in (c for c in CHECKS if c in checks):
-            t0 = time.perf_counter()
-            say(f"{target} {check}")
+            reason = _not_applicable(check, ref, cls)
+            if reason is None and check in ("grads", "trajectory") and "error" in autodiff_reference():
+                rows[check] = CheckResult(str(target), check, passed=False, note=auto["error"])
+            elif reason is not None:
+                rows[check] = CheckResult(str(target), check, note=reason)
+        todo = [c for c in CHECKS if c in checks and c not in rows]
+        if todo:
+            say(f"{target}: {', '.join(todo)}" + (" (in a worker process)" if isolate else ""))
             try:
-                if not exe:
-                    exe.append(compile(spec, target, weights, config))
-                result = _check(check, spec, target, exe[0], config, x, y, ref, report.floor, steps, reference_autodiff)
+                resolved, outputs = run(_run_target, spec, str(target), weights, config, todo, x, y, trajectory_steps,
+                                        label=str(target), progress=say)
             except HalError as exc:
-                result = CheckResult(target, check, passed=False, note=str(exc))
-            result.seconds = time.perf_counter() - t0
-            report.results.append(result)
+                rows.update({c: CheckResult(str(target), c, passed=False, note=str(exc)) for c in todo})
+            else:
+                for check, (value, error, seconds) in outputs.items():
+                    rows[check] = (
+                        CheckResult(resolved, check, passed=False, note=error) if error is not None
+                        else _compare(check, resolved, value, config, ref, report.floor, auto, spec, steps)
+                    )
+                    rows[check].seconds = seconds
+                for row in rows.values():  # the skipped rows too: one name per target (``torch`` -> ``torch:cpu``)
+                    row.target = resolved
+        report.results.extend(rows[c] for c in CHECKS if c in rows)
     return report
 
 
-def _check(
-    check: str,
-    spec: ModelSpec,
-    target: str,
-    exe: Executable,
-    config: TrainConfig,
-    x: np.ndarray,
-    y: np.ndarray,
-    ref: Mapping[str, np.ndarray],
-    floor: Mapping[str, float],
-    steps: int,
-    reference_autodiff: Callable[[], dict[str, Any]],
-) -> CheckResult:
-    if check in ("forward", "forward_train"):
-        if check not in ref:
-            return CheckResult(target, check, note="spec has active dropout: training-mode outputs are random")
-        e_abs, e_rel = normalised_error(exe.predict(x, training=check == "forward_train"), ref[check])
-        tol = tolerance(floor[check], config.precision)
-        return CheckResult(target, check, e_abs, e_rel, tol, e_rel <= tol)
+def _check_args(
+    spec: Any, targets: Any, batch: Any, checks: Any, steps: Any, config: Any, seed: Any, progress: Any
+) -> tuple[list[str], list[str]]:
+    """Argument checks of :func:`run_parity`, as ConfigErrors naming the argument; returns the target and
+    check lists."""
+    check_common("parity", spec, config)
+    targets, checks = check_names("parity", "targets", targets), check_names("parity", "checks", checks)
+    bad = [c for c in checks if c not in CHECKS]
+    if bad:
+        raise ConfigError(f"parity: unknown checks {bad}; choose from {CHECKS}")
+    check_int("parity", "batch", batch, 2, " (training-mode BatchNorm over one sample is degenerate)")
+    if "trajectory" in checks:
+        check_int("parity", "steps", steps, 1, " for the trajectory check")
+    check_int("parity", "seed", seed, 0)
+    if progress is not None and not callable(progress):
+        raise ConfigError(f"parity: progress must be callable, got {type(progress).__name__}")
+    return targets, checks
 
+
+def check_common(where: str, spec: Any, config: Any) -> None:
+    """``spec`` is a ModelSpec and ``config`` a TrainConfig or None, else a ConfigError."""
+    if not isinstance(spec, ModelSpec):
+        raise ConfigError(f"{where}: spec must be a hal ModelSpec, got {type(spec).__name__}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ConfigError(f"{where}: config must be a hal.TrainConfig, got {type(config).__name__}")
+
+
+def check_int(where: str, arg: str, value: Any, low: int, why: str = "") -> None:
+    """``value`` is an int (not a bool) >= ``low``, else a ConfigError."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{where}: {arg} must be an int >= {low}{why}, got {value!r}")
+
+
+def check_names(where: str, arg: str, values: Any) -> list[str]:
+    """A non-empty list of strings, else a ConfigError (a lone string is refused: it would be
+    read letter by letter; an empty list would check nothing and pass)."""
+    if isinstance(values, str) or not isinstance(values, Sequence) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{where}: {arg} must be a list of strings, got {values!r}")
+    if not values:
+        raise ConfigError(f"{where}: no {arg} given: a run that checks nothing cannot pass")
+    return list(values)
+
+
+def available_backend(name: str) -> tuple[Target, type[Backend]]:
+    """The parsed target and its backend class, if available here; raises a HalError saying
+    why not. Imports no framework: the device is resolved where the target is compiled
+    (:func:`hal.registry.resolve` may load the framework to list devices)."""
+    target = Target.parse(name)
+    cls = get_backend(target.backend)
+    a = cls.availability()
+    if not a.available:
+        raise BackendUnavailable(f"target {str(target)!r} is not available: {a.reason}")
+    return target, cls
+
+
+def _not_applicable(check: str, ref: Mapping[str, np.ndarray], cls: type[Backend]) -> str | None:
+    """Why ``check`` cannot be run on a target of backend ``cls`` (a skipped row), or None."""
+    if check == "forward":
+        return None
     if "forward_train" not in ref:
-        return CheckResult(target, check, note="spec has active dropout: gradients are random")
+        what = "outputs" if check == "forward_train" else "gradients"
+        return f"spec has active dropout: training-mode {what} are random"
+    if check == "forward_train":
+        return None
     try:
-        resolve(REFERENCE_AUTODIFF)
+        available_backend(REFERENCE_AUTODIFF)
     except HalError as exc:
-        return CheckResult(target, check, note=f"no float64 autodiff reference: {exc}")
-    if not resolve(target)[0].capabilities().training:
-        return CheckResult(target, check, note=f"{target} does not train")
-    auto = reference_autodiff()
+        return f"no float64 autodiff reference: {exc}"
+    if not cls.capabilities().training:
+        return f"{cls.name} does not train"
+    return None
+
+
+def _run_target(
+    spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, checks: Sequence[str], x: np.ndarray,
+    y: np.ndarray, steps: int, progress: Callable[[str], None] | None = None,
+) -> tuple[str, dict[str, tuple[Any, str | None, float]]]:
+    """Compile ``target`` once and compute what each check compares (run in a worker):
+    ``(resolved target, {check: (value, error or None, seconds)})``; the first check's
+    seconds include the compile."""
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    _, resolved = resolve(target)
+    exe = compile(spec, resolved, weights, config)
+    out: dict[str, tuple[Any, str | None, float]] = {}
+    for check in checks:
+        say(f"{resolved} {check}")
+        value, error = None, None
+        try:
+            if check in ("forward", "forward_train"):
+                value = exe.predict(x, training=check == "forward_train")
+            elif check == "grads":
+                value = exe.loss_and_grads(x, y)
+            else:
+                value = (exe.run_steps(np.stack([x] * steps), np.stack([y] * steps)), exe.weights())
+        except Exception as exc:  # a check that raises fails alone; the next one still runs
+            error = describe(exc)
+        out[check] = (value, error, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+    return str(resolved), out
+
+
+def _compare(
+    check: str, target: str, value: Any, config: TrainConfig, ref: Mapping[str, np.ndarray],
+    floor: Mapping[str, float], auto: Mapping[str, Any], spec: ModelSpec, steps: int,
+) -> CheckResult:
+    """The row of one check from what the target computed."""
     tol = tolerance(floor[check], config.precision)
+    if check in ("forward", "forward_train"):
+        e_abs, e_rel = normalised_error(value, ref[check])
+        return CheckResult(target, check, e_abs, e_rel, tol, e_rel <= tol)
     if check == "grads":
-        loss, grads = exe.loss_and_grads(x, y)
-        e_abs, rel, note = _grads_error(loss, grads, auto)
+        e_abs, rel, note = _grads_error(*value, auto["clean"])
     else:
-        losses = exe.run_steps(np.stack([x] * steps), np.stack([y] * steps))
-        e_abs, rel, note = _trajectory_error(losses, exe.weights(), auto, spec)
+        e_abs, rel, note = _trajectory_error(*value, auto["clean"], spec)
         note = f"{steps} steps {type(config.optimizer).__name__}; {note}"
     if tol > ILL_CONDITIONED:
         return CheckResult(target, check, e_abs, rel, tol, None, f"ill-conditioned, float32 rounding alone moves it "
@@ -296,18 +391,26 @@ def _check(
     return CheckResult(target, check, e_abs, rel, tol, rel <= tol, note)
 
 
+def _autodiff_reference(
+    spec: ModelSpec, weights: Weights, config: TrainConfig, x: np.ndarray, y: np.ndarray, steps: int
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The float64 autodiff run and the floors of ``grads`` (and ``trajectory`` when
+    ``steps``): the error of a plain float32 run against it (run in a worker)."""
+    clean = _autodiff(spec, weights, config, x, y, steps, "fp64")
+    plain = _autodiff(spec, weights, config, x, y, steps, "fp32")
+    floor = {"grads": max(_grads_error(plain["loss"], plain["grads"], clean)[1], UNIT_ROUNDOFF["fp32"])}
+    if steps:
+        floor["trajectory"] = max(
+            _trajectory_error(plain["losses"], plain["weights"], clean, spec)[1], UNIT_ROUNDOFF["fp32"]
+        )
+    return clean, floor
+
+
 def _autodiff(
-    spec: ModelSpec, weights: Mapping[str, np.ndarray], config: TrainConfig, x: np.ndarray, y: np.ndarray,
-    steps: int, precision: str,
+    spec: ModelSpec, weights: Weights, config: TrainConfig, x: np.ndarray, y: np.ndarray, steps: int, precision: str
 ) -> dict[str, Any]:
     """Loss, gradients, N-step losses and final weights of plain eager PyTorch on the CPU."""
-    from dataclasses import replace
-
-    from hal.backends.torch import TorchExecutable
-    from hal.weights import check_weights
-
-    resolve(REFERENCE_AUTODIFF)  # raises BackendUnavailable with the reason if torch is absent
-    exe = TorchExecutable(spec, check_weights(spec, weights), "cpu", replace(config, precision=precision), fast=False)
+    exe = compile(spec, REFERENCE_AUTODIFF, weights, replace(config, precision=precision), options={"fast": False})
     loss, grads = exe.loss_and_grads(x, y)
     if not steps:  # no trajectory check asked for
         return {"loss": loss, "grads": grads}

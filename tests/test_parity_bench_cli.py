@@ -6,36 +6,83 @@ little (a 1e-4 relative error, far above the float32 floor) is caught.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
 
 import hal
+from hal.backend import Option
+from hal.backends.numpy import NumpyBackend
 from hal.backends.torch import TorchBackend, TorchExecutable
+from hal.bench import check_writable, run_bench
 from hal.cli import main
+from hal.errors import ConfigError
 from hal.models import get
-from hal.parity import normalised_error, run_parity, tensors_error, tolerance
+from hal.parity import PARITY_RESIDUAL_GAMMA, make_batch, normalised_error, run_parity, tensors_error, tolerance
 
-torch = pytest.importorskip("torch", reason="the parity references for gradients need torch")
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the autodiff reference needs torch")
 
 
 class _Skewed(TorchExecutable):
     """torch, but every output off by a relative 1e-4: a subtly broken backend."""
 
-    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        return super().predict(x, training) * (1 + 1e-4)
+    def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
+        return super()._predict(x, training) * (1 + 1e-4)
 
 
 class SkewedBackend(TorchBackend):
     name = "skewed"
 
     @classmethod
-    def compile(cls, spec, weights, device, config):  # type: ignore[override]
-        return _Skewed(spec, weights, device, config)
+    def compile(cls, spec, weights, device, config, options, plan):  # type: ignore[override]
+        return _Skewed(spec, weights, device, config, options)
 
 
-def test_parity_passes_for_torch_on_every_check():
+class NumpyTwin(NumpyBackend):
+    """The numpy backend under another name, so that it runs like any plug-in (in a worker)."""
+
+    name = "numpy_twin"
+
+
+class AbortingBackend(NumpyBackend):
+    """A plug-in whose compile kills its process, as a crashing native library would."""
+
+    name = "aborting"
+
+    @classmethod
+    def compile(cls, *args):  # type: ignore[override]
+        os.abort()
+
+
+class RaisingBackend(NumpyBackend):
+    """A plug-in whose compile raises a plain Python error."""
+
+    name = "raising"
+
+    @classmethod
+    def compile(cls, *args):  # type: ignore[override]
+        raise RuntimeError("driver exploded")
+
+
+class OptionedBackend(NumpyBackend):
+    """The numpy backend with an option (that changes nothing), to sweep."""
+
+    name = "optioned"
+
+    @classmethod
+    def options(cls) -> dict[str, Option]:
+        return {"mode": Option("a", "a test option", ("a", "b"))}
+
+
+for _cls in (SkewedBackend, NumpyTwin, AbortingBackend, RaisingBackend, OptionedBackend):
+    hal.register_backend(_cls.name, _cls)
+
+
+@needs_torch
+def test_parity_passes_for_torch_on_every_check_each_in_its_own_worker():
     report = run_parity(get("small_cnn"), ["numpy", "torch:cpu"], batch=4)
     assert report.passed
     checks = {(r.target, r.check): r for r in report.results}
@@ -46,9 +93,9 @@ def test_parity_passes_for_torch_on_every_check():
     assert report.floor["forward"] >= 2.0**-24
 
 
+@needs_torch
 def test_parity_catches_a_subtly_wrong_backend():
-    hal.register_backend("skewed", SkewedBackend)
-    report = run_parity(get("small_cnn"), ["skewed:cpu"], batch=4, checks=("forward",))
+    report = run_parity(get("small_cnn"), ["skewed:cpu"], batch=4, checks=("forward",), isolate=False)
     (r,) = report.results
     assert r.passed is False and r.max_rel == pytest.approx(1e-4, rel=0.05)
     assert not report.passed
@@ -65,14 +112,63 @@ def test_normalised_errors_are_exact_on_hand_cases():
     assert tolerance(1e-6, "bf16") == pytest.approx(16e-6 * 2.0**16)
 
 
-def test_bench_times_hal_and_writes_json_markdown_png(tmp_path):
-    from hal.bench import run_bench
+def test_a_crashing_or_raising_plugin_is_a_fail_row_and_the_next_target_still_runs():
+    report = run_parity(get("small_cnn"), ["aborting:cpu", "raising:cpu", "numpy_twin:cpu"], checks=("forward",))
+    rows = {r.target: r for r in report.results}
+    assert rows["aborting:cpu"].passed is False
+    assert rows["aborting:cpu"].note.startswith("aborting:cpu: the worker process died (killed by SIGABRT)")
+    assert "in compile" in rows["aborting:cpu"].note  # faulthandler's innermost frame
+    assert (rows["raising:cpu"].passed, rows["raising:cpu"].note) == (False, "raising:cpu: RuntimeError: driver exploded")
+    # the twin is the numpy backend at float32 (the default config): its error is that of numpy fp32 vs fp64
+    spec, weights = get("small_cnn"), hal.init_weights(get("small_cnn"), 0, PARITY_RESIDUAL_GAMMA)
+    x, _ = make_batch(spec, 4, "cross_entropy", 0)
+    f32, f64 = (hal.compile(spec, "numpy", weights, hal.TrainConfig(precision=p)).predict(x) for p in ("fp32", "fp64"))
+    assert rows["numpy_twin:cpu"].passed is True
+    assert rows["numpy_twin:cpu"].max_rel == normalised_error(f32, f64)[1] > 0
+    assert not report.passed
 
-    report = run_bench(get("small_cnn"), ["torch:cpu", "numpy"], batch=4, repeats=2, warmup=1)
+
+def test_a_raising_plugin_is_a_fail_row_in_process_too():
+    report = run_parity(get("small_cnn"), ["raising:cpu"], checks=("forward", "forward_train"), isolate=False)
+    assert [(r.check, r.passed, r.note) for r in report.results] == [
+        ("forward", False, "raising:cpu: RuntimeError: driver exploded"),
+        ("forward_train", False, "raising:cpu: RuntimeError: driver exploded"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps must be an int >= 1 for the trajectory check, got 0"),
+        ({"targets": []}, "no targets given: a run that checks nothing cannot pass"),
+        ({"targets": "numpy"}, "targets must be a list of strings, got 'numpy'"),
+        ({"checks": ()}, "no checks given"),
+        ({"checks": ["forwards"]}, "unknown checks ['forwards']"),
+        ({"batch": 1}, "batch must be an int >= 2"),
+        ({"batch": "4"}, "batch must be an int >= 2"),
+        ({"config": {"lr": 1}}, "config must be a hal.TrainConfig, got dict"),
+        ({"spec": "small_cnn"}, "spec must be a hal ModelSpec, got str"),
+    ],
+)
+def test_parity_argument_errors_are_config_errors(kwargs, message):
+    args = {"spec": get("small_cnn"), "targets": ["numpy"], **kwargs}
+    with pytest.raises(ConfigError) as info:
+        run_parity(**args)
+    assert message in str(info.value)
+
+
+def test_parity_steps_zero_is_fine_without_a_trajectory():
+    report = run_parity(get("small_cnn"), ["numpy"], checks=("forward",), steps=0)
+    assert report.passed and [r.check for r in report.results] == ["forward"]
+
+
+def test_bench_times_hal_and_writes_json_markdown_png(tmp_path):
+    report = run_bench(get("small_cnn"), ["numpy", "torch:cpu"], batch=4, repeats=2, warmup=1, isolate=False)
     rows = {(r.target, r.mode): r for r in report.rows}
     for mode in ("inference", "training"):
         m = rows[("torch:cpu", mode)].hal
-        assert m is not None and len(m.times_s) == 2 and m.samples_per_s > 0 and m.first_call_s > 0
+        assert m is not None and len(m.times_s) == len(m.cpu_times_s) == 2 and m.samples_per_s > 0
+        assert m.first_call_s > 0 and m.first_call_cpu_s > 0
     assert rows[("torch:cpu", "inference")].hal.latency_b1_ms > 0
     assert rows[("numpy:cpu", "training")].hal is None and "does not train" in rows[("numpy:cpu", "training")].note
     assert "no native baseline" in rows[("torch:cpu", "inference")].note  # small_cnn has no native twin
@@ -80,14 +176,35 @@ def test_bench_times_hal_and_writes_json_markdown_png(tmp_path):
     assert {p.suffix for p in paths} == {".json", ".md", ".png"}
     data = json.loads(paths[0].read_text())
     assert data["env"]["torch"] and data["env"]["cores"] >= 1 and data["rows"][0]["hal"]["samples_per_s"] > 0
+    assert data["env"]["torch_threads"] >= 1 and "load_avg_start" in data["env"] and "load_avg_end" in data["env"]
 
 
-def test_bench_ratio_against_native_resnet(tmp_path):
-    from hal.bench import run_bench
-
+@needs_torch
+def test_bench_ratio_against_the_packaged_native_resnet_in_a_worker():
     report = run_bench(get("resnet18", input_size=32), ["torch:cpu"], batch=2, repeats=1, warmup=0, modes=("inference",))
     (row,) = report.rows
     assert row.native is not None and row.ratio == pytest.approx(row.native.median_s / row.hal.median_s)
+    assert row.cpu_ratio == pytest.approx(row.native.cpu_times_s[0] / row.hal.cpu_times_s[0])
+
+
+def test_bench_crash_is_a_row_and_options_sweep_one_row_per_combination():
+    report = run_bench(get("small_cnn"), ["aborting:cpu", "optioned:cpu", "numpy_twin:cpu"], batch=2, repeats=1,
+                       warmup=0, modes=("inference",), options={"mode": ["a", "b"]})
+    rows = [(r.label, r.options, r.hal is not None) for r in report.rows]
+    assert rows == [("aborting:cpu", {}, False), ("optioned:cpu mode=a", {"mode": "a"}, True),
+                    ("optioned:cpu mode=b", {"mode": "b"}, True), ("numpy_twin:cpu", {}, True)]
+    assert "killed by SIGABRT" in report.rows[0].note
+    with pytest.raises(ConfigError, match="no target takes option xla"):
+        run_bench(get("small_cnn"), ["optioned:cpu"], options={"xla": [True]})
+    with pytest.raises(ConfigError, match="option 'mode' must be one of"):
+        run_bench(get("small_cnn"), ["optioned:cpu"], options={"mode": ["c"]})
+
+
+def test_check_writable_refuses_a_folder_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_writable(tmp_path / "file" / "out")
+    assert check_writable(tmp_path / "new" / "out").is_dir()
 
 
 def test_cli_info_json(capsys):

@@ -13,20 +13,12 @@ is ``predict_on_batch``.
 The bench feeds hal and the native model the same channels-first batch; the
 native model's first layer is a ``Permute`` to NHWC, the same in-graph
 transpose hal does, so neither side pays a host-side transpose.
-
-Two entry points:
-
-* ``build(model, num_classes, device)`` -> an object with ``predict(x)`` and
-  ``train_step(x, y)`` (numpy in and out), or ``None`` for a model with no native
-  twin: the interface ``hal.bench`` loads.
-* ``build_resnet(batch, num_classes=1000, image=224, depth=50)`` ->
-  ``(infer_fn, train_fn, make_batch)`` for scripts (see ``bench/tf_vs_native.py``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -110,15 +102,3 @@ def build(model: str, num_classes: int, device: str) -> Native | None:
         return None
     return Native(depth, num_classes, None, device)
 
-
-def build_resnet(batch: int, num_classes: int = 1000, image: int = 224, depth: int = 50,
-                 device: str = "cpu") -> tuple[Callable, Callable, Callable]:
-    """``(infer_fn(x), train_fn(x, y), make_batch(seed=0) -> (x, y))`` for a ResNet of ``depth``."""
-    native = Native(depth, num_classes, image, device)
-
-    def make_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((batch, 3, image, image)).astype(np.float32)
-        return x, rng.integers(0, num_classes, batch)
-
-    return native.predict, native.train_step, make_batch

@@ -6,15 +6,14 @@ Nothing here uses hal: it is what a JAX user would write. NHWC, standard
 ``nn.Conv``/``nn.BatchNorm`` (Flax's own momentum and fast variance), ``optax.sgd``,
 one jitted train step with the train state donated, default matmul precision.
 ``Native.predict``/``train_step`` take channels-first numpy batches like hal and
-``bench/native_torch.py`` (the same arrays go to every target); the transpose to
-NHWC happens inside the jitted function, as in hal. ``build_fns`` gives the bare
-callables for a standalone timing loop.
+``hal.native.torch`` (the same arrays go to every target); the transpose to
+NHWC happens inside the jitted function, as in hal.
 """
 
-# No ``from __future__ import annotations``: hal bench loads this file by path without a
-# sys.modules entry, and dataclasses (Flax modules) resolve string annotations through it.
+from __future__ import annotations
+
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -133,23 +132,7 @@ class Native:
 
 
 def build(model: str, num_classes: int, device: str = "cpu") -> Native | None:
-    """The native twin of a hal zoo model (``resnet18`` ... ``resnet152``), or None if there is none
-    (the interface of ``bench/native_torch.build``, which ``hal bench`` loads)."""
+    """The native twin of a hal zoo model (``resnet18`` ... ``resnet152``), or None if there is none."""
     depth = {f"resnet{d}": d for d in LAYERS}.get(model)
     return Native(depth, num_classes, device) if depth else None
 
-
-def build_fns(
-    batch: int, num_classes: int = 1000, image: int = 224, depth: int = 50, device: str = "cpu", seed: int = 0
-) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray, np.ndarray], float], Callable[[], tuple]]:
-    """``(infer_fn, train_fn, make_batch)`` for a standalone timing loop: ``infer_fn(x)`` and
-    ``train_fn(x, y)`` block until the result is on the host; ``make_batch()`` gives a
-    channels-first float32 batch and int labels."""
-    native = Native(depth, num_classes, device, seed)
-    rng = np.random.default_rng(seed)
-
-    def make_batch() -> tuple[np.ndarray, np.ndarray]:
-        x = rng.standard_normal((batch, 3, image, image)).astype(np.float32)
-        return x, rng.integers(0, num_classes, size=batch).astype(np.int64)
-
-    return native.predict, native.train_step, make_batch
