@@ -17,10 +17,10 @@ is plain eager NCHW PyTorch, the float64 autodiff reference of the parity harnes
 Either way the optimizer uses torch's ``foreach`` kernels and ``run_steps``
 copies its batches to the device once per call.
 
-Non-finite steps (``config.check_finite``): after the backward of a step, one
-host sync reads whether the loss and every gradient are finite (the largest
-absolute gradient per tensor, ``torch._foreach_norm(grads, inf)``, stacked with
-the loss), as ``torch.amp.GradScaler`` does before its step. A bad step never
+Non-finite steps (``config.check_finite``): after the backward of a step,
+``torch.amp.GradScaler``'s own check (``torch._amp_foreach_non_finite_check_and_unscale_``
+with scale 1: one read of every gradient, exact where a norm could overflow) and
+one host sync decide, as GradScaler does before its step. A bad step never
 reaches ``optimizer.step()``, and the BatchNorm running statistics, which the
 training forward updates in place, are restored from a snapshot taken before it.
 With fp16, a gradient overflow is loss scaling's business (``GradScaler`` skips
@@ -329,6 +329,7 @@ class TorchExecutable(Executable):
         self.params = dict(self.module.named_parameters())
         self.stats = [t for k, t in self.module.state_dict().items() if k not in self.params]  # BatchNorm buffers
         self._saved_stats = [t.clone() for t in self.stats]  # their snapshot before a checked step
+        self._found_inf, self._one = torch.zeros(1, device=self.device), torch.ones(1, device=self.device)
         self.optimizer = make_optimizer(self.params.values(), config) if self.params else None
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.loss = F.cross_entropy if config.loss == "cross_entropy" else F.mse_loss
@@ -411,8 +412,11 @@ class TorchExecutable(Executable):
         """Whether the loss and (unless GradScaler owns them) every gradient are finite: one host sync."""
         import torch
 
-        norms = [] if self.scaler else torch._foreach_norm([p.grad for p in self.params.values()], float("inf"))
-        return bool(torch.stack([loss, *norms]).isfinite().all())
+        self._found_inf.zero_()
+        if not self.scaler:
+            grads = [p.grad for p in self.params.values()]
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+        return bool(loss.isfinite() & (self._found_inf == 0))
 
     def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
         import torch
