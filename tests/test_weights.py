@@ -143,7 +143,7 @@ class TestFiles:
             raise OSError("disk on fire")
 
         monkeypatch.setattr(os, fail, boom)
-        with pytest.raises(OSError, match="disk on fire"):
+        with pytest.raises(WeightsError, match=f"cannot write weights to '{path}': disk on fire"):
             save_weights(path, spec, make_weights(spec, 1, np.float32))
         monkeypatch.undo()
         assert path.read_bytes() == old
@@ -237,7 +237,8 @@ class TestFiles:
         spec = _spec()
         path = tmp_path / "badspec.safetensors"
         arrays = {k: np.ascontiguousarray(v) for k, v in make_weights(spec, 0, np.float32).items()}
-        save_file(arrays, str(path), metadata={"format": "hal-weights/1", "spec": '{"schema_version": 1, "nodes": ['})
+        bad = '{"schema_version": 1, "nodes": ['
+        save_file(arrays, str(path), metadata={"format": "hal-weights/1", "spec": bad, "spec_hash": spec.hash})
         with pytest.raises(WeightsError) as ei:
             load_weights(path)
         assert str(path) in str(ei.value)
@@ -249,7 +250,7 @@ class TestFiles:
         path = tmp_path / "mismatch.safetensors"
         arrays = {k: np.ascontiguousarray(v) for k, v in make_weights(spec, 0, np.float32).items()}
         arrays["fc.weight"] = np.zeros((5, 9), np.float32)
-        save_file(arrays, str(path), metadata={"format": "hal-weights/1", "spec": spec.to_json()})
+        save_file(arrays, str(path), metadata={"format": "hal-weights/1", "spec": spec.to_json(), "spec_hash": spec.hash})
         with pytest.raises(WeightsError, match="fc.weight") as ei:
             load_weights(path)
         assert str(path) in str(ei.value)
@@ -438,7 +439,7 @@ class TestStateDict:
         # float64 on both sides: the numpy reference against torch's own layers
         with torch.no_grad():
             want64 = native.double()(torch.from_numpy(x)).numpy()
-        got64 = hal.compile(spec, "numpy", w).predict(x)
+        got64 = hal.compile(spec, "numpy", w, hal.TrainConfig(precision="fp64")).predict(x)
         np.testing.assert_allclose(got64, want64, rtol=1e-10, atol=1e-10 * np.abs(want64).max())
         # the torch backend in float32 against the same module in float32
         with torch.no_grad():
@@ -446,12 +447,12 @@ class TestStateDict:
         got32 = hal.compile(spec, "torch:cpu", w).predict(x.astype(np.float32))
         assert np.abs(got32 - want32).max() <= 1e-4 * np.abs(want32).max()
 
-    @pytest.mark.skipif(not (ROOT / "bench" / "native_torch.py").is_file(), reason="bench/native_torch.py not present")
+    @pytest.mark.skipif(not (ROOT / "bench" / "native" / "torch.py").is_file(), reason="bench/native/torch.py not present")
     def test_native_torch_resnet50_loads_without_renaming(self):
         torch = pytest.importorskip("torch")
         from hal.models import get
 
-        mod_spec = importlib.util.spec_from_file_location("native_torch", ROOT / "bench" / "native_torch.py")
+        mod_spec = importlib.util.spec_from_file_location("native_torch", ROOT / "bench" / "native" / "torch.py")
         native_torch = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(native_torch)
         torch.manual_seed(0)
@@ -463,3 +464,180 @@ class TestStateDict:
             want = native(torch.from_numpy(x)).numpy()
         exe = hal.compile(spec, "torch:cpu", w, hal.TrainConfig(precision="fp64"))
         np.testing.assert_allclose(exe.predict(x), want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------
+# integrity: checksum, spec_hash, the previous format
+# ---------------------------------------------------------------------------
+
+
+def _tiny():
+    b = SpecBuilder("tiny")
+    return b.build(b.dense(b.input((3,)), 2, name="fc"))
+
+
+class TestIntegrity:
+    def test_every_single_bit_flip_is_refused(self, tmp_path):
+        """Each byte of a whole file (header length, JSON header, metadata, tensor data)
+        with one bit flipped (a different bit per byte; all 8 bits of the data bytes)."""
+        spec = _tiny()
+        good = save_weights(tmp_path / "w.safetensors", spec, init_weights(spec, 1)).read_bytes()
+        header_end = 8 + int.from_bytes(good[:8], "little")
+        flips = [(i, i % 8) for i in range(header_end)] + [(i, b) for i in range(header_end, len(good)) for b in range(8)]
+        bad = tmp_path / "bad.safetensors"
+        for i, bit in flips:
+            data = bytearray(good)
+            data[i] ^= 1 << bit
+            bad.write_bytes(bytes(data))
+            with pytest.raises(WeightsError) as ei:
+                load_weights(bad)
+            assert str(bad) in str(ei.value), (i, bit)
+
+    def test_tensor_change_is_a_checksum_mismatch(self, tmp_path):
+        spec = _tiny()
+        path = save_weights(tmp_path / "w.safetensors", spec, init_weights(spec, 1))
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01  # lowest mantissa bit of the last weight: a plausible float, only the checksum sees it
+        path.write_bytes(bytes(data))
+        with pytest.raises(WeightsError, match="checksum mismatch"):
+            load_weights(path)
+
+    def _write(self, path, arrays, **meta):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata=meta)
+        return path
+
+    def test_spec_hash_is_compared_with_the_embedded_spec(self, tmp_path):
+        spec, other = _tiny(), _spec()
+        path = self._write(tmp_path / "w.safetensors", init_weights(spec),
+                           format="hal-weights/1", spec=spec.to_json(), spec_hash=other.hash)
+        with pytest.raises(WeightsError, match="does not match its stored spec_hash"):
+            load_weights(path)
+
+    def test_previous_format_loads_without_checksum(self, tmp_path):
+        """hal-weights/1 files (spec and spec_hash, no checksum) still load; re-saving adds the checksum."""
+        spec = _tiny()
+        w = init_weights(spec, 4)
+        path = self._write(tmp_path / "old.safetensors", w,
+                           format="hal-weights/1", spec=spec.to_json(), spec_hash=spec.hash)
+        spec2, w2 = load_weights(path, spec)
+        assert spec2 == spec and all(np.array_equal(w2[k], w[k]) for k in w)
+        save_weights(path, spec2, w2)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            assert f.metadata()["format"] == "hal-weights/2" and f.metadata()["checksum"].startswith("sha256:")
+
+    def test_current_format_requires_the_checksum(self, tmp_path):
+        spec = _tiny()
+        path = self._write(tmp_path / "w.safetensors", init_weights(spec),
+                           format="hal-weights/2", spec=spec.to_json(), spec_hash=spec.hash)
+        with pytest.raises(WeightsError, match=r"lacks \['checksum'\]"):
+            load_weights(path)
+
+    def test_unknown_format(self, tmp_path):
+        spec = _tiny()
+        path = self._write(tmp_path / "w.safetensors", init_weights(spec),
+                           format="hal-weights/9", spec=spec.to_json(), spec_hash=spec.hash)
+        with pytest.raises(WeightsError, match="format 'hal-weights/9'"):
+            load_weights(path)
+
+    def test_big_endian_arrays_save_their_values(self, tmp_path):
+        spec = _tiny()
+        w = {k: v.astype(">f8") for k, v in init_weights(spec, 2).items()}
+        _, w2 = load_weights(save_weights(tmp_path / "w.safetensors", spec, w))
+        assert all(np.array_equal(w2[k], w[k]) for k in w)
+
+    @pytest.mark.parametrize("path", [None, 3, ["w"]])
+    def test_bad_path_types(self, path):
+        spec = _tiny()
+        for call in (lambda: save_weights(path, spec, init_weights(spec)), lambda: load_weights(path)):
+            with pytest.raises(WeightsError, match="str or os.PathLike"):
+                call()
+
+    def test_unwritable_target_is_a_weights_error(self, tmp_path):
+        spec = _tiny()
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(WeightsError, match="cannot write weights to"):
+            save_weights(tmp_path / "file" / "w.safetensors", spec, init_weights(spec))
+        with pytest.raises(WeightsError, match="is not a file"):
+            load_weights(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# temporaries left by killed writers
+# ---------------------------------------------------------------------------
+
+_WRITER = """
+import os, signal, sys, time
+import numpy as np
+import hal.weights as hw
+from hal.spec import SpecBuilder
+b = SpecBuilder("tiny")
+spec = b.build(b.dense(b.input((3,)), 2, name="fc"))
+mode = sys.argv[2]
+def stop(fd):
+    if mode == "die":
+        os.kill(os.getpid(), signal.SIGKILL)  # killed after writing, before the rename
+    print("writing", flush=True)
+    time.sleep(60)  # a live writer, mid-save
+os.fsync = stop
+hw.save_weights(sys.argv[1], spec, hw.init_weights(spec))
+"""
+
+
+def _temps(folder, name="w.safetensors"):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".tmp"))
+
+
+class TestStaleTemporaries:
+    def _writer(self, path, mode):
+        import subprocess
+        import sys
+
+        return subprocess.Popen([sys.executable, "-c", _WRITER, str(path), mode], stdout=subprocess.PIPE, text=True)
+
+    def test_killed_writers_temporary_is_removed_live_writers_kept(self, tmp_path):
+        spec = _tiny()
+        path = tmp_path / "w.safetensors"
+        dead = self._writer(path, "die")
+        assert dead.wait(60) == -9
+        left = _temps(tmp_path)
+        assert len(left) == 1 and (tmp_path / left[0]).stat().st_size > 0  # what a killed save leaves
+        live = self._writer(path, "live")
+        try:
+            assert live.stdout.readline() == "writing\n"
+            live_temp = set(_temps(tmp_path)) - set(left)
+            assert len(live_temp) == 1 and str(live.pid) in next(iter(live_temp))
+            other = tmp_path / ".other.safetensors.1-x.abc.tmp"  # another target's temporary
+            other.write_bytes(b"x")
+            save_weights(path, spec, init_weights(spec))
+            assert _temps(tmp_path) == sorted(live_temp)  # the dead writer's file is gone, the live one stays
+            assert other.exists()
+        finally:
+            live.kill()
+            live.wait()
+        save_weights(path, spec, init_weights(spec))
+        assert _temps(tmp_path) == []
+        load_weights(path, spec)
+
+
+# ---------------------------------------------------------------------------
+# bf16/fp16 state_dicts
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_torch_state_dict_loads(dtype):
+    """``model.to(torch.bfloat16).state_dict()``: values are kept exactly (bf16 and fp16 fit in float32)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(getattr(torch, dtype))
+    b = SpecBuilder("t")
+    spec = b.build(b.batch_norm(b.conv(b.input((3, 6, 6)), 4, 3, name="0"), name="1"))
+    sd = model.state_dict()
+    w = from_state_dict(spec, sd)
+    for k, v in w.items():
+        assert v.dtype == (np.float32 if dtype == "bfloat16" else np.float16), k
+        assert torch.equal(torch.from_numpy(v.astype(np.float32)), sd[k].float()), k
