@@ -1,4 +1,5 @@
-"""Contract tests of ``tensorflow:ipu`` (the IPU translation in hal.backends.tensorflow).
+"""Contract tests of ``tensorflow:ipu`` (the IPU translation in hal.backends.ipu_tensorflow,
+reached only as ``hal.compile(spec, "tensorflow:ipu[:N]", ..., plan=plan)``).
 
 Without Graphcore's SDK these run against a STRICT STAND-IN of the documented IPU
 TensorFlow 2 surface, defined in this file: it is not Graphcore's code and shares
@@ -52,11 +53,12 @@ tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip 
 
 import hal  # noqa: E402
 from hal import ConfigError, InputError, TargetError, TrainConfig, ipu as planner, models  # noqa: E402
-from hal.backends import tensorflow as T  # noqa: E402
+from hal.backends import ipu_tensorflow as IT, tensorflow as T  # noqa: E402
+from hal.errors import NonFiniteError, UnsupportedError  # noqa: E402
 from hal.parity import normalised_error, tensors_error, tolerance  # noqa: E402
 from hal.training import SGD, AdamW, Cosine  # noqa: E402
 
-REAL_IPU = T._ipu_importable() and "tensorflow.python.ipu" not in sys.modules
+REAL_IPU = IT.importable() and "tensorflow.python.ipu" not in sys.modules
 standin_only = pytest.mark.skipif(
     REAL_IPU, reason="Graphcore's TensorFlow is installed: the IPU Model smoke test runs instead"
 )
@@ -364,7 +366,7 @@ def test_pipeline_stages_from_the_plan(sdk):
     spec = models.get("resnet18", num_classes=10, input_size=32)
     plan = planner.plan(spec, ipus=2, grad_accum=4, device_iterations=2, micro_batch=2, optimizer=SGD(momentum=0.9))
     config = TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9), grad_accum=4)
-    exe = T.TensorFlowBackend.compile_plan(spec, plan, config=config)
+    exe = hal.compile(spec, "tensorflow:ipu", config=config, plan=plan)
     assert str(exe.target) == "tensorflow:ipu:2"
     assert sdk.named("configure_ipu_system") == [{"auto_select_ipus": 2}]
     (assigned,) = sdk.named("set_pipeline_stage_assignment")
@@ -385,23 +387,32 @@ def test_pipeline_stages_from_the_plan(sdk):
 def test_replicas_and_ipu_counts(sdk):
     spec = models.get("resnet18", num_classes=10, input_size=32)
     plan = planner.plan(spec, ipus=3, replicas=2, grad_accum=6, micro_batch=2, optimizer=SGD())
-    exe = T.TensorFlowBackend.compile_plan(spec, plan, config=TrainConfig(grad_accum=6))
+    exe = hal.compile(spec, "tensorflow:ipu", plan=plan)  # the config defaults to the plan's G and precision
+    assert exe.config.grad_accum == 6
     # IPU Keras gives each replica a power of two of IPUs: 3 stages -> 4 IPUs, x 2 replicas
     assert sdk.named("configure_ipu_system")[-1] == {"auto_select_ipus": 8}
+    assert str(exe.target) == "tensorflow:ipu:8"
     assert sdk.named("set_replication_options") == [{"replicated_metric_reduction_method": "MEAN"}]
     assert exe.graph.model.optimizer.grad_scale == 0.5  # IPU TF sums gradients over replicas; hal means them
     with pytest.raises(ConfigError, match="power of two"):
-        T.compile_ipu(spec, hal.init_weights(spec), TrainConfig(grad_accum=6), plan=plan, num_ipus=6)
+        hal.compile(spec, "tensorflow:ipu:6", config=TrainConfig(grad_accum=6), plan=plan)
     with pytest.raises(ConfigError, match="grad_accum"):
-        T.TensorFlowBackend.compile_plan(spec, plan, config=TrainConfig(grad_accum=2))
+        hal.compile(spec, "tensorflow:ipu", config=TrainConfig(grad_accum=2), plan=plan)
+    with pytest.raises(ConfigError, match="optimizer|SGD"):
+        hal.compile(spec, "tensorflow:ipu", config=TrainConfig(grad_accum=6, optimizer=AdamW()), plan=plan)
+    with pytest.raises(TargetError, match="IPU target"):
+        hal.compile(spec, "tensorflow:cpu", plan=plan)
+    with pytest.raises(ConfigError, match="another spec"):
+        hal.compile(models.get("small_cnn"), "tensorflow:ipu", plan=plan)
     with pytest.raises(TargetError):
         hal.compile(spec, "tensorflow:ipu:x", hal.init_weights(spec))
+    assert not [n for n in dir(T.TensorFlowBackend) if "plan" in n or "ipu" in n.lower()]  # one path: compile(plan=)
 
 
 @standin_only
 def test_ipu_refuses_float64(sdk):
     spec = models.get("small_cnn")
-    with pytest.raises(hal.UnsupportedError, match="fp32"):
+    with pytest.raises(UnsupportedError, match="fp32"):
         hal.compile(spec, "tensorflow:ipu", hal.init_weights(spec), TrainConfig(precision="fp64"))
 
 
@@ -463,21 +474,45 @@ def test_predict_and_gradients_through_strategy_run(sdk):
         exe.train_step(x[:5], y[:5])
 
 
+@standin_only
+def test_non_finite_step_is_not_applied(sdk):
+    """A NaN in the 2nd of 3 batches: NonFiniteError naming the step; the variables
+    (weights, BatchNorm buffers, momentum) are those of an executable that only
+    saw the first batch."""
+    spec = models.get("small_cnn")
+    w = hal.init_weights(spec, 8)
+    config = TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9))
+    (x1, y1), (x2, y2) = _data(spec, 8, seed=6), _data(spec, 8, seed=7)
+    bad = x2.copy()
+    bad[0, 0, 3, 3] = np.nan
+    exe = hal.compile(spec, "tensorflow:ipu", w, config)
+    with pytest.raises(NonFiniteError, match=r"training step 1 \(batch 1 of this run_steps call\)") as info:
+        exe.run_steps(np.stack([x1, bad, x2]), np.stack([y1, y2, y2]))
+    assert info.value.step == 1 == exe.step
+    ref = hal.compile(spec, "tensorflow:ipu", w, config)
+    ref.train_step(x1, y1)
+    for k, v in ref.weights().items():
+        np.testing.assert_array_equal(exe.weights()[k], v, err_msg=k)
+    assert exe.train_step(x2, y2) == ref.train_step(x2, y2)  # momentum buffers agree too
+    for k, v in ref.weights().items():
+        np.testing.assert_array_equal(exe.weights()[k], v, err_msg=k)
+
+
 def test_step_losses_from_running_means():
     """Keras logs the running mean of the loss; per-step losses come from differences."""
     micro = np.array([1.0, 3.0, 2.0, 6.0, 5.0, 7.0])
     running = np.cumsum(micro) / np.arange(1, 7)
     every_step = [(b, running[b]) for b in range(6)]
-    np.testing.assert_allclose(T._step_losses(every_step, 3, 2), [2.0, 4.0, 6.0])
+    np.testing.assert_allclose(IT._step_losses(every_step, 3, 2), [2.0, 4.0, 6.0])
     per_execution = [(3, running[3]), (5, running[5])]  # callbacks once per execution of 2 updates
-    np.testing.assert_allclose(T._step_losses(per_execution, 3, 2), [3.0, 3.0, 6.0])
+    np.testing.assert_allclose(IT._step_losses(per_execution, 3, 2), [3.0, 3.0, 6.0])
 
 
 def test_without_the_sdk_it_says_why(monkeypatch):
     if REAL_IPU:
         pytest.skip("Graphcore's TensorFlow is installed")
     monkeypatch.delitem(sys.modules, "tensorflow.python.ipu", raising=False)
-    assert not T._ipu_importable()
+    assert not IT.importable()
     assert "ipu" not in T.TensorFlowBackend.devices()
     spec = models.get("small_cnn")
     with pytest.raises(TargetError, match="IPU TensorFlow ships with Graphcore's Poplar SDK"):

@@ -25,7 +25,8 @@ pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip insta
 
 import hal  # noqa: E402
 from hal.backends.numpy import NumpyExecutable  # noqa: E402
-from hal.errors import ConfigError, HalError, InputError, TargetError, WeightsError  # noqa: E402
+from hal.backends import ipu_tensorflow, tensorflow as T  # noqa: E402
+from hal.errors import ConfigError, HalError, InputError, NonFiniteError, TargetError, WeightsError  # noqa: E402
 from hal.models import get  # noqa: E402
 from hal.parity import FACTOR, normalised_error, tensors_error, tolerance  # noqa: E402
 from hal.testing import assert_parity  # noqa: E402
@@ -45,9 +46,8 @@ def batch(spec, n, seed=0, loss="cross_entropy"):
 
 def reference(spec, w, x, training):
     """float64 output and the measured float32 floor (hal.parity's rule)."""
-    cfg = TrainConfig()
-    ref = NumpyExecutable(spec, w, cfg).predict(x, training)
-    f32 = NumpyExecutable(spec, w, cfg, "float32").predict(x, training)
+    ref = NumpyExecutable(spec, w, TrainConfig(precision="fp64")).predict(x, training)
+    f32 = NumpyExecutable(spec, w, TrainConfig(precision="fp32")).predict(x, training)
     return ref, normalised_error(f32, ref)[1]
 
 
@@ -105,7 +105,7 @@ def test_fp64_forward_is_float64_exact(small):
     x, _ = batch(spec, 3, seed=3)
     exe = hal.compile(spec, TARGET, w, TrainConfig(precision="fp64"))
     for training in (False, True):
-        ref = NumpyExecutable(spec, w, TrainConfig()).predict(x, training)
+        ref = NumpyExecutable(spec, w, TrainConfig(precision="fp64")).predict(x, training)
         got = exe.predict(x, training=training)
         assert got.dtype == np.float64
         assert normalised_error(got, ref)[1] < 1e-13
@@ -319,6 +319,88 @@ def test_load_weights_is_checked(small):
         exe.load_weights({**w, "conv1.weight": w["conv1.weight"].T})
 
 
+def test_failed_load_changes_nothing(small, monkeypatch):
+    """All or nothing: a conversion failing on the 3rd tensor leaves every weight as it was."""
+    spec, w = small
+    exe = hal.compile(spec, TARGET, w)
+    before = exe.weights()
+    third = list(exe.graph.variables)[2]
+    var, _, from_tf = exe.graph.variables[third]
+
+    def fail(a):
+        raise MemoryError("conversion failed")
+
+    monkeypatch.setitem(exe.graph.variables, third, (var, fail, from_tf))
+    with pytest.raises(MemoryError):
+        exe.load_weights({k: v + 1 for k, v in w.items()})
+    for k, v in exe.weights().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# non-finite steps are not applied
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_non_finite_steps_are_not_applied(small, grad_accum):
+    """A NaN in the input of train_step, then in the 2nd of 3 batches of run_steps:
+    NonFiniteError naming the step; weights, BatchNorm buffers, momentum and the
+    step count are those of an executable that only saw the good batches."""
+    spec, w = small
+    config = TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9), grad_accum=grad_accum)
+    (x1, y1), (x2, y2), (x3, y3) = (batch(spec, 8, seed=s) for s in (20, 21, 22))
+    bad = x2.copy()
+    bad[3, 1, 5, 5] = np.nan
+    exe = hal.compile(spec, TARGET, w, config)
+    exe.train_step(x1, y1)
+    with pytest.raises(NonFiniteError, match="training step 1 ") as info:
+        exe.train_step(bad, y2)
+    assert info.value.step == 1 and exe.step == 1
+    with pytest.raises(NonFiniteError, match=r"training step 2 \(batch 1 of this run_steps call\)") as info:
+        exe.run_steps(np.stack([x3, bad, x1]), np.stack([y3, y2, y1]))
+    assert info.value.step == 2 and exe.step == 2
+    ref = hal.compile(spec, TARGET, w, config)  # never sees the bad batch
+    ref.train_step(x1, y1)
+    ref.run_steps(x3[None], y3[None])
+    got, want = exe.weights(), ref.weights()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    assert exe.train_step(x2, y2) == ref.train_step(x2, y2)  # the momentum buffers agree too
+    for k, v in ref.weights().items():
+        np.testing.assert_array_equal(exe.weights()[k], v, err_msg=k)
+    assert exe.step == ref.step == 3
+
+
+def test_check_finite_off_applies_the_step(small):
+    spec, w = small
+    x, y = batch(spec, 8, seed=23)
+    x[0, 0, 0, 0] = np.inf
+    exe = hal.compile(spec, TARGET, w, TrainConfig(check_finite=False))
+    exe.run_steps(x[None], y[None])
+    assert exe.step == 1
+    assert not all(np.isfinite(v).all() for v in exe.weights().values())
+
+
+# ---------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------
+
+
+def test_xla_option(small):
+    """``xla`` picks jit_compile (None: the measured per-device default); other values are refused."""
+    spec, w = small
+    x = batch(spec, 2)[0]
+    for value, jit in ((None, T.XLA[("cpu", "infer")]), (True, True), (False, False)):
+        exe = hal.compile(spec, TARGET, w, options={"xla": value})
+        exe.predict(x)
+        assert exe._fns["infer"]._jit_compile is jit
+    with pytest.raises(ConfigError, match="xla"):
+        hal.compile(spec, TARGET, w, options={"xla": 1})
+    with pytest.raises(ConfigError, match="xla"):
+        hal.compile(spec, TARGET, w, options={"jit": True})
+
+
 # ---------------------------------------------------------------------------
 # user mistakes: hal errors, never a TensorFlow traceback
 # ---------------------------------------------------------------------------
@@ -385,24 +467,23 @@ def test_unsupported_precision(small):
 
 
 def test_ipu_without_the_sdk_says_why(small):
-    from hal.backends import tensorflow as T
-
-    if T._ipu_importable():
+    if ipu_tensorflow.importable():
         pytest.skip("Graphcore's TensorFlow is installed here")
     spec, w = small
     with pytest.raises(TargetError, match="Poplar SDK"):
         hal.compile(spec, "tensorflow:ipu", w)
     assert "Poplar SDK" in T.TensorFlowBackend.device_notes()["ipu"]
     with pytest.raises(HalError, match="Poplar SDK"):
-        T.compile_ipu(spec, w)
+        ipu_tensorflow.IPUExecutable(spec, w, "ipu", TrainConfig(), None)
 
 
 def test_availability_and_lazy_import():
-    """Importing the backend and asking for availability import no TensorFlow."""
+    """Importing the backend (and its IPU module) and asking for availability import no TensorFlow."""
     code = (
         "import sys, hal.backends.tensorflow as t; a = t.TensorFlowBackend.availability(); "
         "assert a.available and a.version, a; assert 'tensorflow' not in sys.modules; "
-        "assert 'ipu' in t.TensorFlowBackend.device_notes() or t._ipu_importable(); print('ok')"
+        "import hal.backends.ipu_tensorflow as i; assert 'tensorflow' not in sys.modules; "
+        "assert 'ipu' in t.TensorFlowBackend.device_notes() or i.importable(); print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
@@ -478,16 +559,15 @@ def test_resnet18_fp64_trajectory_equals_torch_fp64():
 
 
 @pytest.mark.slow
-def test_xla_and_graph_mode_agree(small, monkeypatch):
-    """Both compilation modes (see the module docstring's XLA choice) give the same numbers."""
+def test_xla_and_graph_mode_agree(small):
+    """Both compilation modes (option ``xla``, see the module docstring) give the same numbers."""
     spec, w = small
     x, y = batch(spec, 8, seed=14)
     _, floor = reference(spec, w, x, True)
     out = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("HAL_TF_XLA", flag)
-        exe = hal.compile(spec, TARGET, w, OPTIMIZERS["sgd-momentum"])
+    for flag in (False, True):
+        exe = hal.compile(spec, TARGET, w, OPTIMIZERS["sgd-momentum"], options={"xla": flag})
         out[flag] = (exe.predict(x), exe.predict(x, training=True), exe.train_step(x, y), exe.weights())
-    for a, b in zip(out["0"][:2], out["1"][:2]):
+    for a, b in zip(out[False][:2], out[True][:2]):
         assert_within(normalised_error(a, b)[1], floor)
-    assert_within(tensors_error(out["0"][3], out["1"][3])[1], floor, 4 * FACTOR)
+    assert_within(tensors_error(out[False][3], out[True][3])[1], floor, 4 * FACTOR)
