@@ -24,7 +24,8 @@ Groups of cases (a case name is ``group/what``):
 ``train/``      3-step trajectories: SGD (plain, momentum, Nesterov, weight decay),
                 Adam, AdamW, the StepDecay and Cosine schedules (every other case
                 uses Constant), gradient accumulation with and without BatchNorm
-``precision/``  forward and gradients in fp64, bf16 and fp16
+``precision/``  forward and gradients in fp64 and fp16 (a bf16 tolerance scaled from
+                the float32 floor is too loose to decide anything)
 ``state/``      ``predict``/``loss_and_grads`` change nothing, bit-exact weights
                 round trip, ``run_steps`` equals repeated ``train_step``, unchecked
                 non-finite steps are applied
@@ -348,9 +349,7 @@ def _autodiff(spec: ModelSpec, w: Weights, config: TrainConfig, precision: str) 
         resolve(REFERENCE_AUTODIFF)
     except HalError as exc:
         raise _Skipped(f"no float64 autodiff reference: {exc}") from None
-    from hal.backends.torch import TorchExecutable
-
-    return TorchExecutable(spec, w, "cpu", replace(config, precision=precision), fast=False)
+    return compile(spec, REFERENCE_AUTODIFF, w, replace(config, precision=precision), options={"fast": False})
 
 
 def _decided(error: float, tol: float, floor: float, note: str) -> _Measured:
@@ -667,7 +666,6 @@ class _Op:
     batch: int = 2
     shift: float = 0.0  # added to the standard-normal input (max-pool: all below the zero padding)
     modes: tuple[bool, ...] = (False, True)
-    grad: bool = True  # also a grad/ case
 
     def spec(self, behind_batchnorm: bool = False) -> ModelSpec:
         b = SpecBuilder(self.name)
@@ -708,7 +706,7 @@ def _pool_cases() -> list[_Op]:
 
 def _op_cases() -> list[_Op]:
     return [
-        _Op("input_identity", (3, 5), lambda b, x: x, grad=False),
+        _Op("input_identity", (3, 5), lambda b, x: x),
         _Op("conv1d_k3_pad1", (3, 9), _conv(4, 3, padding=1)),
         _Op("conv1d_stride2_dilation2_pad_before", (3, 11), _conv(4, 3, stride=2, dilation=2, padding=[(3, 0)])),
         _Op("conv1d_depthwise_pad_after", (4, 8), _conv(4, 3, padding=[(0, 2)], groups=4)),
@@ -726,16 +724,16 @@ def _op_cases() -> list[_Op]:
         _Op("conv2d_groups2", (4, 5, 5), _conv(6, 3, padding=1, groups=2)),
         _Op("conv2d_depthwise_multiplier2", (4, 5, 5), _conv(8, 3, padding=1, groups=4)),
         _Op("conv2d_no_bias", (3, 5, 5), _conv(4, 3, bias=False)),
-        _Op("conv2d_batch1", (3, 6, 6), _conv(4, 3, padding=1), batch=1, grad=False),
+        _Op("conv2d_batch1", (3, 6, 6), _conv(4, 3, padding=1), batch=1),
         _Op("conv3d_k3_pad1", (2, 4, 5, 4), _conv(3, 3, padding=1)),
         _Op("conv3d_stride_dilation_asym_pad", (2, 6, 5, 6),
             _conv(4, (3, 2, 3), stride=(2, 1, 2), padding=((1, 0), (0, 1), (1, 1)), dilation=(1, 2, 1))),
         _Op("conv3d_groups2", (4, 3, 4, 3), _conv(4, 2, groups=2)),
         _Op("batchnorm_features", (5,), lambda b, x: b.batch_norm(x)),
-        _Op("batchnorm1d", (3, 7), lambda b, x: b.batch_norm(x), grad=False),
+        _Op("batchnorm1d", (3, 7), lambda b, x: b.batch_norm(x)),
         _Op("batchnorm2d", (3, 4, 5), lambda b, x: b.batch_norm(x)),
-        _Op("batchnorm2d_eps1e-3_batch1", (3, 4, 5), lambda b, x: b.batch_norm(x, eps=1e-3), batch=1, grad=False),
-        _Op("batchnorm3d", (2, 3, 4, 3), lambda b, x: b.batch_norm(x), grad=False),
+        _Op("batchnorm2d_eps1e-3_batch1", (3, 4, 5), lambda b, x: b.batch_norm(x, eps=1e-3), batch=1),
+        _Op("batchnorm3d", (2, 3, 4, 3), lambda b, x: b.batch_norm(x)),
         _Op("relu", (3, 4, 5), _act("relu")),
         _Op("leaky_relu_alpha0.2", (3, 4, 5), _act("leaky_relu", alpha=0.2)),
         _Op("sigmoid", (3, 4, 5), _act("sigmoid")),
@@ -744,28 +742,42 @@ def _op_cases() -> list[_Op]:
         _Op("gelu_tanh", (3, 4, 5), _act("gelu", approximate="tanh")),
         _Op("silu", (3, 4, 5), _act("silu")),
         *_pool_cases(),
-        _Op("global_avgpool1d", (3, 7), lambda b, x: b.global_avg_pool(x), grad=False),
+        _Op("global_avgpool1d", (3, 7), lambda b, x: b.global_avg_pool(x)),
         _Op("global_avgpool2d", (3, 4, 5), lambda b, x: b.global_avg_pool(x)),
-        _Op("global_avgpool3d", (2, 3, 4, 3), lambda b, x: b.global_avg_pool(x), grad=False),
+        _Op("global_avgpool3d", (2, 3, 4, 3), lambda b, x: b.global_avg_pool(x)),
         _Op("add3", (3, 4, 5), lambda b, x: b.add(x, b.relu(x), b.activation(x, "tanh"))),
         _Op("add_same_input_twice", (3, 4), lambda b, x: b.add(x, x)),
         _Op("concat3", (2, 3, 4), lambda b, x: b.concat(x, b.activation(x, "sigmoid"), x)),
         _Op("concat_features", (4,), lambda b, x: b.concat(x, b.activation(x, "tanh"))),
         _Op("flatten2d", (3, 4, 5), lambda b, x: b.flatten(x)),
-        _Op("flatten3d", (2, 3, 2, 2), lambda b, x: b.flatten(x), grad=False),
+        _Op("flatten3d", (2, 3, 2, 2), lambda b, x: b.flatten(x)),
         _Op("dense", (7,), lambda b, x: b.dense(x, 5)),
         _Op("dense_no_bias", (7,), lambda b, x: b.dense(x, 5, bias=False)),
-        _Op("dense_batch1", (7,), lambda b, x: b.dense(x, 5), batch=1, grad=False),
+        _Op("dense_batch1", (7,), lambda b, x: b.dense(x, 5), batch=1),
         _Op("flatten_dense", (3, 2, 4), lambda b, x: b.dense(b.flatten(x), 5)),
         _Op("dropout_rate0", (3, 4, 5), lambda b, x: b.dropout(x, 0.0)),
-        _Op("dropout_rate_half", (3, 4, 5), lambda b, x: b.dropout(x, 0.5), modes=(False,), grad=False),
+        _Op("dropout_rate_half", (3, 4, 5), lambda b, x: b.dropout(x, 0.5), modes=(False,)),
     ]
+
+
+# op cases whose backward is also checked (grad/): every kind of op, and each way of
+# padding, striding and grouping a window whose backward a framework computes differently
+_GRADS = frozenset({
+    "conv1d_k3_pad1", "conv1d_stride2_dilation2_pad_before", "conv2d_stride2_asym_pad", "conv2d_pad_before_only",
+    "conv2d_tf_same_even_kernel", "conv2d_tf_same_stride2", "conv2d_pad_beyond_kernel", "conv2d_dilation2",
+    "conv2d_kernel5_stride2", "conv2d_kernel2_stride3", "conv2d_depthwise_multiplier2",
+    "conv3d_stride_dilation_asym_pad", "conv3d_groups2", "batchnorm_features", "batchnorm2d",
+    "relu", "leaky_relu_alpha0.2", "sigmoid", "tanh", "gelu_erf", "gelu_tanh", "silu",
+    "maxpool2d_asym_pad", "maxpool2d_pad_kernel_minus_1", "maxpool3d_asym", "avgpool2d_asym_pad_incl_pad",
+    "avgpool2d_asym_pad_excl_pad", "avgpool1d_k3_s2_pad_after_excl_pad", "avgpool3d_input_smaller_than_kernel_excl_pad",
+    "global_avgpool2d", "add3", "add_same_input_twice", "concat3", "dense", "dropout_rate0",
+})
 
 
 def _mlp(batchnorm: bool = True, name: str = "mlp") -> ModelSpec:
     """Flatten, Dense, [BatchNorm], tanh, Dense: the training cases' model (no convolution)."""
     b = SpecBuilder(name)
-    x = b.dense(b.flatten(b.input((3, 4))), 6)
+    x = b.dense(b.flatten(b.input((3, 4))), 6, bias=False)  # a bias before BatchNorm has no gradient
     x = b.activation(b.batch_norm(x) if batchnorm else x, "tanh")
     return b.build(b.dense(x, 3))
 
@@ -786,7 +798,7 @@ def _static_cases() -> tuple[Case, ...]:
     cases += [
         Case(f"grad/{op.name}", _check_grads, op.spec(behind_batchnorm=True), mse, training=True,
              doc="loss_and_grads (MSE) of the op behind a BatchNorm against float64 autodiff")
-        for op in _op_cases() if op.grad
+        for op in _op_cases() if op.name in _GRADS
     ]
     mlp, mlp_plain = _mlp(), _mlp(batchnorm=False, name="mlp_no_batchnorm")
     cases += [
@@ -814,7 +826,7 @@ def _static_cases() -> tuple[Case, ...]:
              doc=f"{STEPS} steps of run_steps against the float64 reference trajectory")
         for name, (spec, config) in trajectories.items()
     ]
-    for p in ("fp64", "bf16", "fp16"):
+    for p in ("fp64", "fp16"):  # bf16: 2**16 times float32's floor is above ILL_CONDITIONED, nothing to decide
         cases += [
             Case(f"precision/{p}_forward", _check_forward, mlp, TrainConfig(precision=p)),
             Case(f"precision/{p}_grads", _check_grads, mlp, TrainConfig(precision=p), training=True),
