@@ -11,17 +11,20 @@ nodes are added.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import numbers
 import re
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence, Union
 
 from hal.errors import SpecError
 
 SCHEMA_VERSION = 1
+MAX_ELEMENTS = 2**40  # per-sample activation or parameter tensor: 4 TiB in float32, beyond any device
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -32,6 +35,15 @@ Padding = tuple[tuple[int, int], ...]
 
 def _prod(xs: Iterable[int]) -> int:
     return math.prod(xs)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 4, 60, 60
+
+
+def _show(v: Any) -> str:
+    """``repr`` for error messages, bounded in length and depth (a user value may be huge or deep)."""
+    return _REPR.repr(v)
 
 
 # ---------------------------------------------------------------------------
@@ -63,30 +75,40 @@ class Op:
         return 0
 
     def attrs(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name, _ in _fields(type(self))}
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # numpy scalars and lists become plain ints/floats/tuples
-            object.__setattr__(self, f.name, _plain(getattr(self, f.name)))
+        for name, kind in _fields(type(self)):  # numpy scalars and lists become plain ints/floats/tuples
+            v = _plain(getattr(self, name))
+            if kind == "float" and type(v) is int:
+                v = float(v)  # eps=1 and eps=1.0 are one graph with one hash
+            object.__setattr__(self, name, v)
 
     def check_types(self) -> None:
         """Raise ``ValueError`` naming the first attribute of the wrong type."""
-        for f in dataclasses.fields(self):
-            v, want = getattr(self, f.name), str(f.type)
-            ok = {
-                "int": _is_int(v),
-                "bool": isinstance(v, bool),
-                "float": isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
-                "str": isinstance(v, str),
-                "Shape": isinstance(v, tuple) and all(_is_int(x) for x in v),
-                "Padding": isinstance(v, tuple) and all(
-                    isinstance(p, tuple) and len(p) == 2 and all(_is_int(x) for x in p) for p in v
-                ),
-            }.get(want, True)
-            if not ok:
-                raise ValueError(f"{self.kind}.{f.name} must be {_TYPE_WORDS.get(want, want)}, got {v!r}")
+        for name, kind in _fields(type(self)):
+            v = getattr(self, name)
+            if kind in _TYPES and not _TYPES[kind](v):
+                raise ValueError(f"{self.kind}.{name} must be {_TYPE_WORDS[kind]}, got {_show(v)}")
 
 
+@functools.cache
+def _fields(cls: type[Op]) -> tuple[tuple[str, str], ...]:
+    """(name, annotation) of each attribute of an op class."""
+    return tuple((f.name, str(f.type)) for f in dataclasses.fields(cls))
+
+
+# The checks see values after Op.__post_init__ made them plain ints, floats and tuples.
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: type(v) is int,
+    "bool": lambda v: type(v) is bool,
+    "float": lambda v: type(v) is float and math.isfinite(v),
+    "str": lambda v: isinstance(v, str),
+    "Shape": lambda v: type(v) is tuple and all(type(x) is int for x in v),
+    "Padding": lambda v: type(v) is tuple and all(
+        type(p) is tuple and len(p) == 2 and type(p[0]) is int and type(p[1]) is int for p in v
+    ),
+}
 _TYPE_WORDS = {
     "int": "an int", "bool": "a bool", "float": "a finite number", "str": "a string",
     "Shape": "a tuple of ints", "Padding": "a tuple of (before, after) int pairs",
@@ -97,15 +119,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, bool) or v is None or isinstance(v, str):
+def _plain(v: Any, depth: int = 2) -> Any:
+    """Plain ints/floats and tuples down to ``depth`` levels (a Padding has two); deeper
+    values stay as given, for :meth:`Op.check_types` to refuse."""
+    if type(v) in (int, float, str, bool) or v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, numbers.Integral):
         return int(v)
     if isinstance(v, numbers.Real):
         return float(v)
-    if isinstance(v, (list, tuple)):
-        return tuple(_plain(x) for x in v)
+    if isinstance(v, (list, tuple)) and depth > 0:
+        return tuple(_plain(x, depth - 1) for x in v)
     return v
 
 
@@ -151,7 +175,7 @@ class Input(Op):
         if not self.shape or any(d < 1 for d in self.shape):
             raise ValueError(f"input shape must be non-empty with sizes >= 1, got {self.shape}")
         if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {_show(self.dtype)}")
         return tuple(self.shape)
 
 
@@ -242,9 +266,9 @@ class Activation(Op):
 
     def infer(self, shapes: list[Shape]) -> Shape:
         if self.fn not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.fn!r}")
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {_show(self.fn)}")
         if self.approximate not in ("none", "tanh"):
-            raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {self.approximate!r}")
+            raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {_show(self.approximate)}")
         return shapes[0]
 
     def flops(self, shapes: list[Shape], out: Shape) -> int:
@@ -431,6 +455,13 @@ def _infer(node: Node, in_shapes: list[Shape]) -> Shape:
         raise SpecError(f"{exc} (input shapes {in_shapes})", node.name) from None
     if any(d < 1 for d in out):
         raise SpecError(f"{node.op.kind} gives a non-positive output shape {out} from {in_shapes}", node.name)
+    for what, shape in (("output", out), *(("parameter " + p, s) for p, s in node.op.params(in_shapes).items())):
+        if _prod(shape) > MAX_ELEMENTS:
+            raise SpecError(
+                f"{node.op.kind} {what} of shape {shape} has {_prod(shape):.3g} elements per sample; "
+                f"hal refuses tensors over {MAX_ELEMENTS:.3g} (2**40) elements",
+                node.name,
+            )
     return out
 
 
@@ -438,11 +469,11 @@ def _check_node(node: Any) -> None:
     if not isinstance(node, Node):
         raise SpecError(f"expected a hal.spec.Node, got {type(node).__name__}")
     if not isinstance(node.name, str) or not _NAME.match(node.name):
-        raise SpecError("names must be non-empty and use only letters, digits, '_', '.', '-'", str(node.name))
+        raise SpecError("names must be non-empty strings of letters, digits, '_', '.', '-'", _show(node.name))
     if not isinstance(node.op, Op) or type(node.op) not in OPS.values():
-        raise SpecError(f"unknown op {node.op!r}", node.name)
+        raise SpecError(f"op must be one of hal.spec.{', '.join(OPS)}; got a {type(node.op).__name__}", node.name)
     if not isinstance(node.inputs, tuple) or not all(isinstance(i, str) for i in node.inputs):
-        raise SpecError(f"inputs must be a tuple of node names, got {node.inputs!r}", node.name)
+        raise SpecError(f"inputs must be a tuple of node names, got {_show(node.inputs)}", node.name)
 
 
 @dataclass(frozen=True)
@@ -458,8 +489,15 @@ class ModelSpec:
     nodes: tuple[Node, ...]
     output: str = ""
     _shapes: dict[str, Shape] = field(init=False, repr=False, compare=False)
+    _by_name: dict[str, Node] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise SpecError(f"a spec name must be a string, got {_show(self.name)}")
+        if not isinstance(self.output, str):
+            raise SpecError(f"spec {self.name!r}: output must be a node name (a string), got {_show(self.output)}")
+        if not isinstance(self.nodes, (list, tuple)):
+            raise SpecError(f"spec {self.name!r}: nodes must be a tuple of hal.spec.Node, got {type(self.nodes).__name__}")
         nodes = tuple(self.nodes)
         if not nodes:
             raise SpecError(f"spec {self.name!r} has no nodes")
@@ -492,6 +530,7 @@ class ModelSpec:
         object.__setattr__(self, "nodes", tuple(order))
         object.__setattr__(self, "output", output)
         object.__setattr__(self, "_shapes", shapes)
+        object.__setattr__(self, "_by_name", {n.name: n for n in order})
 
     # -- structure -----------------------------------------------------------
 
@@ -512,18 +551,19 @@ class ModelSpec:
         return self.input.op.dtype  # type: ignore[attr-defined]
 
     def node(self, name: str) -> Node:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise SpecError(f"spec {self.name!r} has no node {name!r}")
+        """The node called ``name``."""
+        if not isinstance(name, str) or name not in self._by_name:
+            raise SpecError(f"spec {self.name!r} has no node {_show(name)}")
+        return self._by_name[name]
 
     def shape(self, name: str) -> Shape:
         """Output shape of a node, per sample."""
-        if name not in self._shapes:
-            raise SpecError(f"spec {self.name!r} has no node {name!r}")
-        return self._shapes[name]
+        return self._shapes[self.node(name).name]
 
     def in_shapes(self, node: Node) -> list[Shape]:
+        """Per-sample shapes of the inputs of ``node`` (a node of this spec)."""
+        if not (isinstance(node, Node) and isinstance(node.name, str) and self._by_name.get(node.name) == node):
+            raise SpecError(f"spec {self.name!r}: expected one of its nodes, got {_show(node)}")
         return [self._shapes[i] for i in node.inputs]
 
     def consumers(self) -> dict[str, list[str]]:
@@ -538,6 +578,8 @@ class ModelSpec:
 
     def param_shapes(self, buffers: bool = True) -> dict[str, Shape]:
         """Canonical weight names ``"<node>.<param>"`` -> shape, in node order."""
+        if not isinstance(buffers, bool):
+            raise SpecError(f"param_shapes: buffers must be a bool, got {_show(buffers)}")
         out: dict[str, Shape] = {}
         for n in self.nodes:
             shapes = self.in_shapes(n)
@@ -599,46 +641,55 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        """The spec of :meth:`to_dict`'s form; strict: exact types, no unknown or missing keys."""
         if not isinstance(data, Mapping):
             raise SpecError(f"a spec must be a JSON object, got {type(data).__name__}")
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise SpecError(f"unsupported spec schema_version {version!r}; this hal reads {SCHEMA_VERSION}")
-        raw_nodes = data.get("nodes")
+        _check_keys(data, _SPEC_KEYS, {"schema_version", "nodes"}, "the spec")
+        version = data["schema_version"]
+        if type(version) is not int or version != SCHEMA_VERSION:  # neither true nor 1.0
+            raise SpecError(f"unsupported spec schema_version {_show(version)}; this hal reads the int {SCHEMA_VERSION}")
+        raw_nodes = data["nodes"]
         if not isinstance(raw_nodes, list):
             raise SpecError(f"'nodes' must be a list, got {type(raw_nodes).__name__}")
         nodes = []
         for i, raw in enumerate(raw_nodes):
-            if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str) or "op" not in raw:
-                raise SpecError(f"nodes[{i}] must be an object with a string 'name' and an 'op'")
+            where = f"nodes[{i}]"
+            if not isinstance(raw, Mapping):
+                raise SpecError(f"{where} must be an object, got {type(raw).__name__}")
+            _check_keys(raw, _NODE_KEYS, {"name", "op"}, where)
             name, kind, inputs, attrs = raw["name"], raw["op"], raw.get("inputs", []), raw.get("attrs", {})
-            if kind not in OPS:
-                raise SpecError(f"unknown op {kind!r}; known ops: {sorted(OPS)}", name)
+            if not isinstance(name, str):
+                raise SpecError(f"{where}: 'name' must be a string, got {_show(name)}")
+            if not isinstance(kind, str) or kind not in OPS:
+                raise SpecError(f"unknown op {_show(kind)}; known ops: {sorted(OPS)}", name)
             if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
-                raise SpecError(f"'inputs' must be a list of node names, got {inputs!r}", name)
+                raise SpecError(f"'inputs' must be a list of node names, got {_show(inputs)}", name)
             if not isinstance(attrs, Mapping):
                 raise SpecError(f"'attrs' must be an object, got {type(attrs).__name__}", name)
             op_cls = OPS[kind]
-            known = {f.name for f in dataclasses.fields(op_cls)}
-            extra = set(attrs) - known
-            if extra:
-                raise SpecError(f"unknown attributes {sorted(extra)} for {kind}; expected {sorted(known)}", name)
-            try:
-                op = op_cls(**attrs)
-            except TypeError as exc:
-                raise SpecError(f"bad attributes for {kind}: {exc}", name) from None
-            nodes.append(Node(name, op, tuple(inputs)))
-        return cls(str(data.get("name", "")), tuple(nodes), str(data.get("output", "")))
+            fields = dataclasses.fields(op_cls)
+            _check_keys(attrs, {f.name for f in fields},
+                        {f.name for f in fields if f.default is dataclasses.MISSING}, f"{kind} attrs", name)
+            nodes.append(Node(name, op_cls(**attrs), tuple(inputs)))
+        for key in ("name", "output"):
+            if not isinstance(data.get(key, ""), str):
+                raise SpecError(f"the spec's {key!r} must be a string, got {_show(data[key])}")
+        return cls(data.get("name", ""), tuple(nodes), data.get("output", ""))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ModelSpec":
+        """Parse :meth:`to_json` text (strict as :meth:`from_dict`; duplicate keys are refused)."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise SpecError(f"spec JSON must be str or bytes, got {type(text).__name__}")
         try:
-            data = json.loads(text)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a repeated key
             raise SpecError(f"spec JSON does not parse: {exc}") from None
+        except RecursionError:
+            raise SpecError("spec JSON is nested too deeply to be a spec") from None
         return cls.from_dict(data)
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         """Stable SHA-256 of the canonical JSON form."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
@@ -648,6 +699,29 @@ class ModelSpec:
             f"ModelSpec({self.name!r}, {len(self.nodes)} nodes, input {self.input_shape}, "
             f"output {self.output_shape}, {self.num_params:,} params)"
         )
+
+
+_SPEC_KEYS = {"schema_version", "name", "output", "nodes"}
+_NODE_KEYS = {"name", "op", "inputs", "attrs"}
+
+
+def _check_keys(obj: Mapping[str, Any], known: set[str], required: set[str], where: str,
+                node: str | None = None) -> None:
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        raise SpecError(f"{where}: unknown keys {_show(unknown)}; expected {sorted(known)}", node)
+    missing = sorted(required - set(obj))
+    if missing:
+        raise SpecError(f"{where}: missing keys {missing}", node)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
 
 
 def _jsonable(v: Any) -> Any:
@@ -701,13 +775,13 @@ def _tuple(v: IntOrTuple, nd: int, what: str, node: str) -> Shape:
         return (int(v),) * nd  # type: ignore[arg-type]
     t = tuple(v) if isinstance(v, (list, tuple)) else ()
     if len(t) != nd or not all(_is_int(x) for x in t):
-        raise SpecError(f"{what} must be an int or {nd} ints, got {v!r}", node)
+        raise SpecError(f"{what} must be an int or {nd} ints, got {_show(v)}", node)
     return tuple(int(x) for x in t)
 
 
 def _padding(p: PaddingArg, spatial: Shape, kernel: Shape, stride: Shape, dilation: Shape, node: str) -> Padding:
     nd = len(spatial)
-    bad = SpecError(f"padding must be 'same', 'valid', an int, {nd} ints or {nd} (before, after) int pairs, got {p!r}", node)
+    bad = SpecError(f"padding must be 'same', 'valid', an int, {nd} ints or {nd} (before, after) int pairs, got {_show(p)}", node)
     if isinstance(p, str):
         if p == "valid":
             return ((0, 0),) * nd
@@ -740,16 +814,27 @@ class SpecBuilder:
     """
 
     def __init__(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise SpecError(f"a spec name must be a string, got {_show(name)}")
         self.name = name
         self._nodes: list[Node] = []
         self._shapes: dict[str, Shape] = {}
         self._count = 0
 
     def shape(self, name: str) -> Shape:
+        """Output shape of a node added so far, per sample."""
+        if not isinstance(name, str) or name not in self._shapes:
+            raise SpecError(f"spec {self.name!r} has no node {_show(name)} (yet)")
         return self._shapes[name]
 
     def op(self, op: Op, inputs: Sequence[str] = (), name: str | None = None) -> str:
         """Append any op; returns its name."""
+        if name is not None and not isinstance(name, str):
+            raise SpecError(f"a node name must be a string, got {_show(name)}")
+        if not isinstance(op, Op):
+            raise SpecError(f"expected a hal.spec op ({', '.join(OPS)}), got a {type(op).__name__}", name)
+        if not isinstance(inputs, (list, tuple)):
+            raise SpecError(f"inputs must be a sequence of node names, got {_show(inputs)}", name)
         self._count += 1
         name = name or f"{op.kind.lower()}_{self._count}"
         node = Node(name, op, tuple(inputs))
@@ -764,12 +849,15 @@ class SpecBuilder:
         return name
 
     def _spatial(self, x: str, name: str | None, what: str) -> Shape:
-        if x not in self._shapes:
-            raise SpecError(f"unknown input {x!r}", name or what)
+        if not isinstance(x, str) or x not in self._shapes:
+            raise SpecError(f"unknown input {_show(x)}", name or what)
         return self._shapes[x][1:]
 
     def input(self, shape: Sequence[int], dtype: str = "float32", name: str = "input") -> str:
-        return self.op(Input(tuple(shape), dtype), (), name)
+        """The graph input, ``(C, *spatial)`` per sample."""
+        if isinstance(shape, Iterable) and not isinstance(shape, (str, bytes, Mapping)):
+            shape = tuple(shape)
+        return self.op(Input(shape, dtype), (), name)  # type: ignore[arg-type]
 
     def conv(
         self,
@@ -838,4 +926,6 @@ class SpecBuilder:
 
     def build(self, output: str | None = None) -> ModelSpec:
         """The finished spec; ``output`` defaults to the last node added."""
+        if output is not None and not isinstance(output, str):
+            raise SpecError(f"spec {self.name!r}: output must be a node name (a string), got {_show(output)}")
         return ModelSpec(self.name, tuple(self._nodes), output or "")

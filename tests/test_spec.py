@@ -1000,7 +1000,7 @@ def test_random_invalid_specs_raise_spec_error(mutant):
         assert ei.value.node == where, str(ei.value)
 
 
-_JUNK = st.sampled_from(["3", "", 2.5, 3.0, None, [], {}, [1, 2]])
+_JUNK = st.sampled_from(["3", "", 2.5, 3.0, None, [], {}, [1, "2"]])
 
 
 @st.composite
@@ -1061,3 +1061,149 @@ def test_random_json_junk_is_spec_error(graph, data):
         ModelSpec.from_dict(d)
     except SpecError:
         pass
+
+
+# ---------------------------------------------------------------------------
+# strict parsing and bad arguments (issue 9)
+# ---------------------------------------------------------------------------
+
+
+def _doc():
+    b = SpecBuilder("doc")
+    return json.loads(b.build(b.batch_norm(b.conv(b.input((3, 8, 8)), 4, 3, name="conv"), name="bn")).to_json())
+
+
+def _spec():
+    return ModelSpec.from_dict(_doc())
+
+
+class TestStrictParsing:
+    @pytest.mark.parametrize("version", [True, 1.0, "1", None, 2, [1]])
+    def test_schema_version_must_be_the_int_1(self, version):
+        d = _doc()
+        d["schema_version"] = version
+        with pytest.raises(SpecError, match="schema_version"):
+            ModelSpec.from_dict(d)
+
+    def test_schema_version_is_required(self):
+        d = _doc()
+        del d["schema_version"]
+        with pytest.raises(SpecError, match=r"missing keys \['schema_version'\]"):
+            ModelSpec.from_dict(d)
+
+    @pytest.mark.parametrize("where", ["spec", "node"])
+    def test_unknown_keys_are_refused(self, where):
+        """A misspelt key ("input" for "inputs") would otherwise be dropped without a word."""
+        d = _doc()
+        (d if where == "spec" else d["nodes"][1])["input"] = ["input"]
+        with pytest.raises(SpecError, match=r"unknown keys \['input'\]"):
+            ModelSpec.from_dict(d)
+
+    def test_missing_required_attribute(self):
+        d = _doc()
+        conv = next(n for n in d["nodes"] if n["op"] == "Conv")
+        del conv["attrs"]["kernel"]
+        with pytest.raises(SpecError, match=r"missing keys \['kernel'\]") as ei:
+            ModelSpec.from_dict(d)
+        assert ei.value.node == "conv"
+
+    def test_duplicate_json_keys_are_refused(self):
+        text = json.dumps(_doc())
+        with pytest.raises(SpecError, match="'name' appears twice"):
+            ModelSpec.from_json(text.replace('"name": "doc"', '"name": "doc", "name": "other"'))
+
+    @pytest.mark.parametrize("key,value", [("name", 3), ("output", ["bn"]), ("name", None)])
+    def test_name_and_output_are_strings(self, key, value):
+        d = _doc()
+        d[key] = value
+        with pytest.raises(SpecError, match=f"'{key}' must be a string"):
+            ModelSpec.from_dict(d)
+
+    def test_deeply_nested_json(self):
+        with pytest.raises(SpecError, match="nested too deeply"):
+            ModelSpec.from_json("[" * 200_000 + "]" * 200_000)
+
+    def test_deeply_nested_attribute_value(self):
+        deep: list = []
+        cur = deep
+        for _ in range(100_000):
+            cur.append([])
+            cur = cur[0]
+        d = _doc()
+        next(n for n in d["nodes"] if n["op"] == "Conv")["attrs"]["kernel"] = deep
+        with pytest.raises(SpecError, match="Conv.kernel must be a tuple of ints"):
+            ModelSpec.from_dict(d)
+        b = SpecBuilder("b")
+        with pytest.raises(SpecError, match="kernel must be an int or 2 ints"):
+            b.conv(b.input((3, 4, 4)), 2, deep)
+
+    @pytest.mark.parametrize("text", [3, None, ["{}"]])
+    def test_from_json_wants_text(self, text):
+        with pytest.raises(SpecError, match="str or bytes"):
+            ModelSpec.from_json(text)
+
+    def test_int_and_float_attributes_are_one_graph(self):
+        d = _doc()
+        bn = next(n for n in d["nodes"] if n["op"] == "BatchNorm")
+        bn["attrs"]["momentum"] = 0  # the int 0 and the float 0.0: one value, one hash
+        a = ModelSpec.from_dict(d)
+        bn["attrs"]["momentum"] = 0.0
+        assert a.hash == ModelSpec.from_dict(d).hash and a.node("bn").op.momentum == 0.0
+
+
+class TestSizeLimits:
+    def test_absurd_input_is_refused(self):
+        with pytest.raises(SpecError, match="elements per sample") as ei:
+            SpecBuilder("big").input((10**9, 10**9))
+        assert ei.value.node == "input"
+
+    def test_absurd_parameter_is_refused(self):
+        b = SpecBuilder("big")
+        x = b.input((2**21,))
+        with pytest.raises(SpecError, match=r"parameter weight .* elements per sample") as ei:
+            b.dense(x, 2**20, name="fc")  # 2**41 weights
+        assert ei.value.node == "fc"
+
+
+class TestBadArguments:
+    @pytest.mark.parametrize("bad", [None, 3, ["a"], {"a": 1}])
+    def test_lookups(self, bad):
+        spec = _spec()
+        for call in (spec.node, spec.shape, spec.in_shapes):
+            with pytest.raises(SpecError):
+                call(bad)
+        with pytest.raises(SpecError):
+            SpecBuilder("b").shape(bad)
+
+    def test_in_shapes_wants_a_node_of_the_spec(self):
+        spec = _spec()
+        with pytest.raises(SpecError, match="one of its nodes"):
+            spec.in_shapes(Node("ghost", Activation("relu"), ("input",)))
+
+    @pytest.mark.parametrize("name", [None, 3, ["n"]])
+    def test_spec_names(self, name):
+        with pytest.raises(SpecError, match="name must be a string"):
+            SpecBuilder(name)
+        with pytest.raises(SpecError, match="name must be a string"):
+            ModelSpec(name, _spec().nodes)
+
+    @pytest.mark.parametrize("nodes", [None, 3, "abc"])
+    def test_nodes_must_be_a_sequence(self, nodes):
+        with pytest.raises(SpecError, match="nodes must be a tuple"):
+            ModelSpec("s", nodes)
+
+    def test_builder_arguments(self):
+        b = SpecBuilder("b")
+        x = b.input((3, 4, 4))
+        for call in (lambda: b.input(5, name="i2"), lambda: b.conv(["x"], 2, 1), lambda: b.add(x, ["x"]),
+                     lambda: b.op("Conv", (x,)), lambda: b.op(Activation("relu"), x), lambda: b.relu(x, name=7),
+                     lambda: b.build(np.array([1, 2])), lambda: b.dense(b.flatten(x), "3")):
+            with pytest.raises(SpecError):
+                call()
+        assert b.build().param_shapes() == {}
+        with pytest.raises(SpecError, match="buffers must be a bool"):
+            b.build().param_shapes(np.array([1, 2]))
+
+    def test_input_shape_from_numpy(self):
+        b = SpecBuilder("b")
+        assert b.build(b.input(np.array([3, 4]))).input_shape == (3, 4)
