@@ -37,6 +37,8 @@ class SGD:
 
     def __post_init__(self) -> None:
         _nonneg(self, "lr", "momentum", "weight_decay")
+        if not isinstance(self.nesterov, bool):
+            raise ConfigError(f"SGD: nesterov must be a bool, got {self.nesterov!r}")
         if self.nesterov and self.momentum <= 0:
             raise ConfigError("SGD: nesterov requires momentum > 0 (as in torch.optim.SGD)")
 
@@ -72,6 +74,8 @@ class Constant:
     """Constant learning rate."""
 
     def factor(self, step: int) -> float:
+        """The learning-rate factor of optimizer step ``step`` (0-based)."""
+        _check_step(step)
         return 1.0
 
 
@@ -89,7 +93,12 @@ class StepDecay:
         _nonneg(self, "gamma")
 
     def factor(self, step: int) -> float:
-        return self.gamma ** (step // self.step_size)
+        """The learning-rate factor of optimizer step ``step`` (0-based)."""
+        _check_step(step)
+        try:
+            return self.gamma ** (step // self.step_size)
+        except OverflowError:
+            raise ConfigError(f"StepDecay: the factor gamma ** (step // step_size) overflows at step {step}") from None
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class Cosine:
         _nonneg(self, "warmup_start", "min_factor")
 
     def factor(self, step: int) -> float:
+        """The learning-rate factor of optimizer step ``step`` (0-based)."""
+        _check_step(step)
         if step < self.warmup_steps:
             return self.warmup_start + (1.0 - self.warmup_start) * step / self.warmup_steps
         t = min(step - self.warmup_steps, self.total_steps - self.warmup_steps)
@@ -139,9 +150,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.check_finite, bool):
             raise ConfigError(f"check_finite must be a bool, got {self.check_finite!r}")
-        if self.loss not in LOSSES:
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.precision not in PRECISIONS:
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not _int(self.grad_accum) or self.grad_accum < 1:
             raise ConfigError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
@@ -161,6 +172,11 @@ def _real(v: object) -> bool:
 
 def _int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_step(step: object) -> None:
+    if not (_int(step) and step >= 0):  # type: ignore[operator]
+        raise ConfigError(f"an optimizer step must be an int >= 0, got {step!r}")
 
 
 def _nonneg(obj: object, *names: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from functools import partial
 from typing import Any, Callable
 
@@ -20,8 +21,8 @@ ZOO: dict[str, Callable[..., ModelSpec]] = {
 
 def get(name: str, **kwargs: Any) -> ModelSpec:
     """Build a zoo model by name, e.g. ``get("resnet50", num_classes=10, input_size=64)``."""
-    if name not in ZOO:
-        raise SpecError(f"unknown model {name!r}; the zoo has {sorted(ZOO)}")
+    if not isinstance(name, str) or name not in ZOO:
+        raise SpecError(f"unknown model {reprlib.repr(name)}; the zoo has {sorted(ZOO)}")
     try:
         return ZOO[name](**kwargs)
     except TypeError as exc:

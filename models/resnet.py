@@ -9,6 +9,8 @@ conv; ``variant="v1"`` puts it on the first 1x1, as in He et al. (2015) and Kera
 
 from __future__ import annotations
 
+import numbers
+
 from hal.errors import SpecError
 from hal.spec import ModelSpec, SpecBuilder
 
@@ -30,11 +32,16 @@ def resnet(
     variant: str = "v1.5",
 ) -> ModelSpec:
     """A ResNet of the given depth for ``(in_channels, H, W)`` inputs."""
-    if depth not in DEPTHS:
-        raise SpecError(f"resnet depth must be one of {sorted(DEPTHS)}, got {depth}")
-    if variant not in ("v1", "v1.5"):
+    if not isinstance(depth, numbers.Integral) or depth not in DEPTHS:
+        raise SpecError(f"resnet depth must be one of {sorted(DEPTHS)}, got {depth!r}")
+    if not isinstance(variant, str) or variant not in ("v1", "v1.5"):
         raise SpecError(f"resnet variant must be 'v1' or 'v1.5', got {variant!r}")
-    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    if isinstance(input_size, numbers.Integral) and not isinstance(input_size, bool):
+        h = w = input_size
+    elif isinstance(input_size, (tuple, list)) and len(input_size) == 2:
+        h, w = input_size
+    else:
+        raise SpecError(f"resnet input_size must be an int or (height, width), got {input_size!r}")
     block, counts = DEPTHS[depth]
     suffix = "" if variant == "v1.5" else "_v1"
     b = SpecBuilder(f"resnet{depth}{suffix}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+
+from hal.errors import SpecError
 from hal.spec import ModelSpec, SpecBuilder
 
 
@@ -21,6 +24,8 @@ def small_cnn(num_classes: int = 10, input_size: int = 16, in_channels: int = 3,
     x = b.activation(x, "gelu", approximate="tanh")
     x = b.avg_pool(x, 3, stride=1, padding="same", count_include_pad=False, name="pool2")
     x = b.activation(b.flatten(x), "tanh")
+    if not (isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)):
+        raise SpecError(f"small_cnn: dropout must be a rate in [0, 1), got {dropout!r}")
     if dropout:
         x = b.dropout(x, dropout, name="drop")
     x = b.activation(b.dense(x, 16, name="fc1"), "sigmoid")

@@ -140,3 +140,29 @@ def test_small_cnn_uses_every_op():
     assert acts == {"relu", "leaky_relu", "silu", "gelu", "tanh", "sigmoid"}
     pads = [n.op.padding for n in small_cnn().nodes if n.op.kind in ("Conv", "MaxPool", "AvgPool")]
     assert any(a != b for p in pads for a, b in p)  # an asymmetric SAME padding is exercised
+
+
+@pytest.mark.parametrize("name", [None, 3, ["resnet18"], {"a": 1}])
+def test_get_unknown_name_types(name):
+    with pytest.raises(SpecError, match="unknown model"):
+        get(name)
+
+
+@pytest.mark.parametrize("kwargs", [{"input_size": "x"}, {"input_size": (32, 32, 3)}, {"input_size": True},
+                                    {"depth": [50]}, {"depth": "50"}, {"variant": ["v1"]}, {"num_classes": "10"},
+                                    {"bogus": 1}])
+def test_resnet_bad_arguments(kwargs):
+    with pytest.raises(SpecError):
+        get("resnet18", **{k: v for k, v in kwargs.items() if k != "depth"}) if "depth" not in kwargs else resnet(**kwargs)
+
+
+def test_resnet_accepts_numpy_ints_and_a_pair():
+    import numpy as np
+
+    assert resnet(np.int64(18), input_size=(np.int64(32), 48)).input_shape == (3, 32, 48)
+
+
+@pytest.mark.parametrize("dropout", ["0.5", None, [0.1], True])
+def test_small_cnn_bad_dropout(dropout):
+    with pytest.raises(SpecError, match="dropout"):
+        small_cnn(dropout=dropout)

@@ -168,3 +168,29 @@ def test_cosine_with_warmup_matches_torch_linear_then_cosine(total, warm, start,
         torch, lambda o: sched.LambdaLR(o, lambda t: _hand_cosine(t, total, warm, start, floor)), base, total + 5
     )
     assert [cfg.lr(t) for t in range(total + 5)] == pytest.approx(want2, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("schedule", [Constant(), StepDecay(2, 0.5), Cosine(10, 2)])
+@pytest.mark.parametrize("step", [-1, 1.0, "3", None, True, [1]])
+def test_schedule_steps_must_be_ints(schedule, step):
+    with pytest.raises(ConfigError, match="step must be an int >= 0"):
+        schedule.factor(step)
+    with pytest.raises(ConfigError, match="step must be an int >= 0"):
+        TrainConfig(schedule=schedule).lr(step)
+
+
+def test_step_decay_overflow_is_a_config_error():
+    with pytest.raises(ConfigError, match="overflows at step"):
+        StepDecay(1, gamma=10.0).factor(10**6)
+
+
+@pytest.mark.parametrize("field,value", [("loss", ["mse"]), ("precision", {"fp32"}), ("loss", None)])
+def test_config_strings_must_be_strings(field, value):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_sgd_nesterov_must_be_a_bool(value):
+    with pytest.raises(ConfigError, match="nesterov must be a bool"):
+        SGD(momentum=0.9, nesterov=value)
