@@ -68,6 +68,7 @@ from hal.errors import (
     HalError,
     InputError,
     NonFiniteError,
+    TargetError,
     UnsupportedError,
     WeightsError,
 )
@@ -228,15 +229,15 @@ def _declared_unsupported(backend: type[Backend], case: Case) -> str:
 def _run_case(session: _Session, case: Case) -> CaseResult:
     t0 = time.perf_counter()
     row = CaseResult(case.name, case.group, PASS)
-    reason = _declared_unsupported(session.backend, case)
-    if reason:
-        row.status, row.note = UNSUPPORTED, reason
-        return row
     try:
-        m = case.check(session, case)
-        row.error, row.tolerance, row.note = m.error, m.tol, m.note
-        if m.error is not None and not m.error <= m.tol:  # a NaN error fails
-            row.status = FAIL
+        reason = _declared_unsupported(session.backend, case)
+        if reason:
+            row.status, row.note = UNSUPPORTED, reason
+        else:
+            m = case.check(session, case)
+            row.error, row.tolerance, row.note = m.error, m.tol, m.note
+            if m.error is not None and not m.error <= m.tol:  # a NaN error fails
+                row.status = FAIL
     except UnsupportedError as exc:
         row.status, row.note = UNSUPPORTED, f"refused at run time: {exc}"
     except _Skipped as exc:
@@ -495,6 +496,25 @@ def _check_round_trip(s: _Session, case: Case) -> _Measured:
     return _Measured()
 
 
+def _check_predict_sees_new_weights(s: _Session, case: Case) -> _Measured:
+    """After a training step, and after load_weights, predict computes with the new
+    weights (no stale cache): compared with float64 numpy on ``weights()``."""
+    spec, config = case.spec, case.config
+    exe = s.compile(spec, _weights(spec, 0), config)
+    x, y = make_batch(spec, BATCH, config.loss)
+    exe.predict(x)  # fills any inference cache
+    measured = []
+    changes = {"train_step": lambda: exe.train_step(x, y), "load_weights": lambda: exe.load_weights(_weights(spec, 1))}
+    for what, change in changes.items():
+        change()
+        w = exe.weights()
+        ref = _reference_forward(spec, w, x, False, "fp64")
+        floor = max(normalised_error(_reference_forward(spec, w, x, False, "fp32"), ref)[1], UNIT_ROUNDOFF["fp32"])
+        err = normalised_error(exe.predict(x), ref)[1]
+        measured.append(_Measured(err, tolerance(floor, config.precision), f"after {what} {err:.1e}"))
+    return replace(max(measured, key=lambda m: m.error / m.tol), note=", ".join(m.note for m in measured))
+
+
 def _check_run_steps_vs_train_step(s: _Session, case: Case) -> _Measured:
     spec, w, config = case.spec, _weights(case.spec), case.config
     xs, ys = _steps_batches(spec, config.loss)
@@ -605,6 +625,11 @@ def _check_unknown_option(s: _Session, case: Case) -> _Measured:
     return _Measured(note=_expect(
         ConfigError, lambda: compile(case.spec, s.target, options={"no_such_option": 1}), "an unknown option"
     )[:120])
+
+
+def _check_unknown_device(s: _Session, case: Case) -> _Measured:
+    target = f"{s.backend.name}:no_such_device"
+    return _Measured(note=_expect(TargetError, lambda: compile(case.spec, target), f"target {target!r}")[:120])
 
 
 def _option_case(name: str, value: object) -> Callable[[_Session, Case], _Measured]:
@@ -831,6 +856,8 @@ def _static_cases() -> tuple[Case, ...]:
             Case(f"precision/{p}_forward", _check_forward, mlp, TrainConfig(precision=p)),
             Case(f"precision/{p}_grads", _check_grads, mlp, TrainConfig(precision=p), training=True),
         ]
+    cases.append(Case("precision/fp64_trajectory", _check_trajectory, mlp, replace(
+        trajectories["cosine_warmup"][1], optimizer=AdamW(lr=0.01, weight_decay=0.1), precision="fp64"), training=True))
     default = TrainConfig(optimizer=momentum)
     cases += [
         Case("state/predict_pure", _check_predict_pure, mlp, default,
@@ -839,6 +866,7 @@ def _static_cases() -> tuple[Case, ...]:
              doc="loss_and_grads changes no weight, buffer, step or later prediction; repeatable"),
         Case("state/weights_round_trip", _check_round_trip, mlp, default,
              doc="master-dtype weights come back bit-exact through compile and load_weights"),
+        Case("state/predict_sees_new_weights", _check_predict_sees_new_weights, mlp, default, training=True),
         Case("state/run_steps_equals_train_step", _check_run_steps_vs_train_step, mlp, default, training=True),
         Case("state/unchecked_nonfinite_step_applies", _check_unchecked_nonfinite, mlp,
              replace(default, check_finite=False), training=True),
@@ -859,11 +887,14 @@ def _static_cases() -> tuple[Case, ...]:
         "labels_negative": (lambda e, x, y: e.train_step(x, np.full_like(y, -1)), "negative labels"),
         "labels_float": (lambda e, x, y: e.loss_and_grads(x, y.astype(np.float32)), "float cross-entropy labels"),
         "labels_batch_mismatch": (lambda e, x, y: e.train_step(x, y[:-1]), "fewer labels than inputs"),
+        "mse_target_shape": (lambda e, x, y: e.loss_and_grads(x, np.zeros((len(x), 3, 1), np.float32)),
+                             "MSE targets of shape (N, 3, 1) for outputs (3,)"),
         "run_steps_mismatched_stacks": (lambda e, x, y: e.run_steps(np.stack([x, x]), y[None]),
                                         "run_steps with 2 input batches and 1 label batch"),
     }
     cases += [
-        Case(f"error/{name}", _error_case(InputError, action, what), mlp, default, training=True,
+        Case(f"error/{name}", _error_case(InputError, action, what), mlp,
+             TrainConfig(loss="mse", optimizer=momentum) if name.startswith("mse") else default, training=True,
              doc=f"{what}: InputError")
         for name, (action, what) in bad_xy.items()
     ]
@@ -880,6 +911,7 @@ def _static_cases() -> tuple[Case, ...]:
         Case("error/nonfinite_step", _check_nonfinite_step, mlp, default, training=True,
              doc="NonFiniteError naming the step; nothing of that step or later ones applied"),
         Case("error/unknown_option", _check_unknown_option, mlp, default),
+        Case("error/unknown_device", _check_unknown_device, mlp, default),
         Case("import/no_framework_at_listing", _check_no_framework_import),
     ]
     return tuple(cases)
