@@ -17,7 +17,7 @@ unless ``isolate=False``: frameworks do not share a process or compete for its
 threads, and a crash or an out-of-memory is a row with its reason.
 
 Native baselines are the ``hal.native`` package (the repository's
-``bench/native/``): per framework, ``build(model, num_classes, device)`` returns
+``bench/native/``): per framework, ``build(model, num_classes, device, input_shape)`` returns
 an object with ``predict(x)`` and ``train_step(x, y)`` (numpy in and out, like
 hal), or ``None`` when there is no native twin of that model.
 """
@@ -296,11 +296,13 @@ def peak_growth_mb(fn: Callable[[], Any]) -> float | None:
     return None if base is None or peak is None else max(peak - base, 0.0)
 
 
-def load_native(backend: str, model: str, num_classes: int, device: str) -> Any:
-    """The native twin of zoo ``model`` on ``backend`` from :mod:`hal.native` (imports its
+def load_native(backend: str, spec: ModelSpec, device: str) -> Any:
+    """The native twin of zoo model ``spec`` on ``backend`` from :mod:`hal.native` (imports its
     framework), or None if there is none."""
     module = NATIVE_MODULES.get(backend)
-    return None if module is None else importlib.import_module(module).build(model, num_classes, device)
+    if module is None:
+        return None
+    return importlib.import_module(module).build(spec.name, spec.output_shape[0], device, spec.input_shape)
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -431,7 +433,7 @@ def _measure(
         exe.predict(x) if infer else exe.train_step(x, y)
 
     def native_first() -> None:
-        box["native"] = nat = load_native(resolved.backend, spec.name, spec.output_shape[0], resolved.device)
+        box["native"] = nat = load_native(resolved.backend, spec, resolved.device)
         if nat is not None:
             nat.predict(x) if infer else nat.train_step(x, y)
 

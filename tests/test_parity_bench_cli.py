@@ -171,7 +171,8 @@ def test_bench_times_hal_and_writes_json_markdown_png(tmp_path):
         assert m.first_call_s > 0 and m.first_call_cpu_s > 0
     assert rows[("torch:cpu", "inference")].hal.latency_b1_ms > 0
     assert rows[("numpy:cpu", "training")].hal is None and "does not train" in rows[("numpy:cpu", "training")].note
-    assert "no native baseline" in rows[("torch:cpu", "inference")].note  # small_cnn has no native twin
+    assert rows[("torch:cpu", "inference")].native is not None and rows[("torch:cpu", "training")].ratio > 0
+    assert "no native baseline" in rows[("numpy:cpu", "inference")].note  # numpy has no native twin
     paths = report.write(tmp_path)
     assert {p.suffix for p in paths} == {".json", ".md", ".png"}
     data = json.loads(paths[0].read_text())
@@ -198,6 +199,23 @@ def test_bench_crash_is_a_row_and_options_sweep_one_row_per_combination():
         run_bench(get("small_cnn"), ["optioned:cpu"], options={"xla": [True]})
     with pytest.raises(ConfigError, match="option 'mode' must be one of"):
         run_bench(get("small_cnn"), ["optioned:cpu"], options={"mode": ["c"]})
+
+
+@needs_torch
+@pytest.mark.parametrize("size", [16, 18])  # even and odd sides: TF "same" pads the stride-2 conv differently
+def test_native_small_cnn_is_the_same_model_as_hals(size):
+    import torch as th
+
+    from hal.native.torch import build
+
+    spec = get("small_cnn", input_size=size)
+    weights = hal.init_weights(spec, 3)
+    native = build("small_cnn", 10, "cpu", spec.input_shape)
+    missing, unexpected = native.model.load_state_dict({k: th.from_numpy(v) for k, v in weights.items()}, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)  # hal's names are torch's
+    x, _ = make_batch(spec, 2, "cross_entropy", 1)
+    ref = hal.compile(spec, "numpy", weights, hal.TrainConfig(precision="fp64")).predict(x)
+    assert normalised_error(native.predict(x), ref)[1] < 1e-5
 
 
 def test_check_writable_refuses_a_folder_under_a_file(tmp_path):

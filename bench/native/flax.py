@@ -131,7 +131,7 @@ class Native:
         return float(loss)
 
 
-def build(model: str, num_classes: int, device: str = "cpu") -> Native | None:
+def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native | None:
     """The native twin of a hal zoo model (``resnet18`` ... ``resnet152``), or None if there is none."""
     depth = {f"resnet{d}": d for d in LAYERS}.get(model)
     return Native(depth, num_classes, device) if depth else None

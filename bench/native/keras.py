@@ -95,7 +95,7 @@ class Native:
             return float(np.asarray(self.model.train_on_batch(x, y)).reshape(-1)[0])
 
 
-def build(model: str, num_classes: int, device: str) -> Native | None:
+def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native | None:
     """The native twin of a hal zoo model (the ResNets, any input size), or None if there is none."""
     depth = {f"resnet{d}": d for d in BLOCKS}.get(model)
     if depth is None or not device.startswith(("cpu", "gpu")):

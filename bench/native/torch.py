@@ -88,12 +88,39 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class SmallCNN(nn.Module):
+    """hal's ``small_cnn`` written by hand; the stride-2 convolution pads like TF's "same"."""
+
+    def __init__(self, num_classes: int, in_channels: int, input_size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(8, 4, 1)
+        self.conv3 = nn.Conv2d(12, 12, 3, stride=2)
+        self.pool2 = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        side = input_size // 2
+        self.pad3 = (side + 1) % 2  # TF "same", stride 2, kernel 3: pad (1 - side % 2, 1) per spatial dim
+        out = (side + 1) // 2
+        self.fc1 = nn.Linear(12 * out * out, 16)
+        self.fc2 = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = x + F.leaky_relu(self.bn2(self.conv2(x)), 0.1)
+        x = torch.cat([x, F.silu(self.branch(x))], 1)
+        x = F.gelu(self.conv3(F.pad(x, (1 - self.pad3, 1, 1 - self.pad3, 1))), approximate="tanh")
+        x = torch.tanh(torch.flatten(self.pool2(x), 1))
+        return self.fc2(torch.sigmoid(self.fc1(x)))
+
+
 class Native:
     """The usual eval loop and SGD-momentum training step, numpy in and out like hal."""
 
-    def __init__(self, depth: int, num_classes: int, device: str = "cpu") -> None:
+    def __init__(self, model: nn.Module, device: str = "cpu") -> None:
         self.device = torch.device(device)
-        self.model = ResNet(depth, num_classes).to(self.device)
+        self.model = model.to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -110,7 +137,11 @@ class Native:
         return loss.item()
 
 
-def build(model: str, num_classes: int, device: str) -> Native | None:
-    """The native twin of a hal zoo model, or None if there is none."""
+def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native | None:
+    """The native twin of a hal zoo model (the ResNets, ``small_cnn``), or None if there is none."""
     depth = {f"resnet{d}": d for d in LAYERS}.get(model)
-    return Native(depth, num_classes, device) if depth else None
+    if depth:
+        return Native(ResNet(depth, num_classes), device)
+    if model == "small_cnn" and len(input_shape) == 3 and input_shape[1] == input_shape[2]:
+        return Native(SmallCNN(num_classes, input_shape[0], input_shape[1]), device)
+    return None
