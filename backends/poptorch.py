@@ -19,9 +19,13 @@ fp16                              ``model.half()``, ``Precision.setPartialsType(
 SGD / Adam / AdamW                ``poptorch.optim.SGD/Adam/AdamW``, fp32 accumulators and state
 outputs                           ``Options().outputMode(OutputMode.All)`` (``anchorMode`` before SDK 2.4)
 ipu-model                         ``Options().useIpuModel(True)``
-compile cache                     ``Options().enableExecutableCaching($HAL_POPTORCH_CACHE)``
+compile cache                     ``Options().enableExecutableCaching(cache_dir)`` (option ``cache_dir``)
 weights() / load_weights()        ``copyWeightsToHost()`` / ``copyWeightsToDevice()``
+non-finite step not applied       restore from host copies: weights (``copyWeightsToDevice``) and
+                                  optimizer state (``optimizer.load_state_dict``)
 ================================  ==============================================================
+
+Plans arrive only through ``hal.compile(spec, "poptorch:ipu-model", plan=plan)``.
 
 A host batch is laid out as ``poptorch.DataLoader`` combines it: ``micro x D x R x G``
 consecutive samples, read by PopART as ``[D, G, R, micro]``, so with R = 1 a step's G
@@ -46,30 +50,43 @@ glossary "Anchor tensor") and averages them. PopTorch has no backward-only call;
 lr = 0, passed explicitly so that it stays a variable and is not folded away,
 leaves the weights as they were.
 
+Non-finite steps (``config.check_finite``): the IPU applies the update inside the
+call, so hal checks afterwards and undoes a bad call from host copies. Before each
+training call it reads the optimizer state (``optimizer.state_dict()``, which
+PopTorch fills from the IPU: ``ipu_state``); after it, it copies the weights to the
+host (``copyWeightsToHost``, weights and BatchNorm buffers) and checks the returned
+losses and those weights: a non-finite gradient makes the weights it updates
+non-finite, under SGD as under Adam. A bad call is undone with
+``copyWeightsToDevice`` of the weights from before it and
+``optimizer.load_state_dict`` of the state read before it (PopTorch writes it to
+the IPU before the next run). The executor is compiled before the first call so
+that there is a state to read. Cost per host call: one device-to-host copy of the
+weights and one of the optimizer state (none for plain SGD, the momentum for SGD
+with momentum, two moments for Adam), plus a host scan: amortise it with
+``device_iterations`` or turn the check off (``check_finite=False``). The D
+optimizer steps of one host call (``device_iterations``) stand or fall together.
+
 poptorch and torch are imported lazily: importing this module needs neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
 from hal import ipu as ipu_plan
-from hal.backend import Availability, Backend, Capabilities, Executable, Target, Weights, package_availability
-from hal.errors import BackendUnavailable, ConfigError, InputError, UnsupportedError
+from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
+from hal.errors import ConfigError, InputError, UnsupportedError
 from hal.spec import ModelSpec
-from hal.training import SGD, Adam, AdamW, Constant, TrainConfig
-from hal.weights import check_weights, init_weights
+from hal.training import SGD, AdamW, Constant, TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
 SDK_HINT = "it ships with Graphcore's Poplar SDK; install its wheel"
-CACHE_ENV = "HAL_POPTORCH_CACHE"
 PRECISIONS = ("fp32", "fp16")
 FP16_LOSS_SCALING = 128.0  # the value graphcore/examples' ResNet50 fp16 configs use
 RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline, as in the poptorch.Options docs
@@ -88,10 +105,11 @@ def _poptorch() -> Any:
 
 
 def make_options(
-    plan: ipu_plan.Plan, device: str, training: bool, device_iterations: int | None = None,
+    plan: ipu_plan.Plan, device: str, training: bool, cache_dir: str, device_iterations: int | None = None,
     grad_accum: int | None = None, anchors: Mapping[str, str] | None = None,
 ) -> Any:
-    """``poptorch.Options`` for ``plan`` on ``device`` (``ipu`` or ``ipu-model``).
+    """``poptorch.Options`` for ``plan`` on ``device`` (``ipu`` or ``ipu-model``), caching
+    compiled executables in ``cache_dir``.
 
     ``device_iterations`` / ``grad_accum`` override the plan's (gradient and
     inference models); ``anchors`` maps short names to PopART tensor names.
@@ -125,7 +143,7 @@ def make_options(
         every = poptorch.AnchorMode.All
         opts.anchorMode(every)
     opts.useIpuModel(device == "ipu-model")
-    opts.enableExecutableCaching(os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "hal" / "poptorch"))
+    opts.enableExecutableCaching(cache_dir)
     for short, long in (anchors or {}).items():
         opts.anchorTensor(short, long, every)  # the mode is the third argument in every SDK
     return opts
@@ -203,16 +221,15 @@ class _Shadow:
 class PopTorchExecutable(Executable):
     """A spec compiled for PopTorch; executors are compiled lazily, one per call shape."""
 
-    def __init__(self, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig,
+    def __init__(self, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig, cache_dir: str,
                  plan: ipu_plan.Plan | None = None) -> None:
         import torch
 
         super().__init__(spec, Target("poptorch", device), config)
-        if config.precision not in PRECISIONS:
-            raise UnsupportedError(f"{self.target} supports precisions {PRECISIONS}, not {config.precision!r}")
         if plan is not None:
-            _check_plan(spec, plan, config)
+            _check_plan(plan, config)
         self.device = device
+        self.cache_dir = cache_dir
         self.plan = plan
         self.dtype = torch.half if config.precision == "fp16" else torch.float32
         self.graph = self._new_graph(weights)
@@ -298,8 +315,8 @@ class PopTorchExecutable(Executable):
         if self._train is None:
             poptorch = _poptorch()
             self.model.train()
-            self._train = poptorch.trainingModel(self.model, options=make_options(plan, self.device, True),
-                                                 optimizer=self.optimizer)
+            options = make_options(plan, self.device, True, self.cache_dir)
+            self._train = poptorch.trainingModel(self.model, options=options, optimizer=self.optimizer)
         self._activate(self._train)
         if self._device_stale and self._train.isCompiled():
             self._train.copyWeightsToDevice()
@@ -329,8 +346,7 @@ class PopTorchExecutable(Executable):
 
     # -- the surface ----------------------------------------------------------------------
 
-    def predict(self, x: np.ndarray, training: bool = False) -> np.ndarray:
-        x = self.check_x(x)
+    def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
         n, stages = len(x), self._stages()
         if training:  # batch statistics over the whole batch: one micro-batch of n, fed `stages` times
             shadow = self._shadow(("predict-train", n), lambda: self._build_predict(n, stages, True))
@@ -359,11 +375,10 @@ class PopTorchExecutable(Executable):
         base = self.plan or ipu_plan.plan(self.spec, micro_batch=micro, precision=self.config.precision,
                                           training=False, devices=[])
         inference = dataclasses.replace(base, batch=ipu_plan.Batch(micro, iterations, replicas, 1, False))
-        executor = poptorch.inferenceModel(graph, options=make_options(inference, self.device, False))
+        executor = poptorch.inferenceModel(graph, options=make_options(inference, self.device, False, self.cache_dir))
         return _Shadow(graph, executor, version=self._version)
 
-    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
-        x, y = self.check_xy(x, y)
+    def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         plan = self._training_plan(len(x))
         shadow = self._shadow(("grads",), lambda: self._build_grads(plan))
         _, loss = shadow.executor(self._x(x), self._y(y))
@@ -379,7 +394,7 @@ class PopTorchExecutable(Executable):
         module.graph.set_update_stats(False)
         module.train()
         anchors = {f"grad{i}": f"Gradient___{PREFIX}{name}" for i, name in enumerate(self.spec.trainable())}
-        opts = make_options(plan, self.device, True, device_iterations=1, anchors=anchors)
+        opts = make_options(plan, self.device, True, self.cache_dir, device_iterations=1, anchors=anchors)
         sgd = poptorch.optim.SGD(module.parameters(), lr=0.0, momentum=0.0, weight_decay=0.0, loss_scaling=1.0)
         executor = poptorch.trainingModel(module, options=opts, optimizer=sgd)
         return _Shadow(module.graph, executor, tuple(anchors), version=self._version)
@@ -392,50 +407,84 @@ class PopTorchExecutable(Executable):
             self._train.setOptimizer(self.optimizer)
             self.lr = lr
 
-    def _run(self, plan: ipu_plan.Plan, x: np.ndarray, y: np.ndarray, steps: int) -> np.ndarray:
-        """``steps`` optimizer steps in one host call; returns each step's mean loss."""
+    def _run(self, plan: ipu_plan.Plan, x: np.ndarray, y: np.ndarray, steps: int) -> tuple[np.ndarray, bool]:
+        """``steps`` optimizer steps in one host call: each step's mean loss, and whether
+        the call was applied (with ``check_finite``, a non-finite call is undone)."""
         executor = self._training_executor(plan)
         self._set_lr()
-        _, loss = executor(self._x(x), self._y(y))
+        xt, yt = self._x(x), self._y(y)
+        check = self.config.check_finite
+        if check:
+            if not executor.isCompiled():
+                executor.compile(xt, yt)  # so that the optimizer has an IPU state to read
+            before = self._host_state()
+        _, loss = executor(xt, yt)
         self._host_stale = True
+        losses = _numpy(loss).astype(np.float64).reshape(steps, -1).mean(axis=1)
+        if check:
+            self._sync_host()
+            weights = self.graph.state_dict().values()
+            if not (np.isfinite(losses).all() and all(bool(v.isfinite().all()) for v in weights)):
+                self._restore(before)
+                return losses, False
         self._version += 1
         self.step += steps
-        return _numpy(loss).astype(np.float64).reshape(steps, -1).mean(axis=1)
+        return losses, True
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        x, y = self.check_xy(x, y)
+    def _host_state(self) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
+        """Host copies of the weights and of the optimizer state (read from the IPU)."""
+        self._sync_host()
+        return {k: v.clone() for k, v in self.graph.state_dict().items()}, self.optimizer.state_dict()
+
+    def _restore(self, state: tuple[dict[str, "torch.Tensor"], dict[str, Any]]) -> None:
+        """Put a :meth:`_host_state` back on the host and the IPU. The weights go first:
+        ``copyWeightsToDevice`` reads the optimizer state back, which must not
+        overwrite the one loaded after it (written to the IPU before the next run)."""
+        import torch
+
+        weights, optimizer = state
+        with torch.no_grad():
+            for k, v in self.graph.state_dict().items():
+                v.copy_(weights[k])
+        self._host_stale = False
+        self._train.copyWeightsToDevice()
+        self.optimizer.load_state_dict(optimizer)
+
+    def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
         plan = self._training_plan(len(x))
         if plan.batch.device_iterations != 1:
             raise UnsupportedError(
                 f"{self.target}: the plan runs {plan.batch.device_iterations} steps per host call "
                 "(device_iterations): use run_steps with a multiple of that many steps"
             )
-        return float(self._run(plan, x, y, 1)[0])
+        losses, applied = self._run(plan, x, y, 1)
+        return float(losses[0]), applied
 
-    def run_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        self.check_steps(xs, ys)
+    def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
         plan = self._training_plan(xs.shape[1])
         d = plan.batch.device_iterations
         if len(xs) % d:
             raise InputError(f"{self.target}: run_steps takes a multiple of device_iterations={d} steps, got {len(xs)}")
-        losses = [
-            self._run(plan, np.concatenate(list(xs[i:i + d])), np.concatenate(list(ys[i:i + d])), d)
-            for i in range(0, len(xs), d)
-        ]
-        return np.concatenate(losses)
+        out = np.full(len(xs), np.nan)
+        for i in range(0, len(xs), d):
+            x, y = np.concatenate(list(xs[i:i + d])), np.concatenate(list(ys[i:i + d]))
+            out[i:i + d], applied = self._run(plan, x, y, d)
+            if not applied:
+                return out, i
+        return out, len(xs)
 
     def weights(self) -> Weights:
         if self._train is not None and self._train.isCompiled():
             self._sync_host()
         return {k: v.detach().float().numpy().copy() for k, v in self.graph.state_dict().items()}
 
-    def load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+    def _load_weights(self, weights: Weights) -> None:
         import torch
 
-        w = check_weights(self.spec, weights)
+        new = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}  # convert all first
         with torch.no_grad():
             for k, v in self.graph.state_dict().items():
-                v.copy_(torch.from_numpy(np.asarray(w[k])))
+                v.copy_(new[k])
         self._host_stale = False
         self._device_stale = True
         self._version += 1
@@ -454,9 +503,8 @@ def _numpy(t: Any) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def _check_plan(spec: ModelSpec, plan: ipu_plan.Plan, config: TrainConfig) -> None:
-    if plan.spec_hash != spec.hash:
-        raise ConfigError(f"the plan was made for model {plan.model!r} with another spec than {spec.name!r}")
+def _check_plan(plan: ipu_plan.Plan, config: TrainConfig) -> None:
+    """What PopTorch needs of a plan and a config together (hal.compile checked the spec)."""
     if plan.precision != config.precision:
         raise ConfigError(f"the plan is {plan.precision} but the training config says {config.precision}")
     if not plan.training:
@@ -494,24 +542,13 @@ class PopTorchBackend(Backend):
         return Capabilities(precisions=PRECISIONS, training=True, pipelining=True, replication=True)
 
     @classmethod
-    def compile(cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig) -> Executable:
-        return PopTorchExecutable(spec, weights, device, config)
+    def options(cls) -> dict[str, Option]:
+        return {"cache_dir": Option(str(Path.home() / ".cache" / "hal" / "poptorch"),
+                                    "folder of PopTorch's compiled-executable cache")}
 
     @classmethod
-    def compile_plan(
-        cls, spec: ModelSpec, plan: ipu_plan.Plan, weights: Mapping[str, np.ndarray] | None = None,
-        config: TrainConfig | None = None, device: str = "", seed: int = 0,
-    ) -> PopTorchExecutable:
-        """Compile ``spec`` with an IPU ``plan`` (pipeline stages, replicas, device iterations).
-
-        ``config`` defaults to the plan's precision and gradient accumulation with SGD.
-        """
-        a = cls.availability()
-        if not a.available:
-            raise BackendUnavailable(f"target 'poptorch' is not available: {a.reason}")
-        config = config or TrainConfig(precision=plan.precision, grad_accum=plan.batch.grad_accum)
-        bad = cls.unsupported(spec, config)
-        if bad:
-            raise UnsupportedError(f"poptorch cannot run spec {spec.name!r}: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
-        w = check_weights(spec, weights) if weights is not None else init_weights(spec, seed)
-        return PopTorchExecutable(spec, w, cls.resolve_device(device), config, plan)
+    def compile(
+        cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
+        plan: ipu_plan.Plan | None,
+    ) -> Executable:
+        return PopTorchExecutable(spec, weights, device, config, options["cache_dir"], plan)

@@ -8,7 +8,11 @@ attribute or keyword raises, as does breaking a documented rule (training a
 pipeline with gradientAccumulation below its 2S - 1 stages, gradient accumulation
 on an inference model, pipelined inference with fewer device iterations than
 stages, a batch not divisible by D x R x G, a module given two BeginBlocks, a
-model wrapped twice by trainingModel, an unknown anchored tensor). It is stricter
+model wrapped twice by trainingModel, an unknown anchored tensor). Optimizer state
+behaves as PopTorch's: ``optimizer.state_dict()`` holds the IPU state (``ipu_state``)
+once the executor is compiled (None before), and ``load_state_dict`` of such a dict
+writes it, with the host weights, to the IPU before the next run (a dict whose
+``ipu_state`` is None writes nothing). It is stricter
 than poptorch where that tests hal more: the "device" holds its own copy of the
 weights, which reach the host only through copyWeightsToHost (no implicit sync),
 and only one executor may hold the device at a time (hal must detach/attach).
@@ -236,16 +240,36 @@ def make_standin() -> types.ModuleType:
                 self.setOptimizer(opt)
             self._take_device()
 
+        def _read_optimizer_state(self):
+            return copy.deepcopy(torch.optim.Optimizer.state_dict(self._device_opt)["state"])
+
+        def _write_optimizer_state_if_needed(self):
+            """PopTorch's writeOptimizerState: the loaded state and the host weights go to the IPU."""
+            pending, self._optimizer._pending = self._optimizer._pending, None
+            if pending is None or pending["ipu_state"] is None:
+                return
+            state["log"].append(("writeOptimizerState", self))
+            groups = torch.optim.Optimizer.state_dict(self._device_opt)["param_groups"]
+            torch.optim.Optimizer.load_state_dict(
+                self._device_opt, {"state": copy.deepcopy(pending["ipu_state"]), "param_groups": groups})
+            self.copyWeightsToDevice()
+
         def _take_device(self):
             if state["holder"] is not None and state["holder"] is not self:
                 raise RuntimeError("stand-in: the IPUs are held by another executor: detachFromDevice() it first")
             state["holder"], self._attached = self, True
+
+        def compile(self, *args):
+            if self._device is None:
+                self._compile()
 
         def __call__(self, *args):
             if self._device is None:
                 self._compile()
             if not self._attached:
                 raise RuntimeError("the executor is not attached to a device")
+            if self._training:
+                self._write_optimizer_state_if_needed()
             o = self._options
             g = o.Training.gradient_accumulation if self._training else 1
             factor = o.device_iterations * o.replication_factor * g
@@ -357,7 +381,9 @@ def make_standin() -> types.ModuleType:
             raise RuntimeError("Model has already been wrapped in 'poptorch.trainingModel'. Call model.destroy() "
                                "on the model to unwrap before wrapping again.")
         state["wrapped"].add(id(model))
-        return PoplarExecutor(model, options, True, optimizer or optim.SGD(model.parameters(), lr=0.01))
+        executor = PoplarExecutor(model, options, True, optimizer or optim.SGD(model.parameters(), lr=0.01))
+        executor._optimizer._executor = executor
+        return executor
 
     def inferenceModel(model, options=None):
         return PoplarExecutor(model, options, False)
@@ -370,7 +396,23 @@ def make_standin() -> types.ModuleType:
     def _given(local):
         return {k: v for k, v in local.items() if k not in ("self", "params") and not k.startswith("_") and v is not None}
 
-    class SGD(torch.optim.SGD):
+    class _IpuState:
+        """poptorch.optim.Optimizer's state handling (see the module docstring)."""
+
+        _executor, _pending = None, None
+
+        def state_dict(self):
+            ex = self._executor
+            ipu = ex._read_optimizer_state() if ex is not None and ex.isCompiled() else None
+            return {"ipu_state": ipu, "ipu_param": {}, **torch.optim.Optimizer.state_dict(self)}
+
+        def load_state_dict(self, state):
+            if not ("ipu_state" in state and "ipu_param" in state):
+                raise RuntimeError("Only IPU optimizer states can be loaded onto the IPU.")
+            torch.optim.Optimizer.load_state_dict(self, {k: state[k] for k in ("state", "param_groups")})
+            self._pending = state
+
+    class SGD(_IpuState, torch.optim.SGD):
         def __init__(self, params, lr, momentum=None, dampening=None, weight_decay=None, nesterov=None,
                      maximize=None, foreach=None, differentiable=None, loss_scaling=None, velocity_scaling=None,
                      use_combined_accum=None, accum_type=None, velocity_accum_type=None, max_grad_norm=None):
@@ -383,7 +425,7 @@ def make_standin() -> types.ModuleType:
                              weight_decay=weight_decay or 0.0, nesterov=bool(nesterov))
             self.loss_scaling = loss_scaling or 1.0
 
-    class Adam(torch.optim.Adam):
+    class Adam(_IpuState, torch.optim.Adam):
         def __init__(self, params, lr=None, betas=None, eps=None, weight_decay=None, amsgrad=None, foreach=None,
                      maximize=None, capturable=None, differentiable=None, fused=None, loss_scaling=None,
                      accum_type=None, first_order_momentum_accum_type=None, second_order_momentum_accum_type=None,
@@ -395,7 +437,7 @@ def make_standin() -> types.ModuleType:
                              eps=1e-8 if eps is None else eps, weight_decay=weight_decay or 0.0)
             self.loss_scaling = loss_scaling or 1.0
 
-    class AdamW(torch.optim.AdamW):
+    class AdamW(_IpuState, torch.optim.AdamW):
         def __init__(self, params, lr=None, betas=None, eps=None, weight_decay=None, amsgrad=None, maximize=None,
                      foreach=None, capturable=None, differentiable=None, fused=None, loss_scaling=None,
                      bias_correction=None, accum_type=None, first_order_momentum_accum_type=None,
@@ -425,7 +467,6 @@ def poptorch(monkeypatch):
     pt = make_standin()
     monkeypatch.setitem(sys.modules, "poptorch", pt)
     monkeypatch.setitem(sys.modules, "poptorch.optim", pt.optim)
-    monkeypatch.setenv("HAL_POPTORCH_CACHE", "/tmp/hal-poptorch-cache")
     return pt
 
 
@@ -444,9 +485,7 @@ def _data(spec, n, seed=0):
 def _pair(spec, config, plan=None):
     """(poptorch:ipu-model executable, torch:cpu executable) from the same weights."""
     w = hal.init_weights(spec, seed=1)
-    backend = hal.get_backend("poptorch")
-    pop = backend.compile_plan(spec, plan, w, config, "ipu-model") if plan else hal.compile(
-        spec, "poptorch:ipu-model", w, config)
+    pop = hal.compile(spec, "poptorch:ipu-model", w, config, plan=plan)
     return pop, hal.compile(spec, "torch:cpu", w, config)
 
 
@@ -495,7 +534,7 @@ def test_options_from_a_pipelined_fp16_plan(poptorch):
 
     plan = ipu.plan(models.get("resnet50"), ipus=4, micro_batch=16, replicas=2, device_iterations=3,
                     grad_accum=8, precision="fp16", recompute=True, devices=[])
-    o = make_options(plan, "ipu-model", training=True)
+    o = make_options(plan, "ipu-model", training=True, cache_dir="/tmp/hal-poptorch-cache")
     assert (o.device_iterations, o.replication_factor, o.Training.gradient_accumulation) == (3, 2, 8)
     assert o.Training.reduction == poptorch.ReductionType.Mean
     assert o._Popart.options == {"autoRecomputation": RECOMPUTATION_PIPELINE}
@@ -503,12 +542,12 @@ def test_options_from_a_pipelined_fp16_plan(poptorch):
     assert o.strategy.auto_stage == poptorch.AutoStage.SameAsIpu
     assert o.output_mode == poptorch.OutputMode.All and o.use_model and not o.auto_round_num_ipus
     assert o.cache_path == "/tmp/hal-poptorch-cache"
-    hw = make_options(plan, "ipu", training=True)
+    hw = make_options(plan, "ipu", training=True, cache_dir="/tmp/hal-poptorch-cache")
     assert hw.Precision.stochastic_rounding and not hw.use_model
-    inference = make_options(plan, "ipu-model", training=False)
+    inference = make_options(plan, "ipu-model", training=False, cache_dir="/tmp/hal-poptorch-cache")
     assert inference.Training.gradient_accumulation == 1 and inference._Popart.options == {}
     three = ipu.plan(models.get("small_cnn"), ipus=3, micro_batch=2, devices=[])
-    assert make_options(three, "ipu-model", training=True).auto_round_num_ipus  # 3 IPUs -> rounded to 4
+    assert make_options(three, "ipu-model", training=True, cache_dir="c").auto_round_num_ipus  # 3 IPUs -> rounded to 4
 
 
 def _mini_resnet():
@@ -550,7 +589,7 @@ def test_pipeline_rules_are_the_sdks(poptorch):
     assert pop._stages() == 2
     from hal.backends.poptorch import make_options
 
-    too_few = make_options(plan, "ipu-model", training=True, grad_accum=2)
+    too_few = make_options(plan, "ipu-model", training=True, cache_dir="c", grad_accum=2)
     with pytest.raises(RuntimeError, match=r"greater than or equal to the number of pipeline stages \(3\)"):
         poptorch.trainingModel(copy.deepcopy(pop.model), options=too_few)(*[torch.zeros(4, 3, 16, 16),
                                                                             torch.zeros(4, dtype=torch.long)])
@@ -581,16 +620,23 @@ def test_targets_and_plan_checks(poptorch):
     with pytest.raises(UnsupportedError, match="bf16"):
         hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(precision="bf16"))
     plan = ipu.plan(spec, ipus=2, micro_batch=2, device_iterations=2, devices=[])
+    assert not hasattr(backend, "compile_plan")  # plans go through hal.compile only
+
+    def compile_plan(spec, config=None):
+        return hal.compile(spec, "poptorch:ipu-model", config=config, plan=plan)
+
     with pytest.raises(ConfigError, match="grad_accum=1"):
-        backend.compile_plan(spec, plan, config=TrainConfig())
+        compile_plan(spec, TrainConfig())
     with pytest.raises(ConfigError, match="fp32 but the training config says fp16"):
-        backend.compile_plan(spec, plan, config=TrainConfig(grad_accum=3, precision="fp16"))
+        compile_plan(spec, TrainConfig(grad_accum=3, precision="fp16"))
     with pytest.raises(ConfigError, match="another spec"):
-        backend.compile_plan(models.get("small_cnn", num_classes=5), plan)
+        compile_plan(models.get("small_cnn", num_classes=5))
     with pytest.raises(ConfigError, match="device_iterations=1"):
-        backend.compile_plan(spec, plan, config=TrainConfig(grad_accum=3, schedule=StepDecay(2)))
+        compile_plan(spec, TrainConfig(grad_accum=3, schedule=StepDecay(2)))
     with pytest.raises(ConfigError, match="Adam"):
-        backend.compile_plan(spec, plan, config=TrainConfig(grad_accum=3, optimizer=Adam()))
+        compile_plan(spec, TrainConfig(grad_accum=3, optimizer=Adam()))
+    exe = compile_plan(spec)  # config from the plan: its precision and gradient accumulation
+    assert (exe.config.precision, exe.config.grad_accum) == ("fp32", 3) and exe.plan is plan
 
 
 # ---------------------------------------------------------------------------
@@ -696,6 +742,118 @@ def test_fp16_halves_the_model(poptorch):
     _close(pop.predict(x), ref.predict(x), rtol=2e-2, atol=2e-2)
     assert np.isfinite(pop.train_step(x, y))
     assert all(v.dtype == np.float32 for v in pop.weights().values())
+
+
+def test_cache_dir_is_an_option(poptorch):
+    spec = models.get("small_cnn")
+    x, y = _data(spec, 4)
+    default = hal.compile(spec, "poptorch:ipu-model")
+    default.train_step(x, y)
+    assert default._train._options.cache_path == os.path.expanduser("~/.cache/hal/poptorch")
+    default.close()
+    pop = hal.compile(spec, "poptorch:ipu-model", options={"cache_dir": "/tmp/hal-cache"})
+    pop.train_step(x, y)
+    pop.predict(x)
+    assert {ex._options.cache_path for ex in [pop._train, *(s.executor for s in pop._shadows.values())]} == {
+        "/tmp/hal-cache"}
+    with pytest.raises(ConfigError, match="no option cache; its options: cache_dir"):
+        hal.compile(spec, "poptorch:ipu-model", options={"cache": "/tmp"})
+
+
+def _assert_weights_equal(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["after-a-step", "first-call"])
+def test_nan_train_step_is_undone_with_the_optimizer_state(poptorch, first):
+    """Momentum on the "IPU" is restored too: the next step equals one of an executable that
+    never saw the bad batch (a first bad call needs the executor compiled before it runs)."""
+    spec = models.get("small_cnn")
+    config = TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9), grad_accum=2)
+    w = hal.init_weights(spec, seed=1)
+    (x0, y0), (x1, y1), (x2, y2) = (_data(spec, 4, seed=s) for s in range(3))
+    x1[1, 2, 5, 5] = np.nan
+    pop = hal.compile(spec, "poptorch:ipu-model", w, config)
+    if not first:
+        pop.train_step(x0, y0)
+    with pytest.raises(hal.NonFiniteError, match=f"training step {1 - first} was not applied") as info:
+        pop.train_step(x1, y1)
+    assert info.value.step == pop.step == 1 - first
+    assert ("writeOptimizerState", pop._train) not in poptorch._state["log"]  # written before the next run
+    after_bad = pop.weights()
+    loss = pop.train_step(x2, y2)
+    assert ("writeOptimizerState", pop._train) in poptorch._state["log"]
+    final = pop.weights()
+    pop.close()  # one executor holds the (stand-in) IPUs at a time
+
+    clean = hal.compile(spec, "poptorch:ipu-model", w, config)
+    if not first:
+        clean.train_step(x0, y0)
+    _assert_weights_equal(after_bad, clean.weights())
+    assert loss == clean.train_step(x2, y2)
+    _assert_weights_equal(final, clean.weights())
+
+
+def test_run_steps_undoes_the_host_call_holding_a_bad_step(poptorch):
+    """With device_iterations D = 2 the two steps of a host call stand or fall together."""
+    spec = models.get("small_cnn")
+    config = TrainConfig(optimizer=Adam(lr=1e-2), grad_accum=3)
+    plan = ipu.plan(spec, ipus=1, micro_batch=2, device_iterations=2, grad_accum=3, optimizer=config.optimizer,
+                    devices=[])
+    w = hal.init_weights(spec, seed=1)
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((6, 6, *spec.input_shape)).astype(np.float32)
+    ys = rng.integers(0, 10, (6, 6))
+    xs[3, 0, 0, 0, 0] = np.inf
+    good = rng.standard_normal((2, 6, *spec.input_shape)).astype(np.float32)
+    pop = hal.compile(spec, "poptorch:ipu-model", w, config, plan=plan)
+    with pytest.raises(hal.NonFiniteError, match=r"training step 2 \(batch 2 of this run_steps call\)"):
+        pop.run_steps(xs, ys)
+    assert pop.step == 2 and pop._train.calls == 2  # the third call, with batches 4 and 5, never ran
+    after_bad = pop.weights()
+    losses = pop.run_steps(good, ys[:2])
+    final = pop.weights()
+    pop.close()
+
+    clean = hal.compile(spec, "poptorch:ipu-model", w, config, plan=plan)
+    clean.run_steps(xs[:2], ys[:2])
+    _assert_weights_equal(after_bad, clean.weights())
+    np.testing.assert_array_equal(losses, clean.run_steps(good, ys[:2]))
+    _assert_weights_equal(final, clean.weights())
+
+
+def test_check_finite_off_applies_a_nan_step(poptorch):
+    spec = models.get("small_cnn")
+    pop = hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(check_finite=False))
+    x, y = _data(spec, 4)
+    x[0, 0, 0, 0] = np.nan
+    assert np.isnan(pop.train_step(x, y)) and pop.step == 1
+    assert np.isnan(pop.weights()["fc2.weight"]).all()
+    assert not pop._train.calls or all(e[0] != "writeOptimizerState" for e in poptorch._state["log"])
+
+
+def test_load_weights_is_all_or_nothing(poptorch, monkeypatch):
+    spec = models.get("small_cnn")
+    pop = hal.compile(spec, "poptorch:ipu-model")
+    x, y = _data(spec, 4)
+    pop.train_step(x, y)
+    before = pop.weights()
+    real, calls = torch.from_numpy, []
+
+    def failing(a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("conversion failed")
+        return real(a)
+
+    monkeypatch.setattr(torch, "from_numpy", failing)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        pop.load_weights(hal.init_weights(spec, seed=5))
+    monkeypatch.setattr(torch, "from_numpy", real)
+    assert len(calls) == 3
+    _assert_weights_equal(pop.weights(), before)
 
 
 def test_close_releases_the_device(poptorch):
