@@ -48,7 +48,15 @@ from hal.backend import (
     package_availability,
 )
 from hal.errors import InputError, UnsupportedError
-from hal.lowering import COMPUTE_DTYPE, MASTER_DTYPE, avg_pool_divisor, foldable_batchnorms, free_after, symmetric, torch_pad
+from hal.lowering import (
+    COMPUTE_DTYPE,
+    MASTER_DTYPE,
+    avg_pool_divisor,
+    foldable_batchnorms,
+    free_after,
+    symmetric,
+    torch_pad,
+)
 from hal.training import SGD, AdamW, TrainConfig
 
 if TYPE_CHECKING:  # torch is imported lazily: listing backends must not import it
@@ -366,7 +374,9 @@ class TorchExecutable(Executable):
             with self._ctx():
                 return module(x)
         except ValueError as exc:
-            raise InputError(f"{self.target}: {exc} (training-mode BatchNorm needs more than one value per channel)") from None
+            raise InputError(
+                f"{self.target}: {exc} (training-mode BatchNorm needs more than one value per channel)"
+            ) from None
 
     # -- hooks ----------------------------------------------------------------------
 
