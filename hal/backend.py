@@ -198,7 +198,7 @@ class Executable(ABC):
         """One optimizer step (forward, backward, update); returns the mean loss."""
         x, y = self.check_xy(x, y)
         loss, applied = self._train_step(x, y)
-        self._raise_if_not_applied(np.array([loss]), applied)
+        self._raise_if_not_applied(np.array([loss]), int(applied))
         return float(loss)
 
     def run_steps(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:

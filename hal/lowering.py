@@ -125,8 +125,9 @@ def fold_batchnorm(
     eps: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weight ``(O, ...)`` and bias ``(O,)`` of ``BatchNorm(conv(x))`` in inference:
-    ``w * s`` and ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``."""
-    scale = gamma / np.sqrt(var + eps)
+    ``w * s`` and ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``.
+    Plain arithmetic: works on numpy arrays and framework tensors alike."""
+    scale = gamma / (var + eps) ** 0.5
     bias = beta - mean * scale if b is None else beta + (b - mean) * scale
     return w * scale.reshape(-1, *([1] * (w.ndim - 1))), bias
 
