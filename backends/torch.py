@@ -52,6 +52,7 @@ from hal.lowering import (
     COMPUTE_DTYPE,
     MASTER_DTYPE,
     avg_pool_divisor,
+    fold_batchnorm,
     foldable_batchnorms,
     free_after,
     symmetric,
@@ -274,12 +275,9 @@ def _graph_class() -> type:
                     if name not in folds:
                         continue
                     conv = g.get_submodule(folds[name])
-                    scale = bn.weight / torch.sqrt(bn.running_var + bn.op.eps)
-                    bias = bn.bias - bn.running_mean * scale
-                    if conv.bias is not None:
-                        bias = bias + conv.bias * scale
-                    conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-                    conv.bias = nn.Parameter(bias)
+                    w, b = fold_batchnorm(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                          bn.running_var, bn.op.eps)
+                    conv.weight, conv.bias = nn.Parameter(w), nn.Parameter(b)
                     g._plan[i] = (name, nn.Identity(), ins, free)
             return g.eval()
 
