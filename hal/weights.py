@@ -93,31 +93,31 @@ def _residual_norms(spec: ModelSpec) -> set[str]:
 def _private_ancestors(spec: ModelSpec, index: Mapping[str, int], seeds: list[str]) -> list[int]:
     """For each seed, how many of the nodes it depends on (itself included) not every seed
     depends on. These counts differ from the seeds' ancestor counts by one shared
-    constant, and the search stops where the seeds' pasts merge, so a residual block
-    costs its own size, not the size of the graph before it.
+    constant, so they order the seeds alike.
 
     Nodes are visited latest first (spec order is topological), so a node's set of
-    seeds is complete when it is popped: every node reading it comes later.
+    seeds is complete when it is popped: every node reading it comes later. Once every
+    node waiting is shared by all seeds, so is everything before them, and the search
+    stops: a residual block costs its own size, not the size of the graph before it.
     """
     full = (1 << len(seeds)) - 1
     label = {s: 1 << k for k, s in enumerate(seeds)}
     heap = [-index[s] for s in seeds]
     heapq.heapify(heap)
     counts = [0] * len(seeds)
-    partial = len(seeds) if len(seeds) > 1 else 0  # entries on the heap whose label is not full
+    partial = len(seeds) if len(seeds) > 1 else 0  # nodes waiting whose set of seeds is not full
     while partial:
         name = spec.nodes[-heapq.heappop(heap)].name
         mask = label[name]
-        if mask == full:
-            continue
-        partial -= 1
-        for k in range(len(seeds)):
-            counts[k] += mask >> k & 1
+        if mask != full:
+            partial -= 1
+            for k in range(len(seeds)):
+                counts[k] += mask >> k & 1
         for i in spec.node(name).inputs:
             old = label.get(i)
-            new = mask if old is None else old | mask
             if old is None:
                 heapq.heappush(heap, -index[i])
+            new = mask if old is None else old | mask
             partial += (new != full) - (old is not None and old != full)
             label[i] = new
     return counts

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hal
 from hal.errors import WeightsError
@@ -641,3 +643,97 @@ def test_low_precision_torch_state_dict_loads(dtype):
     for k, v in w.items():
         assert v.dtype == (np.float32 if dtype == "bfloat16" else np.float16), k
         assert torch.equal(torch.from_numpy(v.astype(np.float32)), sd[k].float()), k
+
+
+# ---------------------------------------------------------------------------
+# residual BatchNorms; big graphs
+# ---------------------------------------------------------------------------
+
+
+def _residual_norms_by_ancestor_sets(spec):
+    """The definition, written the obvious (quadratic) way: of each Add's BatchNorm
+    inputs, the one with most ancestors, the first on a tie."""
+    ancestors = {}
+    for n in spec.nodes:
+        ancestors[n.name] = set().union(*([ancestors[i] | {i} for i in n.inputs] or [set()]))
+    return {
+        max(norms, key=lambda i: len(ancestors[i]))
+        for n in spec.nodes if n.op.kind == "Add"
+        for norms in [[i for i in n.inputs if spec.node(i).op.kind == "BatchNorm"]] if norms
+    }
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet18", {}), ("resnet50", {}), ("resnet50", {"variant": "v1"}),
+                                         ("resnet101", {}), ("small_cnn", {})])
+def test_residual_norms_match_the_definition_on_the_zoo(name, kwargs):
+    from hal.models import get
+    from hal.weights import _residual_norms
+
+    spec = get(name, input_size=32, **kwargs)
+    want = _residual_norms_by_ancestor_sets(spec)
+    assert _residual_norms(spec) == want
+    if name.startswith("resnet"):  # the last BatchNorm of every block, never a downsample's
+        assert want == {n.name for n in spec.nodes if n.op.kind == "BatchNorm" and n.name.endswith(("bn2", "bn3"))
+                        and spec.consumers()[n.name][0].endswith(".add")}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_residual_norms_match_the_definition_on_random_dags(data):
+    """Random DAGs of BatchNorm, Activation and Add (2-4 inputs, repeats allowed) on one shape."""
+    from hal.weights import _residual_norms
+
+    b = SpecBuilder("dag")
+    names = [b.input((2,))]
+    for _ in range(data.draw(st.integers(1, 30))):
+        kind = data.draw(st.sampled_from(["bn", "bn", "act", "add"]))
+        pick = st.sampled_from(names)
+        if kind == "add":
+            names.append(b.add(*data.draw(st.lists(pick, min_size=2, max_size=4))))
+        else:
+            x = data.draw(pick)
+            names.append(b.batch_norm(x) if kind == "bn" else b.relu(x))
+    read = {i for n in b._nodes for i in n.inputs}
+    sinks = [n for n in names if n not in read]
+    spec = b.build(b.add(*sinks) if len(sinks) > 1 else sinks[0])
+    assert _residual_norms(spec) == _residual_norms_by_ancestor_sets(spec)
+
+
+def test_a_30000_node_chain_is_linear_everywhere(tmp_path):
+    """Build, validate, hash, JSON round trip, init, save and load of a Conv/Activation chain
+    of 30,000 nodes. A pass with per-node ancestor sets (the old init) holds ~4.5e8 set
+    entries here (tens of GB); node lookup by scanning does ~9e8 comparisons."""
+    from hal.spec import ModelSpec
+    from hal.weights import _residual_norms
+
+    b = SpecBuilder("chain")
+    x = b.input((2, 1))
+    for i in range(15_000):
+        x = b.relu(b.conv(x, 2, 1, name=f"c{i}"), name=f"r{i}")
+    spec = b.build()
+    assert len(spec.nodes) == 30_001
+    assert ModelSpec.from_json(spec.to_json()).hash == spec.hash
+    w = init_weights(spec)
+    assert len(w) == 30_000 and _residual_norms(spec) == set()
+    spec2, w2 = load_weights(save_weights(tmp_path / "chain.safetensors", spec, w), spec)
+    assert spec2 == spec and np.array_equal(w2["c14999.weight"], w["c14999.weight"])
+
+
+class TestInitArguments:
+    @pytest.mark.parametrize("kwargs,match", [({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": "0"}, "seed"),
+                                              ({"residual_gamma": float("nan")}, "residual_gamma"),
+                                              ({"residual_gamma": "0"}, "residual_gamma")])
+    def test_bad_arguments(self, kwargs, match):
+        with pytest.raises(WeightsError, match=match):
+            init_weights(_spec(), **kwargs)
+
+    @pytest.mark.parametrize("call", [init_weights, lambda s: check_weights(s, {}), lambda s: from_state_dict(s, {})])
+    def test_not_a_spec(self, call):
+        with pytest.raises(hal.SpecError, match="expected a hal.ModelSpec"):
+            call({"nodes": []})
+
+    def test_weights_beyond_memory_are_refused_before_allocating(self):
+        b = SpecBuilder("big")
+        spec = b.build(b.dense(b.input((10**6,)), 10**6, name="fc"))  # 10**12 parameters: 4 TB
+        with pytest.raises(WeightsError, match=r"need 3,725\.3 GiB"):
+            init_weights(spec)
