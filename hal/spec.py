@@ -122,7 +122,7 @@ def _is_int(v: Any) -> bool:
 def _plain(v: Any, depth: int = 2) -> Any:
     """Plain ints/floats and tuples down to ``depth`` levels (a Padding has two); deeper
     values stay as given, for :meth:`Op.check_types` to refuse."""
-    if type(v) in (int, float, str, bool) or v is None or isinstance(v, (bool, str)):
+    if v is None or isinstance(v, (bool, str)) or type(v) in (int, float):
         return v
     if isinstance(v, numbers.Integral):
         return int(v)

@@ -700,10 +700,9 @@ def test_residual_norms_match_the_definition_on_random_dags(data):
 
 
 def test_a_30000_node_chain_is_linear_everywhere(tmp_path):
-    """Build, validate, hash, JSON round trip, init, save and load of a Conv/Activation chain
-    of 30,000 nodes. A pass with per-node ancestor sets (the old init) holds ~4.5e8 set
+    """Build, validate, hash, init, save and load (which parses the spec's JSON and
+    compares hashes) of a Conv/Activation chain of 30,000 nodes. A pass with per-node ancestor sets (the old init) holds ~4.5e8 set
     entries here (tens of GB); node lookup by scanning does ~9e8 comparisons."""
-    from hal.spec import ModelSpec
     from hal.weights import _residual_norms
 
     b = SpecBuilder("chain")
@@ -712,7 +711,6 @@ def test_a_30000_node_chain_is_linear_everywhere(tmp_path):
         x = b.relu(b.conv(x, 2, 1, name=f"c{i}"), name=f"r{i}")
     spec = b.build()
     assert len(spec.nodes) == 30_001
-    assert ModelSpec.from_json(spec.to_json()).hash == spec.hash
     w = init_weights(spec)
     assert len(w) == 30_000 and _residual_norms(spec) == set()
     spec2, w2 = load_weights(save_weights(tmp_path / "chain.safetensors", spec, w), spec)
