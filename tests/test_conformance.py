@@ -64,16 +64,17 @@ class _NumpyWithoutMaxPool(NumpyBackend):
 
 def test_declared_limits_are_unsupported_rows_and_an_inference_only_backend_passes() -> None:
     register_backend(_NumpyWithoutMaxPool.name, _NumpyWithoutMaxPool)
-    report = run_conformance(_NumpyWithoutMaxPool.name, include=["^op/(maxpool|relu$)", "^train/sgd$", "precision/fp64"])
+    name = _NumpyWithoutMaxPool.name
+    report = run_conformance(name, include=["^op/(maxpool|relu$)", "^train/sgd$", "precision/fp64"])
     status = {r.name: (r.status, r.note) for r in report.rows}
     assert status["op/relu"][0] == PASS
-    assert status["op/maxpool2d_asym_pad"] == (UNSUPPORTED, "numpy_without_maxpool declares no MaxPool op")
-    assert status["train/sgd"] == (UNSUPPORTED, "numpy_without_maxpool is inference-only (capabilities().training is False)")
+    assert status["op/maxpool2d_asym_pad"] == (UNSUPPORTED, f"{name} declares no MaxPool op")
+    assert status["train/sgd"] == (UNSUPPORTED, f"{name} is inference-only (capabilities().training is False)")
     assert status["precision/fp64_forward"][0] == UNSUPPORTED and "fp64" in status["precision/fp64_forward"][1]
     assert report.passed and report.counts()[PASS] == 1
     d = json.loads(json.dumps(report.to_dict()))
     assert d["passed"] is True and len(d["rows"]) == len(report.rows) == sum(d["counts"].values())
-    assert report.table().splitlines()[0].startswith(f"conformance of {_NumpyWithoutMaxPool.name}:cpu: 1 PASS")
+    assert report.table().splitlines()[0].startswith(f"conformance of {name}:cpu: 1 PASS")
 
 
 def test_without_the_autodiff_reference_gradient_cases_skip(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,8 +16,9 @@ or, as a report: ``hal.testing.run_conformance("mybackend:cpu").table()``.
 Groups of cases (a case name is ``group/what``):
 
 ``op/``         each op alone in a tiny spec (1/2/3-d, asymmetric and edge paddings,
-                strides, dilations, groups, odd sizes, batch 1): inference and
-                training-mode forward against the float64 numpy reference
+                strides, dilations, groups, odd sizes, batch 1): the inference
+                forward, and for BatchNorm and Dropout also the training-mode
+                forward, against the float64 numpy reference
 ``grad/``       the same ops behind a BatchNorm: ``loss_and_grads`` (MSE) against
                 float64 autodiff, so each op's backward is checked on its own
 ``loss/``       ``loss_and_grads`` of a small MLP, cross-entropy and MSE
@@ -417,7 +418,9 @@ def _steps_batches(spec: ModelSpec, loss: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.stack(ys)
 
 
-def _trajectory_floor(spec: ModelSpec, w: Weights, config: TrainConfig, xs: np.ndarray, ys: np.ndarray) -> tuple[dict, float]:
+def _trajectory_floor(
+    spec: ModelSpec, w: Weights, config: TrainConfig, xs: np.ndarray, ys: np.ndarray
+) -> tuple[dict[str, Any], float]:
     """The float64 reference trajectory and the float32 floor against it."""
     refs = {}
     for p in ("fp64", "fp32"):
@@ -690,7 +693,7 @@ class _Op:
     build: Callable[[SpecBuilder, str], str]
     batch: int = 2
     shift: float = 0.0  # added to the standard-normal input (max-pool: all below the zero padding)
-    modes: tuple[bool, ...] = (False, True)
+    modes: tuple[bool, ...] = (False,)  # predict(training=...) compared; grad/ cases run the others' training path
 
     def spec(self, behind_batchnorm: bool = False) -> ModelSpec:
         b = SpecBuilder(self.name)
@@ -754,11 +757,12 @@ def _op_cases() -> list[_Op]:
         _Op("conv3d_stride_dilation_asym_pad", (2, 6, 5, 6),
             _conv(4, (3, 2, 3), stride=(2, 1, 2), padding=((1, 0), (0, 1), (1, 1)), dilation=(1, 2, 1))),
         _Op("conv3d_groups2", (4, 3, 4, 3), _conv(4, 2, groups=2)),
-        _Op("batchnorm_features", (5,), lambda b, x: b.batch_norm(x)),
-        _Op("batchnorm1d", (3, 7), lambda b, x: b.batch_norm(x)),
-        _Op("batchnorm2d", (3, 4, 5), lambda b, x: b.batch_norm(x)),
-        _Op("batchnorm2d_eps1e-3_batch1", (3, 4, 5), lambda b, x: b.batch_norm(x, eps=1e-3), batch=1),
-        _Op("batchnorm3d", (2, 3, 4, 3), lambda b, x: b.batch_norm(x)),
+        _Op("batchnorm_features", (5,), lambda b, x: b.batch_norm(x), modes=(False, True)),
+        _Op("batchnorm1d", (3, 7), lambda b, x: b.batch_norm(x), modes=(False, True)),
+        _Op("batchnorm2d", (3, 4, 5), lambda b, x: b.batch_norm(x), modes=(False, True)),
+        _Op("batchnorm2d_eps1e-3_batch1", (3, 4, 5), lambda b, x: b.batch_norm(x, eps=1e-3), batch=1,
+            modes=(False, True)),
+        _Op("batchnorm3d", (2, 3, 4, 3), lambda b, x: b.batch_norm(x), modes=(False, True)),
         _Op("relu", (3, 4, 5), _act("relu")),
         _Op("leaky_relu_alpha0.2", (3, 4, 5), _act("leaky_relu", alpha=0.2)),
         _Op("sigmoid", (3, 4, 5), _act("sigmoid")),
@@ -780,7 +784,7 @@ def _op_cases() -> list[_Op]:
         _Op("dense_no_bias", (7,), lambda b, x: b.dense(x, 5, bias=False)),
         _Op("dense_batch1", (7,), lambda b, x: b.dense(x, 5), batch=1),
         _Op("flatten_dense", (3, 2, 4), lambda b, x: b.dense(b.flatten(x), 5)),
-        _Op("dropout_rate0", (3, 4, 5), lambda b, x: b.dropout(x, 0.0)),
+        _Op("dropout_rate0", (3, 4, 5), lambda b, x: b.dropout(x, 0.0), modes=(False, True)),
         _Op("dropout_rate_half", (3, 4, 5), lambda b, x: b.dropout(x, 0.5), modes=(False,)),
     ]
 
@@ -853,7 +857,8 @@ def _static_cases() -> tuple[Case, ...]:
     ]
     for p in ("fp64", "fp16"):  # bf16: 2**16 times float32's floor is above ILL_CONDITIONED, nothing to decide
         cases += [
-            Case(f"precision/{p}_forward", _check_forward, mlp, TrainConfig(precision=p)),
+            Case(f"precision/{p}_forward", functools.partial(_check_forward, modes=(False, True)), mlp,
+                 TrainConfig(precision=p)),
             Case(f"precision/{p}_grads", _check_grads, mlp, TrainConfig(precision=p), training=True),
         ]
     cases.append(Case("precision/fp64_trajectory", _check_trajectory, mlp, replace(
