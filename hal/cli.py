@@ -369,6 +369,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     progress = Progress(not args.json)
     report = run_conformance(args.target, include=args.include, exclude=args.exclude, progress=progress)
     progress.done()
+    if not report.rows:
+        chosen = " and ".join(f"--{k} {v!r}" for k, v in (("include", args.include), ("exclude", args.exclude)) if v)
+        raise ConfigError(f"no conformance case is left by {chosen}: nothing was checked")
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
 

@@ -8,6 +8,7 @@ stderr means nothing ran).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -179,6 +180,8 @@ def conformance(monkeypatch):
 
     def run_conformance(target, include=None, exclude=None, progress=None):
         calls.append({"target": target, "include": include, "exclude": exclude})
+        if include is not None and not re.search(include, "conv2d"):
+            return _Report(True)  # every case left out
         progress("conv2d")
         status = "pass" if outcome["passed"] else "FAIL (conv off by 1e-4)"
         return _Report(outcome["passed"], [{"case": "conv2d", "status": status}])
@@ -205,6 +208,12 @@ def test_conformance_exits_1_when_a_case_fails_and_prints_json(conformance, caps
     out, err = capsys.readouterr()
     assert json.loads(out) == {"passed": False, "rows": [{"case": "conv2d", "status": "FAIL (conv off by 1e-4)"}]}
     assert err == ""  # --json: no progress
+
+
+def test_conformance_that_checks_nothing_is_a_usage_error(conformance, capsys):
+    assert main(["conformance", "numpy", "--include", "^pool"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "hal: error: no conformance case is left by --include '^pool': nothing was checked\n"
 
 
 def test_out_of_memory_is_one_error_line(monkeypatch, capsys):

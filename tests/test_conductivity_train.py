@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -113,21 +114,36 @@ def test_train_command_writes_weights_plots_and_report(tmp_path, capsys):
     assert "| torch:cpu |" in (out / "conductivity2d.md").read_text()
 
 
-def test_train_command_keeps_the_weights_when_the_output_folder_fails(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
-    trained = {}
+@pytest.fixture
+def fake_training(monkeypatch) -> dict[str, np.ndarray]:
+    """Training replaced by a stand-in that returns known weights at once; returns those weights."""
+    trained: dict[str, np.ndarray] = {}
 
-    def fake_train(data, target, *, spec, **_):  # stands for the training: known weights, no time
+    def train_conductivity(data, target, *, spec, **_):
         test = data.y[data.splits["test"]]
         trained.update(hal.init_weights(spec, seed=7))
-        return train.TrainResult(target, [1.0, 0.5], [1.0, 0.6], test, test, 1.0, 0.0, 1.0, 0.5, 10.0, trained)
+        return train.TrainResult(target=target, train_loss=[1.0, 0.5], val_loss=[1.0, 0.6], y_true=test, y_pred=test,
+                                 r2=1.0, mae=0.0, train_seconds=1.0, first_epoch_seconds=0.5, samples_per_s=10.0,
+                                 weights=trained)
+
+    monkeypatch.setattr(train, "train_conductivity", train_conductivity)
+    return trained
+
+
+def _without(monkeypatch, package: str) -> None:
+    """Make ``package`` look not installed."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else find_spec(name, *a))
+
+
+def test_train_command_keeps_the_weights_when_the_output_folder_fails(tmp_path, monkeypatch, capsys, fake_training):
+    out = tmp_path / "out"
 
     def full_disk(path, spec, weights):  # the disk under --out fills up while training
         raise OSError(28, "No space left on device")
 
     real_save = train.save_weights
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the fallback folder goes
-    monkeypatch.setattr(train, "train_conductivity", fake_train)
     monkeypatch.setattr(train, "save_weights", lambda p, *a: (full_disk if out in p.parents else real_save)(p, *a))
     assert _train(tmp_path, "--target", "torch:cpu", "--out", str(out), "--json") == 1
     captured = capsys.readouterr()
@@ -137,9 +153,26 @@ def test_train_command_keeps_the_weights_when_the_output_folder_fails(tmp_path, 
     (saved,) = [f for f in map(Path, report["files"]) if f.suffix == ".safetensors"]
     assert out not in saved.parents and saved.name == "conductivity2d-torch-cpu.safetensors"
     spec, weights = hal.load_weights(saved)
-    assert spec == conductivity_cnn(2, 12, width=4) and weights.keys() == trained.keys()
-    assert all(np.array_equal(weights[k], trained[k]) for k in trained)
+    assert spec == conductivity_cnn(2, 12, width=4) and weights.keys() == fake_training.keys()
+    assert all(np.array_equal(weights[k], fake_training[k]) for k in fake_training)
     assert (saved.parent / "conductivity2d.json").is_file()
+
+
+def test_train_command_without_matplotlib_writes_everything_but_the_plots(tmp_path, monkeypatch, capsys, fake_training):
+    _without(monkeypatch, "matplotlib")
+    assert _train(tmp_path, "--target", "torch:cpu", "--out", str(tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "plots not drawn: matplotlib is not installed (pip install 'hal-cnn[plot]')" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "conductivity2d-torch-cpu.safetensors", "conductivity2d.json", "conductivity2d.md"]
+
+
+def test_train_command_without_scipy_says_what_to_install(tmp_path, monkeypatch, capsys):
+    _without(monkeypatch, "scipy")
+    assert _train(tmp_path, "--target", "torch:cpu") == 2
+    assert capsys.readouterr().err == (
+        "hal: error: the conductivity dataset's solver needs scipy: pip install 'hal-cnn[science]'\n")
+    assert not (tmp_path / "cache").exists()
 
 
 class Crashing(TorchBackend):
@@ -169,6 +202,7 @@ def test_compare_trains_each_target_in_its_own_process_and_survives_a_crash(tmp_
     (("--target", "numpy"), "target 'numpy' does not train"),
     (("--target", "torch:tpu"), "torch has no device 'tpu'"),
     (("--compare", " , "), "argument --compare: an empty entry"),
+    (("--compare", "torch:cpu,torch"), "targets 'torch:cpu' and 'torch' are the same target, 'torch:cpu'"),
     (("--threads", "-1"), "argument --threads: expected an integer >= 0, got '-1'"),
     (("--lr", "nan"), "argument --lr: expected a finite number > 0"),
     (("--transform", "exp"), "argument --transform: invalid choice"),

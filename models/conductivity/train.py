@@ -312,15 +312,21 @@ def run_workload(
     targets = list(targets)
     if not targets:
         raise ConfigError("no target to train on")
+    resolved: dict[str, str] = {}
     for t in targets:  # fail before the dataset is built
-        cls, _ = resolve(t)
+        cls, target = resolve(t)
         if not cls.capabilities().training:
             raise UnsupportedError(f"target {t!r} does not train")
+        if str(target) in resolved:
+            raise ConfigError(f"targets {resolved[str(target)]!r} and {t!r} are the same target, {str(target)!r}")
+        resolved[str(target)] = t
     spec = conductivity_cnn(dims=dims, size=size, width=width)
     need, have = samples * math.prod(spec.input_shape) * DATASET_BYTES, _physical_memory()
     if have and need > have:
         raise ConfigError(f"{samples} samples at {size}^{dims} need about {need / 2**30:,.1f} GiB for the dataset "
                           f"alone; this machine has {have / 2**30:,.1f} GiB: use fewer --samples or a smaller --size")
+    if importlib.util.find_spec("scipy") is None:
+        raise ConfigError("the conductivity dataset's solver needs scipy: pip install 'hal-cnn[science]'")
     if threads:  # read when each framework loads, which is after this point (worker processes inherit it)
         _set_threads(threads)
     say = progress or (lambda _msg: None)
