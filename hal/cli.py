@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from hal.bench import MODES
+from hal.bench import MODES, check_writable
 from hal.errors import ConfigError, HalError
 from hal.ipu import DEFAULT_HEADROOM, MIB, PRECISIONS as IPU_PRECISIONS
 from hal.parity import CHECKS
@@ -161,14 +160,12 @@ def _sweep(text: str) -> tuple[str, list[Any]]:
     return name.strip(), [_value(v) for v in _names(values)]
 
 
-def _check_writable(folder: str | os.PathLike, flag: str) -> None:
-    """Raise unless ``folder`` is, or can be created as, a folder this process may write to."""
-    path = Path(folder).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {str(folder)!r}: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {str(folder)!r}: {str(existing)!r} is not writable")
+def _check_writable(folder: str, flag: str) -> None:
+    """Create ``folder`` if needed and check that files can be written in it, before long work."""
+    try:
+        check_writable(folder)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -79,7 +79,7 @@ MISUSES = [
     (["bench", "small_cnn", "--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
     (["bench", "small_cnn", "--modes", "inference,inference"], "inference given twice"),
     (["bench", "small_cnn", "--modes", "training,fast"], "argument --modes: unknown 'fast'; choose from inference"),
-    (["bench", "small_cnn", "--out", "FILE/results"], "--out 'FILE/results': "),
+    (["bench", "small_cnn", "--out", "FILE/results"], "--out: cannot write results under 'FILE/results': 'FILE' is a file, not a folder"),
     (["bench", "small_cnn", "--options", "xla"], "argument --options: expected name=value[,value...], got 'xla'"),
     (["bench", "small_cnn", "--options", "xla="], "argument --options: expected name=value"),
     (["bench", "small_cnn", "--options", "xla=true", "--options", "xla=false"], "--options: xla given twice"),
@@ -107,7 +107,7 @@ MISUSES = [
     (["train", "conductivity", "--target", "torch:cpu", "--compare", "jax:cpu"], "not allowed with argument"),
     (["train", "conductivity", "--epochs", "0"], "argument --epochs: expected an integer >= 1"),
     (["train", "conductivity", "--dims", "4"], "argument --dims: invalid choice: 4"),
-    (["train", "conductivity", "--out", "FILE"], "--out 'FILE': "),
+    (["train", "conductivity", "--out", "FILE"], "--out: cannot write results under 'FILE': 'FILE' is a file"),
     # the command itself
     ([], "the following arguments are required: command"),
     (["bogus"], "argument command: invalid choice: 'bogus'"),
