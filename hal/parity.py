@@ -381,9 +381,9 @@ def _compare(
         e_abs, e_rel = normalised_error(value, ref[check])
         return CheckResult(target, check, e_abs, e_rel, tol, e_rel <= tol)
     if check == "grads":
-        e_abs, rel, note = _grads_error(*value, auto["clean"])
+        e_abs, rel, note = grads_error(*value, auto["clean"])
     else:
-        e_abs, rel, note = _trajectory_error(*value, auto["clean"], spec)
+        e_abs, rel, note = trajectory_error(*value, auto["clean"], spec)
         note = f"{steps} steps {type(config.optimizer).__name__}; {note}"
     if tol > ILL_CONDITIONED:
         return CheckResult(target, check, e_abs, rel, tol, None, f"ill-conditioned, float32 rounding alone moves it "
@@ -398,10 +398,10 @@ def _autodiff_reference(
     ``steps``): the error of a plain float32 run against it (run in a worker)."""
     clean = _autodiff(spec, weights, config, x, y, steps, "fp64")
     plain = _autodiff(spec, weights, config, x, y, steps, "fp32")
-    floor = {"grads": max(_grads_error(plain["loss"], plain["grads"], clean)[1], UNIT_ROUNDOFF["fp32"])}
+    floor = {"grads": max(grads_error(plain["loss"], plain["grads"], clean)[1], UNIT_ROUNDOFF["fp32"])}
     if steps:
         floor["trajectory"] = max(
-            _trajectory_error(plain["losses"], plain["weights"], clean, spec)[1], UNIT_ROUNDOFF["fp32"]
+            trajectory_error(plain["losses"], plain["weights"], clean, spec)[1], UNIT_ROUNDOFF["fp32"]
         )
     return clean, floor
 
@@ -418,15 +418,18 @@ def _autodiff(
     return {"loss": loss, "grads": grads, "losses": losses, "weights": exe.weights()}
 
 
-def _grads_error(loss: float, grads: Mapping[str, np.ndarray], ref: Mapping[str, Any]) -> tuple[float, float, str]:
+def grads_error(loss: float, grads: Mapping[str, np.ndarray], ref: Mapping[str, Any]) -> tuple[float, float, str]:
+    """Error of a loss and its gradients against ``ref`` (``{"loss", "grads"}``): ``(max abs, normalised, note)``."""
     g_abs, g_rel, worst = tensors_error(grads, ref["grads"])
     l_rel = abs(loss - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
     return g_abs, max(g_rel, l_rel), f"worst tensor {worst}; loss rel err {l_rel:.1e}"
 
 
-def _trajectory_error(
+def trajectory_error(
     losses: np.ndarray, weights: Mapping[str, np.ndarray], ref: Mapping[str, Any], spec: ModelSpec
 ) -> tuple[float, float, str]:
+    """Error of per-step losses and final weights against ``ref`` (``{"losses", "weights"}``); parameters
+    and BatchNorm buffers are two separate vectors. ``(max abs, normalised, note)``."""
     l_abs, l_rel = normalised_error(losses, ref["losses"])
     ref_w, trainable = ref["weights"], set(spec.trainable())
     parts = [  # parameters and BatchNorm buffers are compared as two vectors

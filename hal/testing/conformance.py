@@ -77,8 +77,8 @@ from hal.parity import (
     ILL_CONDITIONED,
     REFERENCE_AUTODIFF,
     UNIT_ROUNDOFF,
-    _grads_error,
-    _trajectory_error,
+    grads_error,
+    trajectory_error,
     make_batch,
     normalised_error,
     tolerance,
@@ -407,8 +407,8 @@ def _check_grads(s: _Session, case: Case) -> _Measured:
     for p in ("fp64", "fp32"):
         loss, grads = _autodiff(spec, w, config, p).loss_and_grads(x, y)
         refs[p] = {"loss": loss, "grads": grads}
-    floor = max(_grads_error(refs["fp32"]["loss"], refs["fp32"]["grads"], refs["fp64"])[1], UNIT_ROUNDOFF["fp32"])
-    _, err, note = _grads_error(*s.compile(spec, w, config).loss_and_grads(x, y), refs["fp64"])
+    floor = max(grads_error(refs["fp32"]["loss"], refs["fp32"]["grads"], refs["fp64"])[1], UNIT_ROUNDOFF["fp32"])
+    _, err, note = grads_error(*s.compile(spec, w, config).loss_and_grads(x, y), refs["fp64"])
     return _decided(err, tolerance(floor, config.precision), floor, note)
 
 
@@ -426,7 +426,7 @@ def _trajectory_floor(
     for p in ("fp64", "fp32"):
         exe = _autodiff(spec, w, config, p)
         refs[p] = {"losses": exe.run_steps(xs, ys), "weights": exe.weights()}
-    floor = _trajectory_error(refs["fp32"]["losses"], refs["fp32"]["weights"], refs["fp64"], spec)[1]
+    floor = trajectory_error(refs["fp32"]["losses"], refs["fp32"]["weights"], refs["fp64"], spec)[1]
     return refs["fp64"], max(floor, UNIT_ROUNDOFF["fp32"])
 
 
@@ -439,7 +439,7 @@ def _check_trajectory(s: _Session, case: Case) -> _Measured:
     losses = exe.run_steps(xs, ys)
     if exe.step != STEPS:
         raise _Failed(f"after run_steps of {STEPS} batches, step is {exe.step}")
-    _, err, note = _trajectory_error(losses, exe.weights(), ref, spec)
+    _, err, note = trajectory_error(losses, exe.weights(), ref, spec)
     return _decided(err, tolerance(floor, config.precision), floor, note)
 
 
@@ -525,7 +525,7 @@ def _check_run_steps_vs_train_step(s: _Session, case: Case) -> _Measured:
     stepped = s.compile(spec, w, config)
     ref = {"losses": np.array([stepped.train_step(x, y) for x, y in zip(xs, ys)]), "weights": stepped.weights()}
     run = s.compile(spec, w, config)
-    _, err, note = _trajectory_error(run.run_steps(xs, ys), run.weights(), ref, spec)
+    _, err, note = trajectory_error(run.run_steps(xs, ys), run.weights(), ref, spec)
     if (run.step, stepped.step) != (STEPS, STEPS):
         raise _Failed(f"step counts after {STEPS} steps: run_steps {run.step}, train_step {stepped.step}")
     return _decided(err, tolerance(floor, config.precision), floor, note)
