@@ -242,20 +242,25 @@ def cmd_info(args: argparse.Namespace) -> int:
             cls = get_backend(name)
             a = cls.availability()
             devices = cls.devices() if a.available else []
+            options = {k: {"default": o.default, "choices": o.choices, "doc": o.doc} for k, o in cls.options().items()}
             rows.append({"backend": name, "available": a.available, "version": a.version,
                          "devices": [f"{name}:{d}" for d in devices], "reason": a.reason,
-                         "description": cls.description})
+                         "description": cls.description, "options": options})
         except HalError as exc:
             rows.append({"backend": name, "available": False, "version": None, "devices": [], "reason": str(exc),
-                         "description": ""})
+                         "description": "", "options": {}})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=str))
     else:
         print(render(["backend", "available", "version", "targets", "why not / description"],
                      [[r["backend"], "yes" if r["available"] else "no", r["version"] or "-",
                        ", ".join(r["devices"]) or "-",
                        "; ".join(x for x in (r["description"] if r["available"] else "", r["reason"]) if x)]
                       for r in rows]))
+        for r in rows:  # what `hal bench --options` can sweep
+            for k, o in r["options"].items():
+                values = "|".join(map(str, o["choices"])) if o["choices"] else type(o["default"]).__name__
+                print(f"option {r['backend']} {k}={values} (default {o['default']}): {o['doc']}")
     return 0
 
 
@@ -546,7 +551,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_names_in(MODES), default=list(MODES), help=f"comma-separated: {','.join(MODES)}")
     p.add_argument("--no-native", action="store_true")
     p.add_argument("--options", type=_sweep, action="append", metavar="NAME=VALUE[,VALUE...]",
-                   help="sweep a backend option (see its backend's options()), e.g. xla=true,false; repeatable: "
+                   help="sweep a backend option (listed by `hal info`), e.g. xla=true,false; repeatable: "
                    "every combination is timed")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for JSON/Markdown/PNG ('' to skip)")
     p.set_defaults(fn=cmd_bench)

@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 
+from hal import registry
+from hal.backend import Option
+from hal.backends.numpy import NumpyBackend
 from hal.cli import _value, main
 
 MODULES_NOT_LOADED = ("hal.models.conductivity", "scipy", "torch", "jax", "tensorflow", "matplotlib")
@@ -225,3 +228,24 @@ def test_out_of_memory_is_one_error_line(monkeypatch, capsys):
     monkeypatch.setattr(hal.ipu, "plan", plan)
     assert main(["plan", "small_cnn"]) == 2
     assert capsys.readouterr().err == "hal: error: out of memory: Unable to allocate 186. GiB for an array\n"
+
+
+class _Knobbed(NumpyBackend):
+    name = "knobbed"
+
+    @classmethod
+    def options(cls) -> dict[str, Option]:
+        return {"knob": Option(0.5, "how far to turn it"), "mode": Option("a", "which way", ("a", "b"))}
+
+
+def test_info_lists_backend_options(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "_registered", {"knobbed": _Knobbed})
+    monkeypatch.setattr(registry, "_entry_points", dict)
+    assert main(["info", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["backend"] == "knobbed" and row["options"] == {
+        "knob": {"default": 0.5, "choices": None, "doc": "how far to turn it"},
+        "mode": {"default": "a", "choices": ["a", "b"], "doc": "which way"}}
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "option knobbed knob=float (default 0.5): how far to turn it", "option knobbed mode=a|b (default a): which way"]
