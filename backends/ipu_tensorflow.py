@@ -406,21 +406,22 @@ class IPUExecutable(TensorFlowExecutable):
             return self._fit(xs, ys), len(xs)
         before = self._state if self._state is not None else self._read_state()
         losses = self._fit(xs, ys)
-        self._state = self._read_state()
-        if np.isfinite(losses).all() and all(np.isfinite(a).all() for _, a in self._state):
-            return losses, len(xs)
-        self._write_state(before)  # replay one step at a time to find the first bad one
-        self.step -= len(xs)
-        losses = np.full(len(xs), np.nan)
-        for i in range(len(xs)):
-            losses[i] = self._fit(xs[i: i + 1], ys[i: i + 1])[0]
-            state = self._read_state()
-            if not (np.isfinite(losses[i]) and all(np.isfinite(a).all() for _, a in state)):
-                self._write_state(before)
-                self.step -= 1
-                return losses, i
-            before = self._state = state
-        return losses, len(xs)  # the replay was finite: the first run was not reproducible
+        after = self._read_state()
+        if not _finite(losses, after):  # replay one step at a time from before the call, up to the first bad one
+            self._write_state(before)
+            self.step -= len(xs)
+            losses = np.full(len(xs), np.nan)
+            for i in range(len(xs)):
+                losses[i:i + 1] = self._fit(xs[i:i + 1], ys[i:i + 1])
+                after = self._read_state()
+                if not _finite(losses[i:i + 1], after):
+                    self._write_state(before)
+                    self.step -= 1
+                    self._state = before
+                    return losses, i
+                before = after
+        self._state = after
+        return losses, len(xs)
 
     def _fit(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         """``model.fit`` over the stacked batches; the loss per optimizer step."""
@@ -461,6 +462,10 @@ class IPUExecutable(TensorFlowExecutable):
     def _load_weights(self, weights: Weights) -> None:
         super()._load_weights(weights)
         self._state = None
+
+
+def _finite(losses: np.ndarray, state: list[tuple[Any, np.ndarray]]) -> bool:
+    return bool(np.isfinite(losses).all()) and all(np.isfinite(a).all() for _, a in state)
 
 
 def _assign_stats(layer: Any, mean: Any, unbiased: Any) -> None:

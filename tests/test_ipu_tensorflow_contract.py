@@ -476,7 +476,7 @@ def test_predict_and_gradients_through_strategy_run(sdk):
 
 @standin_only
 def test_non_finite_step_is_not_applied(sdk):
-    """A NaN in the 2nd of 3 batches: NonFiniteError naming the step; the variables
+    """A NaN in the 2nd of 3 batches, then in a single one: NonFiniteError naming the step; the variables
     (weights, BatchNorm buffers, momentum) are those of an executable that only
     saw the first batch."""
     spec = models.get("small_cnn")
@@ -489,6 +489,9 @@ def test_non_finite_step_is_not_applied(sdk):
     with pytest.raises(NonFiniteError, match=r"training step 1 \(batch 1 of this run_steps call\)") as info:
         exe.run_steps(np.stack([x1, bad, x2]), np.stack([y1, y2, y2]))
     assert info.value.step == 1 == exe.step
+    for _ in range(2):  # a bad first batch, twice: the second restores what the first left
+        with pytest.raises(NonFiniteError, match="training step 1 "):
+            exe.train_step(bad, y2)
     ref = hal.compile(spec, "tensorflow:ipu", w, config)
     ref.train_step(x1, y1)
     for k, v in ref.weights().items():
