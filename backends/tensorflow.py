@@ -235,10 +235,14 @@ def _layer_classes() -> dict[Any, type]:
                 x = tf.pad(x, self.pad)
             if self.nd == 2:
                 y = tf.nn.conv2d(x, self.kernel, self.stride, self.padding, dilations=op.dilation)
+            elif self.nd == 3 and op.groups > 1:  # conv3d refuses groups on the CPU: one conv per group
+                xs, ks = tf.split(x, op.groups, axis=-1), tf.split(self.kernel, op.groups, axis=-1)
+                y = tf.concat([tf.nn.convolution(a, k, self.stride, self.padding, dilations=op.dilation)
+                               for a, k in zip(xs, ks)], axis=-1)
             else:
                 y = tf.nn.convolution(x, self.kernel, self.stride, self.padding, dilations=op.dilation)
-                if self.subsample:
-                    y = y[(slice(None), *(slice(None, None, s) for s in op.stride))]
+            if self.subsample:
+                y = y[(slice(None), *(slice(None, None, s) for s in op.stride))]
             return tf.nn.bias_add(y, self.bias) if self.bias is not None else y
 
     class BatchNorm(Layer):
