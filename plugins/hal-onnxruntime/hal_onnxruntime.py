@@ -19,12 +19,13 @@ cannot start at all (missing CUDA libraries, say) is an error, never a silent
 CPU run.
 
 Inference-only: ``capabilities().training`` is False and there are no gradients.
-``predict(training=True)`` is the training-mode forward (batch statistics in
-BatchNorm, dropout active), which an ONNX inference graph does not express; it
-is refused with :class:`~hal.errors.UnsupportedError` for specs with a BatchNorm
-or a Dropout of rate > 0. For every other spec the two forwards are the same
-function by definition, so the inference session answers both. Precision is
-fp32: the exported graph computes in float32.
+``predict(training=True)``, the training-mode forward hal defines (BatchNorm
+normalising with the batch's mean and biased variance, dropout active, no state
+updated), runs a second session built on first use: the exported graph with each
+BatchNormalization written out in standard ONNX ops over batch statistics and
+each Dropout of rate > 0 given ``training_mode``. A spec with neither has one
+forward, and the inference session answers both modes. Precision is fp32: the
+exported graph computes in float32.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from hal.spec import BatchNorm, Dropout, ModelSpec
 from hal.training import TrainConfig
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime
 
 SUFFIX = "ExecutionProvider"
@@ -72,9 +74,91 @@ def training_differs(spec: ModelSpec) -> list[str]:
     return [n.name for n in spec.nodes if isinstance(n.op, BatchNorm) or (isinstance(n.op, Dropout) and n.op.rate > 0)]
 
 
+def training_form(model: "onnx.ModelProto", spec: ModelSpec) -> "onnx.ModelProto":
+    """A copy of ``model`` (``hal.onnx.to_onnx(spec, ...)``, whose node names are
+    hal's) computing the training-mode forward: every BatchNorm over the batch's
+    mean and biased variance, every Dropout of rate > 0 active (opset >= 12)."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
+    todo, nodes, unused = set(training_differs(spec)), [], set()
+    for node in graph.node:
+        op = spec.node(node.name).op if node.name in todo else None
+        if isinstance(op, BatchNorm):
+            nodes += _batch_statistics_norm(graph, node, op.eps, len(spec.shape(node.name)) + 1, opset)
+            unused.update(node.input[3:])  # the running statistics
+        elif isinstance(op, Dropout):
+            nodes.append(_active_dropout(graph, node))
+        else:
+            nodes.append(node)
+        todo.discard(node.name)
+    if todo:  # fused or renamed by the exporter: refuse rather than run the inference form
+        raise UnsupportedError(f"the exported graph has no node {sorted(todo)}: no training-mode forward")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in unused]):
+        del graph.initializer[i]
+    return out
+
+
+def _batch_statistics_norm(
+    graph: "onnx.GraphProto", node: "onnx.NodeProto", eps: float, rank: int, opset: int
+) -> list["onnx.NodeProto"]:
+    """``BatchNormalization`` as ``(x - mean) / sqrt(var + eps) * gamma + beta`` with the
+    mean and biased variance of ``x`` over every axis but the channels."""
+    from onnx import helper, numpy_helper
+
+    x, gamma, beta = node.input[:3]
+
+    def v(value: str) -> str:
+        return f"{node.name}/train/{value}"
+
+    axes = [0, *range(2, rank)]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(axes, np.int64), v("axes")),
+        numpy_helper.from_array(np.array([1, -1] + [1] * (rank - 2), np.int64), v("shape")),
+        numpy_helper.from_array(np.array(eps, np.float32), v("eps")),
+    ])
+
+    def op(kind: str, inputs: list[str], output: str, **attrs: Any) -> "onnx.NodeProto":
+        return helper.make_node(kind, inputs, [output], output, **attrs)
+
+    def mean(inp: str, output: str) -> "onnx.NodeProto":
+        if opset >= 18:  # axes became an input in opset 18
+            return op("ReduceMean", [inp, v("axes")], output, keepdims=1)
+        return op("ReduceMean", [inp], output, axes=axes, keepdims=1)
+
+    return [
+        mean(x, v("mean")),
+        op("Sub", [x, v("mean")], v("centred")),
+        op("Mul", [v("centred"), v("centred")], v("square")),
+        mean(v("square"), v("var")),
+        op("Add", [v("var"), v("eps")], v("var_eps")),
+        op("Sqrt", [v("var_eps")], v("std")),
+        op("Div", [v("centred"), v("std")], v("normed")),
+        op("Reshape", [gamma, v("shape")], v("gamma")),
+        op("Reshape", [beta, v("shape")], v("beta")),
+        op("Mul", [v("normed"), v("gamma")], v("scaled")),
+        helper.make_node("Add", [v("scaled"), v("beta")], [node.output[0]], node.name),
+    ]
+
+
+def _active_dropout(graph: "onnx.GraphProto", node: "onnx.NodeProto") -> "onnx.NodeProto":
+    """The exported ``Dropout(x, ratio)`` with ``training_mode`` on: zero with probability
+    ``ratio``, scale the rest by ``1 / (1 - ratio)``."""
+    from onnx import helper, numpy_helper
+
+    mode = f"{node.name}/train/training_mode"
+    graph.initializer.append(numpy_helper.from_array(np.array(True), mode))
+    return helper.make_node("Dropout", [*node.input[:2], mode], [node.output[0]], node.name)
+
+
 class OnnxRuntimeExecutable(Executable):
-    """The spec as an ONNX model in an ``InferenceSession``; holds the canonical
-    float32 weights the session was built from."""
+    """The spec as an ONNX model in an ``InferenceSession`` (``session``); holds the
+    canonical float32 weights the session was built from."""
 
     def __init__(
         self, spec: ModelSpec, weights: Weights, target: Target, config: TrainConfig, options: Mapping[str, Any]
@@ -82,15 +166,17 @@ class OnnxRuntimeExecutable(Executable):
         super().__init__(spec, target, config)
         self.provider = _providers()[target.device]
         self.options = dict(options)
-        self._training_differs = training_differs(spec)
+        self._training_differs = bool(training_differs(spec))
         self._load_weights(weights)
 
-    def _build_session(self, weights: Weights) -> "onnxruntime.InferenceSession":
+    def _build_session(self, weights: Weights, training: bool = False) -> "onnxruntime.InferenceSession":
         import onnxruntime
 
         from hal.onnx import to_onnx
 
         model = to_onnx(self.spec, weights)
+        if training:
+            model = training_form(model, self.spec)
         so = onnxruntime.SessionOptions()
         so.intra_op_num_threads = self.options["intra_op_num_threads"]
         so.graph_optimization_level = getattr(
@@ -105,13 +191,12 @@ class OnnxRuntimeExecutable(Executable):
         return session
 
     def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
+        session = self.session
         if training and self._training_differs:
-            raise UnsupportedError(
-                f"{self.target}: no training-mode forward for {', '.join(self._training_differs)}: an ONNX inference "
-                "graph has BatchNorm with running statistics and dropout off; use predict(training=False)"
-            )
-        feed = {self.session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
-        return self.session.run(None, feed)[0]
+            if self._training_session is None:  # built on first use: most executables never need it
+                self._training_session = self._build_session(self._weights, training=True)
+            session = self._training_session
+        return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def weights(self) -> Weights:
         return {k: v.copy() for k, v in self._weights.items()}
@@ -120,6 +205,7 @@ class OnnxRuntimeExecutable(Executable):
         w = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}
         session = self._build_session(w)  # built before anything is replaced
         self._weights, self.session = w, session
+        self._training_session: "onnxruntime.InferenceSession | None" = None
 
 
 class OnnxRuntimeBackend(Backend):
@@ -147,6 +233,13 @@ class OnnxRuntimeBackend(Backend):
     @classmethod
     def capabilities(cls) -> Capabilities:
         return Capabilities(precisions=("fp32",), training=False)
+
+    @classmethod
+    def unsupported(cls, spec: ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
+        out = super().unsupported(spec, config)
+        if spec.dtype != "float32":
+            out[spec.input.name] = f"{cls.name} computes in float32 (fp32); the spec's input dtype is {spec.dtype}"
+        return out
 
     @classmethod
     def options(cls) -> dict[str, Option]:
