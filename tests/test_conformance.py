@@ -13,17 +13,22 @@ from hal.backend import Capabilities
 from hal.backends.numpy import NumpyBackend
 from hal.backends.torch import TorchBackend
 from hal.errors import ConfigError
-from hal.registry import get_backend, register_backend
+from hal.registry import backend_names, get_backend, register_backend
 from hal.spec import OPS
 from hal.testing.conformance import FAIL, PASS, SKIP, UNSUPPORTED, check_case, conformance_cases, run_conformance
 from hal.training import Adam
 
 TARGETS = ("numpy", "torch:cpu", "jax:cpu", "tensorflow:cpu")
+PLUGINS = {"onnxruntime:cpu": "plugins/hal-onnxruntime"}  # out-of-tree backends, installed by `make test`
 
 
 def _cases() -> list[Any]:
-    out = []
-    for target in TARGETS:
+    out, installed = [], backend_names()
+    for target in (*TARGETS, *PLUGINS):
+        if target.partition(":")[0] not in installed:
+            reason = f"plug-in {target} is not installed: pip install {PLUGINS[target]}"
+            out.append(pytest.param(target, None, id=target, marks=pytest.mark.skip(reason=reason)))
+            continue
         a = get_backend(target.partition(":")[0]).availability()
         marks = () if a.available else pytest.mark.skip(reason=f"{target} is not available: {a.reason}")
         out += [pytest.param(target, case, id=f"{target}-{case}", marks=marks) for case in conformance_cases(target)]
