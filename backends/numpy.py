@@ -36,6 +36,7 @@ from hal.spec import (
     MaxPool,
     ModelSpec,
     Node,
+    PReLU,
 )
 from hal.lowering import COMPUTE_DTYPE, free_after
 from hal.training import TrainConfig
@@ -43,6 +44,11 @@ from hal.training import TrainConfig
 PRECISIONS = ("fp64", "fp32", "fp16")  # numpy has no bfloat16
 
 _erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A per-channel vector ``(C,)`` (or one shared ``(1,)``) shaped to broadcast over ``(N, C, *spatial)``."""
+    return v.reshape(1, -1, *([1] * (ndim - 2)))
 
 
 def _windows(x: np.ndarray, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> np.ndarray:
@@ -73,31 +79,45 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, op: Conv) -> np.nda
     y = np.einsum("n...gk,gok->n...go", cols, wg, optimize=True).reshape(n, *out_sp, op.out_channels)
     y = np.moveaxis(y, -1, 1)
     if b is not None:
-        y = y + b.reshape(1, -1, *([1] * nd))
+        y = y + _channel(b, y.ndim)
     return np.ascontiguousarray(y)
 
 
 def batch_norm(x: np.ndarray, p: Mapping[str, np.ndarray], op: BatchNorm, training: bool) -> np.ndarray:
     axes = (0, *range(2, x.ndim))
-    shape = (1, -1, *([1] * (x.ndim - 2)))
     if training:
         mean, var = x.mean(axis=axes), x.var(axis=axes)  # biased, as in the forward of every framework
     else:
         mean, var = p["running_mean"], p["running_var"]
     inv = p["weight"] / np.sqrt(var + op.eps)
-    return (x - mean.reshape(shape)) * inv.reshape(shape) + p["bias"].reshape(shape)
+    return (x - _channel(mean, x.ndim)) * _channel(inv, x.ndim) + _channel(p["bias"], x.ndim)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # exact identity, no overflow
 
 
+def _relu6(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, 0.0, 6.0)
+
+
+def _softplus(x: np.ndarray, beta: float, threshold: float) -> np.ndarray:
+    z = beta * x
+    return np.where(z > threshold, x, np.logaddexp(0.0, z) / beta)  # logaddexp(0, z) = log(1 + exp(z)), no overflow
+
+
 ACTIVATIONS: dict[str, Callable[[np.ndarray, Activation], np.ndarray]] = {
     "relu": lambda x, op: np.maximum(x, 0.0),
+    "relu6": lambda x, op: _relu6(x),
     "leaky_relu": lambda x, op: np.where(x >= 0, x, op.alpha * x),
+    "elu": lambda x, op: np.where(x > 0, x, op.alpha * np.expm1(np.minimum(x, 0.0))),
     "sigmoid": lambda x, op: _sigmoid(x),
+    "hardsigmoid": lambda x, op: _relu6(x + 3.0) / 6.0,
     "tanh": lambda x, op: np.tanh(x),
+    "hardswish": lambda x, op: x * _relu6(x + 3.0) / 6.0,
     "silu": lambda x, op: x * _sigmoid(x),
+    "softplus": lambda x, op: _softplus(x, op.beta, op.threshold),
+    "mish": lambda x, op: x * np.tanh(np.logaddexp(0.0, x)),
     "gelu": lambda x, op: (
         0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
         if op.approximate == "tanh"
@@ -132,6 +152,8 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
         return batch_norm(xs[0], p, op, training)
     if isinstance(op, Activation):
         return ACTIVATIONS[op.fn](xs[0], op)
+    if isinstance(op, PReLU):
+        return np.where(xs[0] >= 0, xs[0], _channel(p["weight"], xs[0].ndim) * xs[0])
     if isinstance(op, MaxPool):
         return max_pool(xs[0], op)
     if isinstance(op, AvgPool):

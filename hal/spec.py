@@ -1,11 +1,52 @@
 """The neutral model spec: an immutable, validated DAG of named nodes.
 
 Activations are channels-first ``(N, C, *spatial)``; shapes in the spec are per
-sample, ``(C, *spatial)``. Every op has exactly one meaning (see DESIGN.md):
-padding is always explicit ``((before, after), ...)`` per spatial dimension, so
-framework ``SAME`` conventions never reach a backend. :class:`SpecBuilder` turns
-``"same"``/``"valid"``/integers into those explicit numbers and infers shapes as
-nodes are added.
+sample, ``(C, *spatial)``. Every op has exactly one meaning, PyTorch's
+(``torch.nn``, ``torch.nn.functional``, ``torchvision.ops``) unless the table says
+otherwise: padding is always explicit ``((before, after), ...)`` per spatial
+dimension, so framework ``SAME`` conventions never reach a backend.
+:class:`SpecBuilder` turns ``"same"``/``"valid"``/integers into those explicit
+numbers and infers shapes as nodes are added. Parameters and buffers carry
+torchvision's names and layouts.
+
+Ops (``x`` is the input, ``C`` its channels; attributes in brackets):
+
+================  ==========================================================================
+Input             ``[shape, dtype]`` the graph input ``(C, *spatial)``
+Conv              ``F.conv{1,2,3}d`` ``[out_channels, kernel, stride, padding, dilation, groups,
+                  bias]``; weight ``(O, C/groups, *k)``, bias ``(O,)``
+BatchNorm         ``F.batch_norm`` over axis 1 ``[eps, momentum]``; weight, bias, running_mean,
+                  running_var ``(C,)``; training normalises with the biased batch variance and
+                  updates ``running_var`` with the unbiased one (momentum = new statistic's weight)
+Activation        ``[fn, alpha, approximate, beta, threshold]`` elementwise, one of
+                  relu, relu6 = ``min(max(x, 0), 6)``, leaky_relu (slope ``alpha``),
+                  elu = ``x if x > 0 else alpha * (exp(x) - 1)`` (torch's alpha is 1: pass it),
+                  sigmoid, hardsigmoid = ``relu6(x + 3) / 6``, tanh,
+                  hardswish = ``x * relu6(x + 3) / 6``, gelu (``approximate`` "none": exact erf,
+                  "tanh": the tanh form), silu = ``x * sigmoid(x)``,
+                  softplus = ``log(1 + exp(beta x)) / beta``, but ``x`` where ``beta x > threshold``,
+                  mish = ``x * tanh(log(1 + exp(x)))``
+PReLU             ``x if x >= 0 else a * x`` ``[num_parameters]``; weight ``a`` ``(1,)`` shared or
+                  ``(C,)`` per channel
+MaxPool           ``[kernel, stride, padding]``; padding never wins (it is -inf)
+AvgPool           ``[kernel, stride, padding, count_include_pad]``
+GlobalAvgPool     mean over all spatial dims: ``(C, *spatial) -> (C,)``
+Add               n-ary elementwise sum of equal shapes
+Concat            along channels
+Flatten           row-major over ``(C, *spatial)``
+Dense             ``F.linear`` on ``(features,)``; weight ``(out, in)``, bias ``(out,)``
+Dropout           ``F.dropout`` ``[rate]``; see "training mode" below
+================  ==========================================================================
+
+Training mode: inference and training-mode forwards are the same for every op but
+BatchNorm (batch statistics) and the random ones. Dropout of rate ``p`` zeroes each
+element with probability ``p`` and scales the others by ``1 / (1 - p)``; no two
+frameworks draw the same mask, so parity compares its training-mode forward only at
+``p = 0`` and otherwise checks the rule (each value zero or scaled), never values.
+
+Attributes are plain ints, floats, strings and tuples; an attribute added to an op
+after it was first published is written to JSON only when it is not at its default,
+so specs that do not use it keep their JSON, hash and weights files.
 """
 
 from __future__ import annotations
@@ -26,7 +67,10 @@ from hal.errors import SpecError
 SCHEMA_VERSION = 1
 MAX_ELEMENTS = 2**40  # per-sample activation or parameter tensor: 4 TiB in float32, beyond any device
 DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu")
+ACTIVATIONS = (
+    "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "silu",
+    "relu6", "elu", "hardsigmoid", "hardswish", "softplus", "mish",
+)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 Shape = tuple[int, ...]
@@ -49,6 +93,22 @@ def _show(v: Any) -> str:
 # ---------------------------------------------------------------------------
 # ops
 # ---------------------------------------------------------------------------
+
+
+def _late(default: Any) -> Any:
+    """An attribute added after its op was first published: JSON carries it only
+    when it is not at ``default`` (see :meth:`Op.json_attrs`)."""
+    return field(default=default, metadata={"late": True})
+
+
+@dataclass(frozen=True)
+class Init:
+    """How :func:`hal.weights.init_weights` fills a parameter or buffer:
+    ``dist`` ``"constant"`` (every value ``value``), ``"normal"`` (mean 0, standard
+    deviation ``value``) or ``"uniform"`` (on ``[-value, value]``)."""
+
+    dist: str
+    value: float
 
 
 @dataclass(frozen=True)
@@ -74,8 +134,17 @@ class Op:
         """Forward FLOPs per sample (a multiply-add counts as 2)."""
         return 0
 
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        """The seeded initial value of parameter or buffer ``param`` (zeros unless the op says)."""
+        return Init("constant", 0.0)
+
     def attrs(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name, _ in _fields(type(self))}
+
+    def json_attrs(self) -> dict[str, Any]:
+        """:meth:`attrs` less the late attributes at their defaults (what JSON and the hash see)."""
+        late = _late_defaults(type(self))
+        return {k: v for k, v in self.attrs().items() if not (k in late and v == late[k])}
 
     def __post_init__(self) -> None:
         for name, kind in _fields(type(self)):  # numpy scalars and lists become plain ints/floats/tuples
@@ -96,6 +165,11 @@ class Op:
 def _fields(cls: type[Op]) -> tuple[tuple[str, str], ...]:
     """(name, annotation) of each attribute of an op class."""
     return tuple((f.name, str(f.type)) for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _late_defaults(cls: type[Op]) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("late")}
 
 
 # The checks see values after Op.__post_init__ made them plain ints, floats and tuples.
@@ -139,6 +213,12 @@ def _spatial(shape: Shape, what: str, ndim: int) -> Shape:
             f"{what} with {ndim} spatial dims expects an input of shape (C, {ndim} spatial dims), got {shape}"
         )
     return shape[1:]
+
+
+def _he_fan_out(shape: Shape) -> Init:
+    """He/Kaiming normal with fan-out ``shape[0] * prod(shape[2:])``, gain sqrt(2)
+    (``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` of a weight tensor)."""
+    return Init("normal", math.sqrt(2.0 / (shape[0] * _prod(shape[2:]))))
 
 
 def _window_out(n: int, k: int, s: int, d: int, pad: tuple[int, int], where: str) -> int:
@@ -221,6 +301,10 @@ class Conv(Op):
         macs = _prod(out) * (shapes[0][0] // self.groups) * _prod(self.kernel)
         return 2 * macs + (_prod(out) if self.bias else 0)
 
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        """Weight: He/Kaiming normal, fan-out, gain sqrt(2) (torchvision's ResNet init); bias 0."""
+        return _he_fan_out(shape) if param == "weight" else Init("constant", 0.0)
+
 
 @dataclass(frozen=True)
 class BatchNorm(Op):
@@ -250,18 +334,24 @@ class BatchNorm(Op):
         c = (shapes[0][0],)
         return {"running_mean": c, "running_var": c}
 
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        return Init("constant", 1.0 if param in ("weight", "running_var") else 0.0)
+
     def flops(self, shapes: list[Shape], out: Shape) -> int:
         return 2 * _prod(out)
 
 
 @dataclass(frozen=True)
 class Activation(Op):
-    """Elementwise activation. ``alpha`` is leaky_relu's negative slope;
-    ``approximate`` is gelu's form, ``"none"`` (exact erf) or ``"tanh"``."""
+    """Elementwise activation ``fn`` (see the module's op table). ``alpha`` is
+    leaky_relu's negative slope and elu's alpha; ``approximate`` is gelu's form,
+    ``"none"`` (exact erf) or ``"tanh"``; ``beta`` and ``threshold`` are softplus's."""
 
     fn: str
     alpha: float = 0.01
     approximate: str = "none"
+    beta: float = _late(1.0)
+    threshold: float = _late(20.0)
     kind: ClassVar[str] = "Activation"
 
     def infer(self, shapes: list[Shape]) -> Shape:
@@ -269,7 +359,33 @@ class Activation(Op):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {_show(self.fn)}")
         if self.approximate not in ("none", "tanh"):
             raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {_show(self.approximate)}")
+        if not self.beta > 0:
+            raise ValueError(f"softplus beta must be > 0, got {self.beta}")
         return shapes[0]
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return _prod(out)
+
+
+@dataclass(frozen=True)
+class PReLU(Op):
+    """``x if x >= 0 else weight * x`` with a learned slope (``torch.nn.PReLU``):
+    weight ``(num_parameters,)``, one slope shared by all channels (1) or one per
+    channel (C, axis 1); initialised to 0.25 as in torch."""
+
+    num_parameters: int = 1
+    kind: ClassVar[str] = "PReLU"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if self.num_parameters not in (1, shapes[0][0]):
+            raise ValueError(f"PReLU num_parameters must be 1 or the {shapes[0][0]} channels, got {self.num_parameters}")
+        return shapes[0]
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        return {"weight": (self.num_parameters,)}
+
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        return Init("constant", 0.25)
 
     def flops(self, shapes: list[Shape], out: Shape) -> int:
         return _prod(out)
@@ -394,6 +510,10 @@ class Dense(Op):
     def flops(self, shapes: list[Shape], out: Shape) -> int:
         return 2 * shapes[0][0] * self.out_features + (self.out_features if self.bias else 0)
 
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        """``torch.nn.Linear``'s default: weight and bias ``U(-1/sqrt(in), 1/sqrt(in))``."""
+        return Init("uniform", 1.0 / math.sqrt(shapes[0][0]))
+
 
 @dataclass(frozen=True)
 class Dropout(Op):
@@ -410,7 +530,10 @@ class Dropout(Op):
 
 OPS: dict[str, type[Op]] = {
     cls.kind: cls
-    for cls in (Input, Conv, BatchNorm, Activation, MaxPool, AvgPool, GlobalAvgPool, Add, Concat, Flatten, Dense, Dropout)
+    for cls in (
+        Input, Conv, BatchNorm, Activation, PReLU, MaxPool, AvgPool, GlobalAvgPool, Add, Concat, Flatten, Dense,
+        Dropout,
+    )
 }
 
 
@@ -631,7 +754,7 @@ class ModelSpec:
             "name": self.name,
             "output": self.output,
             "nodes": [
-                {"name": n.name, "op": n.op.kind, "inputs": list(n.inputs), "attrs": _jsonable(n.op.attrs())}
+                {"name": n.name, "op": n.op.kind, "inputs": list(n.inputs), "attrs": _jsonable(n.op.json_attrs())}
                 for n in self.nodes
             ],
         }
@@ -885,6 +1008,17 @@ class SpecBuilder:
 
     def relu(self, x: str, name: str | None = None) -> str:
         return self.activation(x, "relu", name=name)
+
+    def elu(self, x: str, alpha: float = 1.0, name: str | None = None) -> str:
+        """ELU with torch's default ``alpha`` 1."""
+        return self.activation(x, "elu", alpha=alpha, name=name)
+
+    def softplus(self, x: str, beta: float = 1.0, threshold: float = 20.0, name: str | None = None) -> str:
+        return self.op(Activation("softplus", beta=beta, threshold=threshold), (x,), name)
+
+    def prelu(self, x: str, num_parameters: int = 1, name: str | None = None) -> str:
+        """PReLU: one learned slope (``num_parameters=1``) or one per channel (C)."""
+        return self.op(PReLU(num_parameters), (x,), name)
 
     def _pool(self, cls: type[_Pool], x: str, kernel: IntOrTuple, stride: IntOrTuple | None,
               padding: PaddingArg, name: str | None, **extra: Any) -> str:

@@ -30,8 +30,10 @@ from hal.spec import (
     GlobalAvgPool,
     Input,
     MaxPool,
+    Init,
     ModelSpec,
     Node,
+    PReLU,
     SpecBuilder,
     same_padding,
 )
@@ -1207,3 +1209,93 @@ class TestBadArguments:
     def test_input_shape_from_numpy(self):
         b = SpecBuilder("b")
         assert b.build(b.input(np.array([3, 4]))).input_shape == (3, 4)
+
+
+# ---------------------------------------------------------------------------
+# the ops of issue 10: attributes, shapes, params, FLOPs, inits, JSON
+# ---------------------------------------------------------------------------
+
+
+def _one(shape, add, dtype="float32"):
+    b = SpecBuilder("one")
+    spec = b.build(add(b, b.input(shape, dtype=dtype)))
+    return spec, spec.node(spec.output), {r.name: r for r in spec.info()}[spec.output]
+
+
+def _round_trips(spec):
+    back = ModelSpec.from_json(spec.to_json())
+    assert back == spec and back.hash == spec.hash and back.to_json() == spec.to_json()
+
+
+def _refused(nodes, node, match):
+    with pytest.raises(SpecError, match=match) as ei:
+        ModelSpec("bad", tuple(nodes))
+    assert ei.value.node == node
+
+
+class TestActivationsAndPReLU:
+    def test_published_json_and_hash_unchanged_by_late_attributes(self):
+        """Activation gained beta and threshold (softplus) after specs were saved: a spec
+        that does not use them has the JSON it had, so its hash and weights files hold."""
+        spec = ModelSpec("t", (inp((3,)), Node("a", Activation("relu"), ("input",))))
+        assert spec.to_json() == (
+            '{"name": "t", "nodes": [{"attrs": {"dtype": "float32", "shape": [3]}, "inputs": [], "name": "input", '
+            '"op": "Input"}, {"attrs": {"alpha": 0.01, "approximate": "none", "fn": "relu"}, "inputs": ["input"], '
+            '"name": "a", "op": "Activation"}], "output": "a", "schema_version": 1}'
+        )
+        spec, node, _ = _one((3,), lambda b, x: b.softplus(x, beta=2, threshold=5))
+        assert node.op.beta == 2.0 and type(node.op.beta) is float
+        assert json.loads(spec.to_json())["nodes"][1]["attrs"] == {
+            "alpha": 0.01, "approximate": "none", "fn": "softplus", "beta": 2.0, "threshold": 5.0}
+        _round_trips(spec)
+        assert _one((3,), lambda b, x: b.softplus(x))[0].to_json().count("beta") == 0
+
+    @pytest.mark.parametrize("fn", ["relu6", "elu", "hardsigmoid", "hardswish", "softplus", "mish"])
+    def test_new_functions_infer_and_count(self, fn):
+        spec, _, row = _one((3, 4, 5), lambda b, x: b.activation(x, fn))
+        assert row.shape == (3, 4, 5) and row.flops == 60 and row.params == 0
+        _round_trips(spec)
+
+    def test_elu_builder_default_is_torchs_alpha(self):
+        assert _one((3,), lambda b, x: b.elu(x))[1].op.alpha == 1.0
+
+    @pytest.mark.parametrize("bad,match", [
+        (Activation("swish"), "activation must be one of"),
+        (Activation("softplus", beta=0.0), "beta must be > 0"),
+        (Activation("softplus", beta="2"), "beta must be a finite number"),
+        (Activation("softplus", threshold=float("inf")), "threshold must be a finite number"),
+    ])
+    def test_bad_activation_attributes_name_the_node(self, bad, match):
+        _refused([inp((3, 4)), Node("act", bad, ("input",))], "act", match)
+
+    @pytest.mark.parametrize("shape,num", [((6,), 1), ((6,), 6), ((4, 5, 5), 4), ((4, 2, 2, 2), 1)])
+    def test_prelu_params_init_and_flops(self, shape, num):
+        spec, node, row = _one(shape, lambda b, x: b.prelu(x, num, name="p"))
+        assert spec.param_shapes() == {"p.weight": (num,)} and spec.trainable() == ["p.weight"]
+        assert row.shape == shape and row.flops == int(np.prod(shape))
+        assert node.op.init("weight", (num,), [shape]) == Init("constant", 0.25)  # torch.nn.PReLU's init
+        _round_trips(spec)
+
+    @pytest.mark.parametrize("num,match", [(3, "1 or the 4 channels"), (0, "1 or the 4 channels"),
+                                           (2.0, "num_parameters must be an int")])
+    def test_prelu_refuses_other_slope_counts(self, num, match):
+        _refused([inp((4, 5, 5)), Node("p", PReLU(num), ("input",))], "p", match)
+
+
+def test_op_init_rules_are_what_init_weights_draws():
+    """Each op's declared init (``Op.init``) describes the arrays init_weights draws."""
+    from hal.models import get
+    from hal.weights import init_weights
+
+    spec = get("small_cnn")
+    w = init_weights(spec, seed=3)
+    for n in spec.nodes:
+        ins = spec.in_shapes(n)
+        for p, shape in {**n.op.params(ins), **n.op.buffers(ins)}.items():
+            rule, a = n.op.init(p, shape, ins), w[f"{n.name}.{p}"]
+            if rule.dist == "constant":
+                assert np.all(a == rule.value), (n.name, p)
+            elif rule.dist == "uniform":
+                assert np.abs(a).max() <= rule.value and np.abs(a).max() > 0.9 * rule.value, (n.name, p)
+            else:
+                assert a.std() == pytest.approx(rule.value, rel=0.15), (n.name, p)

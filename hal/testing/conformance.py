@@ -361,11 +361,13 @@ def _decided(error: float, tol: float, floor: float, note: str) -> _Measured:
 
 
 def _check_forward(
-    s: _Session, case: Case, batch: int = 2, shift: float = 0.0, modes: tuple[bool, ...] = (False, True)
+    s: _Session, case: Case, batch: int = 2, shift: float = 0.0, scale: float = 1.0,
+    modes: tuple[bool, ...] = (False, True),
 ) -> _Measured:
-    """``predict`` in each mode against float64 numpy; tolerance from float32 numpy."""
+    """``predict`` in each mode against float64 numpy on a normal input times ``scale``
+    plus ``shift``; tolerance from float32 numpy."""
     spec, w = case.spec, _weights(case.spec)
-    x = make_batch(spec, batch, "mse")[0] + np.float32(shift)
+    x = make_batch(spec, batch, "mse")[0] * np.float32(scale) + np.float32(shift)
     exe = s.compile(spec, w, case.config)
     measured, notes = [], []
     for training in modes:
@@ -693,6 +695,7 @@ class _Op:
     build: Callable[[SpecBuilder, str], str]
     batch: int = 2
     shift: float = 0.0  # added to the standard-normal input (max-pool: all below the zero padding)
+    scale: float = 1.0  # multiplies it first (activations: reach the kinks at -3, 3 and 6)
     modes: tuple[bool, ...] = (False,)  # predict(training=...) compared; grad/ cases run the others' training path
 
     def spec(self, behind_batchnorm: bool = False) -> ModelSpec:
@@ -770,6 +773,16 @@ def _op_cases() -> list[_Op]:
         _Op("gelu_erf", (3, 4, 5), _act("gelu")),
         _Op("gelu_tanh", (3, 4, 5), _act("gelu", approximate="tanh")),
         _Op("silu", (3, 4, 5), _act("silu")),
+        _Op("relu6", (3, 4, 5), _act("relu6"), scale=4.0, shift=2.0),
+        _Op("hardsigmoid", (3, 4, 5), _act("hardsigmoid"), scale=3.0),
+        _Op("hardswish", (3, 4, 5), _act("hardswish"), scale=3.0),
+        _Op("elu_alpha0.7", (3, 4, 5), _act("elu", alpha=0.7)),
+        _Op("softplus", (3, 4, 5), lambda b, x: b.softplus(x), scale=10.0),  # past the threshold 20 too
+        _Op("softplus_beta2_threshold1", (3, 4, 5), lambda b, x: b.softplus(x, beta=2.0, threshold=1.0)),
+        _Op("mish", (3, 4, 5), _act("mish"), scale=3.0),
+        _Op("prelu_shared", (3, 4, 5), lambda b, x: b.prelu(x)),
+        _Op("prelu_per_channel", (3, 4, 5), lambda b, x: b.prelu(x, 3)),
+        _Op("prelu_features", (6,), lambda b, x: b.prelu(x, 6)),
         *_pool_cases(),
         _Op("global_avgpool1d", (3, 7), lambda b, x: b.global_avg_pool(x)),
         _Op("global_avgpool2d", (3, 4, 5), lambda b, x: b.global_avg_pool(x)),
@@ -797,6 +810,7 @@ _GRADS = frozenset({
     "conv2d_kernel5_stride2", "conv2d_kernel2_stride3", "conv2d_depthwise_multiplier2",
     "conv3d_stride_dilation_asym_pad", "conv3d_groups2", "batchnorm_features", "batchnorm2d",
     "relu", "leaky_relu_alpha0.2", "sigmoid", "tanh", "gelu_erf", "gelu_tanh", "silu",
+    "relu6", "hardsigmoid", "hardswish", "elu_alpha0.7", "softplus_beta2_threshold1", "mish", "prelu_per_channel",
     "maxpool2d_asym_pad", "maxpool2d_pad_kernel_minus_1", "maxpool3d_asym", "avgpool2d_asym_pad_incl_pad",
     "avgpool2d_asym_pad_excl_pad", "avgpool1d_k3_s2_pad_after_excl_pad", "avgpool3d_input_smaller_than_kernel_excl_pad",
     "global_avgpool2d", "add3", "add_same_input_twice", "concat3", "dense", "dropout_rate0",
@@ -815,7 +829,7 @@ def _mlp(batchnorm: bool = True, name: str = "mlp") -> ModelSpec:
 def _static_cases() -> tuple[Case, ...]:
     cases: list[Case] = []
     for op in _op_cases():
-        check = functools.partial(_check_forward, batch=op.batch, shift=op.shift, modes=op.modes)
+        check = functools.partial(_check_forward, batch=op.batch, shift=op.shift, scale=op.scale, modes=op.modes)
         doc = "inference and training-mode forward" if len(op.modes) == 2 else "inference forward"
         if op.name == "dropout_rate0":
             doc += " (training mode is comparable at rate 0 only: random masks are not)"

@@ -1,0 +1,91 @@
+"""The float64 numpy reference of the issue-10 ops against PyTorch in float64
+(``torch.nn.functional``, ``torch.nn`` and ``torchvision.ops`` definitions), on many
+shapes and attributes including the edge cases where frameworks differ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hal
+from hal.spec import SpecBuilder
+from hal.training import TrainConfig
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+FP64 = TrainConfig(precision="fp64")
+
+
+def T(a: np.ndarray) -> "torch.Tensor":
+    return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
+def close(got: np.ndarray, want: "torch.Tensor") -> None:
+    want = want.detach().numpy() if hasattr(want, "detach") else np.asarray(want)
+    assert got.dtype == np.float64 and got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * max(1.0, float(np.abs(want).max(initial=0.0))))
+
+
+def run(shape, add, batch=3, seed=0, scale=1.0, weights=None):
+    """``(out, x, w)``: the spec ``input -> add(builder, x)`` on numpy in float64, random
+    weights (``weights`` overrides some) and a normal batch times ``scale``."""
+    b = SpecBuilder("op")
+    spec = b.build(add(b, b.input(shape, dtype="float64")))
+    r = np.random.default_rng(seed)
+    w = {k: r.uniform(0.5, 1.5, s) for k, s in spec.param_shapes().items()}
+    w.update(weights or {})
+    x = r.standard_normal((batch, *shape)) * scale
+    return hal.compile(spec, "numpy", w, FP64).predict(x), x, w
+
+
+def weight(w, suffix):
+    (k,) = [k for k in w if k.endswith(suffix)]
+    return T(w[k])
+
+
+# ---------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------
+
+ACTIVATIONS = [  # fn, builder keywords, torch
+    ("relu6", {}, F.relu6),
+    ("hardsigmoid", {}, F.hardsigmoid),
+    ("hardswish", {}, F.hardswish),
+    ("elu", {"alpha": 1.0}, lambda t: F.elu(t)),
+    ("elu", {"alpha": 0.3}, lambda t: F.elu(t, alpha=0.3)),
+    ("mish", {}, F.mish),
+    ("silu", {}, F.silu),
+    ("gelu", {}, F.gelu),
+    ("gelu", {"approximate": "tanh"}, lambda t: F.gelu(t, approximate="tanh")),
+]
+
+
+@pytest.mark.parametrize("fn,kw,ref", ACTIVATIONS, ids=lambda v: str(v) if isinstance(v, (str, dict)) else "")
+@pytest.mark.parametrize("shape", [(7,), (3, 8), (2, 5, 6), (2, 3, 4, 3)])
+def test_activation(fn, kw, ref, shape):
+    got, x, _ = run(shape, lambda b, x: b.activation(x, fn, **kw), scale=5.0)  # past -3, 3 and 6
+    close(got, ref(T(x)))
+
+
+@pytest.mark.parametrize("beta,threshold", [(1.0, 20.0), (2.0, 1.0), (0.5, 3.0), (3.0, 0.0)])
+def test_softplus_beta_and_threshold(beta, threshold):
+    got, x, _ = run((4, 9), lambda b, x: b.softplus(x, beta, threshold), scale=30.0)
+    close(got, F.softplus(T(x), beta=beta, threshold=threshold))
+
+
+def test_activations_do_not_overflow_far_out():
+    x = np.array([[-800.0, -40.0, 0.0, 40.0, 800.0]])
+    for fn, ref in (("mish", F.mish), ("softplus", F.softplus), ("elu", F.elu)):
+        b = SpecBuilder("far")
+        spec = b.build(b.activation(b.input((5,), dtype="float64"), fn, alpha=1.0))
+        with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is right
+            got = hal.compile(spec, "numpy", {}, FP64).predict(x)
+        close(got, ref(T(x)))
+
+
+@pytest.mark.parametrize("shape,num", [((5,), 1), ((5,), 5), ((3, 7), 3), ((4, 3, 5), 1), ((4, 3, 5), 4),
+                                       ((2, 3, 2, 3), 2)])
+def test_prelu(shape, num):
+    got, x, w = run(shape, lambda b, x: b.prelu(x, num), scale=2.0)
+    close(got, F.prelu(T(x), weight(w, ".weight")))
