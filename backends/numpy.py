@@ -13,6 +13,7 @@ from a float64 autodiff run on another backend (``torch:cpu`` with
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -35,8 +36,10 @@ from hal.spec import (
     Input,
     MaxPool,
     ModelSpec,
+    Mul,
     Node,
     PReLU,
+    Scale,
 )
 from hal.lowering import COMPUTE_DTYPE, free_after
 from hal.training import TrainConfig
@@ -161,7 +164,11 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
     if isinstance(op, GlobalAvgPool):
         return xs[0].mean(axis=tuple(range(2, xs[0].ndim)))
     if isinstance(op, Add):
-        return sum(xs[1:], xs[0])
+        return functools.reduce(np.add, xs)
+    if isinstance(op, Mul):
+        return functools.reduce(np.multiply, xs)
+    if isinstance(op, Scale):
+        return xs[0] * p["layer_scale"][None]
     if isinstance(op, Concat):
         return np.concatenate(xs, axis=1)
     if isinstance(op, Flatten):

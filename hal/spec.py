@@ -31,12 +31,20 @@ PReLU             ``x if x >= 0 else a * x`` ``[num_parameters]``; weight ``a`` 
 MaxPool           ``[kernel, stride, padding]``; padding never wins (it is -inf)
 AvgPool           ``[kernel, stride, padding, count_include_pad]``
 GlobalAvgPool     mean over all spatial dims: ``(C, *spatial) -> (C,)``
-Add               n-ary elementwise sum of equal shapes
+Add               n-ary elementwise sum, broadcasting (below)
+Mul               n-ary elementwise product, broadcasting (below): squeeze-and-excitation
+Scale             ``layer_scale * x`` ``[init_value]``; layer_scale ``(C, 1, ..., 1)``
+                  (torchvision ConvNeXt's ``CNBlock.layer_scale``); init_value is its start only
 Concat            along channels
 Flatten           row-major over ``(C, *spatial)``
 Dense             ``F.linear`` on ``(features,)``; weight ``(out, in)``, bias ``(out,)``
 Dropout           ``F.dropout`` ``[rate]``; see "training mode" below
 ================  ==========================================================================
+
+Broadcasting (Add, Mul): the inputs' per-sample shapes have the same rank and each
+dimension is equal across inputs or 1 (numpy broadcasting without rank extension:
+SE's ``(C, 1, 1) * (C, H, W)``); the output takes the largest size of each
+dimension. Ranks never align from the right, so ``(C,)`` with ``(C, H, W)`` is refused.
 
 Training mode: inference and training-mode forwards are the same for every op but
 BatchNorm (batch statistics) and the random ones. Dropout of rate ``p`` zeroes each
@@ -447,20 +455,62 @@ class GlobalAvgPool(Op):
         return _prod(shapes[0])
 
 
+def _broadcast(shapes: list[Shape], what: str) -> Shape:
+    """The broadcast shape of equal-rank shapes whose sizes agree or are 1 in each dimension."""
+    if any(len(s) != len(shapes[0]) for s in shapes):
+        raise ValueError(f"{what} needs inputs of equal rank (per sample), got {shapes}")
+    out = tuple(max(dims) for dims in zip(*shapes))
+    if any(d not in (1, o) for s in shapes for d, o in zip(s, out)):
+        raise ValueError(f"{what} needs each dimension equal across inputs or 1 (broadcasting), got {shapes}")
+    return out
+
+
 @dataclass(frozen=True)
 class Add(Op):
-    """Elementwise sum of two or more inputs of equal shape."""
+    """Elementwise sum of two or more inputs, broadcasting (see the module docstring)."""
 
     kind: ClassVar[str] = "Add"
     arity: ClassVar[tuple[int, int | None]] = (2, None)
 
     def infer(self, shapes: list[Shape]) -> Shape:
-        if any(s != shapes[0] for s in shapes):
-            raise ValueError(f"Add needs inputs of equal shape, got {shapes}")
-        return shapes[0]
+        return _broadcast(shapes, "Add")
 
     def flops(self, shapes: list[Shape], out: Shape) -> int:
         return (len(shapes) - 1) * _prod(out)
+
+
+@dataclass(frozen=True)
+class Mul(Op):
+    """Elementwise product of two or more inputs, broadcasting (see the module
+    docstring): squeeze-and-excitation's ``x * gate`` with gate ``(C, 1, 1)``."""
+
+    kind: ClassVar[str] = "Mul"
+    arity: ClassVar[tuple[int, int | None]] = (2, None)
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        return _broadcast(shapes, "Mul")
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return (len(shapes) - 1) * _prod(out)
+
+
+@dataclass(frozen=True)
+class Scale(Op):
+    """``layer_scale * x`` with a learned per-channel ``layer_scale`` of shape
+    ``(C, 1, ..., 1)`` (torchvision ConvNeXt's ``CNBlock.layer_scale``, same name and
+    layout). ``init_value`` is only the value it starts from (ConvNeXt's 1e-6)."""
+
+    init_value: float = 1e-6
+    kind: ClassVar[str] = "Scale"
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        return {"layer_scale": (shapes[0][0], *(1 for _ in shapes[0][1:]))}
+
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        return Init("constant", self.init_value)
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return _prod(out)
 
 
 @dataclass(frozen=True)
@@ -531,8 +581,8 @@ class Dropout(Op):
 OPS: dict[str, type[Op]] = {
     cls.kind: cls
     for cls in (
-        Input, Conv, BatchNorm, Activation, PReLU, MaxPool, AvgPool, GlobalAvgPool, Add, Concat, Flatten, Dense,
-        Dropout,
+        Input, Conv, BatchNorm, Activation, PReLU, MaxPool, AvgPool, GlobalAvgPool, Add, Mul, Scale, Concat,
+        Flatten, Dense, Dropout,
     )
 }
 
@@ -1043,8 +1093,16 @@ class SpecBuilder:
         return self.op(GlobalAvgPool(), (x,), name)
 
     def add(self, *xs: str, name: str | None = None) -> str:
-        """Residual (elementwise) sum of two or more nodes."""
+        """Elementwise sum of two or more nodes (residual), broadcasting."""
         return self.op(Add(), xs, name)
+
+    def mul(self, *xs: str, name: str | None = None) -> str:
+        """Elementwise product of two or more nodes, broadcasting (``x * gate``)."""
+        return self.op(Mul(), xs, name)
+
+    def scale(self, x: str, init: float = 1e-6, name: str | None = None) -> str:
+        """Learned per-channel scale (layer scale), starting at ``init``."""
+        return self.op(Scale(init), (x,), name)
 
     def concat(self, *xs: str, name: str | None = None) -> str:
         return self.op(Concat(), xs, name)

@@ -89,3 +89,36 @@ def test_activations_do_not_overflow_far_out():
 def test_prelu(shape, num):
     got, x, w = run(shape, lambda b, x: b.prelu(x, num), scale=2.0)
     close(got, F.prelu(T(x), weight(w, ".weight")))
+
+
+# ---------------------------------------------------------------------------
+# broadcasting Add and Mul, layer scale
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pools", [
+    [(4, 5)],  # SE: (3, 1, 1) with (3, 4, 5)
+    [(4, 1), (1, 5)],  # (3, 1, 5) with (3, 4, 1): the output is larger than either input
+    [(1, 1), (4, 5), (1, 5)],
+])
+@pytest.mark.parametrize("kind", ["add", "mul"])
+def test_broadcasting_add_and_mul(pools, kind):
+    def build(b, x):
+        ins = [b.avg_pool(x, k) if k != (1, 1) else x for k in pools]
+        return getattr(b, kind)(*ins, b.activation(x, "tanh")) if len(ins) == 1 else getattr(b, kind)(*ins)
+
+    got, x, _ = run((3, 4, 5), build)
+    t = T(x)
+    terms = [F.avg_pool2d(t, k) if k != (1, 1) else t for k in pools] + ([torch.tanh(t)] if len(pools) == 1 else [])
+    want = terms[0]
+    for term in terms[1:]:
+        want = want + term if kind == "add" else want * term
+    close(got, want)
+
+
+@pytest.mark.parametrize("shape", [(6,), (3, 7), (4, 3, 5), (2, 3, 2, 3)])
+def test_layer_scale_is_torchvisions(shape):
+    got, x, w = run(shape, lambda b, x: b.scale(x))
+    layer_scale = weight(w, ".layer_scale")
+    assert layer_scale.shape == (shape[0], *[1] * (len(shape) - 1))  # CNBlock: (dim, 1, 1)
+    close(got, layer_scale * T(x))  # CNBlock.forward: self.layer_scale * self.block(input)

@@ -32,8 +32,10 @@ from hal.spec import (
     MaxPool,
     Init,
     ModelSpec,
+    Mul,
     Node,
     PReLU,
+    Scale,
     SpecBuilder,
     same_padding,
 )
@@ -87,7 +89,7 @@ class TestValidation:
 
     def test_add_shape_mismatch(self):
         nodes = [inp(), Node("c", conv2d(3, s=2), ("input",)), Node("add", Add(), ("input", "c"))]
-        raises_at(nodes, "add", match="equal shape")
+        raises_at(nodes, "add", match="equal across inputs or 1")
 
     def test_add_rank_mismatch(self):
         nodes = [inp(), Node("g", GlobalAvgPool(), ("input",)), Node("add", Add(), ("input", "g"))]
@@ -1280,6 +1282,44 @@ class TestActivationsAndPReLU:
                                            (2.0, "num_parameters must be an int")])
     def test_prelu_refuses_other_slope_counts(self, num, match):
         _refused([inp((4, 5, 5)), Node("p", PReLU(num), ("input",))], "p", match)
+
+
+
+def _pooled(k, name):
+    return Node(name, AvgPool(k, k, ((0, 0), (0, 0))), ("input",))
+
+
+class TestBroadcastingAndScale:
+    @pytest.mark.parametrize("kind", [Add, Mul])
+    @pytest.mark.parametrize("pools,out", [
+        ([(4, 5)], (3, 4, 5)),  # with the input itself: SE
+        ([(4, 1), (1, 5)], (3, 4, 5)),  # (3, 1, 5) and (3, 4, 1): outer
+        ([(4, 5), (4, 5)], (3, 1, 1)),
+    ])
+    def test_legal_shapes_broadcast(self, kind, pools, out):
+        pooled = [_pooled(k, f"p{i}") for i, k in enumerate(pools)]
+        ins = tuple(n.name for n in pooled) + (("input",) if len(pools) == 1 else ())
+        spec = ModelSpec("t", (inp((3, 4, 5)), *pooled, Node("op", kind(), ins)))
+        assert spec.shape("op") == out
+        assert {r.name: r for r in spec.info()}["op"].flops == (len(ins) - 1) * int(np.prod(out))
+        _round_trips(spec)
+
+    @pytest.mark.parametrize("kind", [Add, Mul])
+    def test_illegal_shapes_name_the_node(self, kind):
+        dense = Node("d", Dense(3), ("gap",))
+        gap = Node("gap", GlobalAvgPool(), ("input",))
+        _refused([inp((3, 4, 5)), gap, dense, Node("op", kind(), ("input", "d"))], "op", "equal rank")  # (3,) no
+        conv = Node("c", Conv(2, (1, 1), (1, 1), P0, (1, 1)), ("input",))  # (2, 4, 5) with (3, 4, 5)
+        _refused([inp((3, 4, 5)), conv, Node("op", kind(), ("input", "c"))], "op", "equal across inputs or 1")
+
+    def test_scale_is_torchvisions_layer_scale(self):
+        spec, node, row = _one((8, 5, 5), lambda b, x: b.scale(x, name="features.1.0"))
+        assert spec.param_shapes() == {"features.1.0.layer_scale": (8, 1, 1)}  # CNBlock's name and shape
+        assert node.op.init("layer_scale", (8, 1, 1), [(8, 5, 5)]) == Init("constant", 1e-6)
+        assert _one((8,), lambda b, x: b.scale(x, init=0.1))[0].param_shapes() == {"scale_2.layer_scale": (8,)}
+        assert row.flops == 200 and row.params == 8
+        _round_trips(spec)
+        _refused([inp((3,)), Node("s", Scale("1e-6"), ("input",))], "s", "init_value must be a finite number")
 
 
 def test_op_init_rules_are_what_init_weights_draws():

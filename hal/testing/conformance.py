@@ -789,6 +789,15 @@ def _op_cases() -> list[_Op]:
         _Op("global_avgpool3d", (2, 3, 4, 3), lambda b, x: b.global_avg_pool(x)),
         _Op("add3", (3, 4, 5), lambda b, x: b.add(x, b.relu(x), b.activation(x, "tanh"))),
         _Op("add_same_input_twice", (3, 4), lambda b, x: b.add(x, x)),
+        _Op("add_broadcast_channel", (3, 4, 5), lambda b, x: b.add(b.avg_pool(x, (4, 5)), x)),  # (3,1,1) + (3,4,5)
+        _Op("add_outer_broadcast", (3, 4, 5), lambda b, x: b.add(b.avg_pool(x, (4, 1)), b.avg_pool(x, (1, 5)))),
+        _Op("mul_squeeze_excitation", (3, 4, 5),
+            lambda b, x: b.mul(x, b.activation(b.avg_pool(x, (4, 5)), "sigmoid"))),
+        _Op("mul3_broadcast", (2, 3, 4, 3), lambda b, x: b.mul(x, b.avg_pool(x, (3, 1, 1)), b.avg_pool(x, (1, 4, 3)))),
+        _Op("mul_features", (5,), lambda b, x: b.mul(x, b.activation(x, "tanh"))),
+        _Op("scale2d", (3, 4, 5), lambda b, x: b.scale(x)),
+        _Op("scale_features", (6,), lambda b, x: b.scale(x)),
+        _Op("scale3d", (2, 3, 2, 3), lambda b, x: b.scale(x)),
         _Op("concat3", (2, 3, 4), lambda b, x: b.concat(x, b.activation(x, "sigmoid"), x)),
         _Op("concat_features", (4,), lambda b, x: b.concat(x, b.activation(x, "tanh"))),
         _Op("flatten2d", (3, 4, 5), lambda b, x: b.flatten(x)),
@@ -813,7 +822,8 @@ _GRADS = frozenset({
     "relu6", "hardsigmoid", "hardswish", "elu_alpha0.7", "softplus_beta2_threshold1", "mish", "prelu_per_channel",
     "maxpool2d_asym_pad", "maxpool2d_pad_kernel_minus_1", "maxpool3d_asym", "avgpool2d_asym_pad_incl_pad",
     "avgpool2d_asym_pad_excl_pad", "avgpool1d_k3_s2_pad_after_excl_pad", "avgpool3d_input_smaller_than_kernel_excl_pad",
-    "global_avgpool2d", "add3", "add_same_input_twice", "concat3", "dense", "dropout_rate0",
+    "global_avgpool2d", "add3", "add_same_input_twice", "add_outer_broadcast", "mul_squeeze_excitation",
+    "mul3_broadcast", "scale2d", "concat3", "dense", "dropout_rate0",
 })
 
 
