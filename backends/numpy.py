@@ -33,7 +33,10 @@ from hal.spec import (
     Dropout,
     Flatten,
     GlobalAvgPool,
+    GroupNorm,
     Input,
+    InstanceNorm,
+    LayerNorm,
     MaxPool,
     ModelSpec,
     Mul,
@@ -96,6 +99,25 @@ def batch_norm(x: np.ndarray, p: Mapping[str, np.ndarray], op: BatchNorm, traini
     return (x - _channel(mean, x.ndim)) * _channel(inv, x.ndim) + _channel(p["bias"], x.ndim)
 
 
+def _normalise(x: np.ndarray, axes: tuple[int, ...], eps: float) -> np.ndarray:
+    """``(x - mean) / sqrt(var + eps)`` over ``axes``, biased variance."""
+    mean = x.mean(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+
+
+def norm(x: np.ndarray, p: Mapping[str, np.ndarray], op: LayerNorm | GroupNorm | InstanceNorm) -> np.ndarray:
+    """LayerNorm over channels, GroupNorm over channel groups and positions, InstanceNorm
+    over positions; then the per-channel affine."""
+    if isinstance(op, LayerNorm):
+        y = _normalise(x, (1,), op.eps)
+    elif isinstance(op, InstanceNorm):
+        y = _normalise(x, tuple(range(2, x.ndim)), op.eps)
+    else:
+        grouped = x.reshape(x.shape[0], op.groups, -1)
+        y = _normalise(grouped, (2,), op.eps).reshape(x.shape)
+    return y * _channel(p["weight"], x.ndim) + _channel(p["bias"], x.ndim) if op.affine else y
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # exact identity, no overflow
 
@@ -153,6 +175,8 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
         return conv(xs[0], p["weight"], p.get("bias"), op)
     if isinstance(op, BatchNorm):
         return batch_norm(xs[0], p, op, training)
+    if isinstance(op, (LayerNorm, GroupNorm, InstanceNorm)):
+        return norm(xs[0], p, op)
     if isinstance(op, Activation):
         return ACTIVATIONS[op.fn](xs[0], op)
     if isinstance(op, PReLU):

@@ -18,6 +18,13 @@ Conv              ``F.conv{1,2,3}d`` ``[out_channels, kernel, stride, padding, d
 BatchNorm         ``F.batch_norm`` over axis 1 ``[eps, momentum]``; weight, bias, running_mean,
                   running_var ``(C,)``; training normalises with the biased batch variance and
                   updates ``running_var`` with the unbiased one (momentum = new statistic's weight)
+LayerNorm         ``[eps, affine]`` over the channel axis alone at each position (ConvNeXt's
+                  channels-first LayerNorm2d: ``nn.LayerNorm(C)`` on the channels-last tensor)
+GroupNorm         ``F.group_norm`` ``[groups, eps, affine]``: ``groups`` consecutive channel groups,
+                  each over its channels and all positions
+InstanceNorm      ``F.instance_norm`` ``[eps, affine]``, no running statistics (torch's default)
+                  LayerNorm, GroupNorm, InstanceNorm: biased variance, the same in training and
+                  inference; weight and bias ``(C,)`` when affine (torch's defaults: True, True, False)
 Activation        ``[fn, alpha, approximate, beta, threshold]`` elementwise, one of
                   relu, relu6 = ``min(max(x, 0), 6)``, leaky_relu (slope ``alpha``),
                   elu = ``x if x > 0 else alpha * (exp(x) - 1)`` (torch's alpha is 1: pass it),
@@ -350,6 +357,71 @@ class BatchNorm(Op):
 
 
 @dataclass(frozen=True)
+class _Norm(Op):
+    """Normalisation by statistics of the sample itself (no running state): the same
+    in inference and training. Biased variance; weight (gamma) and bias (beta)
+    ``(C,)`` per channel when ``affine``. Subclasses declare ``eps`` and ``affine``."""
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        return shapes[0]
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        c = (shapes[0][0],)
+        return {"weight": c, "bias": c} if self.affine else {}
+
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        return Init("constant", 1.0 if param == "weight" else 0.0)
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return (7 if self.affine else 5) * _prod(out)  # mean 1, variance 2, normalise 2, affine 2
+
+
+@dataclass(frozen=True)
+class LayerNorm(_Norm):
+    """Layer normalisation over the channel axis alone, at each position (ConvNeXt's
+    channels-first ``LayerNorm2d``: ``nn.LayerNorm(C)`` on the channels-last tensor);
+    on ``(features,)`` it is ``nn.LayerNorm(features)``."""
+
+    eps: float = 1e-5
+    affine: bool = True
+    kind: ClassVar[str] = "LayerNorm"
+
+
+@dataclass(frozen=True)
+class GroupNorm(_Norm):
+    """``F.group_norm``: the channels split into ``groups`` consecutive groups, each
+    normalised over its channels and all positions."""
+
+    groups: int
+    eps: float = 1e-5
+    affine: bool = True
+    kind: ClassVar[str] = "GroupNorm"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if self.groups < 1 or shapes[0][0] % self.groups:
+            raise ValueError(f"GroupNorm groups {self.groups} must be >= 1 and divide the {shapes[0][0]} channels")
+        return super().infer(shapes)
+
+
+@dataclass(frozen=True)
+class InstanceNorm(_Norm):
+    """``F.instance_norm`` without running statistics (torch's default
+    ``track_running_stats=False``): each channel of each sample over its positions.
+    ``affine`` defaults to False, as in ``nn.InstanceNorm2d``."""
+
+    eps: float = 1e-5
+    affine: bool = False
+    kind: ClassVar[str] = "InstanceNorm"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if len(shapes[0]) < 2:
+            raise ValueError(f"InstanceNorm needs spatial dims, got shape {shapes[0]}")
+        return super().infer(shapes)
+
+
+@dataclass(frozen=True)
 class Activation(Op):
     """Elementwise activation ``fn`` (see the module's op table). ``alpha`` is
     leaky_relu's negative slope and elu's alpha; ``approximate`` is gelu's form,
@@ -581,7 +653,7 @@ class Dropout(Op):
 OPS: dict[str, type[Op]] = {
     cls.kind: cls
     for cls in (
-        Input, Conv, BatchNorm, Activation, PReLU, MaxPool, AvgPool, GlobalAvgPool, Add, Mul, Scale, Concat,
+        Input, Conv, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, GlobalAvgPool, Add, Mul, Scale, Concat,
         Flatten, Dense, Dropout,
     )
 }
@@ -1052,6 +1124,16 @@ class SpecBuilder:
 
     def batch_norm(self, x: str, eps: float = 1e-5, momentum: float = 0.1, name: str | None = None) -> str:
         return self.op(BatchNorm(eps, momentum), (x,), name)
+
+    def layer_norm(self, x: str, eps: float = 1e-5, affine: bool = True, name: str | None = None) -> str:
+        """LayerNorm over channels (ConvNeXt's channels-first form; ConvNeXt passes eps=1e-6)."""
+        return self.op(LayerNorm(eps, affine), (x,), name)
+
+    def group_norm(self, x: str, groups: int, eps: float = 1e-5, affine: bool = True, name: str | None = None) -> str:
+        return self.op(GroupNorm(groups, eps, affine), (x,), name)
+
+    def instance_norm(self, x: str, eps: float = 1e-5, affine: bool = False, name: str | None = None) -> str:
+        return self.op(InstanceNorm(eps, affine), (x,), name)
 
     def activation(self, x: str, fn: str, alpha: float = 0.01, approximate: str = "none", name: str | None = None) -> str:
         return self.op(Activation(fn, alpha, approximate), (x,), name)

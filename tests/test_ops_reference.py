@@ -122,3 +122,43 @@ def test_layer_scale_is_torchvisions(shape):
     layer_scale = weight(w, ".layer_scale")
     assert layer_scale.shape == (shape[0], *[1] * (len(shape) - 1))  # CNBlock: (dim, 1, 1)
     close(got, layer_scale * T(x))  # CNBlock.forward: self.layer_scale * self.block(input)
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm (channels-first), GroupNorm, InstanceNorm
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(6,), (3, 7), (4, 3, 5), (2, 3, 2, 3)])
+@pytest.mark.parametrize("eps,affine", [(1e-5, True), (1e-6, True), (1e-3, False)])
+def test_layer_norm_is_convnexts_channels_first_form(shape, eps, affine):
+    got, x, w = run(shape, lambda b, x: b.layer_norm(x, eps, affine), scale=3.0)
+    last = T(np.moveaxis(x, 1, -1))  # torchvision LayerNorm2d: permute to channels-last, nn.LayerNorm(C), back
+    args = (weight(w, ".weight"), weight(w, ".bias")) if affine else (None, None)
+    close(got, torch.movedim(F.layer_norm(last, (shape[0],), *args, eps=eps), -1, 1))
+
+
+@pytest.mark.parametrize("shape,groups", [((6,), 3), ((4, 7), 2), ((6, 3, 5), 3), ((6, 3, 5), 6), ((6, 3, 5), 1),
+                                          ((4, 2, 3, 2), 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm(shape, groups, affine):
+    got, x, w = run(shape, lambda b, x: b.group_norm(x, groups, eps=1e-4, affine=affine), scale=3.0)
+    args = (weight(w, ".weight"), weight(w, ".bias")) if affine else (None, None)
+    close(got, F.group_norm(T(x), groups, *args, eps=1e-4))
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (4, 3, 5), (2, 3, 2, 3), (3, 1, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm(shape, affine):
+    got, x, w = run(shape, lambda b, x: b.instance_norm(x, eps=1e-3, affine=affine), scale=3.0)
+    args = dict(weight=weight(w, ".weight"), bias=weight(w, ".bias")) if affine else {}
+    close(got, F.instance_norm(T(x), eps=1e-3, **args))
+
+
+def test_norms_are_the_same_in_training_mode():
+    for add in (lambda b, x: b.layer_norm(x), lambda b, x: b.group_norm(x, 2), lambda b, x: b.instance_norm(x)):
+        b = SpecBuilder("t")
+        spec = b.build(add(b, b.input((4, 3, 5), dtype="float64")))
+        exe = hal.compile(spec, "numpy", hal.init_weights(spec), FP64)
+        x = np.random.default_rng(1).standard_normal((2, 4, 3, 5))
+        np.testing.assert_array_equal(exe.predict(x, training=True), exe.predict(x))

@@ -28,9 +28,12 @@ from hal.spec import (
     Dropout,
     Flatten,
     GlobalAvgPool,
-    Input,
-    MaxPool,
+    GroupNorm,
     Init,
+    Input,
+    InstanceNorm,
+    LayerNorm,
+    MaxPool,
     ModelSpec,
     Mul,
     Node,
@@ -1320,6 +1323,39 @@ class TestBroadcastingAndScale:
         assert row.flops == 200 and row.params == 8
         _round_trips(spec)
         _refused([inp((3,)), Node("s", Scale("1e-6"), ("input",))], "s", "init_value must be a finite number")
+
+
+
+class TestNorms:
+    @pytest.mark.parametrize("add,affine", [
+        (lambda b, x: b.layer_norm(x, name="n"), True),
+        (lambda b, x: b.group_norm(x, 2, name="n"), True),
+        (lambda b, x: b.instance_norm(x, name="n"), False),  # nn.InstanceNorm2d's default
+        (lambda b, x: b.instance_norm(x, affine=True, name="n"), True),
+        (lambda b, x: b.layer_norm(x, affine=False, name="n"), False),
+    ])
+    def test_params_flops_init_json(self, add, affine):
+        spec, node, row = _one((4, 3, 5), add)
+        assert spec.param_shapes() == ({"n.weight": (4,), "n.bias": (4,)} if affine else {})
+        assert row.shape == (4, 3, 5) and row.flops == (7 if affine else 5) * 60
+        assert [node.op.init(p, (4,), [(4, 3, 5)]).value for p in ("weight", "bias")] == [1.0, 0.0]
+        _round_trips(spec)
+
+    def test_group_norm_positional_groups_and_json_keys(self):
+        assert GroupNorm(2) == GroupNorm(groups=2, eps=1e-5, affine=True)
+        spec, _, _ = _one((4, 3), lambda b, x: b.group_norm(x, 4, eps=1e-3))
+        assert json.loads(spec.to_json())["nodes"][1]["attrs"] == {"groups": 4, "eps": 1e-3, "affine": True}
+
+    @pytest.mark.parametrize("op,shape,match", [
+        (GroupNorm(3), (4, 5), "groups 3 must be >= 1 and divide the 4 channels"),
+        (GroupNorm(0), (4, 5), "groups 0 must be >= 1"),
+        (GroupNorm(2.0), (4, 5), "groups must be an int"),
+        (InstanceNorm(), (4,), "InstanceNorm needs spatial dims"),
+        (LayerNorm(eps=0.0), (4, 5), "eps must be > 0"),
+        (LayerNorm(affine=1), (4, 5), "affine must be a bool"),
+    ])
+    def test_bad_attributes_name_the_node(self, op, shape, match):
+        _refused([inp(shape), Node("n", op, ("input",))], "n", match)
 
 
 def test_op_init_rules_are_what_init_weights_draws():
