@@ -5,8 +5,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch pinned to the CPU build this project is developed with; override e.g. TORCH="torch" for a CUDA machine.
-TORCH  ?= torch==2.13.0
+# torch and torchvision pinned to the releases this project is tested with (torchvision's models are ground truth
+# for the import tests); on Linux x86_64 this is a CUDA build, which runs on CPUs too. Override e.g. TORCH="torch torchvision".
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= all,dev
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -19,7 +20,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install --quiet -e $(PLUGIN)
 	touch $@
