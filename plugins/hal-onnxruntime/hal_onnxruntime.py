@@ -25,7 +25,11 @@ updated), runs a second session built on first use: the exported graph with each
 BatchNormalization written out in standard ONNX ops over batch statistics and
 each Dropout of rate > 0 given ``training_mode``. A spec with neither has one
 forward, and the inference session answers both modes. Precision is fp32: the
-exported graph computes in float32.
+exported graph computes in float32, and specs of another dtype are declared
+unsupported.
+
+Options: ``opset`` (of the exported graph), ``intra_op_num_threads`` and
+``graph_optimization`` (the session's).
 """
 
 from __future__ import annotations
@@ -118,16 +122,17 @@ def _batch_statistics_norm(
 
     axes = [0, *range(2, rank)]
     graph.initializer.extend([
-        numpy_helper.from_array(np.array(axes, np.int64), v("axes")),
         numpy_helper.from_array(np.array([1, -1] + [1] * (rank - 2), np.int64), v("shape")),
         numpy_helper.from_array(np.array(eps, np.float32), v("eps")),
     ])
+    if opset >= 18:  # ReduceMean's axes became an input in opset 18
+        graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), v("axes")))
 
     def op(kind: str, inputs: list[str], output: str, **attrs: Any) -> "onnx.NodeProto":
         return helper.make_node(kind, inputs, [output], output, **attrs)
 
     def mean(inp: str, output: str) -> "onnx.NodeProto":
-        if opset >= 18:  # axes became an input in opset 18
+        if opset >= 18:
             return op("ReduceMean", [inp, v("axes")], output, keepdims=1)
         return op("ReduceMean", [inp], output, axes=axes, keepdims=1)
 
@@ -174,7 +179,7 @@ class OnnxRuntimeExecutable(Executable):
 
         from hal.onnx import to_onnx
 
-        model = to_onnx(self.spec, weights)
+        model = to_onnx(self.spec, weights, opset=self.options["opset"])
         if training:
             model = training_form(model, self.spec)
         so = onnxruntime.SessionOptions()
@@ -243,7 +248,10 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def options(cls) -> dict[str, Option]:
+        from hal.onnx import DEFAULT_OPSET  # hal.onnx imports onnx only when it exports
+
         return {
+            "opset": Option(DEFAULT_OPSET, "ONNX opset of the exported graph (hal.onnx.MIN_OPSET to the newest onnx knows)"),
             "intra_op_num_threads": Option(0, "threads of one operator; 0 lets onnxruntime choose (physical cores)"),
             "graph_optimization": Option(
                 "all", "onnxruntime graph optimization level (fusions, constant folding)",

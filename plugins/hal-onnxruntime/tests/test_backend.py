@@ -13,7 +13,7 @@ import hal
 from hal.cli import main
 from hal.errors import BackendUnavailable, ConfigError, UnsupportedError
 from hal.models.small_cnn import small_cnn
-from hal.onnx import to_onnx
+from hal.onnx import MIN_OPSET, to_onnx
 from hal.parity import run_parity
 from hal.spec import SpecBuilder
 from hal_onnxruntime import OnnxRuntimeBackend, device_name, training_form
@@ -67,6 +67,25 @@ def test_a_float64_spec_is_declared_unsupported() -> None:
     spec = b.build(b.dense(b.input((6,), dtype="float64"), 3))
     with pytest.raises(UnsupportedError, match="computes in float32.*float64"):
         hal.compile(spec, "onnxruntime:cpu")
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET, 18])  # ReduceMean takes axes as an attribute, then as an input
+@pytest.mark.parametrize("shape", [(5,), (3, 4, 5)])
+def test_training_mode_batchnorm_uses_batch_statistics_at_each_opset(opset: int, shape: tuple[int, ...]) -> None:
+    b = SpecBuilder("bn")
+    spec = b.build(b.batch_norm(b.input(shape), eps=1e-3, name="bn"))
+    means = [n for n in training_form(to_onnx(spec, opset=opset), spec).graph.node if n.op_type == "ReduceMean"]
+    assert [len(n.input) for n in means] == [1 + (opset >= 18)] * 2
+    exe = hal.compile(spec, "onnxruntime:cpu", options={"opset": opset})
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, *shape)).astype(np.float32)
+    w = exe.weights()
+    axes = (0, *range(2, x.ndim))
+    c = (1, -1) + (1,) * (x.ndim - 2)
+    x64 = x.astype(np.float64)
+    want = (x64 - x64.mean(axes).reshape(c)) / np.sqrt(x64.var(axes).reshape(c) + 1e-3)
+    want = want * w["bn.weight"].reshape(c) + w["bn.bias"].reshape(c)
+    np.testing.assert_allclose(exe.predict(x, training=True), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(exe.predict(x), want, atol=1e-2)  # inference uses the running statistics
 
 
 def test_the_training_form_refuses_a_graph_without_hal_node_names() -> None:
