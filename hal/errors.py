@@ -6,6 +6,17 @@ target, package to install). Catch :class:`HalError` to catch them all.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 4, 60, 60
+
+
+def show(value: Any) -> str:
+    """``repr`` for error messages, bounded in length and depth (a user's value may be huge or deeply nested)."""
+    return _REPR.repr(value)
+
 
 class HalError(Exception):
     """Base class of every error hal raises on purpose."""

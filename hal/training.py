@@ -20,7 +20,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Union
 
-from hal.errors import ConfigError
+from hal.errors import ConfigError, show
 
 LOSSES = ("cross_entropy", "mse")
 PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
@@ -38,7 +38,7 @@ class SGD:
     def __post_init__(self) -> None:
         _nonneg(self, "lr", "momentum", "weight_decay")
         if not isinstance(self.nesterov, bool):
-            raise ConfigError(f"SGD: nesterov must be a bool, got {self.nesterov!r}")
+            raise ConfigError(f"SGD: nesterov must be a bool, got {show(self.nesterov)}")
         if self.nesterov and self.momentum <= 0:
             raise ConfigError("SGD: nesterov requires momentum > 0 (as in torch.optim.SGD)")
 
@@ -89,7 +89,7 @@ class StepDecay:
 
     def __post_init__(self) -> None:
         if not (_int(self.step_size) and self.step_size >= 1):
-            raise ConfigError(f"StepDecay: step_size must be an int >= 1, got {self.step_size!r}")
+            raise ConfigError(f"StepDecay: step_size must be an int >= 1, got {show(self.step_size)}")
         _nonneg(self, "gamma")
 
     def factor(self, step: int) -> float:
@@ -115,7 +115,7 @@ class Cosine:
     def __post_init__(self) -> None:
         if not (_int(self.warmup_steps) and _int(self.total_steps) and 0 <= self.warmup_steps < self.total_steps):
             raise ConfigError(
-                f"Cosine: need ints 0 <= warmup_steps < total_steps, got {self.warmup_steps!r}, {self.total_steps!r}"
+                f"Cosine: need ints 0 <= warmup_steps < total_steps, got {show(self.warmup_steps)}, {show(self.total_steps)}"
             )
         _nonneg(self, "warmup_start", "min_factor")
 
@@ -149,17 +149,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.check_finite, bool):
-            raise ConfigError(f"check_finite must be a bool, got {self.check_finite!r}")
+            raise ConfigError(f"check_finite must be a bool, got {show(self.check_finite)}")
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
-            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise ConfigError(f"loss must be one of {LOSSES}, got {show(self.loss)}")
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {show(self.precision)}")
         if not _int(self.grad_accum) or self.grad_accum < 1:
-            raise ConfigError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
+            raise ConfigError(f"grad_accum must be an int >= 1, got {show(self.grad_accum)}")
         if not isinstance(self.optimizer, (SGD, Adam)):
-            raise ConfigError(f"optimizer must be hal.training.SGD, Adam or AdamW, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be hal.training.SGD, Adam or AdamW, got {show(self.optimizer)}")
         if not isinstance(self.schedule, (Constant, StepDecay, Cosine)):
-            raise ConfigError(f"schedule must be a Constant, StepDecay or Cosine instance, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be a Constant, StepDecay or Cosine instance, got {show(self.schedule)}")
 
     def lr(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
@@ -176,11 +176,11 @@ def _int(v: object) -> bool:
 
 def _check_step(step: object) -> None:
     if not (_int(step) and step >= 0):  # type: ignore[operator]
-        raise ConfigError(f"an optimizer step must be an int >= 0, got {step!r}")
+        raise ConfigError(f"an optimizer step must be an int >= 0, got {show(step)}")
 
 
 def _nonneg(obj: object, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
         if not (_real(v) and v >= 0):
-            raise ConfigError(f"{type(obj).__name__}: {n} must be a finite number >= 0, got {v!r}")
+            raise ConfigError(f"{type(obj).__name__}: {n} must be a finite number >= 0, got {show(v)}")
