@@ -56,7 +56,7 @@ class Adam:
         _nonneg(self, "lr", "eps", "weight_decay")
         betas = self.betas
         if not (isinstance(betas, tuple) and len(betas) == 2 and all(_real(b) and 0.0 <= b < 1.0 for b in betas)):
-            raise ConfigError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {self.betas}")
+            raise ConfigError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {show(self.betas)}")
 
 
 @dataclass(frozen=True)
