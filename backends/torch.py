@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
+import operator
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -114,6 +116,29 @@ def _modules() -> dict[type[S.Op], type]:
                 return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, op.momentum, op.eps)
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, op.eps)
 
+    class Norm(nn.Module):
+        """The per-sample norms: per-channel weight and bias when ``op.affine``."""
+
+        def __init__(self, op: S.LayerNorm | S.GroupNorm | S.InstanceNorm, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            c = in_shapes[0][0]
+            self.weight = nn.Parameter(torch.empty(c)) if op.affine else None
+            self.bias = nn.Parameter(torch.empty(c)) if op.affine else None
+            self.op = op
+
+    class LayerNorm(Norm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # over channels: contiguous under channels_last
+            y = F.layer_norm(x.movedim(1, -1), x.shape[1:2], self.weight, self.bias, self.op.eps)
+            return y.movedim(-1, 1)
+
+    class GroupNorm(Norm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.group_norm(x, self.op.groups, self.weight, self.bias, self.op.eps)
+
+    class InstanceNorm(Norm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.op.eps)
+
     class Activation(nn.Module):
         FNS = {
             "relu": lambda x, op: F.relu(x),
@@ -122,6 +147,12 @@ def _modules() -> dict[type[S.Op], type]:
             "tanh": lambda x, op: torch.tanh(x),
             "silu": lambda x, op: F.silu(x),
             "gelu": lambda x, op: F.gelu(x, approximate=op.approximate),
+            "relu6": lambda x, op: F.relu6(x),
+            "elu": lambda x, op: F.elu(x, op.alpha),
+            "hardsigmoid": lambda x, op: F.hardsigmoid(x),
+            "hardswish": lambda x, op: F.hardswish(x),
+            "softplus": lambda x, op: F.softplus(x, op.beta, op.threshold),
+            "mish": lambda x, op: F.mish(x),
         }
 
         def __init__(self, op: S.Activation, in_shapes: list[S.Shape]) -> None:
@@ -130,6 +161,14 @@ def _modules() -> dict[type[S.Op], type]:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fn(x, self.op)
+
+    class PReLU(nn.Module):
+        def __init__(self, op: S.PReLU, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(op.num_parameters))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.prelu(x, self.weight)
 
     class MaxPool(nn.Module):
         def __init__(self, op: S.MaxPool, in_shapes: list[S.Shape]) -> None:
@@ -172,14 +211,23 @@ def _modules() -> dict[type[S.Op], type]:
             return x.mean(dim=self.dims)
 
     class Add(nn.Module):
-        def __init__(self, op: S.Add, in_shapes: list[S.Shape]) -> None:
+        def __init__(self, op: S.Add | S.Mul, in_shapes: list[S.Shape]) -> None:
             super().__init__()
 
         def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-            out = xs[0] + xs[1]
-            for x in xs[2:]:
-                out = out + x
-            return out
+            return functools.reduce(operator.add, xs)  # torch broadcasts as the spec does (equal ranks)
+
+    class Mul(Add):
+        def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+            return functools.reduce(operator.mul, xs)
+
+    class Scale(nn.Module):
+        def __init__(self, op: S.Scale, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            self.layer_scale = nn.Parameter(torch.empty(op.params(in_shapes)["layer_scale"]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer_scale * x
 
     class Concat(nn.Module):
         def __init__(self, op: S.Concat, in_shapes: list[S.Shape]) -> None:
@@ -214,9 +262,10 @@ def _modules() -> dict[type[S.Op], type]:
             return F.dropout(x, self.rate, self.training)
 
     return {
-        S.Conv: Conv, S.BatchNorm: BatchNorm, S.Activation: Activation, S.MaxPool: MaxPool,
-        S.AvgPool: AvgPool, S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Concat: Concat,
-        S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout,
+        S.Conv: Conv, S.BatchNorm: BatchNorm, S.LayerNorm: LayerNorm, S.GroupNorm: GroupNorm,
+        S.InstanceNorm: InstanceNorm, S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool,
+        S.AvgPool: AvgPool, S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Mul: Mul, S.Scale: Scale,
+        S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout,
     }
 
 
