@@ -187,7 +187,11 @@ class OnnxRuntimeExecutable(Executable):
         so.graph_optimization_level = getattr(
             onnxruntime.GraphOptimizationLevel, GRAPH_OPTIMIZATION[self.options["graph_optimization"]]
         )
-        session = onnxruntime.InferenceSession(model.SerializeToString(), so, providers=[self.provider])
+        session = onnxruntime.InferenceSession(
+            model.SerializeToString(), so, providers=[self.provider],
+            # onnxruntime removes every Dropout whose mask is unused, training_mode or not
+            disabled_optimizers=["EliminateDropout"] if training else None,
+        )
         if self.provider not in session.get_providers():
             raise BackendUnavailable(
                 f"{self.target}: onnxruntime could not start {self.provider} here (the session got "

@@ -88,6 +88,16 @@ def test_training_mode_batchnorm_uses_batch_statistics_at_each_opset(opset: int,
     assert not np.allclose(exe.predict(x), want, atol=1e-2)  # inference uses the running statistics
 
 
+def test_training_mode_dropout_inside_the_graph_drops() -> None:
+    """onnxruntime's optimizer removes a Dropout between two nodes, even in training mode."""
+    b = SpecBuilder("drop")
+    spec = b.build(b.relu(b.dropout(b.relu(b.input((3, 4, 5))), 0.5)))
+    exe = hal.compile(spec, "onnxruntime:cpu")
+    out = exe.predict(np.ones((4, 3, 4, 5), np.float32), training=True)
+    assert set(np.unique(out)) == {0.0, 2.0} and abs((out == 0).mean() - 0.5) < 0.2  # 240 values
+    assert np.array_equal(exe.predict(np.ones((4, 3, 4, 5), np.float32)), np.ones((4, 3, 4, 5), np.float32))
+
+
 def test_the_training_form_refuses_a_graph_without_hal_node_names() -> None:
     b = SpecBuilder("bn")
     spec = b.build(b.relu(b.batch_norm(b.input((3, 4)), name="bn")))
