@@ -14,6 +14,7 @@ from a float64 autodiff run on another backend (``torch:cpu`` with
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, Callable, Mapping
 
@@ -24,6 +25,8 @@ from hal.backend import Availability, Backend, Capabilities, Executable, Target,
 from hal.errors import UnsupportedError
 from hal.spec import (
     Activation,
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
     Add,
     AvgPool,
     BatchNorm,
@@ -41,10 +44,11 @@ from hal.spec import (
     ModelSpec,
     Mul,
     Node,
+    Pad,
     PReLU,
     Scale,
 )
-from hal.lowering import COMPUTE_DTYPE, free_after
+from hal.lowering import COMPUTE_DTYPE, adaptive_windows, avg_pool_divisor, free_after, pool_padding
 from hal.training import TrainConfig
 
 PRECISIONS = ("fp64", "fp32", "fp16")  # numpy has no bfloat16
@@ -153,19 +157,34 @@ ACTIVATIONS: dict[str, Callable[[np.ndarray, Activation], np.ndarray]] = {
 
 def max_pool(x: np.ndarray, op: MaxPool) -> np.ndarray:
     nd = len(op.kernel)
-    win = _windows(_pad(x, op.padding, -np.inf), op.kernel, op.stride, (1,) * nd)
+    win = _windows(_pad(x, pool_padding(x.shape[2:], op), -np.inf), op.kernel, op.stride, (1,) * nd)
     return win.max(axis=tuple(range(-nd, 0)))
 
 
 def avg_pool(x: np.ndarray, op: AvgPool) -> np.ndarray:
     nd = len(op.kernel)
-    axes = tuple(range(-nd, 0))
-    total = _windows(_pad(x, op.padding), op.kernel, op.stride, (1,) * nd).sum(axis=axes)
-    if op.count_include_pad:
-        return total / math.prod(op.kernel)
-    ones = np.ones((1, 1, *x.shape[2:]), dtype=x.dtype)
-    count = _windows(_pad(ones, op.padding), op.kernel, op.stride, (1,) * nd).sum(axis=axes)
-    return total / count
+    total = _windows(_pad(x, pool_padding(x.shape[2:], op)), op.kernel, op.stride, (1,) * nd).sum(
+        axis=tuple(range(-nd, 0)))
+    return total / avg_pool_divisor(x.shape[2:], op).astype(x.dtype)
+
+
+def adaptive_pool(x: np.ndarray, op: AdaptiveAvgPool | AdaptiveMaxPool) -> np.ndarray:
+    reduce = np.mean if isinstance(op, AdaptiveAvgPool) else np.max
+    axes = tuple(range(2, x.ndim))
+    out = np.empty((*x.shape[:2], *op.output_size), dtype=x.dtype)
+    windows = [adaptive_windows(n, o) for n, o in zip(x.shape[2:], op.output_size)]
+    for index in itertools.product(*(range(o) for o in op.output_size)):
+        region = tuple(slice(*windows[d][i]) for d, i in enumerate(index))
+        out[(..., *index)] = reduce(x[(slice(None), slice(None), *region)], axis=axes)
+    return out
+
+
+_NUMPY_PAD_MODE = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+
+
+def pad(x: np.ndarray, op: Pad) -> np.ndarray:
+    extra = {"constant_values": op.value} if op.mode == "constant" else {}
+    return np.pad(x, ((0, 0), (0, 0), *op.padding), mode=_NUMPY_PAD_MODE[op.mode], **extra)
 
 
 def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], training: bool) -> np.ndarray:
@@ -185,6 +204,10 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
         return max_pool(xs[0], op)
     if isinstance(op, AvgPool):
         return avg_pool(xs[0], op)
+    if isinstance(op, (AdaptiveAvgPool, AdaptiveMaxPool)):
+        return adaptive_pool(xs[0], op)
+    if isinstance(op, Pad):
+        return pad(xs[0], op)
     if isinstance(op, GlobalAvgPool):
         return xs[0].mean(axis=tuple(range(2, xs[0].ndim)))
     if isinstance(op, Add):

@@ -7,7 +7,8 @@ backends cannot disagree on them:
 - liveness: which values die after each node (:func:`free_after`);
 - padding: whether an explicit padding is symmetric, TensorFlow's ``SAME`` or
   neither, and its layouts for ``torch.nn.functional.pad`` and channels-last pads;
-- the average-pool divisor per output position;
+- pooling: the average-pool divisor per output position, ``ceil_mode`` as explicit
+  extra padding, adaptive pooling windows;
 - which BatchNorms fold into the convolution before them, and the folding formula;
 - optimizer step scalars (learning rate from the schedule, Adam's bias
   corrections, AdamW's decay) in float64, as ``torch.optim`` computes them;
@@ -21,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from hal.spec import AvgPool, BatchNorm, Conv, ModelSpec, Padding, Shape, same_padding
+from hal.spec import AvgPool, BatchNorm, Conv, MaxPool, ModelSpec, Padding, Shape, pool_out, same_padding
 from hal.training import SGD, AdamW, TrainConfig
 
 # ---------------------------------------------------------------------------
@@ -87,19 +88,40 @@ def nhwc_pad(padding: Padding) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------
-# average pooling
+# pooling
 # ---------------------------------------------------------------------------
 
 
+def pool_padding(sizes: Shape, op: MaxPool | AvgPool) -> Padding:
+    """``op.padding`` plus, with ``ceil_mode``, the extra padding after each dim that
+    makes a floor-mode pool give the ceil-mode output size: what a framework without
+    ``ceil_mode`` pads (max pool with -inf; average pool with zeros that
+    :func:`avg_pool_divisor` never counts)."""
+    out: list[tuple[int, int]] = []
+    for n, k, s, (a, b), o in zip(sizes, op.kernel, op.stride, op.padding, _pool_out(sizes, op)):
+        out.append((a, max((o - 1) * s + k - (n + a + b), 0) + b))
+    return tuple(out)
+
+
+def _pool_out(sizes: Shape, op: MaxPool | AvgPool) -> Shape:
+    return tuple(pool_out(n, k, s, p, op.ceil_mode) for n, k, s, p in zip(sizes, op.kernel, op.stride, op.padding))
+
+
 def avg_pool_divisor(sizes: Shape, op: AvgPool) -> np.ndarray:
-    """The divisor of each output position, shape ``(*out)``: ``prod(kernel)``
-    everywhere with ``count_include_pad``, else the number of real pixels in the window."""
-    ones = np.pad(np.ones(sizes), op.padding)
-    win = np.lib.stride_tricks.sliding_window_view(ones, op.kernel)
-    win = win[tuple(slice(None, None, s) for s in op.stride)]
-    if op.count_include_pad:
-        return np.full(win.shape[: len(sizes)], float(math.prod(op.kernel)))
-    return win.sum(axis=tuple(range(-len(op.kernel), 0)))
+    """The divisor of each output position, shape ``(*out)``: with ``count_include_pad``
+    the window's elements inside the padded input (``prod(kernel)`` but where a
+    ``ceil_mode`` window runs past the padding), else its real pixels."""
+    counted = np.pad(np.ones(sizes), op.padding, constant_values=1.0 if op.count_include_pad else 0.0)
+    full = pool_padding(sizes, op)
+    extra = tuple((0, b - p[1]) for (_, b), p in zip(full, op.padding))
+    win = np.lib.stride_tricks.sliding_window_view(np.pad(counted, extra), op.kernel)
+    return win[tuple(slice(None, None, s) for s in op.stride)].sum(axis=tuple(range(-len(op.kernel), 0)))
+
+
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's ``(start, end)`` of each of ``out`` windows over ``size``
+    elements: ``[floor(i size / out), ceil((i + 1) size / out))``, PyTorch's."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
 
 
 # ---------------------------------------------------------------------------

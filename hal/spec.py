@@ -35,8 +35,14 @@ Activation        ``[fn, alpha, approximate, beta, threshold]`` elementwise, one
                   mish = ``x * tanh(log(1 + exp(x)))``
 PReLU             ``x if x >= 0 else a * x`` ``[num_parameters]``; weight ``a`` ``(1,)`` shared or
                   ``(C,)`` per channel
-MaxPool           ``[kernel, stride, padding]``; padding never wins (it is -inf)
-AvgPool           ``[kernel, stride, padding, count_include_pad]``
+MaxPool           ``[kernel, stride, padding, ceil_mode]``; padding never wins (it is -inf)
+AvgPool           ``[kernel, stride, padding, count_include_pad, ceil_mode]``; ceil_mode rounds
+                  the output size up but drops a last window that would start in the right padding,
+                  and the part of a window past the padding never counts (torch's rules)
+AdaptiveAvgPool,  ``[output_size]``; window ``i`` of ``n`` covers
+AdaptiveMaxPool   ``[floor(i n / out), ceil((i + 1) n / out))`` (torch's)
+Pad               ``[padding, mode, value]`` spatial dims, per side; mode constant (value),
+                  reflect (without the edge, pad < n) or replicate (``F.pad``'s modes)
 GlobalAvgPool     mean over all spatial dims: ``(C, *spatial) -> (C,)``
 Add               n-ary elementwise sum, broadcasting (below)
 Mul               n-ary elementwise product, broadcasting (below): squeeze-and-excitation
@@ -471,6 +477,15 @@ class PReLU(Op):
         return _prod(out)
 
 
+def pool_out(n: int, k: int, s: int, pad: tuple[int, int], ceil_mode: bool) -> int:
+    """Output length of a pooling window (PyTorch's rule): with ``ceil_mode`` the
+    division rounds up, but a last window that would start in the right padding
+    (at or after ``before + n``) is dropped."""
+    span = n + pad[0] + pad[1] - k
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    return out - 1 if ceil_mode and (out - 1) * s >= n + pad[0] else out
+
+
 @dataclass(frozen=True)
 class _Pool(Op):
     kernel: Shape
@@ -486,9 +501,11 @@ class _Pool(Op):
                     "(a window lying wholly in padding has no value)"
                 )
         spatial = _spatial(shapes[0], self.kind, len(self.kernel))
+        for i, (n, k, p) in enumerate(zip(spatial, self.kernel, self.padding)):
+            _window_out(n, k, 1, 1, p, f"{self.kind} dim {i}")
         out = tuple(
-            _window_out(n, k, s, 1, p, f"{self.kind} dim {i}")
-            for i, (n, k, s, p) in enumerate(zip(spatial, self.kernel, self.stride, self.padding))
+            pool_out(n, k, s, p, self.ceil_mode)  # type: ignore[attr-defined]
+            for n, k, s, p in zip(spatial, self.kernel, self.stride, self.padding)
         )
         return (shapes[0][0], *out)
 
@@ -498,18 +515,79 @@ class _Pool(Op):
 
 @dataclass(frozen=True)
 class MaxPool(_Pool):
-    """Max pooling; padding never wins (it is -inf)."""
+    """Max pooling; padding never wins (it is -inf). ``ceil_mode``: see :func:`pool_out`."""
 
+    ceil_mode: bool = _late(False)
     kind: ClassVar[str] = "MaxPool"
 
 
 @dataclass(frozen=True)
 class AvgPool(_Pool):
     """Average pooling; ``count_include_pad`` says whether padded zeros count
-    in the divisor."""
+    in the divisor. ``ceil_mode``: see :func:`pool_out`; the part of a window past
+    the right padding never counts (PyTorch's divisor)."""
 
     count_include_pad: bool = True
+    ceil_mode: bool = _late(False)
     kind: ClassVar[str] = "AvgPool"
+
+
+@dataclass(frozen=True)
+class _AdaptivePool(Op):
+    """Output ``output_size``; window ``i`` of a dim of size ``n`` covers
+    ``[floor(i n / out), ceil((i + 1) n / out))`` (PyTorch's adaptive pooling)."""
+
+    output_size: Shape
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        nd = len(shapes[0]) - 1
+        if len(self.output_size) != nd or any(o < 1 for o in self.output_size) or nd == 0:
+            raise ValueError(f"output_size must be one size >= 1 for each of the {nd} spatial dims, got {self.output_size}")
+        return (shapes[0][0], *self.output_size)
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return _prod(shapes[0]) + _prod(out)  # each window once (overlaps are rare and small)
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPool(_AdaptivePool):
+    kind: ClassVar[str] = "AdaptiveAvgPool"
+
+
+@dataclass(frozen=True)
+class AdaptiveMaxPool(_AdaptivePool):
+    kind: ClassVar[str] = "AdaptiveMaxPool"
+
+
+PAD_MODES = ("constant", "reflect", "replicate")
+
+
+@dataclass(frozen=True)
+class Pad(Op):
+    """``F.pad`` of the spatial dims, explicit ``((before, after), ...)`` per dim
+    (first spatial dim first, unlike ``F.pad``'s flat last-dim-first list): ``mode``
+    ``"constant"`` (``value``), ``"reflect"`` (mirror without the edge: each pad at
+    most n - 1) or ``"replicate"`` (repeat the edge)."""
+
+    padding: Padding
+    mode: str = "constant"
+    value: float = 0.0
+    kind: ClassVar[str] = "Pad"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        spatial = shapes[0][1:]
+        if len(self.padding) != len(spatial) or not spatial:
+            raise ValueError(f"padding must have one (before, after) pair for each of the {len(spatial)} spatial dims, "
+                             f"got {self.padding}")
+        if self.mode not in PAD_MODES:
+            raise ValueError(f"pad mode must be one of {PAD_MODES}, got {_show(self.mode)}")
+        if any(a < 0 or b < 0 for a, b in self.padding):
+            raise ValueError(f"padding must be non-negative, got {self.padding}")
+        if self.mode != "constant" and self.value != 0.0:
+            raise ValueError(f"value is the constant mode's; {self.mode} padding takes none")
+        if self.mode == "reflect" and any(max(p) >= n for p, n in zip(self.padding, spatial)):
+            raise ValueError(f"reflect padding {self.padding} must be smaller than the input {spatial} in each dim")
+        return (shapes[0][0], *(n + a + b for n, (a, b) in zip(spatial, self.padding)))
 
 
 @dataclass(frozen=True)
@@ -653,7 +731,8 @@ class Dropout(Op):
 OPS: dict[str, type[Op]] = {
     cls.kind: cls
     for cls in (
-        Input, Conv, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, GlobalAvgPool, Add, Mul, Scale, Concat,
+        Input, Conv, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, AdaptiveAvgPool,
+        AdaptiveMaxPool, GlobalAvgPool, Pad, Add, Mul, Scale, Concat,
         Flatten, Dense, Dropout,
     )
 }
@@ -1162,14 +1241,34 @@ class SpecBuilder:
         return self.op(cls(k, s, pad, **extra), (x,), name)
 
     def max_pool(self, x: str, kernel: IntOrTuple, stride: IntOrTuple | None = None,
-                 padding: PaddingArg = 0, name: str | None = None) -> str:
+                 padding: PaddingArg = 0, ceil_mode: bool = False, name: str | None = None) -> str:
         """Max pooling; ``stride`` defaults to the kernel, as in PyTorch and Keras."""
-        return self._pool(MaxPool, x, kernel, stride, padding, name)
+        return self._pool(MaxPool, x, kernel, stride, padding, name, ceil_mode=ceil_mode)
 
     def avg_pool(self, x: str, kernel: IntOrTuple, stride: IntOrTuple | None = None, padding: PaddingArg = 0,
-                 count_include_pad: bool = True, name: str | None = None) -> str:
+                 count_include_pad: bool = True, ceil_mode: bool = False, name: str | None = None) -> str:
         """Average pooling; ``stride`` defaults to the kernel."""
-        return self._pool(AvgPool, x, kernel, stride, padding, name, count_include_pad=count_include_pad)
+        return self._pool(AvgPool, x, kernel, stride, padding, name, count_include_pad=count_include_pad,
+                          ceil_mode=ceil_mode)
+
+    def adaptive_avg_pool(self, x: str, size: IntOrTuple, name: str | None = None) -> str:
+        """Adaptive average pooling to ``size`` (an int for every spatial dim, or one per dim)."""
+        nd = len(self._spatial(x, name, "adaptive_avg_pool"))
+        return self.op(AdaptiveAvgPool(_tuple(size, nd, "size", name or "adaptive_avg_pool")), (x,), name)
+
+    def adaptive_max_pool(self, x: str, size: IntOrTuple, name: str | None = None) -> str:
+        nd = len(self._spatial(x, name, "adaptive_max_pool"))
+        return self.op(AdaptiveMaxPool(_tuple(size, nd, "size", name or "adaptive_max_pool")), (x,), name)
+
+    def pad(self, x: str, pads: PaddingArg, mode: str = "constant", value: float = 0.0,
+            name: str | None = None) -> str:
+        """Pad the spatial dims: an int, one int per dim or ``(before, after)`` per dim,
+        first spatial dim first (not ``F.pad``'s flat last-dim-first order)."""
+        spatial = self._spatial(x, name, "pad")
+        if isinstance(pads, str):
+            raise SpecError(f"pad takes explicit numbers, not {pads!r}", name or "pad")
+        ones = (1,) * len(spatial)
+        return self.op(Pad(_padding(pads, spatial, ones, ones, ones, name or "pad"), mode, value), (x,), name)
 
     def global_avg_pool(self, x: str, name: str | None = None) -> str:
         return self.op(GlobalAvgPool(), (x,), name)

@@ -162,3 +162,64 @@ def test_norms_are_the_same_in_training_mode():
         exe = hal.compile(spec, "numpy", hal.init_weights(spec), FP64)
         x = np.random.default_rng(1).standard_normal((2, 4, 3, 5))
         np.testing.assert_array_equal(exe.predict(x, training=True), exe.predict(x))
+
+
+# ---------------------------------------------------------------------------
+# ceil_mode pooling, adaptive pooling, standalone padding
+# ---------------------------------------------------------------------------
+
+POOLS = {1: (F.max_pool1d, F.avg_pool1d), 2: (F.max_pool2d, F.avg_pool2d), 3: (F.max_pool3d, F.avg_pool3d)}
+CEIL = [  # shape, kernel, stride, symmetric padding
+    ((2, 6, 7), 3, 2, 0),
+    ((2, 5, 6), 3, 2, 1),  # the last ceil window would start in the right padding: torch drops it
+    ((2, 7, 7), 2, 2, 1),
+    ((2, 8, 8), 3, 3, 1),
+    ((2, 5, 9), (3, 2), (2, 3), (1, 1)),
+    ((3, 10), 4, 3, 2),
+    ((3, 11), 3, 4, 1),
+    ((2, 5, 4, 6), 2, 2, 1),
+    ((2, 3, 3), 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("shape,k,s,p", CEIL)
+@pytest.mark.parametrize("kind", ["max", "avg_incl", "avg_excl"])
+@pytest.mark.parametrize("ceil_mode", [True, False])
+def test_pooling_ceil_mode(shape, k, s, p, kind, ceil_mode):
+    nd = len(shape) - 1
+    if kind == "max":
+        got, x, _ = run(shape, lambda b, x: b.max_pool(x, k, s, p, ceil_mode=ceil_mode))
+        close(got, POOLS[nd][0](T(x), k, s, p, ceil_mode=ceil_mode))
+    else:
+        incl = kind == "avg_incl"
+        got, x, _ = run(shape, lambda b, x: b.avg_pool(x, k, s, p, count_include_pad=incl, ceil_mode=ceil_mode))
+        close(got, POOLS[nd][1](T(x), k, s, p, ceil_mode=ceil_mode, count_include_pad=incl))
+
+
+@pytest.mark.parametrize("shape,out", [
+    ((3, 10), 4), ((3, 7), 7), ((3, 5), 8), ((3, 6, 7), 1), ((3, 5, 7), (3, 2)), ((2, 3, 2), (4, 5)),
+    ((2, 13, 11), (5, 3)), ((2, 4, 5, 3), (2, 3, 1)), ((2, 5, 5, 5), (3, 4, 2)),
+])
+def test_adaptive_pooling(shape, out):
+    nd = len(shape) - 1
+    got, x, _ = run(shape, lambda b, x: b.adaptive_avg_pool(x, out))
+    close(got, getattr(F, f"adaptive_avg_pool{nd}d")(T(x), out))
+    got, x, _ = run(shape, lambda b, x: b.adaptive_max_pool(x, out))
+    close(got, getattr(F, f"adaptive_max_pool{nd}d")(T(x), out))
+
+
+def _flat(padding):
+    return [v for pair in reversed(padding) for v in pair]
+
+
+@pytest.mark.parametrize("shape,padding", [
+    ((2, 6), ((5, 0),)), ((2, 6), ((2, 3),)), ((2, 4, 5), ((3, 1), (4, 2))), ((2, 4, 5), ((0, 0), (1, 4))),
+    ((2, 3, 4, 3), ((2, 1), (0, 3), (1, 2))), ((2, 2, 2, 2), ((1, 1), (1, 1), (1, 1))),
+])
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
+def test_pad(shape, padding, mode):
+    got, x, _ = run(shape, lambda b, x: b.pad(x, padding, mode))
+    close(got, F.pad(T(x), _flat(padding), mode=mode))
+    if mode == "constant":
+        got, x, _ = run(shape, lambda b, x: b.pad(x, padding, value=-2.5))
+        close(got, F.pad(T(x), _flat(padding), value=-2.5))

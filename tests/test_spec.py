@@ -37,9 +37,13 @@ from hal.spec import (
     ModelSpec,
     Mul,
     Node,
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
+    Pad,
     PReLU,
     Scale,
     SpecBuilder,
+    pool_out,
     same_padding,
 )
 
@@ -1356,6 +1360,55 @@ class TestNorms:
     ])
     def test_bad_attributes_name_the_node(self, op, shape, match):
         _refused([inp(shape), Node("n", op, ("input",))], "n", match)
+
+
+
+class TestPoolingAndPad:
+    @pytest.mark.parametrize("n,k,s,pad,floor,ceil", [
+        (6, 3, 2, (0, 0), 2, 3),
+        (7, 2, 2, (1, 1), 4, 4),  # ceil's 5th window would start at 8 = n + before: dropped
+        (5, 2, 2, (1, 1), 3, 3),
+        (8, 3, 3, (1, 1), 3, 3),
+        (10, 4, 3, (2, 0), 3, 4),
+    ])
+    def test_pool_out_floor_and_ceil(self, n, k, s, pad, floor, ceil):
+        assert (pool_out(n, k, s, pad, False), pool_out(n, k, s, pad, True)) == (floor, ceil)
+        spec, _, _ = _one((2, n), lambda b, x: b.max_pool(x, k, s, [pad], ceil_mode=True))
+        assert spec.output_shape == (2, ceil)
+        _round_trips(spec)
+
+    def test_ceil_mode_is_late_json_holds_for_old_pools(self):
+        spec, _, _ = _one((2, 6, 6), lambda b, x: b.avg_pool(x, 2))
+        assert json.loads(spec.to_json())["nodes"][1]["attrs"] == {
+            "kernel": [2, 2], "stride": [2, 2], "padding": [[0, 0], [0, 0]], "count_include_pad": True}
+        spec, _, _ = _one((2, 6, 6), lambda b, x: b.avg_pool(x, 3, 2, ceil_mode=True))
+        assert json.loads(spec.to_json())["nodes"][1]["attrs"]["ceil_mode"] is True
+
+    @pytest.mark.parametrize("kind", [AdaptiveAvgPool, AdaptiveMaxPool])
+    def test_adaptive(self, kind):
+        spec = ModelSpec("t", (inp((3, 7, 5)), Node("a", kind((3, 8)), ("input",))))
+        assert spec.output_shape == (3, 3, 8) and spec.num_params == 0
+        _round_trips(spec)
+        for size, match in (((3,), "each of the 2 spatial dims"), ((0, 2), "size >= 1"), ((2.0, 2), "tuple of ints")):
+            _refused([inp((3, 7, 5)), Node("a", kind(size), ("input",))], "a", match)
+
+    def test_pad_shapes_and_json(self):
+        spec, node, row = _one((2, 4, 5), lambda b, x: b.pad(x, ((1, 2), (0, 3)), "reflect"))
+        assert spec.output_shape == (2, 7, 8) and row.params == 0
+        assert node.op == Pad(((1, 2), (0, 3)), "reflect")
+        _round_trips(spec)
+        assert _one((2, 4), lambda b, x: b.pad(x, 2))[0].output_shape == (2, 8)
+
+    @pytest.mark.parametrize("op,match", [
+        (Pad(((4, 0), (0, 0)), "reflect"), "must be smaller than the input"),
+        (Pad(((1, 0), (0, 0)), "circular"), "pad mode must be one of"),
+        (Pad(((1, 0), (0, 0)), "replicate", 1.0), "value is the constant mode's"),
+        (Pad(((-1, 0), (0, 0))), "non-negative"),
+        (Pad(((1, 0),)), "each of the 2 spatial dims"),
+        (Pad(((1, 0), (0, 0)), value="0"), "value must be a finite number"),
+    ])
+    def test_bad_pads_name_the_node(self, op, match):
+        _refused([inp((2, 4, 5)), Node("p", op, ("input",))], "p", match)
 
 
 def test_op_init_rules_are_what_init_weights_draws():

@@ -732,6 +732,34 @@ def _pool_cases() -> list[_Op]:
                 lambda b, x, k=k, s=s, p=p, incl=incl: b.avg_pool(x, k, s, p, count_include_pad=incl))
             for n, shape, k, s, p in windows if p
         ]
+    ceil = [  # name, shape, kernel, stride, padding: ceil_mode adds a window, or would start one in the padding
+        ("2d_k3_s2", (2, 6, 7), 3, 2, 0),  # 6: ceil gives 3 windows, floor 2
+        ("2d_k2_s2_pad1_last_window_dropped", (2, 5, 7), 2, 2, 1),  # ceil's 4th (5th) window would start in padding
+        ("1d_k2_s3_asym_pad", (3, 8), 2, 3, [(1, 0)]),
+        ("3d_k2_s2", (2, 3, 5, 4), 2, 2, 0),
+    ]
+    out += [_Op(f"maxpool{n}_ceil", shape, lambda b, x, k=k, s=s, p=p: b.max_pool(x, k, s, p, ceil_mode=True),
+                shift=-3.0) for n, shape, k, s, p in ceil]
+    for incl in (True, False):
+        out += [
+            _Op(f"avgpool{n}_ceil_{'incl' if incl else 'excl'}_pad", shape,
+                lambda b, x, k=k, s=s, p=p, incl=incl: b.avg_pool(x, k, s, p, count_include_pad=incl, ceil_mode=True))
+            for n, shape, k, s, p in ceil
+        ]
+    adaptive = [("2d_to_1", (3, 5, 6), 1), ("2d_5x7_to_3x2", (3, 5, 7), (3, 2)), ("2d_to_larger", (2, 3, 2), (4, 5)),
+                ("1d_10_to_4", (3, 10), 4), ("3d_to_2x3x1", (2, 4, 5, 3), (2, 3, 1))]
+    for kind in ("avg", "max"):
+        out += [_Op(f"adaptive_{kind}pool{n}", shape, lambda b, x, o=o, kind=kind: getattr(b, f"adaptive_{kind}_pool")(x, o))
+                for n, shape, o in adaptive]
+    pads = [("2d_asym", (2, 4, 5), ((1, 2), (0, 3))), ("1d", (3, 6), [(2, 1)]), ("3d", (2, 3, 2, 4), ((1, 0), (1, 1), (0, 2)))]
+    for mode in ("constant", "replicate"):
+        out += [_Op(f"pad{n}_{mode}", shape, lambda b, x, p=p, mode=mode: b.pad(x, p, mode)) for n, shape, p in pads]
+    out += [
+        _Op("pad2d_constant_value1.5", (2, 4, 5), lambda b, x: b.pad(x, 1, "constant", 1.5)),
+        _Op("pad2d_reflect_n_minus_1", (2, 4, 5), lambda b, x: b.pad(x, ((3, 1), (4, 2)), "reflect")),
+        _Op("pad1d_reflect", (3, 6), lambda b, x: b.pad(x, [(2, 5)], "reflect")),
+        _Op("pad3d_reflect", (2, 3, 4, 3), lambda b, x: b.pad(x, ((2, 1), (0, 3), (1, 2)), "reflect")),
+    ]
     return out
 
 
@@ -834,6 +862,9 @@ _GRADS = frozenset({
     "relu6", "hardsigmoid", "hardswish", "elu_alpha0.7", "softplus_beta2_threshold1", "mish", "prelu_per_channel",
     "maxpool2d_asym_pad", "maxpool2d_pad_kernel_minus_1", "maxpool3d_asym", "avgpool2d_asym_pad_incl_pad",
     "avgpool2d_asym_pad_excl_pad", "avgpool1d_k3_s2_pad_after_excl_pad", "avgpool3d_input_smaller_than_kernel_excl_pad",
+    "maxpool2d_k2_s2_pad1_last_window_dropped_ceil", "avgpool2d_k2_s2_pad1_last_window_dropped_ceil_incl_pad",
+    "avgpool1d_k2_s3_asym_pad_ceil_excl_pad", "adaptive_avgpool2d_5x7_to_3x2", "adaptive_maxpool2d_5x7_to_3x2",
+    "adaptive_avgpool2d_to_larger", "pad2d_asym_replicate", "pad2d_reflect_n_minus_1", "pad2d_asym_constant",
     "global_avgpool2d", "add3", "add_same_input_twice", "add_outer_broadcast", "mul_squeeze_excitation",
     "mul3_broadcast", "scale2d", "concat3", "dense", "dropout_rate0",
 })
