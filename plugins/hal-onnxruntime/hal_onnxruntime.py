@@ -81,7 +81,7 @@ def training_differs(spec: ModelSpec) -> list[str]:
 def training_form(model: "onnx.ModelProto", spec: ModelSpec) -> "onnx.ModelProto":
     """A copy of ``model`` (``hal.onnx.to_onnx(spec, ...)``, whose node names are
     hal's) computing the training-mode forward: every BatchNorm over the batch's
-    mean and biased variance, every Dropout of rate > 0 active (opset >= 12)."""
+    mean and biased variance, every Dropout of rate > 0 active."""
     import onnx
 
     out = onnx.ModelProto()
