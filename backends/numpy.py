@@ -30,6 +30,8 @@ from hal.spec import (
     Add,
     AvgPool,
     BatchNorm,
+    ChannelShuffle,
+    ChannelSlice,
     Concat,
     Conv,
     Dense,
@@ -218,6 +220,11 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
         return xs[0] * p["layer_scale"][None]
     if isinstance(op, Concat):
         return np.concatenate(xs, axis=1)
+    if isinstance(op, ChannelShuffle):
+        x = xs[0]
+        return x.reshape(x.shape[0], op.groups, -1, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)
+    if isinstance(op, ChannelSlice):
+        return xs[0][:, op.start : op.stop]
     if isinstance(op, Flatten):
         return xs[0].reshape(xs[0].shape[0], -1)
     if isinstance(op, Dense):

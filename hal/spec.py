@@ -49,6 +49,8 @@ Mul               n-ary elementwise product, broadcasting (below): squeeze-and-e
 Scale             ``layer_scale * x`` ``[init_value]``; layer_scale ``(C, 1, ..., 1)``
                   (torchvision ConvNeXt's ``CNBlock.layer_scale``); init_value is its start only
 Concat            along channels
+ChannelShuffle    ``nn.ChannelShuffle`` ``[groups]``: channels viewed as (groups, C/groups), transposed
+ChannelSlice      ``x[:, start:stop]`` ``[start, stop]`` (``x.chunk(2, dim=1)`` is two)
 Flatten           row-major over ``(C, *spatial)``
 Dense             ``F.linear`` on ``(features,)``; weight ``(out, in)``, bias ``(out,)``
 Dropout           ``F.dropout`` ``[rate]``; see "training mode" below
@@ -677,6 +679,37 @@ class Concat(Op):
 
 
 @dataclass(frozen=True)
+class ChannelShuffle(Op):
+    """``nn.ChannelShuffle(groups)`` (ShuffleNet): view the channels as ``(groups, C / groups)``,
+    transpose to ``(C / groups, groups)``, flatten; output channel ``j * groups + i`` is
+    input channel ``i * (C / groups) + j``."""
+
+    groups: int
+    kind: ClassVar[str] = "ChannelShuffle"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if self.groups < 1 or shapes[0][0] % self.groups:
+            raise ValueError(f"ChannelShuffle groups {self.groups} must be >= 1 and divide the {shapes[0][0]} channels")
+        return shapes[0]
+
+
+@dataclass(frozen=True)
+class ChannelSlice(Op):
+    """Channels ``start`` to ``stop`` (exclusive): ``x[:, start:stop]`` (ShuffleNet's
+    ``x.chunk(2, dim=1)`` is two of them)."""
+
+    start: int
+    stop: int
+    kind: ClassVar[str] = "ChannelSlice"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if not 0 <= self.start < self.stop <= shapes[0][0]:
+            raise ValueError(f"ChannelSlice needs 0 <= start < stop <= {shapes[0][0]} channels, "
+                             f"got start {self.start}, stop {self.stop}")
+        return (self.stop - self.start, *shapes[0][1:])
+
+
+@dataclass(frozen=True)
 class Flatten(Op):
     """Row-major flatten over ``(C, *spatial)``."""
 
@@ -732,7 +765,7 @@ OPS: dict[str, type[Op]] = {
     cls.kind: cls
     for cls in (
         Input, Conv, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, AdaptiveAvgPool,
-        AdaptiveMaxPool, GlobalAvgPool, Pad, Add, Mul, Scale, Concat,
+        AdaptiveMaxPool, GlobalAvgPool, Pad, ChannelShuffle, ChannelSlice, Add, Mul, Scale, Concat,
         Flatten, Dense, Dropout,
     )
 }
@@ -1287,6 +1320,13 @@ class SpecBuilder:
 
     def concat(self, *xs: str, name: str | None = None) -> str:
         return self.op(Concat(), xs, name)
+
+    def channel_shuffle(self, x: str, groups: int, name: str | None = None) -> str:
+        return self.op(ChannelShuffle(groups), (x,), name)
+
+    def channel_slice(self, x: str, start: int, stop: int, name: str | None = None) -> str:
+        """Channels ``start:stop`` of ``x``."""
+        return self.op(ChannelSlice(start, stop), (x,), name)
 
     def flatten(self, x: str, name: str | None = None) -> str:
         return self.op(Flatten(), (x,), name)

@@ -223,3 +223,23 @@ def test_pad(shape, padding, mode):
     if mode == "constant":
         got, x, _ = run(shape, lambda b, x: b.pad(x, padding, value=-2.5))
         close(got, F.pad(T(x), _flat(padding), value=-2.5))
+
+
+# ---------------------------------------------------------------------------
+# channel shuffle and slices
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,groups", [((6, 3, 4), 2), ((6, 2, 3), 3), ((6, 5), 6), ((8, 3), 1), ((4, 2, 2, 3), 2)])
+def test_channel_shuffle_is_torchs(shape, groups):
+    got, x, _ = run(shape, lambda b, x: b.channel_shuffle(x, groups))
+    close(got, torch.nn.ChannelShuffle(groups)(T(x)))
+    # torchvision.models.shufflenetv2.channel_shuffle writes it as view, transpose, view
+    n, c = x.shape[:2]
+    close(got, T(x).view(n, groups, c // groups, *shape[1:]).transpose(1, 2).reshape(x.shape))
+
+
+def test_channel_slices_are_chunk():
+    got, x, _ = run((6, 3, 4), lambda b, x: b.concat(b.channel_slice(x, 3, 6), b.channel_slice(x, 0, 3)))
+    x1, x2 = T(x).chunk(2, dim=1)
+    close(got, torch.cat((x2, x1), dim=1))

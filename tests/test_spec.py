@@ -22,6 +22,8 @@ from hal.spec import (
     Add,
     AvgPool,
     BatchNorm,
+    ChannelShuffle,
+    ChannelSlice,
     Concat,
     Conv,
     Dense,
@@ -1409,6 +1411,28 @@ class TestPoolingAndPad:
     ])
     def test_bad_pads_name_the_node(self, op, match):
         _refused([inp((2, 4, 5)), Node("p", op, ("input",))], "p", match)
+
+
+
+class TestChannelOps:
+    def test_shapes_and_json(self):
+        spec, _, row = _one((6, 3, 4), lambda b, x: b.channel_shuffle(x, 3))
+        assert spec.output_shape == (6, 3, 4) and row.params == 0
+        _round_trips(spec)
+        spec, _, _ = _one((6, 3, 4), lambda b, x: b.channel_slice(x, 2, 5))
+        assert spec.output_shape == (3, 3, 4)
+        _round_trips(spec)
+
+    @pytest.mark.parametrize("op,match", [
+        (ChannelShuffle(4), "groups 4 must be >= 1 and divide the 6 channels"),
+        (ChannelShuffle(0), "groups 0"),
+        (ChannelSlice(3, 3), "0 <= start < stop <= 6"),
+        (ChannelSlice(4, 7), "0 <= start < stop <= 6"),
+        (ChannelSlice(-1, 2), "0 <= start < stop <= 6"),
+        (ChannelSlice(0, 2.0), "stop must be an int"),
+    ])
+    def test_bad_attributes_name_the_node(self, op, match):
+        _refused([inp((6, 3, 4)), Node("c", op, ("input",))], "c", match)
 
 
 def test_op_init_rules_are_what_init_weights_draws():

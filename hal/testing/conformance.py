@@ -838,6 +838,13 @@ def _op_cases() -> list[_Op]:
         _Op("scale3d", (2, 3, 2, 3), lambda b, x: b.scale(x)),
         _Op("concat3", (2, 3, 4), lambda b, x: b.concat(x, b.activation(x, "sigmoid"), x)),
         _Op("concat_features", (4,), lambda b, x: b.concat(x, b.activation(x, "tanh"))),
+        _Op("channel_shuffle2d_groups2", (6, 3, 4), lambda b, x: b.channel_shuffle(x, 2)),
+        _Op("channel_shuffle2d_groups3", (6, 2, 3), lambda b, x: b.channel_shuffle(x, 3)),
+        _Op("channel_shuffle1d_groups4", (8, 3), lambda b, x: b.channel_shuffle(x, 4)),
+        _Op("channel_shuffle3d_groups2", (4, 2, 2, 3), lambda b, x: b.channel_shuffle(x, 2)),
+        _Op("channel_slice_chunk_halves", (6, 3, 4),  # ShuffleNet: x1, x2 = x.chunk(2, dim=1); cat(x1, f(x2))
+            lambda b, x: b.concat(b.channel_slice(x, 0, 3), b.activation(b.channel_slice(x, 3, 6), "tanh"))),
+        _Op("channel_slice_middle_features", (7,), lambda b, x: b.channel_slice(x, 2, 5)),
         _Op("flatten2d", (3, 4, 5), lambda b, x: b.flatten(x)),
         _Op("flatten3d", (2, 3, 2, 2), lambda b, x: b.flatten(x)),
         _Op("dense", (7,), lambda b, x: b.dense(x, 5)),
@@ -865,6 +872,7 @@ _GRADS = frozenset({
     "maxpool2d_k2_s2_pad1_last_window_dropped_ceil", "avgpool2d_k2_s2_pad1_last_window_dropped_ceil_incl_pad",
     "avgpool1d_k2_s3_asym_pad_ceil_excl_pad", "adaptive_avgpool2d_5x7_to_3x2", "adaptive_maxpool2d_5x7_to_3x2",
     "adaptive_avgpool2d_to_larger", "pad2d_asym_replicate", "pad2d_reflect_n_minus_1", "pad2d_asym_constant",
+    "channel_shuffle2d_groups3", "channel_slice_chunk_halves",
     "global_avgpool2d", "add3", "add_same_input_twice", "add_outer_broadcast", "mul_squeeze_excitation",
     "mul3_broadcast", "scale2d", "concat3", "dense", "dropout_rate0",
 })
