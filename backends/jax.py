@@ -91,7 +91,14 @@ import numpy as np
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
 from hal.errors import InputError, UnsupportedError
-from hal.lowering import COMPUTE_DTYPE, MASTER_DTYPE, foldable_batchnorms, scalar_table, step_scalar_names
+from hal.lowering import (
+    COMPUTE_DTYPE,
+    MASTER_DTYPE,
+    fold_batchnorm,
+    foldable_batchnorms,
+    scalar_table,
+    step_scalar_names,
+)
 from hal.training import SGD, Adam, AdamW, TrainConfig
 
 if TYPE_CHECKING:  # jax is imported lazily: listing backends must not import it
@@ -520,13 +527,12 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
         """Inference variables with each foldable BatchNorm folded into its conv."""
         params, stats = dict(params), dict(stats)
         for bn, conv in fold.items():
-            p, s = params.pop(bn), stats.pop(bn)
-            a = p["scale"] / jnp.sqrt(s["var"] + net.spec.node(bn).op.eps)
-            c = dict(params[conv])
-            bias = p["bias"] - s["mean"] * a
-            if "bias" in c:
-                bias = bias + c["bias"] * a
-            params[conv] = {"kernel": c["kernel"] * a, "bias": bias}
+            p, s, c = params.pop(bn), stats.pop(bn), params[conv]
+            kernel, bias = fold_batchnorm(  # output channels first, as the formula takes them
+                jnp.moveaxis(c["kernel"], -1, 0), c.get("bias"), p["scale"], p["bias"], s["mean"], s["var"],
+                spec.node(bn).op.eps,
+            )
+            params[conv] = {"kernel": jnp.moveaxis(kernel, 0, -1), "bias": bias}
         return {"params": params, "batch_stats": stats}
 
     def infer(variables: Any, x: Any) -> Any:
