@@ -57,6 +57,7 @@ from hal.lowering import (
     fold_batchnorm,
     foldable_batchnorms,
     free_after,
+    pool_padding,
     symmetric,
     torch_pad,
 )
@@ -69,10 +70,15 @@ if TYPE_CHECKING:  # torch is imported lazily: listing backends must not import 
     from hal.ipu import Plan
 
 
-def _native_pad(padding: S.Padding, kernel: S.Shape) -> tuple[int, ...] | None:
-    """The per-dimension pad a torch pooling op applies itself (symmetric, at most half the kernel), else None."""
-    pad = symmetric(padding)
-    return pad if pad is not None and all(p <= k // 2 for p, k in zip(pad, kernel)) else None
+def _native_pad(sizes: S.Shape, op: S.MaxPool | S.AvgPool) -> tuple[int, ...] | None:
+    """The per-dimension pad a torch pooling op applies itself, else None (then ``F.pad`` first): the
+    padding is symmetric, at most half the kernel, and ``ceil_mode`` adds no window. ``ceil_mode``
+    always becomes explicit padding (:func:`hal.lowering.pool_padding`), so PopTorch's pools, which
+    round up by ONNX's rule rather than torch's, never see it."""
+    pad = symmetric(op.padding)
+    if pad is None or any(p > k // 2 for p, k in zip(pad, op.kernel)) or pool_padding(sizes, op) != op.padding:
+        return None
+    return pad
 
 
 def _modules() -> dict[type[S.Op], type]:
@@ -174,8 +180,8 @@ def _modules() -> dict[type[S.Op], type]:
         def __init__(self, op: S.MaxPool, in_shapes: list[S.Shape]) -> None:
             super().__init__()
             self.op, self.fn = op, (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(op.kernel) - 1]
-            self.pad = _native_pad(op.padding, op.kernel)  # torch pads max-pool with -inf itself
-            self.flat = torch_pad(op.padding)
+            self.pad = _native_pad(in_shapes[0][1:], op)  # torch pads max-pool with -inf itself
+            self.flat = torch_pad(pool_padding(in_shapes[0][1:], op))  # else -inf, ceil_mode's windows included
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             op = self.op
@@ -189,18 +195,41 @@ def _modules() -> dict[type[S.Op], type]:
             sizes = in_shapes[0][1:]
             self.op, self.fn = op, (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(op.kernel) - 1]
             # torch's avg_pool3d rejects an input smaller than the kernel, padded or not
-            self.pad = _native_pad(op.padding, op.kernel) if all(n >= k for n, k in zip(sizes, op.kernel)) else None
-            self.flat = torch_pad(op.padding)
+            self.pad = _native_pad(sizes, op) if all(n >= k for n, k in zip(sizes, op.kernel)) else None
+            self.flat = torch_pad(pool_padding(sizes, op))
             # F.pad then a plain average divides by prod(kernel): rescale to the canonical divisor
             scale = math.prod(op.kernel) / avg_pool_divisor(sizes, op)
-            self.register_buffer("scale", torch.from_numpy(scale), persistent=False)
+            self.register_buffer("scale", torch.from_numpy(scale) if (scale != 1).any() else None, persistent=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             op = self.op
             if self.pad is not None:
                 return self.fn(x, op.kernel, op.stride, self.pad, count_include_pad=op.count_include_pad)
             out = self.fn(F.pad(x, self.flat), op.kernel, op.stride)
-            return out if op.count_include_pad else out * self.scale
+            return out if self.scale is None else out * self.scale
+
+    class AdaptiveAvgPool(nn.Module):
+        def __init__(self, op: S.AdaptiveAvgPool, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            self.size = op.output_size
+            self.fn = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(self.size) - 1]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fn(x, self.size)
+
+    class AdaptiveMaxPool(AdaptiveAvgPool):
+        def __init__(self, op: S.AdaptiveMaxPool, in_shapes: list[S.Shape]) -> None:
+            super().__init__(op, in_shapes)
+            self.fn = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[len(self.size) - 1]
+
+    class Pad(nn.Module):
+        def __init__(self, op: S.Pad, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            self.flat, self.mode = torch_pad(op.padding), op.mode
+            self.value = op.value if op.mode == "constant" else None  # F.pad's other modes take no value
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.pad(x, self.flat, self.mode, self.value)
 
     class GlobalAvgPool(nn.Module):
         def __init__(self, op: S.GlobalAvgPool, in_shapes: list[S.Shape]) -> None:
@@ -264,7 +293,8 @@ def _modules() -> dict[type[S.Op], type]:
     return {
         S.Conv: Conv, S.BatchNorm: BatchNorm, S.LayerNorm: LayerNorm, S.GroupNorm: GroupNorm,
         S.InstanceNorm: InstanceNorm, S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool,
-        S.AvgPool: AvgPool, S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Mul: Mul, S.Scale: Scale,
+        S.AvgPool: AvgPool, S.AdaptiveAvgPool: AdaptiveAvgPool, S.AdaptiveMaxPool: AdaptiveMaxPool, S.Pad: Pad,
+        S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Mul: Mul, S.Scale: Scale,
         S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout,
     }
 
