@@ -39,7 +39,11 @@ import numpy as np
 from hal.errors import ConfigError, HalError, SpecError, UnsupportedError
 from hal.spec import (
     Activation,
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
     Add,
+    ChannelShuffle,
+    ChannelSlice,
     AvgPool,
     BatchNorm,
     Concat,
@@ -56,6 +60,7 @@ from hal.spec import (
     ModelSpec,
     Mul,
     Node,
+    Pad,
     PReLU,
     Scale,
     SpecBuilder,
@@ -201,6 +206,57 @@ def _norm(g: _Graph, n: Node, x: str, rank: int, p: Mapping[str, str], w: Mappin
         g.node("Add", [scaled, _per_channel(g, p["bias"], w[f"{n.name}.bias"], rank)], n.name)
 
 
+def _export_pool(g: _Graph, n: Node, x: str, spatial: tuple[int, ...], out: tuple[int, ...]) -> None:
+    """MaxPool or AveragePool with ``ceil_mode=0``: PyTorch's ceil mode (whose last window may
+    overhang the padding, and is dropped when it would start in it; ONNX's rule differs by
+    opset) is the floor rule with the end padding that gives exactly those windows. Overhang
+    is -inf for max and never counts for average; an average that counts the declared padding
+    pads explicitly first, so that the overhang alone is left uncounted."""
+    op: MaxPool | AvgPool = n.op  # type: ignore[assignment]
+    pads = op.padding
+    if op.ceil_mode:
+        pads = tuple((b, max((o - 1) * s + k - b - size, 0)) for (b, _), o, s, k, size in
+                     zip(op.padding, out, op.stride, op.kernel, spatial))
+    attrs = {"kernel_shape": list(op.kernel), "strides": list(op.stride)}
+    if isinstance(op, MaxPool):
+        g.node("MaxPool", [x], n.name, pads=_pads(pads), **attrs)
+    elif op.count_include_pad and any(e > a for (_, e), (_, a) in zip(pads, op.padding)):
+        rank = len(spatial) + 2
+        flat = [0, 0, *_pads(op.padding)[: rank - 2], 0, 0, *_pads(op.padding)[rank - 2:]]
+        padded = g.node("Pad", [x, g.tensor(f"{n.name}/pads", flat, np.int64)], f"{n.name}/padded", mode="constant")
+        overhang = tuple((0, e - a) for (_, e), (_, a) in zip(pads, op.padding))
+        g.node("AveragePool", [padded], n.name, pads=_pads(overhang), count_include_pad=0, **attrs)
+    else:
+        g.node("AveragePool", [x], n.name, pads=_pads(pads), count_include_pad=int(op.count_include_pad), **attrs)
+
+
+def _adaptive_pool(g: _Graph, n: Node, x: str, spatial: tuple[int, ...]) -> None:
+    """PyTorch's adaptive pooling: one pool when every window is alike (the size divides), else
+    per dim (a mean or max over a box is one over each of its dims in turn) a Slice and Reduce per
+    output position, concatenated."""
+    op = n.op
+    out: tuple[int, ...] = op.output_size  # type: ignore[attr-defined]
+    is_max = isinstance(op, AdaptiveMaxPool)
+    if all(s % o == 0 for s, o in zip(spatial, out)):
+        k = [s // o for s, o in zip(spatial, out)]
+        g.node("MaxPool" if is_max else "AveragePool", [x], n.name, kernel_shape=k, strides=k)
+        return
+    reduce = "ReduceMax" if is_max else "ReduceMean"
+    c = f"{n.name}/"
+    for d, (size, o) in enumerate(zip(spatial, out)):
+        axis = d + 2
+        parts = []
+        for i in range(o):
+            lo, hi = i * size // o, -(-(i + 1) * size // o)
+            ends = [g.tensor(f"{c}d{d}_{i}_{k}", [v], np.int64) for k, v in (("start", lo), ("end", hi), ("axis", axis))]
+            part = g.node("Slice", [x, *ends], f"{c}d{d}_{i}_slice")
+            if g.opset >= 18:  # the axes of Reduce* became an input
+                parts.append(g.node(reduce, [part, ends[2]], f"{c}d{d}_{i}", keepdims=1))
+            else:
+                parts.append(g.node(reduce, [part], f"{c}d{d}_{i}", axes=[axis], keepdims=1))
+        x = g.node("Concat", parts, n.name if d == len(spatial) - 1 else f"{c}d{d}", axis=axis)
+
+
 def _export_node(g: _Graph, spec: ModelSpec, n: Node, w: Mapping[str, np.ndarray], value: Mapping[str, str]) -> None:
     """Append the ONNX node(s) computing hal node ``n``."""
     op, xs = n.op, [value[i] for i in n.inputs]
@@ -226,11 +282,24 @@ def _export_node(g: _Graph, spec: ModelSpec, n: Node, w: Mapping[str, np.ndarray
         _activation(g, n, xs[0])
     elif isinstance(op, PReLU):
         g.node("PRelu", [xs[0], p["weight"]], n.name)
-    elif isinstance(op, MaxPool):
-        g.node("MaxPool", xs, n.name, kernel_shape=list(op.kernel), strides=list(op.stride), pads=_pads(op.padding))
-    elif isinstance(op, AvgPool):
-        g.node("AveragePool", xs, n.name, kernel_shape=list(op.kernel), strides=list(op.stride),
-               pads=_pads(op.padding), count_include_pad=int(op.count_include_pad))
+    elif isinstance(op, (MaxPool, AvgPool)):
+        _export_pool(g, n, xs[0], ins[0][1:], spec.shape(n.name)[1:])
+    elif isinstance(op, (AdaptiveAvgPool, AdaptiveMaxPool)):
+        _adaptive_pool(g, n, xs[0], ins[0][1:])
+    elif isinstance(op, ChannelSlice):
+        ends = [g.tensor(f"{n.name}/{k}", [v], np.int64) for k, v in (("start", op.start), ("stop", op.stop), ("axis", 1))]
+        g.node("Slice", [xs[0], *ends], n.name)
+    elif isinstance(op, ChannelShuffle):  # (N, g, C/g, rest) -> (N, C/g, g, rest) -> the input's shape
+        split = g.tensor(f"{n.name}/split", [0, op.groups, ins[0][0] // op.groups, -1], np.int64)
+        grouped = g.node("Reshape", [xs[0], split], f"{n.name}/grouped")
+        swapped = g.node("Transpose", [grouped], f"{n.name}/swapped", perm=[0, 2, 1, 3])
+        g.node("Reshape", [swapped, g.node("Shape", [xs[0]], f"{n.name}/shape")], n.name)
+    elif isinstance(op, Pad):
+        mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}[op.mode]
+        pads = g.tensor(f"{n.name}/pads", [0, 0, *_pads(op.padding)[: rank - 2], 0, 0, *_pads(op.padding)[rank - 2:]],
+                        np.int64)
+        extra = [g.tensor(f"{n.name}/value", op.value)] if op.mode == "constant" else []
+        g.node("Pad", [xs[0], pads, *extra], n.name, mode=mode)
     elif isinstance(op, GlobalAvgPool):  # (N, C, 1, ...) then (N, C)
         pooled = g.node("GlobalAveragePool", xs, f"{n.name}/keepdims", name=n.name)
         g.node("Flatten", [pooled], n.name, name=f"{n.name}/flatten", axis=1)
@@ -578,8 +647,9 @@ class _Importer:
         op = direct or self.match(v, root)
         if op is not None:
             return _Value(self.add(op, [x], last))
-        if last.op_type in ("Add", "Sum") and not any(i in self.consts for i in last.input):
-            return _Value(self.add(Add(), [self.flat(i) for i in last.input], last))
+        if last.op_type in ("Add", "Sum", "Mul") and not any(i in self.consts for i in last.input):
+            op = Mul() if last.op_type == "Mul" else Add()
+            return _Value(self.add(op, [self.flat(i) for i in last.input], last))
         raise _Unsupported(f"the elementwise ops ending in {last.name or v!r} compute none of hal's activations "
                            "(relu, leaky_relu, sigmoid, tanh, gelu, silu)")
 
@@ -904,6 +974,35 @@ def _normalization(imp: _Importer, n: Any) -> None:
     imp.values[n.output[0]] = _Value(imp.add(cls(eps=_float(a.get("epsilon", 1e-5)), affine=learned), [x], n, params))
 
 
+def _slice(imp: _Importer, n: Any) -> None:
+    """A slice of channels (axis 1, step 1): hal's ChannelSlice."""
+    x = imp.flat(n.input[0])
+    starts, ends, axes, steps = ([int(v) for v in imp.const(i, "slice bound").reshape(-1)] if i else None
+                                 for i in [*n.input[1:5], *[""] * (5 - len(n.input))])
+    rank, c = 1 + len(imp.shapes[x]), imp.shapes[x][0]
+    if axes is None or len(axes) != 1 or axes[0] % rank != 1 or (steps or [1]) != [1]:
+        raise _Unsupported("a slice other than of channels with step 1 (hal has ChannelSlice)")
+    start, stop = (min(max(v + c if v < 0 else v, 0), c) for v in (starts[0], ends[0]))  # type: ignore[index]
+    imp.values[n.output[0]] = _Value(imp.add(ChannelSlice(start, stop), [x], n))
+
+
+def _pad(imp: _Importer, n: Any) -> None:
+    a = _attrs(n)
+    x = imp.flat(n.input[0])
+    rank = 1 + len(imp.shapes[x])
+    pads = [int(v) for v in (imp.const(n.input[1], "pads") if len(n.input) > 1 else a["pads"])]
+    if len(n.input) > 3 and n.input[3]:
+        raise _Unsupported("an axes input (hal pads every spatial dim)")
+    if any(pads[i] or pads[rank + i] for i in (0, 1)) or min(pads) < 0:
+        raise _Unsupported(f"pads {pads}: hal pads spatial dims only, by >= 0")
+    value = float(imp.const(n.input[2], "constant_value")) if len(n.input) > 2 and n.input[2] else a.get("value", 0.0)
+    modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+    if a.get("mode", "constant") not in modes:
+        raise _Unsupported(f"mode {a['mode']!r}")
+    op = Pad(tuple(zip(pads[2:rank], pads[rank + 2:])), modes[a.get("mode", "constant")], _float(value))
+    imp.values[n.output[0]] = _Value(imp.add(op, [x], n))
+
+
 def _dropout(imp: _Importer, n: Any) -> None:
     rate = _attrs(n).get("ratio", 0.5)
     if len(n.input) > 1 and n.input[1]:
@@ -925,7 +1024,7 @@ _HANDLERS = {
     "Conv": _conv, "BatchNormalization": _batchnorm, "MaxPool": _pool, "AveragePool": _pool,
     "GlobalAveragePool": _global_pool, "ReduceMean": _reduce_mean, "Flatten": _flatten, "Reshape": _reshape,
     "Squeeze": _squeeze, "Gemm": _dense, "MatMul": _matmul, "Add": _add, "Sum": _add, "Concat": _concat,
-    "Dropout": _dropout, "PRelu": _prelu, "InstanceNormalization": _normalization,
+    "Dropout": _dropout, "Slice": _slice, "Pad": _pad, "PRelu": _prelu, "InstanceNormalization": _normalization,
     "LayerNormalization": _normalization, **{k: _activation_op for k in _ELEMENTWISE if k not in ("Add", "Mul")},
     "Mul": _mul,
 }
