@@ -34,13 +34,11 @@ Options: ``opset`` (of the exported graph), ``intra_op_num_threads`` and
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights
+from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
 from hal.errors import BackendUnavailable, ConfigError, UnsupportedError
 from hal.spec import BatchNorm, Dropout, ModelSpec
 from hal.training import TrainConfig
@@ -225,15 +223,13 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def availability(cls) -> Availability:
-        for module in ("onnxruntime", "onnx"):
-            if importlib.util.find_spec(module) is None:
-                return Availability(False, None, f"{module} is not installed: pip install {module}")
-        for dist in ("onnxruntime", "onnxruntime-gpu"):  # the runtime ships under either name
-            try:
-                return Availability(True, importlib.metadata.version(dist))
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return Availability(True, None)
+        exporter = package_availability("onnx", "onnx", "pip install onnx")
+        if not exporter.available:
+            return exporter
+        runtime = package_availability("onnxruntime", "onnxruntime", "pip install onnxruntime (or onnxruntime-gpu)")
+        if runtime.available and runtime.version is None:  # the GPU build's distribution name
+            return package_availability("onnxruntime", "onnxruntime-gpu", "")
+        return runtime
 
     @classmethod
     def devices(cls) -> list[str]:
@@ -255,7 +251,7 @@ class OnnxRuntimeBackend(Backend):
         from hal.onnx import DEFAULT_OPSET  # hal.onnx imports onnx only when it exports
 
         return {
-            "opset": Option(DEFAULT_OPSET, "ONNX opset of the exported graph (hal.onnx.MIN_OPSET to the newest onnx knows)"),
+            "opset": Option(DEFAULT_OPSET, "ONNX opset of the exported graph (hal.onnx.MIN_OPSET to the newest)"),
             "intra_op_num_threads": Option(0, "threads of one operator; 0 lets onnxruntime choose (physical cores)"),
             "graph_optimization": Option(
                 "all", "onnxruntime graph optimization level (fusions, constant folding)",

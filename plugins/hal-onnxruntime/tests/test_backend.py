@@ -48,7 +48,8 @@ def _mlp() -> hal.ModelSpec:
 def test_a_provider_that_cannot_start_is_an_error_not_a_silent_cpu_run(monkeypatch: pytest.MonkeyPatch) -> None:
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this runtime has CUDA: nothing to fail")
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    reported = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: reported)
     with pytest.raises(BackendUnavailable, match="could not start CUDAExecutionProvider"):
         hal.compile(_mlp(), "onnxruntime:cuda")
 
