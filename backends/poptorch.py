@@ -78,9 +78,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from hal import ipu as ipu_plan
+from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
 from hal.errors import ConfigError, InputError, UnsupportedError
-from hal.spec import ModelSpec
 from hal.training import SGD, AdamW, Constant, TrainConfig
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ class _Shadow:
 class PopTorchExecutable(Executable):
     """A spec compiled for PopTorch; executors are compiled lazily, one per call shape."""
 
-    def __init__(self, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig, cache_dir: str,
+    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, cache_dir: str,
                  plan: ipu_plan.Plan | None = None) -> None:
         import torch
 
@@ -503,6 +503,23 @@ def _numpy(t: Any) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
+def sdk_gap(op: S.Op, shape: S.Shape) -> str | None:
+    """Why PopTorch's SDK cannot run ``op`` on a per-sample input ``shape`` as hal lowers it, else None.
+
+    From PopTorch's supported-ops guide and its aten handlers
+    (``poptorch/source/popart_canonicalization``): no ``adaptive_max_pool``, adaptive
+    average pooling only where each size divides (it becomes a plain average pool), no
+    ``reflection_pad3d``."""
+    if isinstance(op, S.AdaptiveMaxPool):
+        return "PopTorch has no adaptive max pooling"
+    if isinstance(op, S.AdaptiveAvgPool) and any(n % o for n, o in zip(shape[1:], op.output_size)):
+        return (f"PopTorch's adaptive average pooling needs each input size {shape[1:]} to be a multiple of "
+                f"the output size {op.output_size}")
+    if isinstance(op, S.Pad) and op.mode == "reflect" and len(op.padding) == 3:
+        return "PopTorch has no 3-d reflection padding (ReflectionPad1d and 2d only)"
+    return None
+
+
 def _check_plan(plan: ipu_plan.Plan, config: TrainConfig) -> None:
     """What PopTorch needs of a plan and a config together (hal.compile checked the spec)."""
     if plan.precision != config.precision:
@@ -542,13 +559,22 @@ class PopTorchBackend(Backend):
         return Capabilities(precisions=PRECISIONS, training=True, pipelining=True, replication=True)
 
     @classmethod
+    def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
+        out = super().unsupported(spec, config)
+        for node in spec.nodes[1:]:
+            gap = sdk_gap(node.op, spec.in_shapes(node)[0])
+            if gap:
+                out[node.name] = gap
+        return out
+
+    @classmethod
     def options(cls) -> dict[str, Option]:
         return {"cache_dir": Option(str(Path.home() / ".cache" / "hal" / "poptorch"),
                                     "folder of PopTorch's compiled-executable cache")}
 
     @classmethod
     def compile(
-        cls, spec: ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
+        cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
         plan: ipu_plan.Plan | None,
     ) -> Executable:
         return PopTorchExecutable(spec, weights, device, config, options["cache_dir"], plan)

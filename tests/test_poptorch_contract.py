@@ -671,6 +671,51 @@ def test_predict_train_and_copy_back_match_torch(poptorch):
     assert pop.train_step(x, y) == pytest.approx(ref.train_step(x, y), rel=1e-5)  # training resumes on device
 
 
+def _modern_ops_spec():
+    """A small net of the ops modern CNNs add, each in a form PopTorch runs."""
+    b = SpecBuilder("modern_ops")
+    x = b.conv(b.input((3, 9, 9)), 8, 3, padding=1)
+    x = b.activation(b.group_norm(x, 4, name="gn"), "hardswish")
+    x = b.conv(b.pad(x, 1, "reflect"), 8, 3, groups=8)  # depthwise
+    x = b.activation(b.prelu(b.layer_norm(x, name="ln"), 8, name="prelu"), "mish")
+    gate = b.activation(b.conv(b.adaptive_avg_pool(x, 1), 8, 1), "hardsigmoid")
+    x = b.add(x, b.scale(b.mul(x, gate), init=0.5, name="ls"))
+    x = b.activation(b.instance_norm(x, affine=True), "relu6")
+    x = b.elu(b.max_pool(x, 2, 2, ceil_mode=True))  # 9 -> 5: the last window is ceil_mode's
+    x = b.softplus(b.avg_pool(x, 2, 2, ceil_mode=True, count_include_pad=False), beta=2.0)  # 5 -> 3
+    return b.build(b.dense(b.flatten(b.adaptive_avg_pool(b.pad(x, ((0, 1), (1, 0)), "replicate"), 2)), 10))
+
+
+def test_modern_ops_match_torch(poptorch):
+    spec = _modern_ops_spec()
+    pop, ref = _pair(spec, TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9)))
+    x, y = _data(spec, 4)
+    _close(pop.predict(x), ref.predict(x), atol=1e-5)
+    loss, grads = pop.loss_and_grads(x, y)
+    ref_loss, ref_grads = ref.loss_and_grads(x, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() >= {"gn.weight", "ln.bias", "prelu.weight", "ls.layer_scale"}
+    for k in grads:
+        _close(grads[k], ref_grads[k], atol=1e-5)
+    assert pop.train_step(x, y) == pytest.approx(ref.train_step(x, y), rel=1e-5)
+    for k, v in ref.weights().items():
+        _close(pop.weights()[k], v, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, build, reason", [
+    ((2, 4, 6), lambda b, x: b.adaptive_max_pool(x, 2), "no adaptive max pooling"),
+    ((2, 4, 6), lambda b, x: b.adaptive_avg_pool(x, (3, 2)),
+     r"input size \(4, 6\) to be a multiple of the output size \(3, 2\)"),
+    ((2, 3, 4, 5), lambda b, x: b.pad(x, ((1, 1), (0, 1), (1, 0)), "reflect"), "no 3-d reflection padding"),
+])
+def test_ops_the_sdk_lacks_are_declared_unsupported(poptorch, shape, build, reason):
+    """What PopTorch runs of these (2-d reflection, divisible adaptive average) test_modern_ops_match_torch runs."""
+    b = SpecBuilder("gap")
+    spec = b.build(build(b, b.conv(b.input(shape), 2, 1)))
+    with pytest.raises(UnsupportedError, match=f"spec 'gap': {spec.output}: .*{reason}"):
+        hal.compile(spec, "poptorch:ipu-model")
+
+
 def test_load_weights_reaches_every_executor(poptorch):
     spec = models.get("small_cnn")
     pop, ref = _pair(spec, TrainConfig())
