@@ -49,8 +49,17 @@ from hal.spec import (
     Pad,
     PReLU,
     Scale,
+    Upsample,
 )
-from hal.lowering import COMPUTE_DTYPE, adaptive_windows, avg_pool_divisor, free_after, pool_padding
+from hal.lowering import (
+    COMPUTE_DTYPE,
+    adaptive_windows,
+    avg_pool_divisor,
+    free_after,
+    linear_indices,
+    nearest_indices,
+    pool_padding,
+)
 from hal.training import TrainConfig
 
 PRECISIONS = ("fp64", "fp32", "fp16")  # numpy has no bfloat16
@@ -181,6 +190,21 @@ def adaptive_pool(x: np.ndarray, op: AdaptiveAvgPool | AdaptiveMaxPool) -> np.nd
     return out
 
 
+def upsample(x: np.ndarray, op: Upsample) -> np.ndarray:
+    """Dim by dim: gather (nearest) or the weighted sum of two gathers (linear)."""
+    for d in range(len(op.size)):
+        axis, n = 2 + d, x.shape[2 + d]
+        if op.mode == "nearest":
+            x = x.take(nearest_indices(op, d, n), axis=axis)
+        else:
+            i0, i1, w0, w1 = linear_indices(op, d, n)
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            x = x.take(i0, axis=axis) * w0.reshape(shape).astype(x.dtype) + x.take(i1, axis=axis) * w1.reshape(
+                shape).astype(x.dtype)
+    return x
+
+
 _NUMPY_PAD_MODE = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
@@ -220,6 +244,8 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
         return xs[0] * p["layer_scale"][None]
     if isinstance(op, Concat):
         return np.concatenate(xs, axis=1)
+    if isinstance(op, Upsample):
+        return upsample(xs[0], op)
     if isinstance(op, ChannelShuffle):
         x = xs[0]
         return x.reshape(x.shape[0], op.groups, -1, *x.shape[2:]).swapaxes(1, 2).reshape(x.shape)

@@ -9,6 +9,7 @@ backends cannot disagree on them:
   neither, and its layouts for ``torch.nn.functional.pad`` and channels-last pads;
 - pooling: the average-pool divisor per output position, ``ceil_mode`` as explicit
   extra padding, adaptive pooling windows;
+- upsampling: source indices (and linear weights) per output position;
 - which BatchNorms fold into the convolution before them, and the folding formula;
 - optimizer step scalars (learning rate from the schedule, Adam's bias
   corrections, AdamW's decay) in float64, as ``torch.optim`` computes them;
@@ -22,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from hal.spec import AvgPool, BatchNorm, Conv, MaxPool, ModelSpec, Padding, Shape, pool_out, same_padding
+from hal.spec import AvgPool, BatchNorm, Conv, MaxPool, ModelSpec, Padding, Shape, Upsample, pool_out, same_padding
 from hal.training import SGD, AdamW, TrainConfig
 
 # ---------------------------------------------------------------------------
@@ -122,6 +123,43 @@ def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
     """Adaptive pooling's ``(start, end)`` of each of ``out`` windows over ``size``
     elements: ``[floor(i size / out), ceil((i + 1) size / out))``, PyTorch's."""
     return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+# ---------------------------------------------------------------------------
+# upsampling
+# ---------------------------------------------------------------------------
+
+
+def _ratio(n: int, out: int, scale: float | None) -> float:
+    """Source step per output step, as torch's ``compute_scales_value`` (float64)."""
+    return 1.0 / scale if scale else n / out
+
+
+def nearest_indices(op: Upsample, dim: int, n: int) -> np.ndarray:
+    """Upsample ``nearest``: the source index of each output position along spatial
+    ``dim`` (input size ``n``): ``min(floor(dst * r), n - 1)``."""
+    out = op.size[dim]
+    r = _ratio(n, out, op.scale[dim] if op.scale else None)
+    return np.minimum(np.floor(np.arange(out) * r).astype(np.int64), n - 1)
+
+
+def linear_indices(op: Upsample, dim: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Upsample ``linear`` along spatial ``dim`` (input size ``n``): per output position
+    the two source indices and their weights ``(i0, i1, w0, w1)``; the output is
+    ``w0 * x[i0] + w1 * x[i1]``, dim by dim (torch's area_pixel_compute_source_index).
+    A dim whose size does not change is copied, whatever the scale (torch's rule)."""
+    out = op.size[dim]
+    dst = np.arange(out, dtype=np.float64)
+    if out == n:
+        src = dst
+    elif op.align_corners:
+        src = dst * ((n - 1) / (out - 1) if out > 1 else 0.0)
+    else:
+        src = np.maximum(_ratio(n, out, op.scale[dim] if op.scale else None) * (dst + 0.5) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w1 = np.clip(src - i0, 0.0, 1.0)
+    return i0, i1, 1.0 - w1, w1
 
 
 # ---------------------------------------------------------------------------

@@ -49,6 +49,10 @@ Mul               n-ary elementwise product, broadcasting (below): squeeze-and-e
 Scale             ``layer_scale * x`` ``[init_value]``; layer_scale ``(C, 1, ..., 1)``
                   (torchvision ConvNeXt's ``CNBlock.layer_scale``); init_value is its start only
 Concat            along channels
+Upsample          ``F.interpolate`` ``[size, scale, mode, align_corners]``: nearest or linear
+                  (bi/trilinear by rank); ``scale`` () maps coordinates by ``n / size``, else by
+                  ``1 / scale`` (torch's ``scale_factor``; ``size = floor(n * scale)``); linear
+                  copies a dim whose size does not change (torch's rule)
 ChannelShuffle    ``nn.ChannelShuffle`` ``[groups]``: channels viewed as (groups, C/groups), transposed
 ChannelSlice      ``x[:, start:stop]`` ``[start, stop]`` (``x.chunk(2, dim=1)`` is two)
 Flatten           row-major over ``(C, *spatial)``
@@ -98,6 +102,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 Shape = tuple[int, ...]
 Padding = tuple[tuple[int, int], ...]
+Scales = tuple[float, ...]
 
 
 def _prod(xs: Iterable[int]) -> int:
@@ -174,6 +179,8 @@ class Op:
             v = _plain(getattr(self, name))
             if kind == "float" and type(v) is int:
                 v = float(v)  # eps=1 and eps=1.0 are one graph with one hash
+            if kind == "Scales" and type(v) is tuple:
+                v = tuple(float(x) if type(x) is int else x for x in v)
             object.__setattr__(self, name, v)
 
     def check_types(self) -> None:
@@ -202,13 +209,14 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "float": lambda v: type(v) is float and math.isfinite(v),
     "str": lambda v: isinstance(v, str),
     "Shape": lambda v: type(v) is tuple and all(type(x) is int for x in v),
+    "Scales": lambda v: type(v) is tuple and all(type(x) is float and math.isfinite(x) for x in v),
     "Padding": lambda v: type(v) is tuple and all(
         type(p) is tuple and len(p) == 2 and type(p[0]) is int and type(p[1]) is int for p in v
     ),
 }
 _TYPE_WORDS = {
     "int": "an int", "bool": "a bool", "float": "a finite number", "str": "a string",
-    "Shape": "a tuple of ints", "Padding": "a tuple of (before, after) int pairs",
+    "Shape": "a tuple of ints", "Scales": "a tuple of finite numbers", "Padding": "a tuple of (before, after) int pairs",
 }
 
 
@@ -709,6 +717,46 @@ class ChannelSlice(Op):
         return (self.stop - self.start, *shapes[0][1:])
 
 
+UPSAMPLE_MODES = ("nearest", "linear")
+
+
+@dataclass(frozen=True)
+class Upsample(Op):
+    """``F.interpolate`` to the spatial ``size``. ``mode`` ``"nearest"`` (torch's
+    "nearest": source ``min(floor(dst * r), n - 1)``) or ``"linear"`` (torch's linear,
+    bilinear, trilinear by rank: source ``r * (dst + 0.5) - 0.5`` clamped at 0, or
+    ``dst * (n - 1) / (out - 1)`` with ``align_corners``). ``r`` is ``1 / scale`` when
+    ``scale`` is given (torch's ``scale_factor`` without ``recompute_scale_factor``;
+    then ``size == floor(n * scale)``) and ``n / size`` when it is ``()``; float64
+    arithmetic, as torch's. Linear copies a dim whose size does not change, whatever
+    the scale (torch does; nearest does not). See :mod:`hal.lowering` for the indices and weights."""
+
+    size: Shape
+    scale: Scales = ()
+    mode: str = "nearest"
+    align_corners: bool = False
+    kind: ClassVar[str] = "Upsample"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        spatial = shapes[0][1:]
+        if len(self.size) != len(spatial) or not spatial or any(o < 1 for o in self.size):
+            raise ValueError(f"size must be one size >= 1 for each of the {len(spatial)} spatial dims, got {self.size}")
+        if self.mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample mode must be one of {UPSAMPLE_MODES}, got {_show(self.mode)}")
+        if self.align_corners and self.mode == "nearest":
+            raise ValueError("align_corners is linear interpolation's; nearest takes none (as in torch)")
+        if self.scale:
+            if len(self.scale) != len(spatial) or any(not f > 0 for f in self.scale):
+                raise ValueError(f"scale must be () or one factor > 0 per spatial dim, got {self.scale}")
+            want = tuple(math.floor(n * f) for n, f in zip(spatial, self.scale))
+            if want != self.size:
+                raise ValueError(f"scale {self.scale} on {spatial} gives size {want} (floor(n * scale)), not {self.size}")
+        return (shapes[0][0], *self.size)
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        return _prod(out) * (3 * (len(out) - 1) if self.mode == "linear" else 0)
+
+
 @dataclass(frozen=True)
 class Flatten(Op):
     """Row-major flatten over ``(C, *spatial)``."""
@@ -765,7 +813,7 @@ OPS: dict[str, type[Op]] = {
     cls.kind: cls
     for cls in (
         Input, Conv, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, AdaptiveAvgPool,
-        AdaptiveMaxPool, GlobalAvgPool, Pad, ChannelShuffle, ChannelSlice, Add, Mul, Scale, Concat,
+        AdaptiveMaxPool, GlobalAvgPool, Pad, ChannelShuffle, ChannelSlice, Upsample, Add, Mul, Scale, Concat,
         Flatten, Dense, Dropout,
     )
 }
@@ -1320,6 +1368,28 @@ class SpecBuilder:
 
     def concat(self, *xs: str, name: str | None = None) -> str:
         return self.op(Concat(), xs, name)
+
+    def upsample(self, x: str, size: IntOrTuple | None = None, scale: float | Sequence[float] | None = None,
+                 mode: str = "nearest", align_corners: bool | None = None, name: str | None = None) -> str:
+        """``F.interpolate(x, size, scale_factor, mode, align_corners)``: exactly one of
+        ``size`` and ``scale``; ``mode`` "nearest", "linear", "bilinear" or "trilinear"
+        (the last three are one "linear" checked against the rank)."""
+        spatial = self._spatial(x, name, "upsample")
+        nd, label = len(spatial), name or "upsample"
+        linear = {"linear": 1, "bilinear": 2, "trilinear": 3}
+        if mode in linear and linear[mode] != nd and mode != "linear":
+            raise SpecError(f"mode {mode!r} is for {linear[mode]} spatial dims; this input has {nd}", label)
+        if (size is None) == (scale is None):
+            raise SpecError("upsample takes exactly one of size and scale", label)
+        if scale is None:
+            out, factors = _tuple(size, nd, "size", label), ()  # type: ignore[arg-type]
+        else:
+            factors = (scale,) * nd if isinstance(scale, numbers.Real) else tuple(scale)  # type: ignore[arg-type]
+            if len(factors) != nd or not all(isinstance(f, numbers.Real) and f > 0 for f in factors):
+                raise SpecError(f"scale must be a number > 0 or {nd} of them, got {_show(scale)}", label)
+            out = tuple(math.floor(n * float(f)) for n, f in zip(spatial, factors))
+        op = Upsample(out, factors, "linear" if mode in linear else mode, bool(align_corners))
+        return self.op(op, (x,), name)
 
     def channel_shuffle(self, x: str, groups: int, name: str | None = None) -> str:
         return self.op(ChannelShuffle(groups), (x,), name)

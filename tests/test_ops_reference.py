@@ -243,3 +243,42 @@ def test_channel_slices_are_chunk():
     got, x, _ = run((6, 3, 4), lambda b, x: b.concat(b.channel_slice(x, 3, 6), b.channel_slice(x, 0, 3)))
     x1, x2 = T(x).chunk(2, dim=1)
     close(got, torch.cat((x2, x1), dim=1))
+
+
+# ---------------------------------------------------------------------------
+# upsampling
+# ---------------------------------------------------------------------------
+
+UPSAMPLES = [  # shape, size, scale
+    ((2, 5), None, 2.0), ((2, 5), None, 3.0), ((2, 5), None, 1.5), ((2, 7), None, 0.5), ((2, 5), None, 1.1),
+    ((2, 5), 8, None), ((2, 6), 3, None), ((2, 1), 4, None), ((2, 4), 1, None),
+    ((2, 5, 3), None, 1.5), ((2, 3, 4), None, (2.0, 3.0)), ((2, 5, 7), (8, 3), None), ((2, 4, 5), None, (1.5, 2.5)),
+    ((2, 3, 4, 5), None, 1.5), ((2, 3, 2, 3), (5, 4, 7), None), ((2, 2, 3, 2), None, (2.0, 1.5, 3.0)),
+]
+_TORCH_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+@pytest.mark.parametrize("shape,size,scale", UPSAMPLES, ids=str)
+@pytest.mark.parametrize("mode,align_corners", [("nearest", None), ("linear", False), ("linear", True)])
+def test_upsample(shape, size, scale, mode, align_corners):
+    nd = len(shape) - 1
+    torch_mode = _TORCH_LINEAR[nd] if mode == "linear" else mode
+    got, x, _ = run(shape, lambda b, x: b.upsample(x, size, scale, torch_mode, align_corners))
+    close(got, F.interpolate(T(x), size=size, scale_factor=scale, mode=torch_mode, align_corners=align_corners))
+
+
+def test_upsample_scale_and_size_map_coordinates_differently():
+    """scale 1.5 on 5 gives 7 outputs; torch maps them by 1/1.5, not by 5/7: the spec keeps the scale."""
+    by_scale, x, _ = run((2, 5), lambda b, x: b.upsample(x, scale=1.5, mode="linear"))
+    by_size, _, _ = run((2, 5), lambda b, x: b.upsample(x, size=7, mode="linear"))
+    close(by_size, F.interpolate(T(x), size=7, mode="linear"))
+    assert np.abs(by_scale - by_size).max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [(1.1, 2.0), (1.1, 1.1), 1.2])
+def test_upsample_linear_copies_a_dim_that_keeps_its_size(scale):
+    """torch: scale 1.1 on 5 keeps 5 and that dim is copied in linear modes (not in nearest)."""
+    got, x, _ = run((2, 5, 4), lambda b, x: b.upsample(x, scale=scale, mode="bilinear"))
+    close(got, F.interpolate(T(x), scale_factor=scale, mode="bilinear"))
+    if scale == (1.1, 1.1):
+        close(got, T(x))

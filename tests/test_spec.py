@@ -45,6 +45,7 @@ from hal.spec import (
     PReLU,
     Scale,
     SpecBuilder,
+    Upsample,
     pool_out,
     same_padding,
 )
@@ -1433,6 +1434,44 @@ class TestChannelOps:
     ])
     def test_bad_attributes_name_the_node(self, op, match):
         _refused([inp((6, 3, 4)), Node("c", op, ("input",))], "c", match)
+
+
+
+class TestUpsample:
+    def test_builder_by_scale_and_by_size(self):
+        spec, node, _ = _one((3, 5, 4), lambda b, x: b.upsample(x, scale=1.5, mode="bilinear"))
+        assert node.op == Upsample((7, 6), (1.5, 1.5), "linear", False) and spec.output_shape == (3, 7, 6)
+        _round_trips(spec)
+        spec, node, _ = _one((3, 5, 4), lambda b, x: b.upsample(x, (9, 2), mode="bilinear", align_corners=True))
+        assert node.op == Upsample((9, 2), (), "linear", True)
+        _round_trips(spec)
+        spec, node, _ = _one((3, 5, 4), lambda b, x: b.upsample(x, scale=(2, 3)))
+        assert node.op.scale == (2.0, 3.0) and type(node.op.scale[0]) is float and spec.output_shape == (3, 10, 12)
+        assert json.loads(spec.to_json())["nodes"][1]["attrs"]["scale"] == [2.0, 3.0]
+
+    @pytest.mark.parametrize("call,match", [
+        (lambda b, x: b.upsample(x), "exactly one of size and scale"),
+        (lambda b, x: b.upsample(x, 4, 2.0), "exactly one of size and scale"),
+        (lambda b, x: b.upsample(x, scale=2, mode="trilinear"), "'trilinear' is for 3 spatial dims"),
+        (lambda b, x: b.upsample(x, scale=2, align_corners=True), "align_corners is linear"),
+        (lambda b, x: b.upsample(x, scale=-2), "number > 0"),
+        (lambda b, x: b.upsample(x, scale=2, mode="bicubic"), "mode must be one of"),
+    ])
+    def test_builder_errors_name_the_node(self, call, match):
+        b = SpecBuilder("t")
+        x = b.input((3, 5, 4))
+        with pytest.raises(SpecError, match=match) as ei:
+            call(b, x)
+        assert ei.value.node
+
+    @pytest.mark.parametrize("op,match", [
+        (Upsample((7, 6), (1.5, 2.0)), r"gives size \(7, 8\)"),
+        (Upsample((7,)), "each of the 2 spatial dims"),
+        (Upsample((7, 6), ("1.5", 1.5)), "scale must be a tuple of finite numbers"),
+        (Upsample((7, 6), (), "area"), "mode must be one of"),
+    ])
+    def test_bad_attributes_name_the_node(self, op, match):
+        _refused([inp((3, 5, 4)), Node("u", op, ("input",))], "u", match)
 
 
 def test_op_init_rules_are_what_init_weights_draws():
