@@ -258,6 +258,25 @@ def _modules() -> dict[type[S.Op], type]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.layer_scale * x
 
+    class ChannelShuffle(nn.Module):
+        def __init__(self, op: S.ChannelShuffle, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            self.groups = op.groups
+            self.native = len(in_shapes[0]) > 1  # F.channel_shuffle needs spatial dims
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.native and x.device.type in ("cpu", "cuda"):  # torch's kernel, CPU/CUDA only: keeps channels_last
+                return F.channel_shuffle(x, self.groups)
+            return x.unflatten(1, (self.groups, -1)).transpose(1, 2).flatten(1, 2)  # elsewhere (PopTorch's IPU)
+
+    class ChannelSlice(nn.Module):
+        def __init__(self, op: S.ChannelSlice, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            self.start, self.stop = op.start, op.stop
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, self.start : self.stop]
+
     class Concat(nn.Module):
         def __init__(self, op: S.Concat, in_shapes: list[S.Shape]) -> None:
             super().__init__()
@@ -294,8 +313,9 @@ def _modules() -> dict[type[S.Op], type]:
         S.Conv: Conv, S.BatchNorm: BatchNorm, S.LayerNorm: LayerNorm, S.GroupNorm: GroupNorm,
         S.InstanceNorm: InstanceNorm, S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool,
         S.AvgPool: AvgPool, S.AdaptiveAvgPool: AdaptiveAvgPool, S.AdaptiveMaxPool: AdaptiveMaxPool, S.Pad: Pad,
-        S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Mul: Mul, S.Scale: Scale,
-        S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout,
+        S.GlobalAvgPool: GlobalAvgPool, S.ChannelShuffle: ChannelShuffle, S.ChannelSlice: ChannelSlice,
+        S.Add: Add, S.Mul: Mul, S.Scale: Scale, S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense,
+        S.Dropout: Dropout,
     }
 
 
