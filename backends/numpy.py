@@ -34,6 +34,7 @@ from hal.spec import (
     ChannelSlice,
     Concat,
     Conv,
+    ConvTranspose,
     Dense,
     Dropout,
     Flatten,
@@ -102,6 +103,28 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, op: Conv) -> np.nda
     if b is not None:
         y = y + _channel(b, y.ndim)
     return np.ascontiguousarray(y)
+
+
+def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, op: ConvTranspose) -> np.ndarray:
+    """Each input pixel scatters ``w * x`` to ``i * stride + j * dilation`` (per kernel
+    offset ``j``, within its group); the full output is then cropped by ``padding``
+    and extended by ``output_padding``."""
+    n, nd, g = x.shape[0], len(op.kernel), op.groups
+    spatial = x.shape[2:]
+    full = [(m - 1) * s + d * (k - 1) + 1 + q
+            for m, k, s, d, q in zip(spatial, op.kernel, op.stride, op.dilation, op.output_padding)]
+    cg, og = x.shape[1] // g, op.out_channels // g
+    xg = x.reshape(n, g, cg, *spatial)
+    wg = w.reshape(g, cg, og, *op.kernel)
+    y = np.zeros((n, g, og, *full), dtype=x.dtype)
+    for j in itertools.product(*(range(k) for k in op.kernel)):
+        contrib = np.einsum("ngc...,gco->ngo...", xg, wg[(slice(None), slice(None), slice(None), *j)])
+        at = tuple(slice(jj * d, jj * d + (m - 1) * s + 1, s) for jj, d, m, s in zip(j, op.dilation, spatial, op.stride))
+        y[(slice(None), slice(None), slice(None), *at)] += contrib
+    y = y.reshape(n, op.out_channels, *full)
+    out = tuple(slice(a, f - b) for (a, b), f in zip(op.padding, full))
+    y = y[(slice(None), slice(None), *out)]
+    return np.ascontiguousarray(y + _channel(b, y.ndim) if b is not None else y)
 
 
 def batch_norm(x: np.ndarray, p: Mapping[str, np.ndarray], op: BatchNorm, training: bool) -> np.ndarray:
@@ -218,6 +241,8 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
     op = node.op
     if isinstance(op, Conv):
         return conv(xs[0], p["weight"], p.get("bias"), op)
+    if isinstance(op, ConvTranspose):
+        return conv_transpose(xs[0], p["weight"], p.get("bias"), op)
     if isinstance(op, BatchNorm):
         return batch_norm(xs[0], p, op, training)
     if isinstance(op, (LayerNorm, GroupNorm, InstanceNorm)):

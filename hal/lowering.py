@@ -9,6 +9,7 @@ backends cannot disagree on them:
   neither, and its layouts for ``torch.nn.functional.pad`` and channels-last pads;
 - pooling: the average-pool divisor per output position, ``ceil_mode`` as explicit
   extra padding, adaptive pooling windows;
+- transposed convolution as a convolution of the stride-dilated input, and as torch's arguments;
 - upsampling: source indices (and linear weights) per output position;
 - which BatchNorms fold into the convolution before them, and the folding formula;
 - optimizer step scalars (learning rate from the schedule, Adam's bias
@@ -23,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from hal.spec import AvgPool, BatchNorm, Conv, MaxPool, ModelSpec, Padding, Shape, Upsample, pool_out, same_padding
+from hal.spec import AvgPool, BatchNorm, Conv, ConvTranspose, MaxPool, ModelSpec, Padding, Shape, Upsample, pool_out, same_padding
 from hal.training import SGD, AdamW, TrainConfig
 
 # ---------------------------------------------------------------------------
@@ -123,6 +124,31 @@ def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
     """Adaptive pooling's ``(start, end)`` of each of ``out`` windows over ``size``
     elements: ``[floor(i size / out), ceil((i + 1) size / out))``, PyTorch's."""
     return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+# ---------------------------------------------------------------------------
+# transposed convolution
+# ---------------------------------------------------------------------------
+
+
+def conv_transpose_padding(op: ConvTranspose) -> Padding:
+    """The padding of the equivalent stride-1 convolution over the input dilated by
+    ``stride`` (``stride - 1`` zeros between pixels; ``lax.conv_general_dilated``'s
+    ``lhs_dilation``), with the kernel flipped and its in/out axes swapped:
+    ``(dilation (k - 1) - before, dilation (k - 1) - after + output_padding)``. A
+    negative entry crops (lax accepts it; elsewhere slice the result)."""
+    return tuple(
+        (d * (k - 1) - a, d * (k - 1) - b + q)
+        for k, d, (a, b), q in zip(op.kernel, op.dilation, op.padding, op.output_padding)
+    )
+
+
+def torch_conv_transpose(op: ConvTranspose) -> tuple[tuple[int, ...], Padding]:
+    """``(padding, crop)``: call ``F.conv_transpose`` with ``padding`` (one int per dim,
+    ``min(before, after)``) and ``output_padding=op.output_padding``, then drop ``crop``
+    ``(before, after)`` elements per dim (all zero when ``op.padding`` is symmetric)."""
+    pad = tuple(min(a, b) for a, b in op.padding)
+    return pad, tuple((a - p, b - p) for (a, b), p in zip(op.padding, pad))
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,9 @@ Ops (``x`` is the input, ``C`` its channels; attributes in brackets):
 Input             ``[shape, dtype]`` the graph input ``(C, *spatial)``
 Conv              ``F.conv{1,2,3}d`` ``[out_channels, kernel, stride, padding, dilation, groups,
                   bias]``; weight ``(O, C/groups, *k)``, bias ``(O,)``
+ConvTranspose     ``F.conv_transpose{1,2,3}d`` ``[out_channels, kernel, stride, padding,
+                  output_padding, dilation, groups, bias]``; weight ``(C, O/groups, *k)`` as torch;
+                  padding ``(before, after)`` crops the full output, output_padding extends it after
 BatchNorm         ``F.batch_norm`` over axis 1 ``[eps, momentum]``; weight, bias, running_mean,
                   running_var ``(C,)``; training normalises with the biased batch variance and
                   updates ``running_var`` with the unbiased one (momentum = new statistic's weight)
@@ -334,6 +337,64 @@ class Conv(Op):
 
     def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
         """Weight: He/Kaiming normal, fan-out, gain sqrt(2) (torchvision's ResNet init); bias 0."""
+        return _he_fan_out(shape) if param == "weight" else Init("constant", 0.0)
+
+
+@dataclass(frozen=True)
+class ConvTranspose(Op):
+    """N-d transposed convolution (``F.conv_transpose{1,2,3}d``, the gradient of Conv
+    with respect to its input). weight ``(in_channels, out_channels/groups, *kernel)``
+    as torch, bias ``(out_channels,)``. Each input pixel scatters ``weight * x`` to
+    ``i * stride + j * dilation``; of that full output of length
+    ``(n - 1) * stride + dilation * (k - 1) + 1``, ``padding`` ``(before, after)``
+    crops each side and ``output_padding`` appends zeros (plus bias) after it: torch's
+    ``padding=p, output_padding=q`` is ``((p, p),)`` and ``(q,)``, ``q < max(stride, dilation)``."""
+
+    out_channels: int
+    kernel: Shape
+    stride: Shape
+    padding: Padding
+    output_padding: Shape
+    dilation: Shape
+    groups: int = 1
+    bias: bool = True
+    kind: ClassVar[str] = "ConvTranspose"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        _check_window(self.kernel, self.stride, self.padding, self.dilation)
+        spatial = _spatial(shapes[0], "ConvTranspose", len(self.kernel))
+        cin = shapes[0][0]
+        if self.out_channels < 1 or self.groups < 1:
+            raise ValueError(f"out_channels and groups must be >= 1, got {self.out_channels}, {self.groups}")
+        if cin % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"in_channels {cin} and out_channels {self.out_channels} must both be divisible by groups {self.groups}"
+            )
+        if len(self.output_padding) != len(self.kernel) or any(
+            not 0 <= q < max(s, d) for q, s, d in zip(self.output_padding, self.stride, self.dilation)
+        ):
+            raise ValueError(f"output_padding {self.output_padding} must be >= 0 and smaller than stride {self.stride} "
+                             f"or dilation {self.dilation} in each dim (as in torch)")
+        out = tuple(
+            (n - 1) * s + d * (k - 1) + 1 - a - b + q
+            for n, k, s, d, (a, b), q in zip(spatial, self.kernel, self.stride, self.dilation, self.padding,
+                                             self.output_padding)
+        )
+        return (self.out_channels, *out)
+
+    def params(self, shapes: list[Shape]) -> dict[str, Shape]:
+        p = {"weight": (shapes[0][0], self.out_channels // self.groups, *self.kernel)}
+        if self.bias:
+            p["bias"] = (self.out_channels,)
+        return p
+
+    def flops(self, shapes: list[Shape], out: Shape) -> int:
+        macs = _prod(shapes[0]) * (self.out_channels // self.groups) * _prod(self.kernel)
+        return 2 * macs + (_prod(out) if self.bias else 0)
+
+    def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
+        """Weight: He normal with the weight tensor's fan-out ``in_channels * prod(kernel)``
+        (``kaiming_normal_(mode="fan_out")`` on torch's layout); bias 0."""
         return _he_fan_out(shape) if param == "weight" else Init("constant", 0.0)
 
 
@@ -812,7 +873,7 @@ class Dropout(Op):
 OPS: dict[str, type[Op]] = {
     cls.kind: cls
     for cls in (
-        Input, Conv, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, AdaptiveAvgPool,
+        Input, Conv, ConvTranspose, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, AdaptiveAvgPool,
         AdaptiveMaxPool, GlobalAvgPool, Pad, ChannelShuffle, ChannelSlice, Upsample, Add, Mul, Scale, Concat,
         Flatten, Dense, Dropout,
     )
@@ -1281,6 +1342,30 @@ class SpecBuilder:
         k, s, d = (_tuple(v, nd, w, label) for v, w in ((kernel, "kernel"), (stride, "stride"), (dilation, "dilation")))
         pad = _padding(padding, spatial, k, s, d, label)
         return self.op(Conv(out_channels, k, s, pad, d, groups, bias), (x,), name)
+
+    def conv_transpose(
+        self,
+        x: str,
+        out_channels: int,
+        kernel: IntOrTuple,
+        stride: IntOrTuple = 1,
+        padding: PaddingArg = 0,
+        output_padding: IntOrTuple = 0,
+        groups: int = 1,
+        dilation: IntOrTuple = 1,
+        bias: bool = True,
+        name: str | None = None,
+    ) -> str:
+        """``nn.ConvTranspose{1,2,3}d``'s arguments, in its order; ``padding`` is an int,
+        one int per dim (torch's) or ``(before, after)`` per dim (cropped from the full output)."""
+        spatial = self._spatial(x, name, "conv_transpose")
+        nd, label = len(spatial), name or "conv_transpose"
+        k, s, d, q = (_tuple(v, nd, w, label) for v, w in (
+            (kernel, "kernel"), (stride, "stride"), (dilation, "dilation"), (output_padding, "output_padding")))
+        if isinstance(padding, str):
+            raise SpecError(f"conv_transpose padding takes explicit numbers, not {padding!r}", label)
+        pad = _padding(padding, spatial, k, s, d, label)
+        return self.op(ConvTranspose(out_channels, k, s, pad, q, d, groups, bias), (x,), name)
 
     def batch_norm(self, x: str, eps: float = 1e-5, momentum: float = 0.1, name: str | None = None) -> str:
         return self.op(BatchNorm(eps, momentum), (x,), name)

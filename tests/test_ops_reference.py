@@ -282,3 +282,71 @@ def test_upsample_linear_copies_a_dim_that_keeps_its_size(scale):
     close(got, F.interpolate(T(x), scale_factor=scale, mode="bilinear"))
     if scale == (1.1, 1.1):
         close(got, T(x))
+
+
+# ---------------------------------------------------------------------------
+# transposed convolution
+# ---------------------------------------------------------------------------
+
+TRANSPOSED = [  # shape, out, kernel, stride, padding (torch's int), output_padding, groups, dilation, bias
+    ((3, 5), 4, 3, 2, 1, 1, 1, 1, True),
+    ((4, 6), 6, 4, 3, 0, 2, 2, 1, False),
+    ((4, 5), 4, 3, 1, 2, 0, 4, 2, True),  # depthwise, dilated, padding beyond the kernel's reach
+    ((2, 4), 3, 2, 1, 0, 0, 1, 3, True),
+    ((3, 4, 5), 4, 3, 2, 1, 1, 1, 1, True),  # U-Net's upsampling: 2x with output_padding
+    ((3, 4, 5), 2, 2, 2, 0, 0, 1, 1, True),
+    ((4, 3, 4), 6, (3, 2), (2, 3), (1, 0), (1, 2), 2, (1, 2), True),
+    ((4, 3, 3), 4, 3, 1, 1, 0, 2, 2, False),
+    ((6, 2, 3), 3, 3, 3, 2, 1, 3, 1, True),  # output_padding < stride, padding 2
+    ((2, 2, 3, 2), 4, 3, 2, 1, 1, 1, 1, True),
+    ((4, 2, 2, 3), 2, (2, 3, 2), (1, 2, 2), (0, 1, 1), (0, 1, 0), 2, (2, 1, 1), True),
+]
+
+
+@pytest.mark.parametrize("shape,out,k,s,p,q,g,d,bias", TRANSPOSED, ids=str)
+def test_conv_transpose_is_torchs(shape, out, k, s, p, q, g, d, bias):
+    got, x, w = run(shape, lambda b, x: b.conv_transpose(x, out, k, s, p, q, g, d, bias))
+    nd = len(shape) - 1
+    want = getattr(F, f"conv_transpose{nd}d")(T(x), weight(w, ".weight"), weight(w, ".bias") if bias else None,
+                                              s, p, q, g, d)
+    close(got, want)
+
+
+@pytest.mark.parametrize("padding", [((2, 0), (0, 1)), ((0, 3), (1, 1)), ((1, 2), (2, 0))])
+def test_conv_transpose_asymmetric_padding_crops_the_full_output(padding):
+    from hal.lowering import torch_conv_transpose
+
+    got, x, w = run((3, 4, 5), lambda b, x: b.conv_transpose(x, 2, 3, 2, padding, 1))
+    full = F.conv_transpose2d(T(x), weight(w, ".weight"), weight(w, ".bias"), 2, 0, 1)
+    (a0, b0), (a1, b1) = padding
+    close(got, full[:, :, a0 : full.shape[2] - b0, a1 : full.shape[3] - b1])
+    # the helper's torch arguments: pad min(before, after), then crop the rest
+    b = SpecBuilder("t")
+    op = b.build(b.conv_transpose(b.input((3, 4, 5)), 2, 3, 2, padding, 1)).nodes[-1].op
+    pad, crop = torch_conv_transpose(op)
+    y = F.conv_transpose2d(T(x), weight(w, ".weight"), weight(w, ".bias"), 2, pad, 1)
+    close(got, y[:, :, crop[0][0] : y.shape[2] - crop[0][1], crop[1][0] : y.shape[3] - crop[1][1]])
+
+
+@pytest.mark.parametrize("shape,out,k,s,p,q,g,d,bias", TRANSPOSED[:8], ids=str)
+def test_conv_transpose_padding_is_a_convolution_of_the_dilated_input(shape, out, k, s, p, q, g, d, bias):
+    """hal.lowering.conv_transpose_padding: lax's form (lhs dilation, flipped, swapped kernel)."""
+    from hal.lowering import conv_transpose_padding
+
+    b = SpecBuilder("t")
+    spec = b.build(b.conv_transpose(b.input(shape, dtype="float64"), out, k, s, p, q, g, d, bias))
+    op = spec.nodes[-1].op
+    got, x, w = run(shape, lambda b, x: b.conv_transpose(x, out, k, s, p, q, g, d, bias))
+    nd, cin = len(shape) - 1, shape[0]
+    xd = np.zeros((x.shape[0], cin, *[(m - 1) * st + 1 for m, st in zip(shape[1:], op.stride)]))
+    xd[(slice(None), slice(None), *(slice(None, None, st) for st in op.stride))] = x
+    pads = conv_transpose_padding(op)
+    xd = T(xd)
+    for i, (a, bb) in enumerate(pads):  # negative pads crop
+        xd = torch.narrow(F.pad(xd.movedim(2 + i, -1), (max(a, 0), max(bb, 0))), -1, max(-a, 0),
+                          xd.shape[2 + i] + max(a, 0) + max(bb, 0) - max(-a, 0) - max(-bb, 0)).movedim(-1, 2 + i)
+    wt = weight(w, ".weight")  # (in, out/g, *k) -> (out, in/g, *k), flipped
+    wt = wt.reshape(g, cin // g, out // g, *op.kernel).transpose(1, 2).reshape(out, cin // g, *op.kernel)
+    wt = torch.flip(wt, dims=tuple(range(2, 2 + nd)))
+    conv = getattr(F, f"conv{nd}d")(xd, wt, weight(w, ".bias") if bias else None, 1, 0, op.dilation, g)
+    close(got, conv)

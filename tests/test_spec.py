@@ -26,6 +26,7 @@ from hal.spec import (
     ChannelSlice,
     Concat,
     Conv,
+    ConvTranspose,
     Dense,
     Dropout,
     Flatten,
@@ -1472,6 +1473,36 @@ class TestUpsample:
     ])
     def test_bad_attributes_name_the_node(self, op, match):
         _refused([inp((3, 5, 4)), Node("u", op, ("input",))], "u", match)
+
+
+
+class TestConvTranspose:
+    def test_shape_params_flops_init_json(self):
+        spec, node, row = _one((4, 5, 6), lambda b, x: b.conv_transpose(x, 6, 3, 2, 1, 1, groups=2, name="up"))
+        assert spec.output_shape == (6, 10, 12)  # (n - 1) * 2 - 2 + 3 + 1: torch's formula
+        assert spec.param_shapes() == {"up.weight": (4, 3, 3, 3), "up.bias": (6,)}  # (in, out/groups, *k) as torch
+        assert row.flops == 2 * (4 * 5 * 6) * 3 * 9 + 6 * 10 * 12
+        assert node.op.init("weight", (4, 3, 3, 3), [(4, 5, 6)]) == Init("normal", (2.0 / (4 * 9)) ** 0.5)
+        assert node.op.padding == ((1, 1), (1, 1)) and node.op.output_padding == (1, 1)
+        _round_trips(spec)
+        spec, _, _ = _one((2, 7), lambda b, x: b.conv_transpose(x, 3, 4, 3, [(2, 0)], dilation=2))
+        assert spec.output_shape == (3, 6 * 3 + 2 * 3 + 1 - 2)
+
+    @pytest.mark.parametrize("kw,match", [
+        (dict(output_padding=2, stride=2), "output_padding .* must be >= 0 and smaller than stride"),
+        (dict(output_padding=1), "smaller than stride"),
+        (dict(groups=3), "divisible by groups 3"),
+        (dict(padding=((5, 5), (0, 0))), "non-positive output shape"),
+        (dict(padding="same"), "explicit numbers"),
+    ])
+    def test_bad_attributes_name_the_node(self, kw, match):
+        b = SpecBuilder("t")
+        x = b.input((4, 3, 3))
+        with pytest.raises(SpecError, match=match) as ei:
+            b.conv_transpose(x, 6, 3, name="up", **kw)
+        assert ei.value.node == "up"
+        _refused([inp((4, 3, 3)), Node("up", ConvTranspose(6, (3, 3), (1, 1), P0, (0,), (1, 1)), ("input",))], "up",
+                 "output_padding")
 
 
 def test_op_init_rules_are_what_init_weights_draws():

@@ -708,6 +708,10 @@ def _conv(*args: Any, **kw: Any) -> Callable[[SpecBuilder, str], str]:
     return lambda b, x: b.conv(x, *args, **kw)
 
 
+def _tconv(*args: Any, **kw: Any) -> Callable[[SpecBuilder, str], str]:
+    return lambda b, x: b.conv_transpose(x, *args, **kw)
+
+
 def _act(fn: str, **kw: Any) -> Callable[[SpecBuilder, str], str]:
     return lambda b, x: b.activation(x, fn, **kw)
 
@@ -788,6 +792,17 @@ def _op_cases() -> list[_Op]:
         _Op("conv3d_stride_dilation_asym_pad", (2, 6, 5, 6),
             _conv(4, (3, 2, 3), stride=(2, 1, 2), padding=((1, 0), (0, 1), (1, 1)), dilation=(1, 2, 1))),
         _Op("conv3d_groups2", (4, 3, 4, 3), _conv(4, 2, groups=2)),
+        # transposed convolutions: named "transposed" (a wrong Conv lowering must not fail them)
+        _Op("transposed1d_k3_s2_pad1_outpad1", (3, 5), _tconv(4, 3, 2, 1, 1)),
+        _Op("transposed1d_groups2_dilation2", (4, 6), _tconv(6, 3, 1, 2, 0, groups=2, dilation=2)),
+        _Op("transposed2d_k2_s2_unet", (3, 4, 5), _tconv(2, 2, 2)),
+        _Op("transposed2d_k3_s2_pad1_outpad1", (3, 4, 5), _tconv(4, 3, 2, 1, 1)),
+        _Op("transposed2d_asym_pad_stride_dilation", (4, 3, 4),
+            _tconv(6, (3, 2), (2, 3), ((2, 0), (0, 1)), (1, 2), groups=2, dilation=(1, 2))),
+        _Op("transposed2d_depthwise_no_bias", (4, 3, 3), _tconv(4, 3, 1, 1, groups=4, bias=False)),
+        _Op("transposed3d_k3_s2_pad1_outpad1", (2, 2, 3, 2), _tconv(4, 3, 2, 1, 1)),
+        _Op("transposed3d_groups2_dilation", (4, 2, 2, 3),
+            _tconv(2, (2, 3, 2), (1, 2, 2), (0, 1, 1), (0, 1, 0), groups=2, dilation=(2, 1, 1))),
         _Op("batchnorm_features", (5,), lambda b, x: b.batch_norm(x), modes=(False, True)),
         _Op("batchnorm1d", (3, 7), lambda b, x: b.batch_norm(x), modes=(False, True)),
         _Op("batchnorm2d", (3, 4, 5), lambda b, x: b.batch_norm(x), modes=(False, True)),
@@ -878,7 +893,8 @@ _GRADS = frozenset({
     "conv1d_k3_pad1", "conv1d_stride2_dilation2_pad_before", "conv2d_stride2_asym_pad", "conv2d_pad_before_only",
     "conv2d_tf_same_even_kernel", "conv2d_tf_same_stride2", "conv2d_pad_beyond_kernel", "conv2d_dilation2",
     "conv2d_kernel5_stride2", "conv2d_kernel2_stride3", "conv2d_depthwise_multiplier2",
-    "conv3d_stride_dilation_asym_pad", "conv3d_groups2", "batchnorm_features", "batchnorm2d",
+    "conv3d_stride_dilation_asym_pad", "conv3d_groups2", "transposed1d_groups2_dilation2",
+    "transposed2d_k3_s2_pad1_outpad1", "transposed2d_asym_pad_stride_dilation", "transposed3d_groups2_dilation", "batchnorm_features", "batchnorm2d",
     "layernorm2d", "layernorm_features_eps1e-6", "groupnorm2d_groups2", "instancenorm2d",
     "instancenorm1d_affine_eps1e-3",
     "relu", "leaky_relu_alpha0.2", "sigmoid", "tanh", "gelu_erf", "gelu_tanh", "silu",
