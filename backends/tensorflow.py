@@ -73,6 +73,7 @@ imported only when an IPU target is compiled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -102,6 +103,10 @@ DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-m
 PRECISIONS = ("fp32", "fp64")
 CHANNELS_LAST = "hal_to_channels_last"
 CHANNELS_FIRST = "hal_to_channels_first"
+_LOWERED = frozenset({  # TODO while the new ops land: the op kinds with a lowering so far
+    "Input", "Conv", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "Activation", "PReLU", "MaxPool", "AvgPool",
+    "GlobalAvgPool", "Add", "Mul", "Scale", "Concat", "Flatten", "Dense", "Dropout",
+})
 
 # jit_compile per (device kind, mode): measured on the CPU, see the module docstring
 XLA = {
@@ -136,6 +141,15 @@ def _stderr_to(path: str) -> Iterator[None]:
         os.close(saved)
 
 
+def _load_triton_first() -> None:
+    """Load Triton's native library if it is installed. Triton ships with CUDA builds of torch
+    (``torch.optim`` loads it) and segfaults when it loads after TensorFlow (torch 2.14 / Triton
+    3.8 with TensorFlow 2.21): loaded first, torch and TensorFlow share one process."""
+    if "triton._C.libtriton" not in sys.modules and importlib.util.find_spec("triton") is not None:
+        with contextlib.suppress(ImportError):
+            importlib.import_module("triton._C.libtriton")
+
+
 def _tf() -> Any:
     """Import TensorFlow once, quieting its start-up logging (only here, never at hal import)."""
     if _TF:
@@ -143,6 +157,7 @@ def _tf() -> Any:
     if "tensorflow" in sys.modules:
         import tensorflow as tf
     else:
+        _load_triton_first()
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         with tempfile.TemporaryDirectory() as tmp:
             log = os.path.join(tmp, "tf-import.log")
@@ -309,7 +324,57 @@ def _layer_classes() -> dict[Any, type]:
             if op.approximate == "tanh":  # written out: tf.nn.gelu rounds its constants through float32
                 inner = c(math.sqrt(2.0 / math.pi)) * (x + c(0.044715) * (x * x * x))
                 return c(0.5) * x * (c(1.0) + tf.tanh(inner))
+            if op.fn == "relu6":
+                return tf.nn.relu6(x)
+            if op.fn == "elu":  # tf.nn.elu has no alpha
+                return tf.where(x > 0, x, c(op.alpha) * tf.math.expm1(tf.minimum(x, c(0.0))))
+            if op.fn == "hardsigmoid":
+                return tf.nn.relu6(x + c(3.0)) / c(6.0)
+            if op.fn == "hardswish":
+                return x * (tf.nn.relu6(x + c(3.0)) / c(6.0))
+            if op.fn == "softplus":  # torch's threshold: linear where beta x > threshold
+                z = c(op.beta) * x
+                return tf.where(z > c(op.threshold), x, tf.math.softplus(tf.minimum(z, c(op.threshold))) / c(op.beta))
+            if op.fn == "mish":
+                return x * tf.tanh(tf.math.softplus(x))
             return x * c(0.5) * (c(1.0) + tf.math.erf(x * c(math.sqrt(0.5))))
+
+    class PReLU(Layer):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            self.slope = self.weight("weight", (self.op.num_parameters,))  # (1,) or (C,): broadcasts over NHWC
+
+        def call(self, x: Any) -> Any:
+            return tf.where(x >= 0, x, self.slope * x)
+
+    class Norm(Layer):
+        """LayerNorm (channels), GroupNorm (channel groups and positions) and
+        InstanceNorm (positions): two-pass biased moments, then the per-channel affine."""
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            c, rank = self.in_shapes[0][0], len(self.in_shapes[0]) + 1
+            spatial = list(range(1, rank - 1))
+            self.groups = self.op.groups if isinstance(self.op, S.GroupNorm) else None
+            if isinstance(self.op, S.LayerNorm):
+                self.axes = [rank - 1]
+            elif isinstance(self.op, S.InstanceNorm):
+                self.axes = spatial
+            else:  # (N, *S, C) -> (N, *S, G, C/G): each group over its positions and channels
+                self.axes = [*spatial, rank]
+            self.gamma = self.weight("gamma", (c,)) if self.op.affine else None
+            self.beta = self.weight("beta", (c,)) if self.op.affine else None
+
+        def call(self, x: Any) -> Any:
+            shape = tf.shape(x)
+            y = x if self.groups is None else tf.reshape(x, tf.concat([shape[:-1], [self.groups, -1]], 0))
+            mean = tf.reduce_mean(y, self.axes, keepdims=True)
+            centred = y - mean
+            var = tf.reduce_mean(tf.square(centred), self.axes, keepdims=True)
+            y = centred * tf.math.rsqrt(var + tf.constant(self.op.eps, x.dtype))
+            if self.groups is not None:
+                y = tf.reshape(y, shape)
+            return y * self.gamma + self.beta if self.gamma is not None else y
 
     class MaxPool(Layer):
         def __init__(self, *args: Any) -> None:
@@ -349,11 +414,20 @@ def _layer_classes() -> dict[Any, type]:
             return tf.reduce_mean(x, list(range(1, x.shape.rank - 1)))
 
     class Add(Layer):
+        def call(self, xs: list[Any]) -> Any:  # broadcasting: equal ranks, so NHWC broadcasts as NCHW does
+            return functools.reduce(tf.add, xs)
+
+    class Mul(Layer):
         def call(self, xs: list[Any]) -> Any:
-            out = xs[0] + xs[1]
-            for x in xs[2:]:
-                out = out + x
-            return out
+            return functools.reduce(tf.multiply, xs)
+
+    class Scale(Layer):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            self.layer_scale = self.weight("layer_scale", (self.in_shapes[0][0],))  # (C,) over the last axis
+
+        def call(self, x: Any) -> Any:
+            return x * self.layer_scale
 
     class Concat(Layer):
         def call(self, xs: list[Any]) -> Any:
@@ -394,9 +468,10 @@ def _layer_classes() -> dict[Any, type]:
             return tf.transpose(x, self.perm)
 
     _LAYERS.update({
-        S.Conv: Conv, S.BatchNorm: BatchNorm, S.Activation: Activation, S.MaxPool: MaxPool, S.AvgPool: AvgPool,
-        S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense,
-        S.Dropout: Dropout, "transpose": Transpose,
+        S.Conv: Conv, S.BatchNorm: BatchNorm, S.LayerNorm: Norm, S.GroupNorm: Norm, S.InstanceNorm: Norm,
+        S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool, S.AvgPool: AvgPool,
+        S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Mul: Mul, S.Scale: Scale, S.Concat: Concat,
+        S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout, "transpose": Transpose,
     })
     return _LAYERS
 
@@ -470,6 +545,13 @@ def _weight_map(op: S.Op, layer: Any) -> list[tuple[str, Any, Callable, Callable
     if isinstance(op, S.BatchNorm):
         return [("weight", layer.gamma, *same), ("bias", layer.beta, *same),
                 ("running_mean", layer.running_mean, *same), ("running_var", layer.running_var, *same)]
+    if isinstance(op, (S.LayerNorm, S.GroupNorm, S.InstanceNorm)):
+        return [("weight", layer.gamma, *same), ("bias", layer.beta, *same)] if op.affine else []
+    if isinstance(op, S.PReLU):
+        return [("weight", layer.slope, *same)]
+    if isinstance(op, S.Scale):
+        shape = (-1, *(1 for _ in layer.in_shapes[0][1:]))  # canonical (C, 1, ..., 1)
+        return [("layer_scale", layer.layer_scale, lambda a: a.reshape(-1), lambda a, s=shape: a.reshape(s))]
     return []
 
 
@@ -777,7 +859,7 @@ class TensorFlowBackend(Backend):
     @classmethod
     def capabilities(cls) -> Capabilities:
         ipu = _ipu_module().importable()
-        return Capabilities(precisions=PRECISIONS, pipelining=ipu, replication=ipu)
+        return Capabilities(ops=frozenset(S.OPS) & _LOWERED, precisions=PRECISIONS, pipelining=ipu, replication=ipu)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
