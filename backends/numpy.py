@@ -50,6 +50,7 @@ from hal.spec import (
     Pad,
     PReLU,
     Scale,
+    StochasticDepth,
     Upsample,
 )
 from hal.lowering import (
@@ -281,11 +282,11 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
     if isinstance(op, Dense):
         y = xs[0] @ p["weight"].T
         return y + p["bias"] if "bias" in p else y
-    if isinstance(op, Dropout):
-        if training and op.rate > 0:
+    if isinstance(op, (Dropout, StochasticDepth)):
+        if training and (op.rate if isinstance(op, Dropout) else op.p) > 0:
             raise UnsupportedError(
-                f"node {node.name!r}: the reference cannot reproduce random dropout masks; "
-                "compare training-mode forwards with dropout rate 0"
+                f"node {node.name!r}: the reference cannot reproduce random {op.kind} masks; "
+                "compare training-mode forwards with rate (p) 0"
             )
         return xs[0]
     raise UnsupportedError(f"node {node.name!r}: numpy has no {op.kind} op")

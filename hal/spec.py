@@ -60,7 +60,10 @@ ChannelShuffle    ``nn.ChannelShuffle`` ``[groups]``: channels viewed as (groups
 ChannelSlice      ``x[:, start:stop]`` ``[start, stop]`` (``x.chunk(2, dim=1)`` is two)
 Flatten           row-major over ``(C, *spatial)``
 Dense             ``F.linear`` on ``(features,)``; weight ``(out, in)``, bias ``(out,)``
-Dropout           ``F.dropout`` ``[rate]``; see "training mode" below
+Dropout           ``F.dropout`` ``[rate]``; identity in inference; see "training mode" below
+StochasticDepth   ``torchvision.ops.StochasticDepth`` ``[p, mode]``: identity in inference; in
+                  training each sample ("row") or the whole batch ("batch") is zeroed with
+                  probability p, else scaled by 1 / (1 - p); see "training mode" below
 ================  ==========================================================================
 
 Broadcasting (Add, Mul): the inputs' per-sample shapes have the same rank and each
@@ -70,9 +73,15 @@ dimension. Ranks never align from the right, so ``(C,)`` with ``(C, H, W)`` is r
 
 Training mode: inference and training-mode forwards are the same for every op but
 BatchNorm (batch statistics) and the random ones. Dropout of rate ``p`` zeroes each
-element with probability ``p`` and scales the others by ``1 / (1 - p)``; no two
-frameworks draw the same mask, so parity compares its training-mode forward only at
-``p = 0`` and otherwise checks the rule (each value zero or scaled), never values.
+element with probability ``p`` and scales the others by ``1 / (1 - p)``;
+StochasticDepth does the same to whole samples (or the whole batch). No two
+frameworks draw the same masks, and hal does not fix a random stream, so what parity
+and the conformance suite can compare is: inference forwards (always; both ops are
+the identity there), training-mode forwards, gradients and trajectories only at
+``p = 0`` (the numpy reference refuses ``p > 0`` in training), and for ``p > 0`` the
+rule (each element, or each sample, is zero or scaled by ``1 / (1 - p)``, at a
+plausible rate), never the values. A model with them is compared in training by
+giving them ``p = 0``.
 
 Attributes are plain ints, floats, strings and tuples; an attribute added to an op
 after it was first published is written to JSON only when it is not at its default,
@@ -870,12 +879,33 @@ class Dropout(Op):
         return shapes[0]
 
 
+STOCHASTIC_DEPTH_MODES = ("row", "batch")
+
+
+@dataclass(frozen=True)
+class StochasticDepth(Op):
+    """``torchvision.ops.StochasticDepth(p, mode)``: identity in inference; in training
+    each sample (``"row"``) or the whole batch (``"batch"``) is zeroed with probability
+    ``p`` and otherwise scaled by ``1 / (1 - p)`` (``p = 1`` zeroes everything)."""
+
+    p: float
+    mode: str = "row"
+    kind: ClassVar[str] = "StochasticDepth"
+
+    def infer(self, shapes: list[Shape]) -> Shape:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"stochastic depth p must be in [0, 1], got {self.p}")
+        if self.mode not in STOCHASTIC_DEPTH_MODES:
+            raise ValueError(f"stochastic depth mode must be one of {STOCHASTIC_DEPTH_MODES}, got {_show(self.mode)}")
+        return shapes[0]
+
+
 OPS: dict[str, type[Op]] = {
     cls.kind: cls
     for cls in (
         Input, Conv, ConvTranspose, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Activation, PReLU, MaxPool, AvgPool, AdaptiveAvgPool,
         AdaptiveMaxPool, GlobalAvgPool, Pad, ChannelShuffle, ChannelSlice, Upsample, Add, Mul, Scale, Concat,
-        Flatten, Dense, Dropout,
+        Flatten, Dense, Dropout, StochasticDepth,
     )
 }
 
@@ -1491,6 +1521,10 @@ class SpecBuilder:
 
     def dropout(self, x: str, rate: float = 0.5, name: str | None = None) -> str:
         return self.op(Dropout(rate), (x,), name)
+
+    def stochastic_depth(self, x: str, p: float, mode: str = "row", name: str | None = None) -> str:
+        """``torchvision.ops.StochasticDepth(p, mode)``: drop whole residual branches in training."""
+        return self.op(StochasticDepth(p, mode), (x,), name)
 
     def build(self, output: str | None = None) -> ModelSpec:
         """The finished spec; ``output`` defaults to the last node added."""

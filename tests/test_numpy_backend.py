@@ -266,6 +266,17 @@ def test_dropout_is_identity_in_inference_and_refuses_random_training():
     close(exe.predict(x, training=True), x)
 
 
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_stochastic_depth_is_identity_in_inference_and_refuses_random_training(mode):
+    tv = pytest.importorskip("torchvision")
+    spec, w, x, exe = one_op((3, 4), lambda b, x: b.stochastic_depth(x, 0.3, mode))
+    close(exe.predict(x), tv.ops.StochasticDepth(0.3, mode).eval()(T(x)))
+    with pytest.raises(UnsupportedError, match="StochasticDepth"):
+        exe.predict(x, training=True)
+    spec, w, x, exe = one_op((3, 4), lambda b, x: b.stochastic_depth(x, 0.0, mode))
+    close(exe.predict(x, training=True), tv.ops.StochasticDepth(0.0, mode).train()(T(x)))
+
+
 # ---------------------------------------------------------------------------
 # the executable
 # ---------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from hal.spec import (
     PReLU,
     Scale,
     SpecBuilder,
+    StochasticDepth,
     Upsample,
     pool_out,
     same_padding,
@@ -1503,6 +1504,24 @@ class TestConvTranspose:
         assert ei.value.node == "up"
         _refused([inp((4, 3, 3)), Node("up", ConvTranspose(6, (3, 3), (1, 1), P0, (0,), (1, 1)), ("input",))], "up",
                  "output_padding")
+
+
+
+class TestStochasticDepth:
+    def test_json_and_counts(self):
+        spec, node, row = _one((3, 4, 4), lambda b, x: b.stochastic_depth(x, 0.1, "batch"))
+        assert node.op == StochasticDepth(0.1, "batch") and row.params == row.flops == 0
+        _round_trips(spec)
+        assert _one((3,), lambda b, x: b.stochastic_depth(x, 1))[1].op.p == 1.0  # torchvision allows p = 1
+
+    @pytest.mark.parametrize("op,match", [
+        (StochasticDepth(1.5), r"p must be in \[0, 1\]"),
+        (StochasticDepth(-0.1), r"p must be in \[0, 1\]"),
+        (StochasticDepth(0.1, "sample"), "mode must be one of"),
+        (StochasticDepth("0.1"), "p must be a finite number"),
+    ])
+    def test_bad_attributes_name_the_node(self, op, match):
+        _refused([inp((3, 4)), Node("sd", op, ("input",))], "sd", match)
 
 
 def test_op_init_rules_are_what_init_weights_draws():

@@ -17,8 +17,9 @@ Groups of cases (a case name is ``group/what``):
 
 ``op/``         each op alone in a tiny spec (1/2/3-d, asymmetric and edge paddings,
                 strides, dilations, groups, odd sizes, batch 1): the inference
-                forward, and for BatchNorm and Dropout also the training-mode
-                forward, against the float64 numpy reference
+                forward, and for BatchNorm, Dropout and StochasticDepth also the
+                training-mode forward, against the float64 numpy reference; for the
+                random ops at p > 0 the training-mode rule, not values (see hal.spec)
 ``grad/``       the same ops behind a BatchNorm: ``loss_and_grads`` (MSE) against
                 float64 autodiff, so each op's backward is checked on its own
 ``loss/``       ``loss_and_grads`` of a small MLP, cross-entropy and MSE
@@ -399,6 +400,23 @@ def _check_dropout_scaling(s: _Session, case: Case, batch: int = 4) -> _Measured
     if not abs(dropped - rate) < 0.2:  # 240 values: a fair mask is this far off with probability < 1e-9
         raise _Failed(f"dropout rate {rate} zeroed a fraction {dropped:.2f} of {out.size} values")
     return _Measured(err, tolerance(UNIT_ROUNDOFF["fp32"], case.config.precision), f"zeroed {dropped:.2f}")
+
+
+def _check_stochastic_depth(s: _Session, case: Case, batch: int = 32) -> _Measured:
+    """Training-mode stochastic depth: each sample (row) or the whole batch is zero or
+    ``x / (1 - p)``; in row mode both outcomes occur (all alike: probability 2**-31)."""
+    op = case.spec.node(case.spec.output).op
+    x = make_batch(case.spec, batch, "mse")[0]
+    out = s.compile(case.spec, _weights(case.spec), case.config).predict(x, True)
+    flat, scaled = out.reshape(batch, -1), (x / (1.0 - op.p)).reshape(batch, -1)  # type: ignore[attr-defined]
+    dropped = np.all(flat == 0, axis=1)
+    kept = ~dropped
+    err = normalised_error(flat[kept], scaled[kept])[1] if kept.any() else 0.0
+    if op.mode == "batch" and dropped.any() and kept.any():  # type: ignore[attr-defined]
+        raise _Failed(f"batch mode dropped {dropped.sum()} of {batch} samples: it drops all or none")
+    if op.mode == "row" and (dropped.all() or kept.all()):  # type: ignore[attr-defined]
+        raise _Failed(f"row mode with p=0.5 {'dropped' if dropped.all() else 'kept'} all {batch} samples")
+    return _Measured(err, tolerance(UNIT_ROUNDOFF["fp32"], case.config.precision), f"dropped {dropped.sum()}/{batch}")
 
 
 def _check_grads(s: _Session, case: Case) -> _Measured:
@@ -884,6 +902,9 @@ def _op_cases() -> list[_Op]:
         _Op("flatten_dense", (3, 2, 4), lambda b, x: b.dense(b.flatten(x), 5)),
         _Op("dropout_rate0", (3, 4, 5), lambda b, x: b.dropout(x, 0.0), modes=(False, True)),
         _Op("dropout_rate_half", (3, 4, 5), lambda b, x: b.dropout(x, 0.5), modes=(False,)),
+        _Op("stochastic_depth_row_p0", (3, 4, 5), lambda b, x: b.stochastic_depth(x, 0.0), modes=(False, True)),
+        _Op("stochastic_depth_row_half", (3, 4, 5), lambda b, x: b.stochastic_depth(x, 0.5)),
+        _Op("stochastic_depth_batch_half", (3, 4), lambda b, x: b.stochastic_depth(x, 0.5, "batch")),
     ]
 
 
@@ -907,7 +928,7 @@ _GRADS = frozenset({
     "upsample2d_nearest_scale1.5", "upsample2d_bilinear_scale1.5_odd", "upsample2d_bilinear_align_corners",
     "upsample3d_trilinear_scale", "channel_shuffle2d_groups3", "channel_slice_chunk_halves",
     "global_avgpool2d", "add3", "add_same_input_twice", "add_outer_broadcast", "mul_squeeze_excitation",
-    "mul3_broadcast", "scale2d", "concat3", "dense", "dropout_rate0",
+    "mul3_broadcast", "scale2d", "concat3", "dense", "dropout_rate0", "stochastic_depth_row_p0",
 })
 
 
@@ -928,9 +949,14 @@ def _static_cases() -> tuple[Case, ...]:
         if op.name == "dropout_rate0":
             doc += " (training mode is comparable at rate 0 only: random masks are not)"
         cases.append(Case(f"op/{op.name}", check, op.spec(), doc=doc))
-    rate_half = next(op for op in _op_cases() if op.name == "dropout_rate_half")
-    cases.append(Case("op/dropout_rate_half_training_scaling", _check_dropout_scaling, rate_half.spec(),
-                      doc="training-mode dropout zeroes or scales by 1/(1-rate)"))
+    by_name = {op.name: op for op in _op_cases()}
+    cases.append(Case("op/dropout_rate_half_training_scaling", _check_dropout_scaling,
+                      by_name["dropout_rate_half"].spec(), doc="training-mode dropout zeroes or scales by 1/(1-rate)"))
+    cases += [
+        Case(f"op/{name}_training_rule", _check_stochastic_depth, by_name[name].spec(),
+             doc="training-mode stochastic depth zeroes or scales whole samples (row) or the whole batch (batch)")
+        for name in ("stochastic_depth_row_half", "stochastic_depth_batch_half")
+    ]
     mse = TrainConfig(loss="mse")
     cases += [
         Case(f"grad/{op.name}", _check_grads, op.spec(behind_batchnorm=True), mse, training=True,
