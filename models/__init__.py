@@ -9,11 +9,30 @@ from typing import Any, Callable
 from hal.errors import SpecError
 from hal.spec import ModelSpec
 from hal.models.conductivity import conductivity_cnn
+from hal.models.densenet import densenet
+from hal.models.mobilenet import mobilenet_v2, mobilenet_v3
+from hal.models.regnet import SETTINGS as REGNETS
+from hal.models.regnet import regnet
 from hal.models.resnet import resnet
 from hal.models.small_cnn import small_cnn
+from hal.models.squeezenet import squeezenet
+from hal.models.vgg import vgg
 
 ZOO: dict[str, Callable[..., ModelSpec]] = {
     **{f"resnet{d}": partial(resnet, d) for d in (18, 34, 50, 101, 152)},
+    "resnext50_32x4d": partial(resnet, 50, groups=32, width_per_group=4),
+    "resnext101_32x8d": partial(resnet, 101, groups=32, width_per_group=8),
+    "resnext101_64x4d": partial(resnet, 101, groups=64, width_per_group=4),
+    "wide_resnet50_2": partial(resnet, 50, width_per_group=128),
+    "wide_resnet101_2": partial(resnet, 101, width_per_group=128),
+    **{f"vgg{d}{bn}": partial(vgg, d, bn == "_bn") for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+    **{f"densenet{d}": partial(densenet, d) for d in (121, 161, 169, 201)},
+    "squeezenet1_0": partial(squeezenet, "1_0"),
+    "squeezenet1_1": partial(squeezenet, "1_1"),
+    "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v3_large": partial(mobilenet_v3, "large"),
+    "mobilenet_v3_small": partial(mobilenet_v3, "small"),
+    **{name: partial(regnet, name) for name in REGNETS},
     "small_cnn": small_cnn,
     "conductivity_cnn": conductivity_cnn,
 }
@@ -29,4 +48,7 @@ def get(name: str, **kwargs: Any) -> ModelSpec:
         raise SpecError(f"bad arguments for model {name!r}: {exc}") from None
 
 
-__all__ = ["ZOO", "conductivity_cnn", "get", "resnet", "small_cnn"]
+__all__ = [
+    "ZOO", "conductivity_cnn", "densenet", "get", "mobilenet_v2", "mobilenet_v3", "regnet", "resnet", "small_cnn",
+    "squeezenet", "vgg",
+]

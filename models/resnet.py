@@ -1,10 +1,13 @@
-"""ResNet-18/34/50/101/152 in the neutral spec.
+"""ResNet-18/34/50/101/152, ResNeXt and Wide ResNet in the neutral spec.
 
 Layout and node names mirror torchvision's ``resnet*`` state_dict (``conv1``,
 ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ``fc``...), so a
 torchvision checkpoint loads with :func:`hal.weights.from_state_dict` without
 renaming. ``variant="v1.5"`` (torchvision) puts a bottleneck's stride on its 3x3
 conv; ``variant="v1"`` puts it on the first 1x1, as in He et al. (2015) and Keras.
+A bottleneck's 3x3 conv has ``groups`` groups of ``width_per_group * planes / 64``
+channels each (torchvision's rule): ResNeXt-50 32x4d is ``groups=32, width_per_group=4``,
+Wide ResNet-50-2 is ``width_per_group=128``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import numbers
 
 from hal.errors import SpecError
+from hal.models.common import image_size
 from hal.spec import ModelSpec, SpecBuilder
 
 # depth -> (block, blocks per stage)
@@ -30,21 +34,30 @@ def resnet(
     input_size: int | tuple[int, int] = 224,
     in_channels: int = 3,
     variant: str = "v1.5",
+    groups: int = 1,
+    width_per_group: int = 64,
 ) -> ModelSpec:
-    """A ResNet of the given depth for ``(in_channels, H, W)`` inputs."""
+    """A ResNet of the given depth for ``(in_channels, H, W)`` inputs; ``groups`` and
+    ``width_per_group`` widen or group the bottleneck's 3x3 conv (ResNeXt, Wide ResNet)."""
     if not isinstance(depth, numbers.Integral) or depth not in DEPTHS:
         raise SpecError(f"resnet depth must be one of {sorted(DEPTHS)}, got {depth!r}")
     if not isinstance(variant, str) or variant not in ("v1", "v1.5"):
         raise SpecError(f"resnet variant must be 'v1' or 'v1.5', got {variant!r}")
-    if isinstance(input_size, numbers.Integral) and not isinstance(input_size, bool):
-        h = w = input_size
-    elif isinstance(input_size, (tuple, list)) and len(input_size) == 2:
-        h, w = input_size
-    else:
-        raise SpecError(f"resnet input_size must be an int or (height, width), got {input_size!r}")
+    h, w = image_size(input_size, "resnet")
     block, counts = DEPTHS[depth]
+    for arg, value in (("groups", groups), ("width_per_group", width_per_group)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise SpecError(f"resnet {arg} must be an int >= 1, got {value!r}")
+    if block == "basic" and (groups, width_per_group) != (1, 64):
+        raise SpecError(f"resnet{depth} has basic blocks: they take only groups=1 and width_per_group=64")
     suffix = "" if variant == "v1.5" else "_v1"
-    b = SpecBuilder(f"resnet{depth}{suffix}")
+    if groups > 1:
+        name = f"resnext{depth}_{groups}x{width_per_group}d"
+    elif width_per_group != 64:
+        name = f"wide_resnet{depth}_{width_per_group / 64:g}"
+    else:
+        name = f"resnet{depth}"
+    b = SpecBuilder(name + suffix)
     x = b.input((in_channels, h, w))
     x = b.conv(x, 64, 7, stride=2, padding=3, bias=False, name="conv1")
     x = b.relu(b.batch_norm(x, name="bn1"), name="relu")
@@ -57,7 +70,8 @@ def resnet(
             if block == "basic":
                 x = _basic(b, x, prefix, planes, stride)
             else:
-                x = _bottleneck(b, x, prefix, planes, stride, variant)
+                width = planes * width_per_group // 64 * groups
+                x = _bottleneck(b, x, prefix, planes, width, groups, stride, variant)
     x = b.global_avg_pool(x, name="avgpool")
     return b.build(b.dense(x, num_classes, name="fc"))
 
@@ -78,11 +92,12 @@ def _basic(b: SpecBuilder, x: str, prefix: str, planes: int, stride: int) -> str
     return b.relu(y, name=f"{prefix}.relu2")
 
 
-def _bottleneck(b: SpecBuilder, x: str, prefix: str, planes: int, stride: int, variant: str) -> str:
+def _bottleneck(b: SpecBuilder, x: str, prefix: str, planes: int, width: int, groups: int, stride: int,
+                variant: str) -> str:
     s1, s3 = (stride, 1) if variant == "v1" else (1, stride)
-    y = b.conv(x, planes, 1, stride=s1, bias=False, name=f"{prefix}.conv1")
+    y = b.conv(x, width, 1, stride=s1, bias=False, name=f"{prefix}.conv1")
     y = b.relu(b.batch_norm(y, name=f"{prefix}.bn1"), name=f"{prefix}.relu1")
-    y = b.conv(y, planes, 3, stride=s3, padding=1, bias=False, name=f"{prefix}.conv2")
+    y = b.conv(y, width, 3, stride=s3, padding=1, groups=groups, bias=False, name=f"{prefix}.conv2")
     y = b.relu(b.batch_norm(y, name=f"{prefix}.bn2"), name=f"{prefix}.relu2")
     y = b.conv(y, planes * 4, 1, bias=False, name=f"{prefix}.conv3")
     y = b.batch_norm(y, name=f"{prefix}.bn3")

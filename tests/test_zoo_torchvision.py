@@ -1,0 +1,81 @@
+"""The zoo against torchvision: a torchvision model's own state_dict loads into the
+hal spec of the same name unchanged, and hal's float64 reference reproduces
+torchvision's float64 eval output (to ~1e-12 relative) with the same parameter count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hal
+from hal.models import get
+from hal.parity import normalised_error
+from hal.weights import from_state_dict
+
+torch = pytest.importorskip("torch")
+models = pytest.importorskip("torchvision.models")
+
+# zoo name -> the smallest-ish input size (height, width) the test runs it at: odd or
+# non-square where the architecture allows, so padding and pooling edges are exercised
+SMALL = {
+    "resnext50_32x4d": (35, 40),
+    "wide_resnet50_2": (35, 40),
+    "vgg11_bn": (32, 37),
+    "vgg16_bn": (32, 37),
+    "densenet121": (29, 35),
+    "squeezenet1_1": (35, 42),
+    "mobilenet_v2": (33, 40),
+    "mobilenet_v3_small": (33, 40),
+    "mobilenet_v3_large": (33, 40),
+    "regnet_y_400mf": (33, 40),
+}
+NUM_CLASSES = 7
+
+
+def _torchvision(name: str, size: tuple[int, int]) -> "torch.nn.Module":
+    """torchvision's ``name``, float64 in eval mode, with random weights, random norm
+    affine parameters and biases, and BatchNorm statistics away from 0/1: those of a
+    random batch (so activations stay in range through every layer and the output
+    depends on the input), each jittered by up to 25%."""
+    torch.manual_seed(0)
+    model = getattr(models, name)(weights=None, num_classes=NUM_CLASSES).double()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if t.dim() == 1 and key.endswith("weight"):
+                t.uniform_(0.5, 1.5)
+            elif key.endswith(("bias", "layer_scale")):
+                t.normal_(0.0, 0.2)
+        for m in norms:
+            m.momentum = 1.0  # the running statistics become the batch's
+        model.train()(torch.randn(8, 3, *size, dtype=torch.float64))
+        for m in norms:
+            m.running_mean.add_(torch.randn_like(m.running_mean) * 0.25 * m.running_var.sqrt())
+            m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.8, 1.25))
+    return model.eval()
+
+
+def _check(name: str, size: tuple[int, int]) -> None:
+    model = _torchvision(name, size)
+    spec = get(name, num_classes=NUM_CLASSES, input_size=size)
+    assert spec.num_params == sum(p.numel() for p in model.parameters())
+    weights = from_state_dict(spec, model.state_dict())  # no renaming: names and shapes are torchvision's
+    x = np.random.default_rng(2).standard_normal((2, 3, *size))
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    got = hal.compile(spec, "numpy", weights, hal.TrainConfig(precision="fp64")).predict(x)
+    _, rel = normalised_error(got, want)
+    assert rel < 1e-12, f"{name}: relative error {rel:.2e} against torchvision"
+    _, rel = normalised_error(got[0] - got[1], want[0] - want[1])  # the part that depends on the input
+    assert rel < 1e-10, f"{name}: relative error {rel:.2e} of the input-dependent part against torchvision"
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_torchvision_weights_load_and_forward_matches(name: str) -> None:
+    _check(name, SMALL[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_torchvision_at_224(name: str) -> None:
+    _check(name, (224, 224))
