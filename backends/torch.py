@@ -57,6 +57,7 @@ from hal.lowering import (
     fold_batchnorm,
     foldable_batchnorms,
     free_after,
+    nearest_indices,
     pool_padding,
     symmetric,
     torch_pad,
@@ -133,9 +134,11 @@ def _modules() -> dict[type[S.Op], type]:
             self.op = op
 
     class LayerNorm(Norm):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # over channels: contiguous under channels_last
-            y = F.layer_norm(x.movedim(1, -1), x.shape[1:2], self.weight, self.bias, self.op.eps)
-            return y.movedim(-1, 1)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """F.layer_norm over the last dim of the channels-last view: no copy when the memory is
+            channels_last already (the fast path); else the result is made NCHW-contiguous again."""
+            y = F.layer_norm(x.movedim(1, -1), x.shape[1:2], self.weight, self.bias, self.op.eps).movedim(-1, 1)
+            return y if x.stride(1) == 1 else y.contiguous()
 
     class GroupNorm(Norm):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +261,30 @@ def _modules() -> dict[type[S.Op], type]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.layer_scale * x
 
+    class Upsample(nn.Module):
+        def __init__(self, op: S.Upsample, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            linear = op.mode == "linear"
+            self.mode = ("linear", "bilinear", "trilinear")[len(op.size) - 1] if linear else op.mode
+            self.align_corners = op.align_corners if linear else None
+            # a scale maps coordinates by 1 / scale (torch's scale_factor), a size by n / size
+            self.size, self.scale = (None, op.scale) if op.scale else (op.size, None)
+            # torch's 2-d and 3-d nearest kernels on the CPU copy a dim whose size is unchanged and halve a
+            # doubled one, whatever scale_factor says: there, gather the spec's source indices instead
+            sizes = in_shapes[0][1:]
+            self.gather = op.mode == "nearest" and any(
+                o in (n, 2 * n) and f != o / n for n, o, f in zip(sizes, op.size, op.scale)
+            )
+            for d, n in enumerate(sizes if self.gather else ()):
+                self.register_buffer(f"index{d}", torch.from_numpy(nearest_indices(op, d, n)), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.gather:
+                for d in range(x.dim() - 2):
+                    x = x.index_select(2 + d, getattr(self, f"index{d}"))
+                return x
+            return F.interpolate(x, self.size, self.scale, self.mode, self.align_corners)
+
     class ChannelShuffle(nn.Module):
         def __init__(self, op: S.ChannelShuffle, in_shapes: list[S.Shape]) -> None:
             super().__init__()
@@ -313,8 +340,8 @@ def _modules() -> dict[type[S.Op], type]:
         S.Conv: Conv, S.BatchNorm: BatchNorm, S.LayerNorm: LayerNorm, S.GroupNorm: GroupNorm,
         S.InstanceNorm: InstanceNorm, S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool,
         S.AvgPool: AvgPool, S.AdaptiveAvgPool: AdaptiveAvgPool, S.AdaptiveMaxPool: AdaptiveMaxPool, S.Pad: Pad,
-        S.GlobalAvgPool: GlobalAvgPool, S.ChannelShuffle: ChannelShuffle, S.ChannelSlice: ChannelSlice,
-        S.Add: Add, S.Mul: Mul, S.Scale: Scale, S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense,
+        S.GlobalAvgPool: GlobalAvgPool, S.Upsample: Upsample, S.ChannelShuffle: ChannelShuffle,
+        S.ChannelSlice: ChannelSlice, S.Add: Add, S.Mul: Mul, S.Scale: Scale, S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense,
         S.Dropout: Dropout,
     }
 

@@ -457,6 +457,38 @@ def test_fast_option_off_is_plain_eager_nchw(make_weights):
         hal.compile(spec, "torch", w, options={"channels_last": True})
 
 
+def test_channels_last_survives_layer_norm_and_channel_shuffle(make_weights):
+    """The channels-first LayerNorm runs on the channels-last view and the shuffle keeps the layout,
+    so the fast path does not fall back to NCHW in the middle of a ConvNeXt or ShuffleNet block."""
+    b = SpecBuilder("cl")
+    x = b.conv(b.input((4, 5, 6)), 8, 3, padding=1)
+    spec = b.build(b.conv(b.channel_shuffle(b.layer_norm(x, name="ln"), 2, name="shuffle"), 4, 1))
+    w = make_weights(spec, 0, np.float32)
+    x = batch(spec, 2)[0]
+    for fast, layout in ((True, torch.channels_last), (False, torch.contiguous_format)):
+        exe = hal.compile(spec, "torch", w, options={"fast": fast})
+        outs = {}
+        for name in ("ln", "shuffle"):
+            exe.module.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: outs.update({name: out}))
+        ref, floor = _floor(spec, w, x, True)
+        assert_near_reference(exe.predict(x, training=True), ref, floor)
+        assert all(out.is_contiguous(memory_format=layout) for out in outs.values()), fast
+
+
+def test_nearest_upsample_where_torchs_cpu_kernel_rounds_otherwise():
+    """torch's 2-d/3-d nearest kernels on the CPU copy a dim of unchanged size and halve a doubled one
+    whatever scale_factor says; the spec's source index floor(dst / scale) holds."""
+    b = SpecBuilder("up")
+    spec = b.build(b.upsample(b.input((2, 3, 2)), scale=(2.2, 1.4)))  # sizes 3 -> 6 and 2 -> 2
+    x = np.random.default_rng(0).standard_normal((2, 2, 3, 2))
+    ref = reference(spec, {}).predict(x)
+    kernel = F.interpolate(torch.from_numpy(x), scale_factor=(2.2, 1.4), mode="nearest").numpy()
+    assert np.abs(kernel - ref).max() > 0.1  # the case matters
+    for fast in (True, False):
+        exe = hal.compile(spec, "torch", {}, TrainConfig(precision="fp64"), options={"fast": fast})
+        np.testing.assert_array_equal(exe.predict(x), ref)
+
+
 # ---------------------------------------------------------------------------
 # non-finite steps are not applied
 # ---------------------------------------------------------------------------
