@@ -683,7 +683,9 @@ def _modern_ops_spec():
     x = b.activation(b.instance_norm(x, affine=True), "relu6")
     x = b.elu(b.max_pool(x, 2, 2, ceil_mode=True))  # 9 -> 5: the last window is ceil_mode's
     x = b.softplus(b.avg_pool(x, 2, 2, ceil_mode=True, count_include_pad=False), beta=2.0)  # 5 -> 3
-    return b.build(b.dense(b.flatten(b.adaptive_avg_pool(b.pad(x, ((0, 1), (1, 0)), "replicate"), 2)), 10))
+    x = b.upsample(b.upsample(x, scale=2, mode="bilinear", align_corners=True), (7, 7))  # 3 -> 6 -> 7
+    x = b.concat(b.channel_slice(x, 0, 4), b.channel_shuffle(b.channel_slice(x, 4, 8), 2))
+    return b.build(b.dense(b.flatten(b.adaptive_avg_pool(b.pad(x, ((0, 1), (1, 0)), "replicate"), 4)), 10))
 
 
 def test_modern_ops_match_torch(poptorch):
@@ -707,9 +709,13 @@ def test_modern_ops_match_torch(poptorch):
     ((2, 4, 6), lambda b, x: b.adaptive_avg_pool(x, (3, 2)),
      r"input size \(4, 6\) to be a multiple of the output size \(3, 2\)"),
     ((2, 3, 4, 5), lambda b, x: b.pad(x, ((1, 1), (0, 1), (1, 0)), "reflect"), "no 3-d reflection padding"),
+    ((2, 4, 6), lambda b, x: b.upsample(x, scale=1.5, mode="bilinear"), r"\(4, 6\) -> \(6, 9\)"),
+    ((2, 4, 6), lambda b, x: b.upsample(x, (8, 18), mode="bilinear"), r"\(4, 6\) -> \(8, 18\)"),
+    ((2, 3, 4, 5), lambda b, x: b.upsample(x, scale=2, mode="trilinear"), "only in 2-d"),
 ])
 def test_ops_the_sdk_lacks_are_declared_unsupported(poptorch, shape, build, reason):
-    """What PopTorch runs of these (2-d reflection, divisible adaptive average) test_modern_ops_match_torch runs."""
+    """What PopTorch runs of these (2-d reflection, divisible adaptive average, bilinear by an integer
+    factor) test_modern_ops_match_torch runs."""
     b = SpecBuilder("gap")
     spec = b.build(build(b, b.conv(b.input(shape), 2, 1)))
     with pytest.raises(UnsupportedError, match=f"spec 'gap': {spec.output}: .*{reason}"):
