@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -105,6 +105,10 @@ if TYPE_CHECKING:  # jax is imported lazily: listing backends must not import it
     import jax
 
 PRECISIONS = ("fp32", "fp64", "bf16")
+OPS = frozenset(
+    k.kind for k in (S.Input, S.Conv, S.BatchNorm, S.Activation, S.MaxPool, S.AvgPool, S.GlobalAvgPool, S.Add,
+                     S.Concat, S.Flatten, S.Dense, S.Dropout)
+)
 MATMUL_PRECISIONS = ("highest", "high", "default")
 INSTALL_HINT = "pip install 'hal-cnn[jax]'"
 
@@ -121,6 +125,7 @@ def _flax() -> dict[str, Any]:
     if _FLAX:
         return _FLAX
     import flax.linen as nn
+    import jax
     import jax.numpy as jnp
 
     class BatchNorm(nn.Module):
@@ -156,21 +161,23 @@ def _flax() -> dict[str, Any]:
             a = scale / jnp.sqrt(var + self.eps)
             return (xs * a + (bias - mean * a)).astype(self.dtype)
 
-    def activation(op: S.Activation, x: Any) -> Any:
-        import jax
+    def softplus(x: Any, beta: float, threshold: float) -> Any:  # torch's: linear above the threshold
+        return jnp.where(beta * x > threshold, x, jnp.logaddexp(0.0, beta * x) / beta)
 
-        fn = op.fn
-        if fn == "relu":
-            return jax.nn.relu(x)
-        if fn == "leaky_relu":
-            return jax.nn.leaky_relu(x, op.alpha)
-        if fn == "sigmoid":
-            return jax.nn.sigmoid(x)
-        if fn == "tanh":
-            return jnp.tanh(x)
-        if fn == "silu":
-            return jax.nn.silu(x)
-        return jax.nn.gelu(x, approximate=op.approximate == "tanh")
+    activations: dict[str, Callable[[Any, S.Activation], Any]] = {
+        "relu": lambda x, op: jax.nn.relu(x),
+        "relu6": lambda x, op: jax.nn.relu6(x),
+        "leaky_relu": lambda x, op: jax.nn.leaky_relu(x, op.alpha),
+        "elu": lambda x, op: jax.nn.elu(x, op.alpha),
+        "sigmoid": lambda x, op: jax.nn.sigmoid(x),
+        "hardsigmoid": lambda x, op: jax.nn.hard_sigmoid(x),  # relu6(x + 3) / 6
+        "tanh": lambda x, op: jnp.tanh(x),
+        "hardswish": lambda x, op: jax.nn.hard_swish(x),
+        "silu": lambda x, op: jax.nn.silu(x),
+        "softplus": lambda x, op: softplus(x, op.beta, op.threshold),
+        "mish": lambda x, op: x * jnp.tanh(jnp.logaddexp(0.0, x)),
+        "gelu": lambda x, op: jax.nn.gelu(x, approximate=op.approximate == "tanh"),
+    }
 
     class SpecNet(nn.Module):
         """A hal spec as a linen module. Takes and returns channels-first arrays
@@ -203,7 +210,7 @@ def _flax() -> dict[str, Any]:
                         op.eps, op.momentum, self.dtype, self.param_dtype, name=name
                     )(xs[0], train, update_stats)
                 elif isinstance(op, S.Activation):
-                    y = activation(op, xs[0])
+                    y = activations[op.fn](xs[0], op)
                 elif isinstance(op, S.MaxPool):
                     y = nn.max_pool(xs[0], op.kernel, op.stride, op.padding)  # pads with -inf
                 elif isinstance(op, S.AvgPool):
@@ -744,7 +751,7 @@ class JaxBackend(Backend):
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(precisions=PRECISIONS)
+        return Capabilities(ops=OPS, precisions=PRECISIONS)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
@@ -760,6 +767,9 @@ class JaxBackend(Backend):
     @classmethod
     def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
         out = super().unsupported(spec, config)
+        for n in spec.nodes:
+            if isinstance(n.op, (S.MaxPool, S.AvgPool)) and n.op.ceil_mode:
+                out[n.name] = "jax pools with ceil_mode=False only"
         if "config" in out and config is not None:
             out["config"] = _precision_reason(config.precision)
         return out
