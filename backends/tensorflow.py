@@ -89,7 +89,19 @@ import numpy as np
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights
 from hal.errors import BackendUnavailable, HalError, InputError, TargetError
-from hal.lowering import COMPUTE_DTYPE, avg_pool_divisor, nhwc_pad, padding_mode, scalar_table, step_scalar_names
+from hal.lowering import (
+    COMPUTE_DTYPE,
+    adaptive_windows,
+    avg_pool_divisor,
+    conv_transpose_padding,
+    linear_indices,
+    nearest_indices,
+    nhwc_pad,
+    padding_mode,
+    pool_padding,
+    scalar_table,
+    step_scalar_names,
+)
 from hal.training import SGD, AdamW, TrainConfig
 
 if TYPE_CHECKING:
@@ -103,10 +115,6 @@ DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-m
 PRECISIONS = ("fp32", "fp64")
 CHANNELS_LAST = "hal_to_channels_last"
 CHANNELS_FIRST = "hal_to_channels_first"
-_LOWERED = frozenset({  # TODO while the new ops land: the op kinds with a lowering so far
-    "Input", "Conv", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "Activation", "PReLU", "MaxPool", "AvgPool",
-    "GlobalAvgPool", "Add", "Mul", "Scale", "Concat", "Flatten", "Dense", "Dropout",
-})
 
 # jit_compile per (device kind, mode): measured on the CPU, see the module docstring
 XLA = {
@@ -228,6 +236,26 @@ def _layer_classes() -> dict[Any, type]:
         def weight(self, name: str, shape: tuple[int, ...], trainable: bool = True) -> Any:
             return self.add_weight(name=name, shape=shape, dtype=self.dtype, initializer="zeros", trainable=trainable)
 
+    def convolve(x: Any, kernel: Any, stride: Any, padding: str, dilation: Any, groups: int) -> Any:
+        """Convolution of NHWC ``x`` with an HWIO kernel of ``groups`` groups."""
+        if x.shape.rank == 4:
+            return tf.nn.conv2d(x, kernel, stride, padding, dilations=dilation)
+        if x.shape.rank == 5 and groups > 1:  # conv3d refuses groups on the CPU: one conv per group
+            xs, ks = tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1)
+            return tf.concat([tf.nn.convolution(a, k, stride, padding, dilations=dilation)
+                              for a, k in zip(xs, ks)], axis=-1)
+        return tf.nn.convolution(x, kernel, stride, padding, dilations=dilation)
+
+    def dilate(x: Any, stride: tuple[int, ...]) -> Any:
+        """NHWC ``x`` with ``stride - 1`` zeros between neighbouring pixels along each spatial axis."""
+        for axis, s in enumerate(stride, start=1):
+            if s > 1:
+                shape = x.shape.as_list()
+                x = tf.pad(tf.expand_dims(x, axis + 1), [[0, 0]] * (axis + 1) + [[0, s - 1]] + [[0, 0]] * (len(shape) - axis - 1))
+                x = tf.reshape(x, [-1, *shape[1:axis], shape[axis] * s, *shape[axis + 1:]])
+                x = x[(slice(None),) * axis + (slice(None, (shape[axis] - 1) * s + 1),)]
+        return x
+
     class Conv(Layer):
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
@@ -248,16 +276,44 @@ def _layer_classes() -> dict[Any, type]:
             op = self.op
             if self.pad is not None:
                 x = tf.pad(x, self.pad)
-            if self.nd == 2:
-                y = tf.nn.conv2d(x, self.kernel, self.stride, self.padding, dilations=op.dilation)
-            elif self.nd == 3 and op.groups > 1:  # conv3d refuses groups on the CPU: one conv per group
-                xs, ks = tf.split(x, op.groups, axis=-1), tf.split(self.kernel, op.groups, axis=-1)
-                y = tf.concat([tf.nn.convolution(a, k, self.stride, self.padding, dilations=op.dilation)
-                               for a, k in zip(xs, ks)], axis=-1)
-            else:
-                y = tf.nn.convolution(x, self.kernel, self.stride, self.padding, dilations=op.dilation)
+            y = convolve(x, self.kernel, self.stride, self.padding, op.dilation, op.groups)
             if self.subsample:
                 y = y[(slice(None), *(slice(None, None, s) for s in op.stride))]
+            return tf.nn.bias_add(y, self.bias) if self.bias is not None else y
+
+    class ConvTranspose(Layer):
+        """Native ``tf.nn.conv_transpose`` (of the full output, then cropped or
+        extended) where the CPU kernels allow it: no groups, no dilation. Otherwise
+        the equivalent stride-1 convolution over the input dilated by the stride,
+        kernel flipped (:func:`hal.lowering.conv_transpose_padding`)."""
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            op, (cin, *spatial) = self.op, self.in_shapes[0]
+            self.native = op.groups == 1 and set(op.dilation) == {1}
+            if self.native:  # (*k, out, in), what conv_transpose takes
+                self.kernel = self.weight("kernel", (*op.kernel, op.out_channels, cin))
+                full = [(n - 1) * s + k for n, k, s in zip(spatial, op.kernel, op.stride)]
+                self.full = [*full, op.out_channels]
+                self.pad = [[0, 0], *[[0, max(q - b, 0)] for (_, b), q in zip(op.padding, op.output_padding)], [0, 0]]
+                self.crop = [slice(a, f - b + q) for f, (a, b), q in zip(full, op.padding, op.output_padding)]
+            else:  # HWIO of the flipped, swapped kernel: (*k, in/groups, out)
+                self.kernel = self.weight("kernel", (*op.kernel, cin // op.groups, op.out_channels))
+                pads = conv_transpose_padding(op)
+                self.pad = [[0, 0], *[[max(a, 0), max(b, 0)] for a, b in pads], [0, 0]]
+                self.crop = [slice(max(-a, 0), b if b < 0 else None) for a, b in pads]
+            self.bias = self.weight("bias", (op.out_channels,)) if op.bias else None
+
+        def call(self, x: Any) -> Any:
+            op = self.op
+            if self.native:
+                batch = tf.shape(x)[:1]
+                y = tf.nn.conv_transpose(x, self.kernel, tf.concat([batch, self.full], 0), op.stride, "VALID")
+                y = tf.pad(y, self.pad)
+            else:
+                x = tf.pad(dilate(x, op.stride), self.pad)
+                y = convolve(x, self.kernel, 1, "VALID", op.dilation, op.groups)
+            y = y[(slice(None), *self.crop)]
             return tf.nn.bias_add(y, self.bias) if self.bias is not None else y
 
     class BatchNorm(Layer):
@@ -379,10 +435,11 @@ def _layer_classes() -> dict[Any, type]:
     class MaxPool(Layer):
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
-            op = self.op
-            mode = padding_mode(op.padding, self.in_shapes[0][1:], op.kernel, op.stride)  # TF SAME ignores padding
+            op, spatial = self.op, self.in_shapes[0][1:]
+            padding = pool_padding(spatial, op)  # with ceil_mode's extra padding after
+            mode = padding_mode(padding, spatial, op.kernel, op.stride)  # TF SAME ignores padding: -inf
             self.padding = "SAME" if mode == "same" else "VALID"
-            self.pad = nhwc_pad(op.padding) if mode in ("symmetric", "explicit") else None
+            self.pad = nhwc_pad(padding) if mode in ("symmetric", "explicit") else None
 
         def call(self, x: Any) -> Any:
             if self.pad is not None:
@@ -393,21 +450,121 @@ def _layer_classes() -> dict[Any, type]:
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
             op, spatial = self.op, self.in_shapes[0][1:]
-            mode = padding_mode(op.padding, spatial, op.kernel, op.stride)
+            padding = pool_padding(spatial, op)  # with ceil_mode's extra padding after
+            mode = padding_mode(padding, spatial, op.kernel, op.stride)
             if mode == "same" and op.count_include_pad:  # TF SAME divides by the count of real pixels
                 mode = "explicit"
             self.padding = "SAME" if mode == "same" else "VALID"
-            self.pad = nhwc_pad(op.padding) if mode in ("symmetric", "explicit") else None
-            self.scale = None  # VALID over tf.pad divides by prod(kernel): rescale to the real-pixel count
-            if self.pad is not None and not op.count_include_pad:
+            self.pad = nhwc_pad(padding) if mode in ("symmetric", "explicit") else None
+            self.scale = None  # VALID over tf.pad divides by prod(kernel): rescale to the spec's divisor
+            if self.pad is not None:
                 scale = math.prod(op.kernel) / avg_pool_divisor(spatial, op)
-                self.scale = scale[..., None].astype(self.dtype)  # (*out, 1)
+                self.scale = None if np.all(scale == 1.0) else scale[..., None].astype(self.dtype)  # (*out, 1)
 
         def call(self, x: Any) -> Any:
             if self.pad is not None:
                 x = tf.pad(x, self.pad)
             y = tf.nn.avg_pool(x, self.op.kernel, self.op.stride, self.padding)
             return y if self.scale is None else y * tf.constant(self.scale)
+
+    class AdaptivePool(Layer):
+        """Native pooling where every output size divides its input size (uniform
+        windows); otherwise one spatial axis at a time (a box window's mean or max is
+        the mean or max along each axis in turn): the mean as a matrix of window
+        weights, the max over gathered windows, short windows repeating their last index."""
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            spatial, out = self.in_shapes[0][1:], self.op.output_size
+            self.is_max = isinstance(self.op, S.AdaptiveMaxPool)
+            self.kernel = [n // o for n, o in zip(spatial, out)] if all(n % o == 0 for n, o in zip(spatial, out)) else None
+            self.axes = []  # (axis, mean matrix (out, n) or max indices (out, longest window))
+            for axis, (n, o) in enumerate(zip(spatial, out), start=1):
+                windows = adaptive_windows(n, o)
+                if self.is_max:
+                    longest = max(b - a for a, b in windows)
+                    table = np.array([[min(a + j, b - 1) for j in range(longest)] for a, b in windows])
+                else:
+                    table = np.zeros((o, n), self.dtype)
+                    for i, (a, b) in enumerate(windows):
+                        table[i, a:b] = 1.0 / (b - a)
+                self.axes.append((axis, table))
+
+        def call(self, x: Any) -> Any:
+            if self.kernel is not None:
+                pool = tf.nn.max_pool if self.is_max else tf.nn.avg_pool
+                return pool(x, self.kernel, self.kernel, "VALID")
+            letters = "abcdefgh"[: x.shape.rank]
+            for axis, table in self.axes:
+                if self.is_max:
+                    x = tf.reduce_max(tf.gather(x, table, axis=axis), axis=axis + 1)
+                else:  # x[..., n, ...] -> x[..., out, ...] through the (out, n) matrix
+                    out = letters.replace(letters[axis], "z")
+                    x = tf.einsum(f"{letters},z{letters[axis]}->{out}", x, tf.constant(table))
+            return x
+
+    class Pad(Layer):
+        """``tf.pad`` for constant and reflect (TF's REFLECT leaves out the edge, as torch's
+        reflect); replicate gathers with clamped indices (TF's SYMMETRIC repeats the edge
+        once and then mirrors, which is not torch's replicate)."""
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            op, spatial = self.op, self.in_shapes[0][1:]
+            self.pad = nhwc_pad(op.padding)
+            self.gathers = [
+                (axis, np.clip(np.arange(-a, n + b), 0, n - 1))
+                for axis, (n, (a, b)) in enumerate(zip(spatial, op.padding), start=1) if a or b
+            ] if op.mode == "replicate" else []
+
+        def call(self, x: Any) -> Any:
+            op = self.op
+            if op.mode == "constant":
+                return tf.pad(x, self.pad, constant_values=op.value)
+            if op.mode == "reflect":
+                return tf.pad(x, self.pad, mode="REFLECT")
+            for axis, index in self.gathers:
+                x = tf.gather(x, index, axis=axis)
+            return x
+
+    class Upsample(Layer):
+        """One spatial axis at a time with the source indices (and linear weights) of
+        :mod:`hal.lowering`: torch's coordinate rules exactly, in any dtype
+        (``tf.image.resize`` maps coordinates by ``n / size`` even where torch uses
+        ``1 / scale``, rounds nearest differently and computes bilinear in float32)."""
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            op, spatial, rank = self.op, self.in_shapes[0][1:], len(self.in_shapes[0]) + 1
+            self.axes = []  # (axis, index) for nearest, (axis, i0, i1, w0, w1) for linear; unchanged axes left out
+            for dim, n in enumerate(spatial):
+                axis, shape = dim + 1, [-1 if a == dim + 1 else 1 for a in range(rank)]
+                if op.mode == "nearest":
+                    index = nearest_indices(op, dim, n)
+                    if not np.array_equal(index, np.arange(n)):
+                        self.axes.append((axis, index))
+                elif op.size[dim] != n:
+                    i0, i1, w0, w1 = linear_indices(op, dim, n)
+                    self.axes.append((axis, i0, i1, *(w.reshape(shape).astype(self.dtype) for w in (w0, w1))))
+
+        def call(self, x: Any) -> Any:
+            for axis, *rule in self.axes:
+                if len(rule) == 1:
+                    x = tf.gather(x, rule[0], axis=axis)
+                else:
+                    i0, i1, w0, w1 = rule
+                    x = tf.gather(x, i0, axis=axis) * tf.constant(w0) + tf.gather(x, i1, axis=axis) * tf.constant(w1)
+            return x
+
+    class ChannelShuffle(Layer):
+        def call(self, x: Any) -> Any:  # (..., groups, C/groups) -> (..., C/groups, groups) -> (..., C)
+            rank, g = x.shape.rank, self.op.groups
+            y = tf.reshape(x, [-1, *x.shape[1:-1], g, x.shape[-1] // g])
+            return tf.reshape(tf.transpose(y, [*range(rank - 1), rank, rank - 1]), [-1, *x.shape[1:]])
+
+    class ChannelSlice(Layer):
+        def call(self, x: Any) -> Any:
+            return x[..., self.op.start:self.op.stop]
 
     class GlobalAvgPool(Layer):
         def call(self, x: Any) -> Any:
@@ -457,6 +614,15 @@ def _layer_classes() -> dict[Any, type]:
                 return tf.nn.dropout(x, rate=self.op.rate)
             return x
 
+    class StochasticDepth(Layer):
+        def call(self, x: Any, training: Any = None) -> Any:
+            p = self.op.p
+            if not training or p == 0:
+                return x
+            shape = [tf.shape(x)[0] if self.op.mode == "row" else 1] + [1] * (x.shape.rank - 1)
+            keep = tf.cast(tf.random.uniform(shape, dtype=x.dtype) >= p, x.dtype)  # survives with probability 1 - p
+            return x * (keep / tf.constant(1.0 - p, x.dtype) if p < 1 else keep)
+
     class Transpose(keras.layers.Layer):
         """The once-per-call layout change at the API boundary."""
 
@@ -468,10 +634,12 @@ def _layer_classes() -> dict[Any, type]:
             return tf.transpose(x, self.perm)
 
     _LAYERS.update({
-        S.Conv: Conv, S.BatchNorm: BatchNorm, S.LayerNorm: Norm, S.GroupNorm: Norm, S.InstanceNorm: Norm,
-        S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool, S.AvgPool: AvgPool,
-        S.GlobalAvgPool: GlobalAvgPool, S.Add: Add, S.Mul: Mul, S.Scale: Scale, S.Concat: Concat,
-        S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout, "transpose": Transpose,
+        S.Conv: Conv, S.ConvTranspose: ConvTranspose, S.BatchNorm: BatchNorm, S.LayerNorm: Norm, S.GroupNorm: Norm,
+        S.InstanceNorm: Norm, S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool, S.AvgPool: AvgPool,
+        S.AdaptiveAvgPool: AdaptivePool, S.AdaptiveMaxPool: AdaptivePool, S.GlobalAvgPool: GlobalAvgPool, S.Pad: Pad,
+        S.ChannelShuffle: ChannelShuffle, S.ChannelSlice: ChannelSlice, S.Upsample: Upsample, S.Add: Add, S.Mul: Mul,
+        S.Scale: Scale, S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout,
+        S.StochasticDepth: StochasticDepth, "transpose": Transpose,
     })
     return _LAYERS
 
@@ -539,6 +707,9 @@ def _weight_map(op: S.Op, layer: Any) -> list[tuple[str, Any, Callable, Callable
         back = tuple(int(i) for i in np.argsort(to_tf))
         out = [("weight", layer.kernel, lambda a, t=to_tf: np.transpose(a, t), lambda a, b=back: np.transpose(a, b))]
         return out + ([("bias", layer.bias, *same)] if op.bias else [])
+    if isinstance(op, S.ConvTranspose):
+        to_tf, from_tf = _conv_transpose_layout(op, layer.in_shapes[0][0], layer.native)
+        return [("weight", layer.kernel, to_tf, from_tf)] + ([("bias", layer.bias, *same)] if op.bias else [])
     if isinstance(op, S.Dense):
         out = [("weight", layer.kernel, np.transpose, np.transpose)]
         return out + ([("bias", layer.bias, *same)] if op.bias else [])
@@ -553,6 +724,30 @@ def _weight_map(op: S.Op, layer: Any) -> list[tuple[str, Any, Callable, Callable
         shape = (-1, *(1 for _ in layer.in_shapes[0][1:]))  # canonical (C, 1, ..., 1)
         return [("layer_scale", layer.layer_scale, lambda a: a.reshape(-1), lambda a, s=shape: a.reshape(s))]
     return []
+
+
+def _conv_transpose_layout(op: S.ConvTranspose, cin: int, native: bool) -> tuple[Callable, Callable]:
+    """canonical <-> TF layouts of a transposed convolution's weight ``(in, out/groups, *k)``:
+    ``(*k, out, in)`` for ``tf.nn.conv_transpose`` (no groups), else the HWIO kernel
+    ``(*k, in/groups, out)`` of the equivalent convolution, flipped in space."""
+    nd, g = len(op.kernel), op.groups
+    space = tuple(range(nd))
+    if native:
+        perm = (*range(2, 2 + nd), 1, 0)
+        back = tuple(int(i) for i in np.argsort(perm))
+        return lambda a: np.transpose(a, perm), lambda a: np.transpose(a, back)
+    grouped = (g, cin // g, op.out_channels // g, *op.kernel)  # (g, in/g, out/g, *k)
+    perm = (*range(3, 3 + nd), 1, 0, 2)  # -> (*k, in/g, g, out/g)
+    back = tuple(int(i) for i in np.argsort(perm))
+
+    def to_tf(a: np.ndarray) -> np.ndarray:
+        return np.flip(np.transpose(a.reshape(grouped), perm), space).reshape(*op.kernel, cin // g, op.out_channels)
+
+    def from_tf(a: np.ndarray) -> np.ndarray:
+        hwio = np.flip(a, space).reshape(*op.kernel, cin // g, g, op.out_channels // g)
+        return np.transpose(hwio, back).reshape(cin, op.out_channels // g, *op.kernel)
+
+    return to_tf, from_tf
 
 
 # ---------------------------------------------------------------------------
@@ -859,7 +1054,7 @@ class TensorFlowBackend(Backend):
     @classmethod
     def capabilities(cls) -> Capabilities:
         ipu = _ipu_module().importable()
-        return Capabilities(ops=frozenset(S.OPS) & _LOWERED, precisions=PRECISIONS, pipelining=ipu, replication=ipu)
+        return Capabilities(precisions=PRECISIONS, pipelining=ipu, replication=ipu)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
