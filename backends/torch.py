@@ -60,6 +60,7 @@ from hal.lowering import (
     nearest_indices,
     pool_padding,
     symmetric,
+    torch_conv_transpose,
     torch_pad,
 )
 from hal.training import SGD, AdamW, TrainConfig
@@ -104,6 +105,24 @@ def _modules() -> dict[type[S.Op], type]:
             if self.pad is None:
                 return self.fn(F.pad(x, self.flat), self.weight, self.bias, op.stride, 0, op.dilation, op.groups)
             return self.fn(x, self.weight, self.bias, op.stride, self.pad, op.dilation, op.groups)
+
+    class ConvTranspose(nn.Module):
+        def __init__(self, op: S.ConvTranspose, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            shapes = op.params(in_shapes)
+            self.weight = nn.Parameter(torch.empty(shapes["weight"]))
+            self.bias = nn.Parameter(torch.empty(shapes["bias"])) if op.bias else None
+            self.fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(op.kernel) - 1]
+            self.op = op
+            self.pad, crop = torch_conv_transpose(op)  # torch pads both sides alike: crop the rest
+            out = op.infer(in_shapes)[1:]
+            self.crop = None if not any(map(any, crop)) else (
+                slice(None), slice(None), *(slice(a, a + n) for (a, _), n in zip(crop, out)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            op = self.op
+            y = self.fn(x, self.weight, self.bias, op.stride, self.pad, op.output_padding, op.groups, op.dilation)
+            return y if self.crop is None else y[self.crop]
 
     class BatchNorm(nn.Module):
         def __init__(self, op: S.BatchNorm, in_shapes: list[S.Shape]) -> None:
@@ -336,13 +355,29 @@ def _modules() -> dict[type[S.Op], type]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.dropout(x, self.rate, self.training)
 
+    class StochasticDepth(nn.Module):
+        """``torchvision.ops.stochastic_depth``: in training, each sample (row) or the batch is
+        zeroed with probability p, else scaled by 1 / (1 - p)."""
+
+        def __init__(self, op: S.StochasticDepth, in_shapes: list[S.Shape]) -> None:
+            super().__init__()
+            self.p, self.row = op.p, op.mode == "row"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training or self.p == 0.0:
+                return x
+            keep = 1.0 - self.p
+            shape = (x.shape[0] if self.row else 1,) + (1,) * (x.dim() - 1)
+            noise = torch.bernoulli(x.new_full(shape, keep))
+            return x * (noise / keep if keep > 0.0 else noise)
+
     return {
-        S.Conv: Conv, S.BatchNorm: BatchNorm, S.LayerNorm: LayerNorm, S.GroupNorm: GroupNorm,
-        S.InstanceNorm: InstanceNorm, S.Activation: Activation, S.PReLU: PReLU, S.MaxPool: MaxPool,
-        S.AvgPool: AvgPool, S.AdaptiveAvgPool: AdaptiveAvgPool, S.AdaptiveMaxPool: AdaptiveMaxPool, S.Pad: Pad,
-        S.GlobalAvgPool: GlobalAvgPool, S.Upsample: Upsample, S.ChannelShuffle: ChannelShuffle,
-        S.ChannelSlice: ChannelSlice, S.Add: Add, S.Mul: Mul, S.Scale: Scale, S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense,
-        S.Dropout: Dropout,
+        S.Conv: Conv, S.ConvTranspose: ConvTranspose, S.BatchNorm: BatchNorm, S.LayerNorm: LayerNorm,
+        S.GroupNorm: GroupNorm, S.InstanceNorm: InstanceNorm, S.Activation: Activation, S.PReLU: PReLU,
+        S.MaxPool: MaxPool, S.AvgPool: AvgPool, S.AdaptiveAvgPool: AdaptiveAvgPool,
+        S.AdaptiveMaxPool: AdaptiveMaxPool, S.Pad: Pad, S.GlobalAvgPool: GlobalAvgPool, S.Upsample: Upsample,
+        S.ChannelShuffle: ChannelShuffle, S.ChannelSlice: ChannelSlice, S.Add: Add, S.Mul: Mul, S.Scale: Scale,
+        S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout, S.StochasticDepth: StochasticDepth,
     }
 
 
