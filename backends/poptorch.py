@@ -509,7 +509,8 @@ def sdk_gap(op: S.Op, shape: S.Shape) -> str | None:
     From PopTorch's supported-ops guide and its aten handlers
     (``poptorch/source/popart_canonicalization``): no ``adaptive_max_pool``, adaptive
     average pooling only where each size divides (it becomes a plain average pool), no
-    ``reflection_pad3d``, linear upsampling only as bilinear by one integer factor."""
+    ``reflection_pad3d``, linear upsampling only as bilinear by one integer factor, no
+    dilated transposed convolution."""
     if isinstance(op, S.AdaptiveMaxPool):
         return "PopTorch has no adaptive max pooling"
     if isinstance(op, S.AdaptiveAvgPool) and any(n % o for n, o in zip(shape[1:], op.output_size)):
@@ -517,6 +518,8 @@ def sdk_gap(op: S.Op, shape: S.Shape) -> str | None:
                 f"the output size {op.output_size}")
     if isinstance(op, S.Pad) and op.mode == "reflect" and len(op.padding) == 3:
         return "PopTorch has no 3-d reflection padding (ReflectionPad1d and 2d only)"
+    if isinstance(op, S.ConvTranspose) and any(d != 1 for d in op.dilation):
+        return f"PopTorch's transposed convolutions take no dilation, got {op.dilation}"
     if isinstance(op, S.Upsample) and op.mode == "linear":
         factor = op.size[0] // shape[1]
         if len(op.size) != 2 or any(o != factor * n for n, o in zip(shape[1:], op.size)):

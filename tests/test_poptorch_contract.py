@@ -682,8 +682,9 @@ def _modern_ops_spec():
     x = b.add(x, b.scale(b.mul(x, gate), init=0.5, name="ls"))
     x = b.activation(b.instance_norm(x, affine=True), "relu6")
     x = b.elu(b.max_pool(x, 2, 2, ceil_mode=True))  # 9 -> 5: the last window is ceil_mode's
-    x = b.softplus(b.avg_pool(x, 2, 2, ceil_mode=True, count_include_pad=False), beta=2.0)  # 5 -> 3
-    x = b.upsample(b.upsample(x, scale=2, mode="bilinear", align_corners=True), (7, 7))  # 3 -> 6 -> 7
+    x = b.stochastic_depth(b.conv_transpose(x, 8, 3, 2, ((1, 2), (2, 1)), 1, groups=2), 0.0)  # 5 -> 9
+    x = b.softplus(b.avg_pool(x, 2, 2, ceil_mode=True, count_include_pad=False), beta=2.0)  # 9 -> 5
+    x = b.upsample(b.upsample(x, scale=2, mode="bilinear", align_corners=True), (7, 7))  # 5 -> 10 -> 7
     x = b.concat(b.channel_slice(x, 0, 4), b.channel_shuffle(b.channel_slice(x, 4, 8), 2))
     return b.build(b.dense(b.flatten(b.adaptive_avg_pool(b.pad(x, ((0, 1), (1, 0)), "replicate"), 4)), 10))
 
@@ -712,6 +713,7 @@ def test_modern_ops_match_torch(poptorch):
     ((2, 4, 6), lambda b, x: b.upsample(x, scale=1.5, mode="bilinear"), r"\(4, 6\) -> \(6, 9\)"),
     ((2, 4, 6), lambda b, x: b.upsample(x, (8, 18), mode="bilinear"), r"\(4, 6\) -> \(8, 18\)"),
     ((2, 3, 4, 5), lambda b, x: b.upsample(x, scale=2, mode="trilinear"), "only in 2-d"),
+    ((2, 4, 6), lambda b, x: b.conv_transpose(x, 2, 3, 2, dilation=(1, 2)), r"no dilation, got \(1, 2\)"),
 ])
 def test_ops_the_sdk_lacks_are_declared_unsupported(poptorch, shape, build, reason):
     """What PopTorch runs of these (2-d reflection, divisible adaptive average, bilinear by an integer
