@@ -10,12 +10,17 @@ from hal.errors import SpecError
 from hal.spec import ModelSpec
 from hal.models.conductivity import conductivity_cnn
 from hal.models.densenet import densenet
+from hal.models.efficientnet import VARIANTS as EFFICIENTNETS
+from hal.models.efficientnet import efficientnet
 from hal.models.mobilenet import mobilenet_v2, mobilenet_v3
 from hal.models.regnet import SETTINGS as REGNETS
 from hal.models.regnet import regnet
 from hal.models.resnet import resnet
+from hal.models.shufflenet import WIDTHS as SHUFFLENET_WIDTHS
+from hal.models.shufflenet import shufflenet_v2
 from hal.models.small_cnn import small_cnn
 from hal.models.squeezenet import squeezenet
+from hal.models.unet import unet
 from hal.models.vgg import vgg
 
 ZOO: dict[str, Callable[..., ModelSpec]] = {
@@ -33,6 +38,10 @@ ZOO: dict[str, Callable[..., ModelSpec]] = {
     "mobilenet_v3_large": partial(mobilenet_v3, "large"),
     "mobilenet_v3_small": partial(mobilenet_v3, "small"),
     **{name: partial(regnet, name) for name in REGNETS},
+    **{f"efficientnet_{v}": partial(efficientnet, v) for v in EFFICIENTNETS},
+    **{f"shufflenet_v2_{w}": partial(shufflenet_v2, w) for w in SHUFFLENET_WIDTHS},
+    "unet": unet,
+    "unet3d": partial(unet, features=32, depth=3, ndim=3),
     "small_cnn": small_cnn,
     "conductivity_cnn": conductivity_cnn,
 }
@@ -49,6 +58,6 @@ def get(name: str, **kwargs: Any) -> ModelSpec:
 
 
 __all__ = [
-    "ZOO", "conductivity_cnn", "densenet", "get", "mobilenet_v2", "mobilenet_v3", "regnet", "resnet", "small_cnn",
-    "squeezenet", "vgg",
+    "ZOO", "conductivity_cnn", "densenet", "efficientnet", "get", "mobilenet_v2", "mobilenet_v3", "regnet", "resnet",
+    "shufflenet_v2", "small_cnn", "squeezenet", "unet", "vgg",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from hal.errors import SpecError
@@ -128,7 +129,8 @@ def test_zoo_bad_arguments():
 def test_zoo_builds_everything():
     for name in ZOO:
         spec = get(name, num_classes=5, input_size=32)
-        assert spec.output_shape == (5,), name
+        dense = name.startswith("unet")  # one output per pixel (voxel)
+        assert spec.output_shape == ((5, *spec.input_shape[1:]) if dense else (5,)), name
 
 
 def test_small_cnn_uses_every_first_wave_op():
@@ -166,3 +168,78 @@ def test_resnet_accepts_numpy_ints_and_a_pair():
 def test_small_cnn_bad_dropout(dropout):
     with pytest.raises(SpecError, match="dropout"):
         small_cnn(dropout=dropout)
+
+
+def _torch_unet(nd: int, in_channels: int, classes: int, features: int, depth: int):
+    """An independent torch U-Net, written from the architecture, with hal's module names."""
+    torch = pytest.importorskip("torch")
+    nn, F = torch.nn, torch.nn.functional
+    conv, norm, up = {2: (nn.Conv2d, nn.BatchNorm2d, nn.ConvTranspose2d),
+                      3: (nn.Conv3d, nn.BatchNorm3d, nn.ConvTranspose3d)}[nd]
+    pool = F.max_pool2d if nd == 2 else F.max_pool3d
+
+    def double(cin: int, c: int) -> dict:
+        return {"conv1": conv(cin, c, 3, padding=1, bias=False), "bn1": norm(c),
+                "conv2": conv(c, c, 3, padding=1, bias=False), "bn2": norm(c)}
+
+    class UNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            widths = [in_channels] + [features * 2**i for i in range(depth + 1)]
+            for i in range(depth):
+                self.add_module(f"down{i}", nn.ModuleDict(double(widths[i], widths[i + 1])))
+                self.add_module(f"up{i}", nn.ModuleDict(
+                    {"upconv": up(widths[i + 2], widths[i + 1], 2, stride=2), **double(widths[i + 2], widths[i + 1])}))
+            self.bottom = nn.ModuleDict(double(widths[depth], widths[depth + 1]))
+            self.head = conv(features, classes, 1)
+
+        def forward(self, x):
+            def block(m, x):
+                return F.relu(m["bn2"](m["conv2"](F.relu(m["bn1"](m["conv1"](x))))))
+
+            skips = []
+            for i in range(depth):
+                skips.append(block(getattr(self, f"down{i}"), x))
+                x = pool(skips[-1], 2)
+            x = block(self.bottom, x)
+            for i in reversed(range(depth)):
+                m = getattr(self, f"up{i}")
+                x = block(m, torch.cat([skips[i], m["upconv"](x)], 1))
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = UNet().double()
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if key.endswith(("running_var", "bn1.weight", "bn2.weight")):
+                t.uniform_(0.5, 1.5)
+            elif key.endswith(("running_mean", "bias")):
+                t.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("nd, size", [(2, (8, 12)), (3, (4, 8, 4))])
+def test_unet_matches_an_independent_torch_unet(nd, size):
+    """Transposed convs, skip concatenation and the head against torch's own layers in float64."""
+    import hal
+    from hal.parity import normalised_error
+    from hal.weights import from_state_dict
+
+    torch = pytest.importorskip("torch")
+    model = _torch_unet(nd, 2, 3, features=4, depth=2)
+    name = "unet" if nd == 2 else "unet3d"
+    spec = get(name, num_classes=3, input_size=size, in_channels=2, features=4, depth=2)
+    assert spec.output_shape == (3, *size)
+    x = np.random.default_rng(0).standard_normal((2, 2, *size))
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    weights = from_state_dict(spec, model.state_dict())
+    got = hal.compile(spec, "numpy", weights, hal.TrainConfig(precision="fp64")).predict(x)
+    assert normalised_error(got, want)[1] < 1e-12
+
+
+@pytest.mark.parametrize("kwargs", [dict(input_size=(12, 16)), dict(input_size=(16, 16, 16)), dict(ndim=1),
+                                    dict(depth=0), dict(features=2.5), dict(input_size=True)])
+def test_unet_bad_arguments(kwargs):
+    with pytest.raises(SpecError, match="unet"):
+        get("unet", **kwargs)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import hal
-from hal.models import get
+from hal.models import ZOO, get
+from hal.models.regnet import SETTINGS as REGNETS
+from hal.models.regnet import stages
 from hal.parity import normalised_error
 from hal.weights import from_state_dict
 
@@ -28,6 +30,8 @@ SMALL = {
     "mobilenet_v3_small": (33, 40),
     "mobilenet_v3_large": (33, 40),
     "regnet_y_400mf": (33, 40),
+    "efficientnet_b0": (33, 40),
+    "shufflenet_v2_x1_0": (33, 40),
 }
 NUM_CLASSES = 7
 
@@ -70,7 +74,10 @@ def _check(name: str, size: tuple[int, int]) -> None:
     assert rel < 1e-10, f"{name}: relative error {rel:.2e} of the input-dependent part against torchvision"
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+HEAVY = {"vgg11_bn", "vgg16_bn"}  # > 120M parameters (a 102M-parameter classifier at any input size): -m slow
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(SMALL)])
 def test_torchvision_weights_load_and_forward_matches(name: str) -> None:
     _check(name, SMALL[name])
 
@@ -79,3 +86,34 @@ def test_torchvision_weights_load_and_forward_matches(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_torchvision_at_224(name: str) -> None:
     _check(name, (224, 224))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ZOO if hasattr(models, n) and not n.startswith("regnet")))
+def test_every_variant_has_torchvision_names_and_shapes(name: str) -> None:
+    """Every zoo model torchvision also has (all widths and depths), built without weights."""
+    with torch.device("meta"):
+        model = getattr(models, name)(weights=None, num_classes=NUM_CLASSES)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    spec = get(name, num_classes=NUM_CLASSES, input_size=224)
+    assert spec.param_shapes() == want
+    assert spec.num_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(REGNETS))
+def test_regnet_stage_widths_are_torchvision_s(name: str) -> None:
+    from torchvision.models.regnet import BlockParams
+
+    depth, w_0, w_a, w_m, group_width, _ = REGNETS[name]
+    want = BlockParams.from_init_params(depth=depth, w_0=w_0, w_a=w_a, w_m=w_m, group_width=group_width)
+    assert stages(depth, w_0, w_a, w_m, group_width) == list(zip(want.widths, want.depths, want.group_widths))
+
+
+@pytest.mark.parametrize("variant", ["b0", "b3", "b7"])
+def test_efficientnet_stochastic_depth_schedule_is_torchvision_s(variant: str) -> None:
+    with torch.device("meta"):
+        model = getattr(models, f"efficientnet_{variant}")(weights=None)
+    want = {f"{name}.stochastic_depth": m.stochastic_depth.p for name, m in model.named_modules()
+            if hasattr(m, "stochastic_depth") and m.use_res_connect}
+    spec = get(f"efficientnet_{variant}")
+    got = {n.name: n.op.p for n in spec.nodes if n.op.kind == "StochasticDepth"}
+    assert got == pytest.approx(want, rel=1e-15, abs=0) and len(got) > 0
