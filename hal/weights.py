@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from hal.errors import SpecError, WeightsError
-from hal.spec import Add, BatchNorm, Conv, Dense, ModelSpec
+from hal.spec import Add, BatchNorm, ModelSpec
 
 FORMAT = "hal-weights/2"
 LEGACY_FORMAT = "hal-weights/1"  # spec and spec_hash, no checksum: still read (see load_weights)
@@ -35,11 +35,12 @@ _IGNORED_SUFFIXES = (".num_batches_tracked",)  # torch BatchNorm bookkeeping, no
 def init_weights(spec: ModelSpec, seed: int = 0, residual_gamma: float = 1.0) -> dict[str, np.ndarray]:
     """Deterministic weights for ``spec``: the same numbers on every backend.
 
-    Conv weights: He/Kaiming normal, fan-out, gain sqrt(2) (the torchvision ResNet
-    init); conv biases 0. BatchNorm: gamma 1, beta 0, running mean 0, running var 1;
-    ``residual_gamma`` sets gamma of every BatchNorm that feeds an Add (0 is the
-    "zero-init residual" of Goyal et al. 2017). Dense: ``U(-1/sqrt(in), 1/sqrt(in))``
-    for weight and bias (``torch.nn.Linear``'s default). Each array draws from its
+    Each op declares its parameters' init (:meth:`hal.spec.Op.init`): e.g. Conv
+    weights He/Kaiming normal, fan-out (the torchvision ResNet init), biases 0;
+    BatchNorm gamma 1, beta 0, running mean 0, running var 1; Dense
+    ``U(-1/sqrt(in), 1/sqrt(in))`` (``torch.nn.Linear``'s default); PReLU 0.25.
+    ``residual_gamma`` sets gamma of every BatchNorm that closes a residual branch
+    (0 is the "zero-init residual" of Goyal et al. 2017). Each array draws from its
     own stream keyed by (seed, name), so adding a node does not change the others.
     Raises :class:`~hal.errors.WeightsError` before allocating when the weights
     would not fit in this machine's memory.
@@ -60,18 +61,15 @@ def init_weights(spec: ModelSpec, seed: int = 0, residual_gamma: float = 1.0) ->
         for p, shape in shapes.items():
             name = f"{node.name}.{p}"
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            if isinstance(op, Conv) and p == "weight":
-                fan_out = shape[0] * math.prod(shape[2:])
-                arr = rng.normal(0.0, math.sqrt(2.0 / fan_out), shape)
-            elif isinstance(op, Dense):
-                bound = 1.0 / math.sqrt(ins[0][0])
-                arr = rng.uniform(-bound, bound, shape)
-            elif isinstance(op, BatchNorm) and p == "weight" and node.name in residual:
+            init = op.init(p, shape, ins)
+            if isinstance(op, BatchNorm) and p == "weight" and node.name in residual:
                 arr = np.full(shape, residual_gamma)
-            elif isinstance(op, BatchNorm) and p in ("weight", "running_var"):
-                arr = np.ones(shape)
+            elif init.dist == "normal":
+                arr = rng.normal(0.0, init.value, shape)
+            elif init.dist == "uniform":
+                arr = rng.uniform(-init.value, init.value, shape)
             else:
-                arr = np.zeros(shape)
+                arr = np.full(shape, init.value)
             out[name] = arr.astype(dtype)
     return out
 

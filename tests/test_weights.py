@@ -735,3 +735,17 @@ class TestInitArguments:
         spec = b.build(b.dense(b.input((10**6,)), 10**6, name="fc"))  # 10**12 parameters: 4 TB
         with pytest.raises(WeightsError, match=r"need 3,725\.3 GiB"):
             init_weights(spec)
+
+
+def test_new_ops_start_from_their_declared_init():
+    """PReLU at torch's 0.25, layer scale at ConvNeXt's 1e-6, norm affine at 1/0, not zeros."""
+    b = SpecBuilder("inits")
+    x = b.input((4, 5, 5))
+    x = b.prelu(x, 4, name="act")
+    x = b.group_norm(x, 2, name="gn")
+    x = b.layer_norm(x, name="ln")
+    spec = b.build(b.scale(x, 1e-6, name="ls"))
+    w = hal.init_weights(spec)
+    assert np.all(w["act.weight"] == np.float32(0.25))
+    assert np.all(w["gn.weight"] == 1) and np.all(w["gn.bias"] == 0) and np.all(w["ln.weight"] == 1)
+    assert np.all(w["ls.layer_scale"] == np.float32(1e-6))
