@@ -24,11 +24,16 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """``hal.to_onnx`` and ``hal.from_onnx`` load :mod:`hal.onnx` on first use (``import hal`` stays numpy-only)."""
+    """``hal.to_onnx`` and ``hal.from_onnx`` load :mod:`hal.onnx`, ``hal.from_torch`` loads
+    :mod:`hal.importers.torch`, on first use (``import hal`` stays numpy-only)."""
     if name in ("to_onnx", "from_onnx"):
         from hal import onnx
 
         return getattr(onnx, name)
+    if name == "from_torch":
+        from hal.importers.torch import from_torch
+
+        return from_torch
     raise AttributeError(f"module 'hal' has no attribute {name!r}")
 
 
@@ -36,6 +41,6 @@ __all__ = [
     "Adam", "AdamW", "Availability", "Backend", "BackendUnavailable", "Capabilities", "ConfigError",
     "Constant", "Cosine", "Executable", "HalError", "InputError", "ModelSpec", "Node", "NonFiniteError", "SGD", "SpecBuilder",
     "SpecError", "StepDecay", "Target", "TargetError", "TrainConfig", "UnsupportedError", "WeightsError",
-    "available_targets", "backend_names", "check_weights", "compile", "from_onnx", "get_backend", "init_weights",
-    "load_weights", "register_backend", "save_weights", "to_onnx",
+    "available_targets", "backend_names", "check_weights", "compile", "from_onnx", "from_torch", "get_backend",
+    "init_weights", "load_weights", "register_backend", "save_weights", "to_onnx",
 ]

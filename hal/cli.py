@@ -378,6 +378,72 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """``hal import package.module:factory -o FILE``: the factory's module as a hal weights file (spec inside)."""
+    import importlib
+
+    from hal.importers.torch import from_torch
+    from hal.weights import save_weights
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"-o/--output: {args.output!r} is a folder; give the .safetensors file to write")
+    _check_writable(str(out.parent), "-o/--output")
+    path, _, attr = args.factory.partition(":")
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:  # the user's own package, as `python -m` would
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory: Any = importlib.import_module(path)
+    except Exception as exc:  # ImportError, or the module failing as it loads
+        raise ConfigError(f"cannot import {path!r}: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ConfigError(f"{args.factory!r}: {getattr(factory, '__name__', path)!r} has no attribute {part!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ConfigError(f"{args.factory!r} is not callable")
+    try:
+        module = factory(**args.kwargs)
+    except Exception as exc:  # the user's factory refusing these arguments
+        raise ConfigError(f"calling {args.factory}(**{args.kwargs}) failed: {type(exc).__name__}: {exc}") from None
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"{args.factory} returned a {type(module).__name__}, not an nn.Module")
+    spec, weights = from_torch(module, args.input_shape)
+    save_weights(out, spec, weights)
+    print(f"wrote {out}: {spec.name!r}, {len(spec.nodes)} nodes, {spec.num_params:,} parameters, "
+          f"input {spec.input_shape}, output {spec.output_shape}")
+    return 0
+
+
+def _factory(text: str) -> str:
+    module, colon, attr = text.partition(":")
+    if not (colon and module.strip() and attr.strip()):
+        raise argparse.ArgumentTypeError(f"expected package.module:factory, got {text!r}")
+    return text
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (positive ints, any number of spatial dims), got {text!r}")
+    return shape
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of keyword arguments, got {text!r}")
+    return value
+
+
 def _plan_settings(args: argparse.Namespace) -> dict[str, Any]:
     return dict(ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
                 grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
@@ -527,6 +593,19 @@ def _add_train(sub: Any) -> None:
     p.set_defaults(fn=cmd_train)
 
 
+def _add_import(sub: Any) -> None:
+    p = sub.add_parser(
+        "import", help="import a PyTorch nn.Module (torch.fx) as a hal weights file with the spec inside",
+        description="Import package.module (from the current folder or the environment), call its factory with "
+        "--kwargs, trace the module with torch.fx and write its spec and weights (its own state_dict names).",
+    )
+    p.add_argument("factory", type=_factory, help="package.module:factory, a callable returning an nn.Module")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--input-shape", type=_shape, default=(3, 224, 224), help="per-sample C,H,W (default 3,224,224)")
+    p.add_argument("--kwargs", type=_json_object, default={}, help="the factory's keyword arguments, a JSON object")
+    p.set_defaults(fn=cmd_import)
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``hal`` argument parser; a wrong use raises :class:`~hal.errors.ConfigError`."""
     ap = _Parser(prog="hal", description="Define a CNN once; run, parity-test and benchmark it anywhere.")
@@ -574,6 +653,7 @@ def parser() -> argparse.ArgumentParser:
 
     _add_plan(sub)
     _add_train(sub)
+    _add_import(sub)
     return ap
 
 

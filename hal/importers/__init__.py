@@ -1,0 +1,1 @@
+"""Importers of models from other frameworks into hal specs (each imports its framework lazily)."""
