@@ -280,8 +280,8 @@ def run_node(node: Node, xs: list[np.ndarray], p: Mapping[str, np.ndarray], trai
     if isinstance(op, Flatten):
         return xs[0].reshape(xs[0].shape[0], -1)
     if isinstance(op, Dense):
-        y = xs[0] @ p["weight"].T
-        return y + p["bias"] if "bias" in p else y
+        y = np.moveaxis(np.moveaxis(xs[0], 1, -1) @ p["weight"].T, -1, 1)
+        return y + p["bias"].reshape(1, -1, *([1] * (y.ndim - 2))) if "bias" in p else y
     if isinstance(op, (Dropout, StochasticDepth)):
         if training and (op.rate if isinstance(op, Dropout) else op.p) > 0:
             raise UnsupportedError(

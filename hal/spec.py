@@ -59,7 +59,8 @@ Upsample          ``F.interpolate`` ``[size, scale, mode, align_corners]``: near
 ChannelShuffle    ``nn.ChannelShuffle`` ``[groups]``: channels viewed as (groups, C/groups), transposed
 ChannelSlice      ``x[:, start:stop]`` ``[start, stop]`` (``x.chunk(2, dim=1)`` is two)
 Flatten           row-major over ``(C, *spatial)``
-Dense             ``F.linear`` on ``(features,)``; weight ``(out, in)``, bias ``(out,)``
+Dense             ``F.linear`` over the channel axis: ``(in,) -> (out,)``, and on ``(in, *spatial)`` at
+                  every position (ConvNeXt's channels-last ``nn.Linear``); weight ``(out, in)``, bias ``(out,)``
 Dropout           ``F.dropout`` ``[rate]``; identity in inference; see "training mode" below
 StochasticDepth   ``torchvision.ops.StochasticDepth`` ``[p, mode]``: identity in inference; in
                   training each sample ("row") or the whole batch ("batch") is zeroed with
@@ -839,18 +840,19 @@ class Flatten(Op):
 
 @dataclass(frozen=True)
 class Dense(Op):
-    """Fully connected layer on ``(features,)``: weight ``(out, in)``, bias ``(out,)``."""
+    """Fully connected layer over the channel axis: ``(in,) -> (out,)``; on
+    ``(in, *spatial)`` it applies at every position, ``-> (out, *spatial)`` (as
+    ``nn.Linear`` on a channels-last tensor, ConvNeXt's pointwise layers; a 1x1
+    convolution with the weight kept ``(out, in)``). Weight ``(out, in)``, bias ``(out,)``."""
 
     out_features: int
     bias: bool = True
     kind: ClassVar[str] = "Dense"
 
     def infer(self, shapes: list[Shape]) -> Shape:
-        if len(shapes[0]) != 1:
-            raise ValueError(f"Dense expects a flat (features,) input, got {shapes[0]}: add a Flatten or GlobalAvgPool")
         if self.out_features < 1:
             raise ValueError(f"out_features must be >= 1, got {self.out_features}")
-        return (self.out_features,)
+        return (self.out_features, *shapes[0][1:])
 
     def params(self, shapes: list[Shape]) -> dict[str, Shape]:
         p = {"weight": (self.out_features, shapes[0][0])}
@@ -859,7 +861,8 @@ class Dense(Op):
         return p
 
     def flops(self, shapes: list[Shape], out: Shape) -> int:
-        return 2 * shapes[0][0] * self.out_features + (self.out_features if self.bias else 0)
+        positions = _prod(shapes[0][1:])
+        return positions * (2 * shapes[0][0] * self.out_features + (self.out_features if self.bias else 0))
 
     def init(self, param: str, shape: Shape, shapes: list[Shape]) -> Init:
         """``torch.nn.Linear``'s default: weight and bias ``U(-1/sqrt(in), 1/sqrt(in))``."""

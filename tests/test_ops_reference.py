@@ -350,3 +350,18 @@ def test_conv_transpose_padding_is_a_convolution_of_the_dilated_input(shape, out
     wt = torch.flip(wt, dims=tuple(range(2, 2 + nd)))
     conv = getattr(F, f"conv{nd}d")(xd, wt, weight(w, ".bias") if bias else None, 1, 0, op.dilation, g)
     close(got, conv)
+
+
+def test_dense_over_channels_is_linear_on_the_channels_last_view():
+    """ConvNeXt's pointwise nn.Linear: (N, C, H, W) -> permute -> linear -> permute back."""
+    import torch
+
+    b = SpecBuilder("pw")
+    spec = b.build(b.dense(b.input((3, 4, 5)), 6, name="fc"))
+    assert spec.output_shape == (6, 4, 5)
+    w = hal.init_weights(spec, 1)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5))
+    got = hal.compile(spec, "numpy", w, TrainConfig(precision="fp64")).predict(x)
+    lin = torch.nn.functional.linear(torch.from_numpy(x).permute(0, 2, 3, 1), torch.from_numpy(w["fc.weight"].astype(np.float64)),
+                                     torch.from_numpy(w["fc.bias"].astype(np.float64)))
+    np.testing.assert_allclose(got, lin.permute(0, 3, 1, 2).numpy(), rtol=1e-12, atol=1e-12)

@@ -198,8 +198,11 @@ class TestValidation:
     def test_bad_activation(self, op):
         raises_at([inp(), Node("act", op, ("input",))], "act")
 
-    def test_dense_on_non_flat_input(self):
-        raises_at([inp(), Node("d", Dense(10), ("input",))], "d", match="Flatten")
+    def test_dense_on_spatial_input_is_pointwise_over_channels(self):
+        spec = ModelSpec("pw", (inp(), Node("d", Dense(10), ("input",))), "d")
+        assert spec.output_shape == (10, 8, 8)
+        assert spec.param_shapes() == {"d.weight": (10, 3), "d.bias": (10,)}
+        assert Dense(10).flops([(3, 8, 8)], (10, 8, 8)) == 64 * (2 * 3 * 10 + 10)
 
     def test_global_avg_pool_on_flat_input(self):
         raises_at([inp((5,)), Node("g", GlobalAvgPool(), ("input",))], "g")

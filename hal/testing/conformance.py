@@ -900,6 +900,8 @@ def _op_cases() -> list[_Op]:
         _Op("dense_no_bias", (7,), lambda b, x: b.dense(x, 5, bias=False)),
         _Op("dense_batch1", (7,), lambda b, x: b.dense(x, 5), batch=1),
         _Op("flatten_dense", (3, 2, 4), lambda b, x: b.dense(b.flatten(x), 5)),
+        _Op("dense_pointwise2d", (3, 2, 5), lambda b, x: b.dense(x, 4)),
+        _Op("dense_pointwise3d_no_bias", (3, 2, 3, 2), lambda b, x: b.dense(x, 4, bias=False)),
         _Op("dropout_rate0", (3, 4, 5), lambda b, x: b.dropout(x, 0.0), modes=(False, True)),
         _Op("dropout_rate_half", (3, 4, 5), lambda b, x: b.dropout(x, 0.5), modes=(False,)),
         _Op("stochastic_depth_row_p0", (3, 4, 5), lambda b, x: b.stochastic_depth(x, 0.0), modes=(False, True)),
@@ -928,7 +930,7 @@ _GRADS = frozenset({
     "upsample2d_nearest_scale1.5", "upsample2d_bilinear_scale1.5_odd", "upsample2d_bilinear_align_corners",
     "upsample3d_trilinear_scale", "channel_shuffle2d_groups3", "channel_slice_chunk_halves",
     "global_avgpool2d", "add3", "add_same_input_twice", "add_outer_broadcast", "mul_squeeze_excitation",
-    "mul3_broadcast", "scale2d", "concat3", "dense", "dropout_rate0", "stochastic_depth_row_p0",
+    "mul3_broadcast", "scale2d", "concat3", "dense", "dense_pointwise2d", "dropout_rate0", "stochastic_depth_row_p0",
 })
 
 
