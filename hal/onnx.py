@@ -38,12 +38,14 @@ import numpy as np
 
 from hal.errors import ConfigError, HalError, SpecError, UnsupportedError
 from hal.spec import (
+    ACTIVATIONS,
     Activation,
     AdaptiveAvgPool,
     AdaptiveMaxPool,
     Add,
     ChannelShuffle,
     ChannelSlice,
+    ConvTranspose,
     AvgPool,
     BatchNorm,
     Concat,
@@ -64,6 +66,8 @@ from hal.spec import (
     PReLU,
     Scale,
     SpecBuilder,
+    StochasticDepth,
+    Upsample,
 )
 from hal.weights import atomic_write, check_weights, init_weights
 
@@ -230,6 +234,28 @@ def _export_pool(g: _Graph, n: Node, x: str, spatial: tuple[int, ...], out: tupl
         g.node("AveragePool", [x], n.name, pads=_pads(pads), count_include_pad=int(op.count_include_pad), **attrs)
 
 
+def _upsample(g: _Graph, n: Node, x: str, spatial: tuple[int, ...]) -> None:
+    """Dim by dim, hal's own source indices and weights (:mod:`hal.lowering`, exactly torch's):
+    a Gather (nearest), or two Gathers weighted and summed (linear). Resize's coordinate modes
+    would have to reproduce torch's rules; these constants are them."""
+    from hal.lowering import linear_indices, nearest_indices
+
+    op: Upsample = n.op  # type: ignore[assignment]
+    c = f"{n.name}/"
+    for d, size in enumerate(spatial):
+        axis, out = d + 2, c + f"d{d}" if d < len(spatial) - 1 else n.name
+        if op.mode == "nearest":
+            x = g.node("Gather", [x, g.tensor(f"{c}d{d}_index", nearest_indices(op, d, size), np.int64)], out,
+                       axis=axis)
+            continue
+        i0, i1, w0, w1 = linear_indices(op, d, size)
+        shape = (-1, *[1] * (len(spatial) - 1 - d))  # broadcast along dim d of (N, C, *spatial)
+        terms = [g.node("Mul", [g.node("Gather", [x, g.tensor(f"{c}d{d}_index{k}", i, np.int64)], f"{c}d{d}_gather{k}",
+                                       axis=axis), g.tensor(f"{c}d{d}_weight{k}", np.reshape(wk, shape))],
+                        f"{c}d{d}_term{k}") for k, (i, wk) in enumerate(((i0, w0), (i1, w1)))]
+        x = g.node("Add", terms, out)
+
+
 def _adaptive_pool(g: _Graph, n: Node, x: str, spatial: tuple[int, ...]) -> None:
     """PyTorch's adaptive pooling: one pool when every window is alike (the size divides), else
     per dim (a mean or max over a box is one over each of its dims in turn) a Slice and Reduce per
@@ -273,6 +299,14 @@ def _export_node(g: _Graph, spec: ModelSpec, n: Node, w: Mapping[str, np.ndarray
     if isinstance(op, Conv):
         g.node("Conv", [xs[0], p["weight"]] + ([p["bias"]] if op.bias else []), n.name, kernel_shape=list(op.kernel),
                strides=list(op.stride), pads=_pads(op.padding), dilations=list(op.dilation), group=op.groups)
+    elif isinstance(op, ConvTranspose):
+        g.node("ConvTranspose", [xs[0], p["weight"]] + ([p["bias"]] if op.bias else []), n.name,
+               kernel_shape=list(op.kernel), strides=list(op.stride), pads=_pads(op.padding),
+               output_padding=list(op.output_padding), dilations=list(op.dilation), group=op.groups)
+    elif isinstance(op, Upsample):
+        _upsample(g, n, xs[0], ins[0][1:])
+    elif isinstance(op, StochasticDepth):  # identity in inference
+        g.node("Identity", xs, n.name)
     elif isinstance(op, BatchNorm):
         ins_ = [xs[0], p["weight"], p["bias"], p["running_mean"], p["running_var"]]
         g.node("BatchNormalization", ins_, n.name, epsilon=op.eps, momentum=1.0 - op.momentum)
@@ -435,9 +469,10 @@ class _Importer:
         self.onnx = _onnx()
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.consts: dict[str, np.ndarray] = {
-            t.name: self.onnx.numpy_helper.to_array(t) for t in self.graph.initializer
+        self.consts: dict[str, np.ndarray] = {  # writable copies: they become the weights
+            t.name: np.array(self.onnx.numpy_helper.to_array(t)) for t in self.graph.initializer
         }
+        self.initializers = set(self.consts)
         self.values: dict[str, _Value] = {}
         self.lazy: dict[str, tuple[str, Any]] = {}  # elementwise chain value -> (root value, producing node)
         self.poisoned: set[str] = set()
@@ -590,6 +625,9 @@ class _Importer:
                     store[n.output[0]] = store[n.input[0]]  # type: ignore[index]
         elif n.op_type == "Shape" and n.input[0] not in self.consts:
             self.consts[n.output[0]] = self.shape_of(n)
+        elif n.op_type == "CastLike" and n.input[0] in self.consts:  # the target type of a tensor: the model's
+            like = self.consts[n.input[1]].dtype if n.input[1] in self.consts else np.dtype(self.nodes[0].op.dtype)
+            self.consts[n.output[0]] = self.consts[n.input[0]].astype(like)
         elif self.foldable(n) and n.input:
             for o, arr in zip(n.output, self.evaluate(n, [self.consts[i] for i in n.input if i] )):
                 self.consts[o] = arr
@@ -638,20 +676,48 @@ class _Importer:
         return True
 
     def resolve(self, v: str) -> _Value:
-        """The hal node of an elementwise chain ending in ``v``."""
-        root, last = self.lazy[v]
-        x = self.flat(root)
-        others = [i for i in last.input[1:] if i]
-        direct = (_direct_activation(last, [self.consts[i] for i in others])
-                  if last.input[0] == root and all(i in self.consts for i in others) else None)
-        op = direct or self.match(v, root)
-        if op is not None:
-            return _Value(self.add(op, [x], last))
+        """The hal node(s) of an elementwise chain ending in ``v``: the activation from the nearest
+        value ``u`` that every path to ``v`` passes through (itself resolved the same way), or, when
+        none fits, the sum or product of the chain's last step."""
+        last = self.lazy[v][1]
+        for u in self.cuts(v):
+            others = [i for i in last.input[1:] if i]
+            direct = (_direct_activation(last, [self.consts[i] for i in others])
+                      if last.input[0] == u and all(i in self.consts for i in others) else None)
+            op = direct or self.match(v, u)
+            if op is not None:
+                return _Value(self.add(op, [self.flat(u)], last))
         if last.op_type in ("Add", "Sum", "Mul") and not any(i in self.consts for i in last.input):
             op = Mul() if last.op_type == "Mul" else Add()
             return _Value(self.add(op, [self.flat(i) for i in last.input], last))
         raise _Unsupported(f"the elementwise ops ending in {last.name or v!r} compute none of hal's activations "
-                           "(relu, leaky_relu, sigmoid, tanh, gelu, silu)")
+                           f"({', '.join(ACTIVATIONS)})")
+
+    def cuts(self, v: str) -> list[str]:
+        """The values of the chain ending in ``v`` that every path to ``v`` passes through, nearest first."""
+        inner, todo = set(), [v]
+        while todo:
+            u = todo.pop()
+            if u in self.lazy and u not in inner:
+                inner.add(u)
+                todo.extend(i for i in self.lazy[u][1].input if i and i not in self.consts)
+        candidates = sorted({i for u in inner for i in self.lazy[u][1].input if i and i not in self.consts},
+                            key=lambda u: -self.order.get(u, -1))
+        return [u for u in candidates if self.leaves(v, u) == {u}]
+
+    def leaves(self, v: str, u: str) -> set[str]:
+        """The non-constant values walking back from ``v`` ends at, stopping at ``u``."""
+        out, todo, seen = set(), [v], set()
+        while todo:
+            w = todo.pop()
+            if w in seen or w in self.consts:
+                continue
+            seen.add(w)
+            if w == u or w not in self.lazy:
+                out.add(w)
+            else:
+                todo.extend(i for i in self.lazy[w][1].input if i)
+        return out
 
     def match(self, v: str, root: str) -> Activation | None:
         """The activation the chain from ``root`` to ``v`` computes, compared by value."""
@@ -795,7 +861,9 @@ def _conv(imp: _Importer, n: Any) -> None:
     stride, padding = _window(imp, n, x, kernel, dilation)
     params = {"weight": w}
     if len(n.input) > 2 and n.input[2]:
-        params["bias"] = imp.const(n.input[2], "bias")
+        bias = imp.const(n.input[2], "bias")
+        if n.input[2] in imp.initializers or np.any(bias):  # not the zeros an exporter computes for bias=False
+            params["bias"] = bias
     op = Conv(int(w.shape[0]), kernel, stride, padding, dilation, int(a.get("group", 1)), "bias" in params)
     imp.values[n.output[0]] = _Value(imp.add(op, [x], n, params))
 
@@ -1078,7 +1146,7 @@ def _stored(model: Any) -> tuple[ModelSpec, dict[str, np.ndarray]] | None:
     if meta.get(HASH_KEY) != spec.hash or any(k not in inits for k in shapes) or len(model.graph.input) != 1:
         return None
     numpy_helper = _onnx().numpy_helper
-    weights = {k: numpy_helper.to_array(inits[k]).reshape(s) for k, s in shapes.items()}
+    weights = {k: np.array(numpy_helper.to_array(inits[k]).reshape(s)) for k, s in shapes.items()}  # writable
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     try:
