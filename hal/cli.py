@@ -365,6 +365,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if parity.passed else 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hal.onnx import to_onnx
+
+    spec = _spec(args)
+    out = Path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"-o/--output: {args.output!r} is a folder; give the .onnx file to write")
+    _check_writable(str(out.parent), "-o/--output")
+    weights = None
+    if args.weights:
+        from hal.weights import load_weights
+
+        _, weights = load_weights(args.weights, spec)
+    model = to_onnx(spec, weights, out, opset=args.opset, dynamic_batch=args.dynamic_batch, batch=args.batch)
+    batch = "dynamic" if args.dynamic_batch else args.batch
+    print(f"wrote {out} ({spec.name}, opset {args.opset}, batch {batch}, {len(model.graph.node)} ONNX nodes, "
+          f"{spec.num_params:,} parameters, {'given' if weights is not None else 'seeded'} weights)")
+    return 0
+
+
 def cmd_conformance(args: argparse.Namespace) -> int:
     from hal.testing.conformance import run_conformance
 
@@ -593,6 +613,25 @@ def _add_train(sub: Any) -> None:
     p.set_defaults(fn=cmd_train)
 
 
+def _add_export(sub: Any) -> None:
+    from hal.onnx import DEFAULT_OPSET, MIN_OPSET  # hal.onnx imports onnx only when it runs
+
+    p = sub.add_parser(
+        "export", help="write a model as ONNX (inference form) with the spec in its metadata",
+        description="Write a zoo model or spec file with its weights as an ONNX model that passes onnx.checker; "
+        "hal.from_onnx reads it back to the same spec and weights.",
+    )
+    _model_args(p)
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--weights", help="a hal .safetensors file (default: the seeded init, seed 0)")
+    p.add_argument("--opset", type=_int(MIN_OPSET), default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to the newest the installed onnx knows (default {DEFAULT_OPSET})")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dim instead of a fixed one")
+    size.add_argument("--batch", type=_int(1), default=1, help="the fixed batch size (default 1)")
+    p.set_defaults(fn=cmd_export)
+
+
 def _add_import(sub: Any) -> None:
     p = sub.add_parser(
         "import", help="import a PyTorch nn.Module (torch.fx) as a hal weights file with the spec inside",
@@ -653,6 +692,7 @@ def parser() -> argparse.ArgumentParser:
 
     _add_plan(sub)
     _add_train(sub)
+    _add_export(sub)
     _add_import(sub)
     return ap
 

@@ -249,3 +249,47 @@ def test_info_lists_backend_options(monkeypatch, capsys):
     assert main(["info"]) == 0
     assert capsys.readouterr().out.splitlines()[-2:] == [
         "option knobbed knob=float (default 0.5): how far to turn it", "option knobbed mode=a|b (default a): which way"]
+
+
+EXPORT_MISUSES = [
+    (["export", "small_cnn"], "the following arguments are required: -o/--output"),
+    (["export", "small_cnn", "-o", "FILE/m.onnx"], "-o/--output: cannot write results under 'FILE': 'FILE' is a file"),
+    (["export", "small_cnn", "-o", "."], "-o/--output: '.' is a folder"),
+    (["export", "small_cnn", "-o", "m.onnx", "--opset", "16"], "argument --opset: expected an integer >= 17"),
+    (["export", "small_cnn", "-o", "m.onnx", "--opset", "999"], "opset must be an int from 17 to"),
+    (["export", "small_cnn", "-o", "m.onnx", "--dynamic-batch", "--batch", "2"], "not allowed with argument"),
+    (["export", "small_cnn", "-o", "m.onnx", "--weights", "FILE"], "'FILE' is not a readable safetensors file"),
+    (["export", "nonet", "-o", "m.onnx"], "unknown model 'nonet'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", EXPORT_MISUSES, ids=[" ".join(a) for a, _ in EXPORT_MISUSES])
+def test_export_misuse_is_one_error_line_and_exit_2(files, capsys, argv, message):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("hal: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (files / "m.onnx").exists()
+
+
+def test_export_writes_a_model_that_reads_back_to_the_spec_and_weights(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from hal.models import get
+    from hal.onnx import from_onnx
+    from hal.testing import assert_weights_equal
+    from hal.weights import init_weights, save_weights
+
+    spec = get("small_cnn", input_size=16)
+    w = {k: v + 1 for k, v in init_weights(spec, seed=4).items()}
+    save_weights(tmp_path / "w.safetensors", spec, w)
+    out = tmp_path / "sub" / "m.onnx"
+    argv = ["export", "small_cnn", "--input-size", "16", "-o", str(out), "--weights", str(tmp_path / "w.safetensors"),
+            "--opset", "18", "--batch", "3"]
+    assert main(argv) == 0
+    assert f"wrote {out} (small_cnn, opset 18, batch 3" in capsys.readouterr().out
+    back, w2 = from_onnx(out)
+    assert back.hash == spec.hash
+    assert_weights_equal(w2, w)
+    assert main(["export", "small_cnn", "--input-size", "16", "-o", str(out), "--dynamic-batch"]) == 0
+    assert_weights_equal(from_onnx(out)[1], init_weights(spec))  # the seeded init when no --weights
