@@ -29,7 +29,7 @@ Pad/ReplicationPad*d``
 ``nn.ChannelShuffle``; view-transpose-view        ChannelShuffle
 ``torch.flatten``, ``x.flatten(1)``, ``x.view(N,  Flatten
 -1)``, ``nn.Flatten``
-``nn.Linear`` on ``(N, features)``                Dense
+``nn.Linear`` over channels (also channels-last)  Dense
 ``nn.Upsample``, ``F.interpolate`` (nearest,     Upsample
 (bi/tri)linear, by scale or to a size)
 ``nn.Dropout``, ``F.dropout``                     Dropout
@@ -823,9 +823,10 @@ def _no_op_at_zero(what: str) -> Handler:
 
 
 def _linear(imp: _Importer, node: "fx.Node", get: Callable[..., Any], x: Any) -> _T:
+    """``nn.Linear`` over the channel axis: on ``(N, C)``, or at every position of a channels-last tensor."""
     x = imp.t(x)
-    if len(x.perm) != 2:
-        raise _Unmappable(f"a Linear on a rank-{len(x.perm)} tensor: hal's Dense takes (N, features)")
+    if x.perm[-1] != 1:
+        raise _Unmappable(f"a Linear over the last axis of a tensor laid out as {x.perm}: hal's Dense maps channels")
     return imp.emit(node, Dense(get("out_features"), get("bias") is not None), [x])
 
 
