@@ -133,7 +133,8 @@ def _pads(padding: tuple[tuple[int, int], ...]) -> list[int]:
 
 
 def _per_channel(g: _Graph, name: str, v: np.ndarray, rank: int) -> str:
-    """A ``(C,)`` (or shared ``(1,)``) vector as an initializer ``(C, 1, ...)`` that broadcasts over ``(N, C, *spatial)``."""
+    """A ``(C,)`` (or shared ``(1,)``) vector as an initializer ``(C, 1, ...)``: it broadcasts over
+    ``(N, C, *spatial)``."""
     return g.tensor(name, np.reshape(v, (-1, *[1] * (rank - 2))))
 
 
@@ -274,7 +275,8 @@ def _adaptive_pool(g: _Graph, n: Node, x: str, spatial: tuple[int, ...]) -> None
         parts = []
         for i in range(o):
             lo, hi = i * size // o, -(-(i + 1) * size // o)
-            ends = [g.tensor(f"{c}d{d}_{i}_{k}", [v], np.int64) for k, v in (("start", lo), ("end", hi), ("axis", axis))]
+            ends = [g.tensor(f"{c}d{d}_{i}_{k}", [v], np.int64)
+                    for k, v in (("start", lo), ("end", hi), ("axis", axis))]
             part = g.node("Slice", [x, *ends], f"{c}d{d}_{i}_slice")
             if g.opset >= 18:  # the axes of Reduce* became an input
                 parts.append(g.node(reduce, [part, ends[2]], f"{c}d{d}_{i}", keepdims=1))
@@ -293,6 +295,10 @@ def _export_node(g: _Graph, spec: ModelSpec, n: Node, w: Mapping[str, np.ndarray
         p = {k: f"{n.name}.{k}" for k in names}
         if not isinstance(op, GroupNorm):
             _per_channel(g, p[names[0]], w[p[names[0]]], rank)
+    elif isinstance(op, Dense) and rank > 2:  # at every position: a 1x1 convolution, weight (out, in, 1, ...)
+        p = {k: g.tensor(f"{n.name}.{k}", w[f"{n.name}.{k}"]) for k in names if k != "weight"}
+        weight = w[f"{n.name}.weight"]
+        p["weight"] = g.tensor(f"{n.name}.weight", weight.reshape(*weight.shape, *[1] * (rank - 2)))
     else:
         p = {k: g.tensor(f"{n.name}.{k}", w[f"{n.name}.{k}"]) for k in names}
     g.shapes.update({x: s for x, s in zip(xs, ins)})
@@ -321,7 +327,8 @@ def _export_node(g: _Graph, spec: ModelSpec, n: Node, w: Mapping[str, np.ndarray
     elif isinstance(op, (AdaptiveAvgPool, AdaptiveMaxPool)):
         _adaptive_pool(g, n, xs[0], ins[0][1:])
     elif isinstance(op, ChannelSlice):
-        ends = [g.tensor(f"{n.name}/{k}", [v], np.int64) for k, v in (("start", op.start), ("stop", op.stop), ("axis", 1))]
+        ends = [g.tensor(f"{n.name}/{k}", [v], np.int64)
+                for k, v in (("start", op.start), ("stop", op.stop), ("axis", 1))]
         g.node("Slice", [xs[0], *ends], n.name)
     elif isinstance(op, ChannelShuffle):  # (N, g, C/g, rest) -> (N, C/g, g, rest) -> the input's shape
         split = g.tensor(f"{n.name}/split", [0, op.groups, ins[0][0] // op.groups, -1], np.int64)
@@ -349,6 +356,8 @@ def _export_node(g: _Graph, spec: ModelSpec, n: Node, w: Mapping[str, np.ndarray
         g.node("Concat", xs, n.name, axis=1)
     elif isinstance(op, Flatten):
         g.node("Flatten", xs, n.name, axis=1)
+    elif isinstance(op, Dense) and rank > 2:
+        g.node("Conv", [xs[0], p["weight"]] + ([p["bias"]] if op.bias else []), n.name, kernel_shape=[1] * (rank - 2))
     elif isinstance(op, Dense):
         g.node("Gemm", [xs[0], p["weight"]] + ([p["bias"]] if op.bias else []), n.name, transB=1)
     elif isinstance(op, Dropout):  # identity in inference; the rate is kept as the ratio input
@@ -723,7 +732,7 @@ class _Importer:
         """The activation the chain from ``root`` to ``v`` computes, compared by value."""
         from onnx.reference import ReferenceEvaluator
 
-        from hal.backends.numpy import ACTIVATIONS
+        from hal.backends.numpy import ACTIVATIONS as FORWARD  # the float64 reference of each activation
 
         steps, todo, seen = [], [v], set()
         while todo:
@@ -751,13 +760,14 @@ class _Importer:
         except Exception:  # an op the reference cannot run on these points: no match
             return None
         at = dict(zip(points.tolist(), y.tolist()))
-        fitted = [Activation("leaky_relu", alpha=_float(-at[-1.0])), Activation("elu", alpha=_float(at[-1.0] / math.expm1(-1)))]
+        fitted = [Activation("leaky_relu", alpha=_float(-at[-1.0])),
+                  Activation("elu", alpha=_float(at[-1.0] / math.expm1(-1)))]
         if at[0.0] > 0:
             beta = _float(math.log(2.0) / at[0.0])
             fitted += [Activation("softplus", beta=beta, threshold=_float(t)) for t in (20.0, *thresholds)]
-        plain = [Activation(fn) for fn in ACTIVATIONS if fn not in ("leaky_relu", "elu", "softplus")]
+        plain = [Activation(fn) for fn in FORWARD if fn not in ("leaky_relu", "elu", "softplus")]
         for op in [*plain, Activation("gelu", approximate="tanh"), *fitted]:
-            ref = ACTIVATIONS[op.fn](points, op)
+            ref = FORWARD[op.fn](points, op)
             if y.shape == ref.shape and np.all(np.abs(y - ref) <= _MATCH_TOL * np.maximum(1.0, np.abs(ref))):
                 return op
         return None
@@ -811,7 +821,8 @@ def _direct_activation(n: Any, consts: list[np.ndarray]) -> Activation | None:
     if n.op_type == "Clip":
         bounds = [float(c) for c in consts] if consts else [a.get("min"), a.get("max")]
         bounds += [None] * (2 - len(bounds))
-        return {(0.0, None): Activation("relu"), (0.0, 6.0): Activation("relu6")}.get(tuple(bounds))  # type: ignore[arg-type]
+        known = {(0.0, None): Activation("relu"), (0.0, 6.0): Activation("relu6")}
+        return known.get(tuple(bounds))  # type: ignore[arg-type]
     if n.op_type in ("LeakyRelu", "Elu"):
         return Activation("leaky_relu" if n.op_type == "LeakyRelu" else "elu",
                           alpha=_float(a.get("alpha", 0.01 if n.op_type == "LeakyRelu" else 1.0)))
@@ -1101,11 +1112,14 @@ _HANDLERS = {
 def from_onnx(source: "str | os.PathLike | bytes | onnx.ModelProto") -> tuple[ModelSpec, dict[str, np.ndarray]]:
     """The spec and weights of an ONNX model (a path, serialized bytes or a ``ModelProto``).
 
-    The spec is rebuilt from the graph: Conv, BatchNormalization, activations (also as
-    elementwise formulas: torch's silu and pre-opset-20 gelu), MaxPool, AveragePool,
-    GlobalAveragePool/ReduceMean, Flatten/Reshape/Squeeze to (batch, features), Gemm and
-    MatMul+Add, Add/Sum, Concat, Dropout; Identity, Constant and constant shape arithmetic
-    are folded. Node names come from the weights' names (``layer1.0.conv1.weight``), else
+    The spec is rebuilt from the graph: Conv, BatchNormalization, InstanceNormalization,
+    LayerNormalization of features, the activation ops (and chains of elementwise ops, matched
+    by value against hal's activations: torch's silu, pre-opset-20 gelu, mish), PRelu,
+    MaxPool, AveragePool, GlobalAveragePool/ReduceMean, Pad, Flatten/Reshape/Squeeze to
+    (batch, features), Gemm and MatMul+Add, Add/Sum, Mul, Concat, Slice of channels, Dropout;
+    Identity, Constant and constant shape arithmetic are folded. (The multi-node forms
+    ``to_onnx`` writes for LayerNorm over channels, GroupNorm, ChannelShuffle and uneven
+    adaptive pools come back through the metadata, not from the graph.) Node names come from the weights' names (``layer1.0.conv1.weight``), else
     the module path the exporter recorded, else the ONNX node name. When the model was
     written by :func:`to_onnx` and its graph is exactly what ``to_onnx`` writes for the
     ``hal.spec`` metadata, that spec is returned (exact floats, names and all) with the
