@@ -9,6 +9,8 @@ from typing import Any, Callable
 from hal.errors import SpecError
 from hal.spec import ModelSpec
 from hal.models.conductivity import conductivity_cnn
+from hal.models.convnext import SIZES as CONVNEXT_SIZES
+from hal.models.convnext import convnext
 from hal.models.densenet import densenet
 from hal.models.efficientnet import VARIANTS as EFFICIENTNETS
 from hal.models.efficientnet import efficientnet
@@ -40,6 +42,7 @@ ZOO: dict[str, Callable[..., ModelSpec]] = {
     **{name: partial(regnet, name) for name in REGNETS},
     **{f"efficientnet_{v}": partial(efficientnet, v) for v in EFFICIENTNETS},
     **{f"shufflenet_v2_{w}": partial(shufflenet_v2, w) for w in SHUFFLENET_WIDTHS},
+    **{f"convnext_{s}": partial(convnext, s) for s in CONVNEXT_SIZES},
     "unet": unet,
     "unet3d": partial(unet, features=32, depth=3, ndim=3),
     "small_cnn": small_cnn,
@@ -58,6 +61,6 @@ def get(name: str, **kwargs: Any) -> ModelSpec:
 
 
 __all__ = [
-    "ZOO", "conductivity_cnn", "densenet", "efficientnet", "get", "mobilenet_v2", "mobilenet_v3", "regnet", "resnet",
+    "ZOO", "conductivity_cnn", "convnext", "densenet", "efficientnet", "get", "mobilenet_v2", "mobilenet_v3", "regnet", "resnet",
     "shufflenet_v2", "small_cnn", "squeezenet", "unet", "vgg",
 ]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from hal.errors import SpecError
-from hal.models import ZOO, get, resnet, small_cnn
+from hal.models import (ZOO, convnext, densenet, efficientnet, get, mobilenet_v2, mobilenet_v3, regnet, resnet,
+                        shufflenet_v2, small_cnn, squeezenet, vgg)
 from hal.spec import Conv
 
 
@@ -144,6 +145,14 @@ def test_small_cnn_uses_every_first_wave_op():
     assert any(a != b for p in pads for a, b in p)  # an asymmetric SAME padding is exercised
 
 
+def test_the_zoo_exercises_the_ops_its_architectures_have():
+    from hal.spec import OPS
+
+    used = {n.op.kind for name in ZOO for n in get(name, num_classes=5, input_size=32).nodes}
+    # no torchvision classifier of the zoo, nor the U-Net, has these (the conformance suite covers them)
+    assert set(OPS) - used == {"AdaptiveMaxPool", "GroupNorm", "InstanceNorm", "PReLU", "Pad", "Upsample"}
+
+
 @pytest.mark.parametrize("name", [None, 3, ["resnet18"], {"a": 1}])
 def test_get_unknown_name_types(name):
     with pytest.raises(SpecError, match="unknown model"):
@@ -243,3 +252,27 @@ def test_unet_matches_an_independent_torch_unet(nd, size):
 def test_unet_bad_arguments(kwargs):
     with pytest.raises(SpecError, match="unet"):
         get("unet", **kwargs)
+
+
+@pytest.mark.parametrize("build, kwargs, words", [
+    (vgg, dict(depth=12), "vgg depth"), (vgg, dict(batch_norm="yes"), "vgg batch_norm"),
+    (densenet, dict(depth=100), "densenet depth"), (squeezenet, dict(version="1_2"), "squeezenet version"),
+    (mobilenet_v2, dict(width_mult=0), "mobilenet_v2 width_mult"), (mobilenet_v3, dict(arch="medium"), "mobilenet_v3"),
+    (regnet, dict(name="regnet_z_1gf"), "regnet name"), (efficientnet, dict(variant="b8"), "efficientnet variant"),
+    (shufflenet_v2, dict(width="x3_0"), "shufflenet_v2 width"), (convnext, dict(size="huge"), "convnext size"),
+    (resnet, dict(depth=18, groups=32), "basic blocks"), (resnet, dict(width_per_group=0), "width_per_group"),
+    (efficientnet, dict(input_size="x"), "efficientnet_b0 input_size"), (vgg, dict(input_size=16), "features.43"),
+])
+def test_zoo_bad_arguments_name_the_model(build, kwargs, words):
+    with pytest.raises(SpecError) as ei:
+        build(**kwargs)
+    assert words in f"{ei.value} {ei.value.node}"
+
+
+def test_resnext_and_wide_resnet_widen_only_the_bottleneck():
+    base, rx, wide = resnet(50), get("resnext50_32x4d"), get("wide_resnet50_2")
+    assert (rx.name, wide.name) == ("resnext50_32x4d", "wide_resnet50_2")
+    for spec, groups in ((rx, 32), (wide, 1)):
+        conv2 = spec.node("layer1.0.conv2").op
+        assert (conv2.out_channels, conv2.groups) == (128, groups)  # twice resnet50's 64 channels
+        assert spec.shape("layer4.2.conv3") == base.shape("layer4.2.conv3")  # block outputs unchanged

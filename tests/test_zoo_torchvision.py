@@ -1,6 +1,7 @@
 """The zoo against torchvision: a torchvision model's own state_dict loads into the
 hal spec of the same name unchanged, and hal's float64 reference reproduces
-torchvision's float64 eval output (to ~1e-12 relative) with the same parameter count."""
+torchvision's float64 eval output (to ~1e-12 relative) with the same parameter count;
+and each zoo model's forward on every CPU backend against the float64 reference."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hal.models import ZOO, get
 from hal.models.regnet import SETTINGS as REGNETS
 from hal.models.regnet import stages
 from hal.parity import normalised_error
+from hal.testing import assert_parity
 from hal.weights import from_state_dict
 
 torch = pytest.importorskip("torch")
@@ -32,6 +34,7 @@ SMALL = {
     "regnet_y_400mf": (33, 40),
     "efficientnet_b0": (33, 40),
     "shufflenet_v2_x1_0": (33, 40),
+    "convnext_tiny": (32, 45),
 }
 NUM_CLASSES = 7
 
@@ -108,12 +111,32 @@ def test_regnet_stage_widths_are_torchvision_s(name: str) -> None:
     assert stages(depth, w_0, w_a, w_m, group_width) == list(zip(want.widths, want.depths, want.group_widths))
 
 
-@pytest.mark.parametrize("variant", ["b0", "b3", "b7"])
-def test_efficientnet_stochastic_depth_schedule_is_torchvision_s(variant: str) -> None:
+@pytest.mark.parametrize("name", ["efficientnet_b0", "efficientnet_b3", "efficientnet_b7", "convnext_tiny",
+                                  "convnext_large"])
+def test_stochastic_depth_schedule_is_torchvision_s(name: str) -> None:
     with torch.device("meta"):
-        model = getattr(models, f"efficientnet_{variant}")(weights=None)
-    want = {f"{name}.stochastic_depth": m.stochastic_depth.p for name, m in model.named_modules()
-            if hasattr(m, "stochastic_depth") and m.use_res_connect}
-    spec = get(f"efficientnet_{variant}")
-    got = {n.name: n.op.p for n in spec.nodes if n.op.kind == "StochasticDepth"}
-    assert got == pytest.approx(want, rel=1e-15, abs=0) and len(got) > 0
+        model = getattr(models, name)(weights=None)
+    want = {f"{path}.stochastic_depth": m.stochastic_depth.p for path, m in model.named_modules()
+            if hasattr(m, "stochastic_depth") and getattr(m, "use_res_connect", True)}
+    got = {n.name: n.op.p for n in get(name).nodes if n.op.kind == "StochasticDepth"}
+    assert len(got) > 1 and got == pytest.approx(want, rel=1e-15, abs=0)
+
+
+DENSE = {"unet": (32, 48), "unet3d": (16, 16, 16)}  # the zoo's models without a torchvision twin
+BACKENDS = [pytest.param(t, marks=pytest.mark.slow) if t != "torch" else t for t in ("torch", "jax", "tensorflow")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(SMALL.keys() - HEAVY) + sorted(DENSE))
+def test_forward_parity_on_cpu_backends(name: str, backend: str) -> None:
+    """Inference forward against the float64 reference at the parity tolerance (jax and
+    tensorflow: ``-m slow``, each model compiles for seconds there; the conformance suite
+    checks their ops one by one in the default run)."""
+    cls = hal.get_backend(backend)
+    if not cls.availability().available:
+        pytest.skip(cls.availability().reason)
+    spec = get(name, num_classes=NUM_CLASSES, input_size={**SMALL, **DENSE}[name])
+    missing = cls.unsupported(spec)
+    if missing:
+        pytest.skip(f"{backend} does not support yet: {'; '.join(sorted(set(missing.values())))}")
+    assert_parity(spec, f"{backend}:cpu", checks=("forward",), batch=2, isolate=False)
