@@ -79,6 +79,7 @@ MIN_OPSET = 17  # LayerNormalization
 MISH_OPSET = 18  # first opset with a Mish op
 GELU_OPSET = 20  # first opset with a Gelu op
 SPEC_KEY, HASH_KEY = "hal.spec", "hal.spec_hash"
+_PROTOBUF_LIMIT = 2**31 - 2**24  # a protobuf message is under 2 GiB; room for the graph itself
 _DTYPES = ("float32", "float64", "float16")  # spec dtypes an ONNX model can compute in (onnx.TensorProto names below)
 _TENSOR_TYPES = {"float32": "FLOAT", "float64": "DOUBLE", "float16": "FLOAT16"}
 
@@ -382,7 +383,8 @@ def to_onnx(
     The batch dim is the symbol ``"batch"`` when ``dynamic_batch``, else ``batch``. See the
     module docstring for names, opsets and dtypes. Raises :class:`~hal.errors.WeightsError`
     for weights that do not match the spec, :class:`~hal.errors.ConfigError` for a bad
-    opset or an unwritable path.
+    opset or an unwritable path, :class:`~hal.errors.UnsupportedError` for weights of 2 GiB
+    or more (protobuf's limit; e.g. regnet_y_128gf) or a dtype ONNX export does not take.
     """
     onnx = _onnx()
     if not isinstance(spec, ModelSpec):
@@ -395,6 +397,10 @@ def to_onnx(
         raise ConfigError(f"to_onnx: dynamic_batch must be a bool, got {dynamic_batch!r}")
     if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
         raise ConfigError(f"to_onnx: batch must be an int >= 1, got {batch!r}")
+    size = sum(math.prod(shape) for shape in spec.param_shapes().values()) * np.dtype(spec.dtype).itemsize
+    if size >= _PROTOBUF_LIMIT:
+        raise UnsupportedError(f"to_onnx: the weights of {spec.name!r} take {size / 2**30:.1f} GiB; an ONNX file "
+                               "holds under 2 GiB in one protobuf (external data is not written yet)")
     w = check_weights(spec, weights) if weights is not None else init_weights(spec, seed)
     model = _build(spec, w, opset, "batch" if dynamic_batch else batch)
     onnx.checker.check_model(model, full_check=True)

@@ -157,6 +157,10 @@ def test_bad_arguments_are_hal_errors(tmp_path):
         to_onnx(spec, path=tmp_path / "file" / "m.onnx")
     with pytest.raises(ConfigError, match="not an ONNX model|cannot read"):
         from_onnx(b"not a model")
+    b = SpecBuilder("huge")
+    huge = b.build(b.dense(b.input((2**15,)), 2**14))  # 2 GiB of float32 weights
+    with pytest.raises(UnsupportedError, match="2.0 GiB; an ONNX file holds under 2 GiB"):
+        to_onnx(huge, {})  # refused before the weights are looked at
 
 
 def test_an_edited_graph_is_rebuilt_not_trusted_to_its_metadata():
