@@ -6,7 +6,12 @@ weight names (a torchvision ResNet checkpoint loads as is). Each op is one small
 module, read as a table from op to torch call (``_modules``); the decisions that
 do not depend on torch (padding split, average-pool divisor, which BatchNorms
 fold, liveness, precision dtypes) come from :mod:`hal.lowering`. The PopTorch
-backend builds the same module with :func:`build_module`.
+backend builds the same module with :func:`build_module`. Most ops are torch's own
+(the spec's meaning is torch's); where a torch call says something else, the module
+says how it gets the spec's: pools whose ``ceil_mode`` adds a window pad explicitly
+(:func:`hal.lowering.pool_padding`), transposed convolutions crop an asymmetric
+padding, nearest upsampling gathers the spec's indices where torch's CPU kernel rounds
+its own way, and the channels-first LayerNorm normalises the channels-last view.
 
 Option ``fast`` (default True) buys speed without changing numbers beyond
 rounding: inference runs under ``torch.inference_mode`` on a copy with BatchNorm
@@ -34,7 +39,7 @@ import copy
 import functools
 import math
 import operator
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -81,6 +86,13 @@ def _native_pad(sizes: S.Shape, op: S.MaxPool | S.AvgPool) -> tuple[int, ...] | 
     if pad is None or any(p > k // 2 for p, k in zip(pad, op.kernel)) or pool_padding(sizes, op) != op.padding:
         return None
     return pad
+
+
+def _over_channels(fn: Callable[["torch.Tensor"], "torch.Tensor"], x: "torch.Tensor") -> "torch.Tensor":
+    """``fn`` of the last axis applied over the channel axis of ``x``, on the channels-last view: no
+    copy when the memory is channels_last already (the fast path), else made NCHW-contiguous again."""
+    y = fn(x.movedim(1, -1)).movedim(-1, 1)
+    return y if x.stride(1) == 1 else y.contiguous()
 
 
 def _modules() -> dict[type[S.Op], type]:
@@ -139,7 +151,9 @@ def _modules() -> dict[type[S.Op], type]:
             if not self.training:
                 return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, op.eps)
             if self.update_stats:  # torch's rule is the canonical one: biased to normalise, unbiased to track
-                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, op.momentum, op.eps)
+                return F.batch_norm(
+                    x, self.running_mean, self.running_var, self.weight, self.bias, True, op.momentum, op.eps
+                )
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, op.eps)
 
     class Norm(nn.Module):
@@ -154,10 +168,7 @@ def _modules() -> dict[type[S.Op], type]:
 
     class LayerNorm(Norm):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """F.layer_norm over the last dim of the channels-last view: no copy when the memory is
-            channels_last already (the fast path); else the result is made NCHW-contiguous again."""
-            y = F.layer_norm(x.movedim(1, -1), x.shape[1:2], self.weight, self.bias, self.op.eps).movedim(-1, 1)
-            return y if x.stride(1) == 1 else y.contiguous()
+            return _over_channels(lambda t: F.layer_norm(t, t.shape[-1:], self.weight, self.bias, self.op.eps), x)
 
     class GroupNorm(Norm):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,19 +241,18 @@ def _modules() -> dict[type[S.Op], type]:
             out = self.fn(F.pad(x, self.flat), op.kernel, op.stride)
             return out if self.scale is None else out * self.scale
 
-    class AdaptiveAvgPool(nn.Module):
-        def __init__(self, op: S.AdaptiveAvgPool, in_shapes: list[S.Shape]) -> None:
+    class AdaptivePool(nn.Module):
+        FNS = {
+            S.AdaptiveAvgPool: (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
+            S.AdaptiveMaxPool: (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d),
+        }
+
+        def __init__(self, op: S.AdaptiveAvgPool | S.AdaptiveMaxPool, in_shapes: list[S.Shape]) -> None:
             super().__init__()
-            self.size = op.output_size
-            self.fn = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(self.size) - 1]
+            self.size, self.fn = op.output_size, self.FNS[type(op)][len(op.output_size) - 1]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fn(x, self.size)
-
-    class AdaptiveMaxPool(AdaptiveAvgPool):
-        def __init__(self, op: S.AdaptiveMaxPool, in_shapes: list[S.Shape]) -> None:
-            super().__init__(op, in_shapes)
-            self.fn = (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)[len(self.size) - 1]
 
     class Pad(nn.Module):
         def __init__(self, op: S.Pad, in_shapes: list[S.Shape]) -> None:
@@ -261,16 +271,15 @@ def _modules() -> dict[type[S.Op], type]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.mean(dim=self.dims)
 
-    class Add(nn.Module):
+    class Elementwise(nn.Module):
+        FNS = {S.Add: operator.add, S.Mul: operator.mul}
+
         def __init__(self, op: S.Add | S.Mul, in_shapes: list[S.Shape]) -> None:
             super().__init__()
+            self.fn = self.FNS[type(op)]
 
         def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-            return functools.reduce(operator.add, xs)  # torch broadcasts as the spec does (equal ranks)
-
-    class Mul(Add):
-        def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-            return functools.reduce(operator.mul, xs)
+            return functools.reduce(self.fn, xs)  # torch broadcasts as the spec does (equal ranks)
 
     class Scale(nn.Module):
         def __init__(self, op: S.Scale, in_shapes: list[S.Shape]) -> None:
@@ -345,7 +354,7 @@ def _modules() -> dict[type[S.Op], type]:
             self.bias = nn.Parameter(torch.empty(shapes["bias"])) if op.bias else None
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.weight, self.bias)
+            return _over_channels(lambda t: F.linear(t, self.weight, self.bias), x)  # at every position
 
     class Dropout(nn.Module):
         def __init__(self, op: S.Dropout, in_shapes: list[S.Shape]) -> None:
@@ -374,10 +383,10 @@ def _modules() -> dict[type[S.Op], type]:
     return {
         S.Conv: Conv, S.ConvTranspose: ConvTranspose, S.BatchNorm: BatchNorm, S.LayerNorm: LayerNorm,
         S.GroupNorm: GroupNorm, S.InstanceNorm: InstanceNorm, S.Activation: Activation, S.PReLU: PReLU,
-        S.MaxPool: MaxPool, S.AvgPool: AvgPool, S.AdaptiveAvgPool: AdaptiveAvgPool,
-        S.AdaptiveMaxPool: AdaptiveMaxPool, S.Pad: Pad, S.GlobalAvgPool: GlobalAvgPool, S.Upsample: Upsample,
-        S.ChannelShuffle: ChannelShuffle, S.ChannelSlice: ChannelSlice, S.Add: Add, S.Mul: Mul, S.Scale: Scale,
-        S.Concat: Concat, S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout, S.StochasticDepth: StochasticDepth,
+        S.MaxPool: MaxPool, S.AvgPool: AvgPool, S.AdaptiveAvgPool: AdaptivePool, S.AdaptiveMaxPool: AdaptivePool,
+        S.Pad: Pad, S.GlobalAvgPool: GlobalAvgPool, S.Upsample: Upsample, S.ChannelShuffle: ChannelShuffle,
+        S.ChannelSlice: ChannelSlice, S.Add: Elementwise, S.Mul: Elementwise, S.Scale: Scale, S.Concat: Concat,
+        S.Flatten: Flatten, S.Dense: Dense, S.Dropout: Dropout, S.StochasticDepth: StochasticDepth,
     }
 
 

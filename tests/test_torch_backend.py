@@ -457,18 +457,20 @@ def test_fast_option_off_is_plain_eager_nchw(make_weights):
         hal.compile(spec, "torch", w, options={"channels_last": True})
 
 
-def test_channels_last_survives_layer_norm_and_channel_shuffle(make_weights):
-    """The channels-first LayerNorm runs on the channels-last view and the shuffle keeps the layout,
-    so the fast path does not fall back to NCHW in the middle of a ConvNeXt or ShuffleNet block."""
+def test_channels_last_survives_layer_norm_pointwise_dense_and_channel_shuffle(make_weights):
+    """The channels-first LayerNorm and the pointwise Dense run on the channels-last view and the
+    shuffle keeps the layout, so the fast path does not fall back to NCHW in the middle of a ConvNeXt
+    or ShuffleNet block; without it (fast=False) every output stays NCHW."""
     b = SpecBuilder("cl")
     x = b.conv(b.input((4, 5, 6)), 8, 3, padding=1)
-    spec = b.build(b.conv(b.channel_shuffle(b.layer_norm(x, name="ln"), 2, name="shuffle"), 4, 1))
+    x = b.dense(b.channel_shuffle(b.layer_norm(x, name="ln"), 2, name="shuffle"), 6, name="pointwise")
+    spec = b.build(b.conv(x, 4, 1))
     w = make_weights(spec, 0, np.float32)
     x = batch(spec, 2)[0]
     for fast, layout in ((True, torch.channels_last), (False, torch.contiguous_format)):
         exe = hal.compile(spec, "torch", w, options={"fast": fast})
         outs = {}
-        for name in ("ln", "shuffle"):
+        for name in ("ln", "shuffle", "pointwise"):
             exe.module.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: outs.update({name: out}))
         ref, floor = _floor(spec, w, x, True)
         assert_near_reference(exe.predict(x, training=True), ref, floor)
