@@ -246,6 +246,18 @@ def _layer_classes() -> dict[Any, type]:
                               for a, k in zip(xs, ks)], axis=-1)
         return tf.nn.convolution(x, kernel, stride, padding, dilations=dilation)
 
+    def pool(x: Any, is_max: bool, kernel: Any, stride: Any, padding: str) -> Any:
+        """``tf.nn.max_pool`` or ``avg_pool``; in 3-d float64, which TF's 3-d pools lack, a 2-d
+        pool over (H, W) then one over D (a box's max or mean, SAME's too, is taken axis by axis)."""
+        fn = tf.nn.max_pool if is_max else tf.nn.avg_pool
+        if x.shape.rank != 5 or x.dtype != tf.float64:
+            return fn(x, kernel, stride, padding)
+        _, d, h, w, c = x.shape.as_list()
+        y = fn(tf.reshape(x, [-1, h, w, c]), kernel[1:], stride[1:], padding)
+        _, h, w, _ = y.shape.as_list()
+        y = fn(tf.reshape(y, [-1, d, h * w, c]), [kernel[0], 1], [stride[0], 1], padding)
+        return tf.reshape(y, [-1, y.shape[1], h, w, c])
+
     def dilate(x: Any, stride: tuple[int, ...]) -> Any:
         """NHWC ``x`` with ``stride - 1`` zeros between neighbouring pixels along each spatial axis."""
         for axis, s in enumerate(stride, start=1):
@@ -444,7 +456,7 @@ def _layer_classes() -> dict[Any, type]:
         def call(self, x: Any) -> Any:
             if self.pad is not None:
                 x = tf.pad(x, self.pad, constant_values=float("-inf"))
-            return tf.nn.max_pool(x, self.op.kernel, self.op.stride, self.padding)
+            return pool(x, True, self.op.kernel, self.op.stride, self.padding)
 
     class AvgPool(Layer):
         def __init__(self, *args: Any) -> None:
@@ -464,7 +476,7 @@ def _layer_classes() -> dict[Any, type]:
         def call(self, x: Any) -> Any:
             if self.pad is not None:
                 x = tf.pad(x, self.pad)
-            y = tf.nn.avg_pool(x, self.op.kernel, self.op.stride, self.padding)
+            y = pool(x, False, self.op.kernel, self.op.stride, self.padding)
             return y if self.scale is None else y * tf.constant(self.scale)
 
     class AdaptivePool(Layer):
@@ -492,8 +504,7 @@ def _layer_classes() -> dict[Any, type]:
 
         def call(self, x: Any) -> Any:
             if self.kernel is not None:
-                pool = tf.nn.max_pool if self.is_max else tf.nn.avg_pool
-                return pool(x, self.kernel, self.kernel, "VALID")
+                return pool(x, self.is_max, self.kernel, self.kernel, "VALID")
             letters = "abcdefgh"[: x.shape.rank]
             for axis, table in self.axes:
                 if self.is_max:

@@ -49,14 +49,16 @@ import types
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install 'hal-cnn[tensorflow]'")
+import hal
+from hal import ConfigError, InputError, TargetError, TrainConfig, ipu as planner, models
+from hal.backends import ipu_tensorflow as IT, tensorflow as T
+from hal.errors import NonFiniteError, UnsupportedError
+from hal.parity import normalised_error, tensors_error, tolerance
+from hal.training import SGD, AdamW, Cosine
 
-import hal  # noqa: E402
-from hal import ConfigError, InputError, TargetError, TrainConfig, ipu as planner, models  # noqa: E402
-from hal.backends import ipu_tensorflow as IT, tensorflow as T  # noqa: E402
-from hal.errors import NonFiniteError, UnsupportedError  # noqa: E402
-from hal.parity import normalised_error, tensors_error, tolerance  # noqa: E402
-from hal.training import SGD, AdamW, Cosine  # noqa: E402
+if not T.TensorFlowBackend.availability().available:
+    pytest.skip("TensorFlow is not installed: pip install 'hal-cnn[tensorflow]'", allow_module_level=True)
+tf = T._tf()  # as hal imports it: after Triton (see T._load_triton_first), so torch can run here too
 
 REAL_IPU = IT.importable() and "tensorflow.python.ipu" not in sys.modules
 standin_only = pytest.mark.skipif(
@@ -499,6 +501,67 @@ def test_non_finite_step_is_not_applied(sdk):
     assert exe.train_step(x2, y2) == ref.train_step(x2, y2)  # momentum buffers agree too
     for k, v in ref.weights().items():
         np.testing.assert_array_equal(exe.weights()[k], v, err_msg=k)
+
+
+def _new_ops_spec():
+    """One of each op kind added for modern CNNs, in a small classifier."""
+    from hal.spec import SpecBuilder
+
+    b = SpecBuilder("new_ops")
+    x = b.group_norm(b.prelu(b.conv(b.input((4, 6, 6)), 8, 3, padding=1), 8), 2)
+    x = b.channel_shuffle(x, 2)
+    a, c = b.channel_slice(x, 0, 4), b.channel_slice(x, 4, 8)
+    c = b.conv(b.pad(c, 1, "replicate"), 4, 3)
+    gate = b.activation(b.adaptive_avg_pool(c, 1), "hardsigmoid")
+    x = b.conv_transpose(b.scale(b.mul(a, gate)), 4, 2, stride=2)  # 12 x 12
+    x = b.stochastic_depth(b.layer_norm(b.upsample(x, scale=0.75, mode="bilinear")), 0.0)  # 9 x 9
+    x = b.max_pool(b.activation(b.adaptive_max_pool(x, 4), "hardswish"), 3, 2, ceil_mode=True)  # 2 x 2
+    x = b.instance_norm(b.pad(x, 1, "reflect"), affine=True)
+    return b.build(b.dense(b.flatten(x), 3))
+
+
+@standin_only
+def test_new_ops_through_the_ipu_path(sdk):
+    """Every op added for modern CNNs runs on the IPU path as it does on the CPU:
+    forward against float64 numpy, weights in canonical layouts, gradients and a
+    ``fit`` step against float64 torch (hal.parity's float32 floors), and a
+    two-stage pipeline places each op's layer in its planned stage."""
+    pytest.importorskip("torch")
+    from hal.backends.numpy import NumpyExecutable
+    from hal.parity import grads_error, trajectory_error
+    from tests.conftest import random_weights
+
+    spec = _new_ops_spec()
+    assert {n.op.kind for n in spec.nodes} >= {
+        "GroupNorm", "PReLU", "ChannelShuffle", "ChannelSlice", "Pad", "AdaptiveAvgPool", "Mul", "Scale",
+        "ConvTranspose", "Upsample", "LayerNorm", "StochasticDepth", "AdaptiveMaxPool", "MaxPool", "InstanceNorm"}
+    w = random_weights(spec, 9, np.float32)
+    x, y = _data(spec, 4, seed=9)
+    config = TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9))
+    exe = hal.compile(spec, "tensorflow:ipu", w, config)
+    for k, v in exe.weights().items():
+        np.testing.assert_array_equal(v, w[k], err_msg=k)
+
+    ref = NumpyExecutable(spec, w, TrainConfig(precision="fp64")).predict(x)
+    floor = normalised_error(NumpyExecutable(spec, w, TrainConfig(precision="fp32")).predict(x), ref)[1]
+    assert normalised_error(exe.predict(x), ref)[1] <= tolerance(floor)
+
+    torch = {p: hal.compile(spec, "torch:cpu", w, replace(config, precision=p)) for p in ("fp64", "fp32")}
+    grads = {p: dict(zip(("loss", "grads"), t.loss_and_grads(x, y))) for p, t in torch.items()}
+    floor = grads_error(grads["fp32"]["loss"], grads["fp32"]["grads"], grads["fp64"])[1]
+    assert grads_error(*exe.loss_and_grads(x, y), grads["fp64"])[1] <= tolerance(floor)
+
+    steps = {p: {"losses": np.array([t.train_step(x, y)]), "weights": t.weights()} for p, t in torch.items()}
+    floor = trajectory_error(steps["fp32"]["losses"], steps["fp32"]["weights"], steps["fp64"], spec)[1]
+    losses = np.array([exe.train_step(x, y)])
+    assert trajectory_error(losses, exe.weights(), steps["fp64"], spec)[1] <= tolerance(floor)
+
+    plan = planner.plan(spec, ipus=2, grad_accum=4, micro_batch=1, optimizer=config.optimizer)
+    hal.compile(spec, "tensorflow:ipu", w, replace(config, grad_accum=4), plan=plan)
+    stages = sdk.named("set_pipeline_stage_assignment")[-1]["stages"]
+    for s in plan.stages:
+        for node in s.nodes[1:] if s.index == 0 else s.nodes:
+            assert stages[node] == s.index, node
 
 
 def test_step_losses_from_running_means():

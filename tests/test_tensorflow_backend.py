@@ -10,16 +10,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install 'hal-cnn[tensorflow]'")
+import hal
+from hal.backends import ipu_tensorflow, tensorflow as T
+from hal.backends.numpy import NumpyExecutable
+from hal.errors import ConfigError, HalError, InputError, NonFiniteError, TargetError
+from hal.models import get
+from hal.parity import FACTOR, normalised_error, tensors_error, tolerance
+from hal.spec import SpecBuilder
+from hal.training import SGD, Adam, AdamW, Cosine, StepDecay, TrainConfig
 
-import hal  # noqa: E402
-from hal.backends.numpy import NumpyExecutable  # noqa: E402
-from hal.backends import ipu_tensorflow, tensorflow as T  # noqa: E402
-from hal.errors import ConfigError, HalError, InputError, NonFiniteError, TargetError  # noqa: E402
-from hal.models import get  # noqa: E402
-from hal.parity import FACTOR, normalised_error, tensors_error, tolerance  # noqa: E402
-from hal.spec import SpecBuilder  # noqa: E402
-from hal.training import SGD, Adam, AdamW, Cosine, StepDecay, TrainConfig  # noqa: E402
+if not T.TensorFlowBackend.availability().available:
+    pytest.skip("TensorFlow is not installed: pip install 'hal-cnn[tensorflow]'", allow_module_level=True)
 
 TARGET = "tensorflow:cpu"
 
@@ -212,6 +213,37 @@ def test_xla_option(small):
         hal.compile(spec, TARGET, w, options={"xla": 1})
     with pytest.raises(ConfigError, match="xla"):
         hal.compile(spec, TARGET, w, options={"jit": True})
+
+
+def _volume_spec():
+    """3-d windows through each lowering TensorFlow's 3-d kernels constrain: pools (no
+    float64 3-d pools), grouped dilated transposed convolution (no native kernel), resampling."""
+    b = SpecBuilder("volume")
+    x = b.input((4, 5, 6, 5))
+    x = b.conv_transpose(x, 4, 3, stride=2, padding=((1, 0), (0, 1), (1, 1)), output_padding=1, groups=2, dilation=2)
+    x = b.max_pool(x, 3, 2, padding=1, ceil_mode=True)
+    x = b.avg_pool(x, 2, 2, ceil_mode=True, count_include_pad=False)
+    x = b.adaptive_max_pool(b.upsample(x, scale=1.5, mode="trilinear", align_corners=True), (2, 3, 2))
+    return b.build(b.adaptive_avg_pool(b.pad(x, ((1, 0), (0, 1), (1, 1)), "replicate"), 2))
+
+
+@pytest.mark.parametrize("options,precision", [({}, "fp64"), ({"xla": True}, "fp32"), ({"xla": True}, "fp64")],
+                         ids=["fp64", "xla", "xla-fp64"])
+def test_3d_ops_in_float64_and_under_xla(options, precision):
+    """The forward equals float64 numpy to float64 rounding in fp64 and to the float32
+    floor in fp32, with and without XLA."""
+    from tests.conftest import random_weights
+
+    spec = _volume_spec()
+    w = random_weights(spec, 2, np.float32)
+    x = batch(spec, 2, seed=3)[0]
+    ref, floor = reference(spec, w, x, False)
+    out = hal.compile(spec, TARGET, w, TrainConfig(precision=precision), options=options).predict(x)
+    err = normalised_error(out, ref)[1]
+    if precision == "fp64":
+        assert err < 1e-12, err
+    else:
+        assert_within(err, floor)
 
 
 # ---------------------------------------------------------------------------
