@@ -173,22 +173,32 @@ def _check_writable(folder: str, flag: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _spec(args: argparse.Namespace) -> Any:
-    """A zoo model by name (with --input-size/--num-classes) or a spec .json file."""
+def _model(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """MODEL's spec and weights (None: the command's default weights). MODEL is a zoo name (with
+    --input-size/--num-classes), a spec .json file, or a hal weights file (.safetensors with the spec
+    inside, as `hal import` writes); ``--weights FILE`` (where the command has it) gives the weights."""
     from hal.models import get
     from hal.spec import ModelSpec
+    from hal.weights import load_weights
 
     sizes = {k: v for k, v in (("input_size", args.input_size), ("num_classes", args.num_classes)) if v is not None}
     path = Path(args.model)
-    if path.suffix != ".json":
-        return get(args.model, **sizes)
-    if sizes:
-        raise ConfigError("--input-size and --num-classes apply to zoo models, not to a spec file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the spec file {args.model!r}: {exc}") from None
-    return ModelSpec.from_json(text)
+    weights = None
+    if path.suffix not in (".json", ".safetensors"):
+        spec = get(args.model, **sizes)
+    elif sizes:
+        raise ConfigError("--input-size and --num-classes apply to zoo models, not to a spec or weights file")
+    elif path.suffix == ".safetensors":
+        spec, weights = load_weights(path)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the spec file {args.model!r}: {exc}") from None
+        spec = ModelSpec.from_json(text)
+    if getattr(args, "weights", None):
+        _, weights = load_weights(args.weights, spec)
+    return spec, weights
 
 
 def _default_targets(include_reference: bool = True) -> list[str]:
@@ -267,12 +277,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from hal.parity import run_parity
 
-    spec = _spec(args)
-    weights = None
-    if args.weights:
-        from hal.weights import load_weights
-
-        _, weights = load_weights(args.weights, spec)
+    spec, weights = _model(args)
     progress = Progress(not args.json)
     report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks,
                         steps=args.steps, config=_config(args), seed=args.seed, weights=weights, progress=progress)
@@ -286,7 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.out:
         _check_writable(args.out, "--out")
-    spec = _spec(args)
+    spec, _ = _model(args)  # speed and plans do not depend on the weights' values
     progress = Progress(not args.json)
     options: dict[str, list[Any]] = {}
     for name, values in args.options or ():
@@ -313,11 +318,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hal.parity import run_parity
     from hal.table import render
 
-    spec = _spec(args)
+    spec, weights = _model(args)
     targets = args.targets or _default_targets()
     progress = Progress(not args.json)
     parity = run_parity(spec, targets, batch=args.parity_batch, checks=("forward", "forward_train", "grads"),
-                        config=_config(args), seed=args.seed, progress=progress)
+                        config=_config(args), seed=args.seed, weights=weights, progress=progress)
     timed = [t for t in targets if not t.startswith("numpy")]
     bench = run_bench(spec, timed, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
                       config=_config(args), progress=progress) if timed else None
@@ -368,16 +373,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hal.onnx import to_onnx
 
-    spec = _spec(args)
     out = Path(args.output)
     if out.is_dir():
         raise ConfigError(f"-o/--output: {args.output!r} is a folder; give the .onnx file to write")
     _check_writable(str(out.parent), "-o/--output")
-    weights = None
-    if args.weights:
-        from hal.weights import load_weights
-
-        _, weights = load_weights(args.weights, spec)
+    spec, weights = _model(args)
     model = to_onnx(spec, weights, out, opset=args.opset, dynamic_batch=args.dynamic_batch, batch=args.batch)
     batch = "dynamic" if args.dynamic_batch else args.batch
     print(f"wrote {out} ({spec.name}, opset {args.opset}, batch {batch}, {len(model.graph.node)} ONNX nodes, "
@@ -475,7 +475,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """``hal plan``: the plan's table (or JSON) and, when it does not fit, a hint; 0 if it fits, 1 if not."""
     from hal.ipu import plan
 
-    spec = _spec(args)
+    spec, _ = _model(args)  # speed and plans do not depend on the weights' values
     p = plan(spec, **_plan_settings(args))
     print(p.to_json() if args.json else p.table())
     if not p.fits and not args.json:
@@ -536,7 +536,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo model name (see `hal info`) or a spec .json file")
+    p.add_argument("model", help="zoo model name (see `hal info`), a spec .json file or a hal weights .safetensors file")
     p.add_argument("--input-size", type=_int(1), help="square input size for zoo models")
     p.add_argument("--num-classes", type=_int(1), help="classes for zoo models")
 

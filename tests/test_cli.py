@@ -293,3 +293,25 @@ def test_export_writes_a_model_that_reads_back_to_the_spec_and_weights(tmp_path,
     assert_weights_equal(w2, w)
     assert main(["export", "small_cnn", "--input-size", "16", "-o", str(out), "--dynamic-batch"]) == 0
     assert_weights_equal(from_onnx(out)[1], init_weights(spec))  # the seeded init when no --weights
+
+
+def test_a_hal_weights_file_is_a_model(tmp_path, capsys):
+    """What `hal import` writes (spec and weights in one file) works wherever MODEL does, with its own weights."""
+    import numpy as np
+
+    import hal
+    from hal.cli import _model
+    from hal.models import get
+
+    spec = get("small_cnn")
+    w = hal.init_weights(spec, seed=7)
+    path = tmp_path / "imported.safetensors"
+    hal.save_weights(path, spec, w)
+    args = types.SimpleNamespace(model=str(path), input_size=None, num_classes=None, weights=None)
+    got_spec, got_w = _model(args)
+    assert got_spec.hash == spec.hash and all(np.array_equal(got_w[k], w[k]) for k in w)
+    assert main(["parity", str(path), "--targets", "numpy", "--checks", "forward"]) == 0
+    assert main(["plan", str(path), "--ipus", "1"]) == 0  # small_cnn fits one IPU
+    capsys.readouterr()
+    assert main(["parity", str(path), "--targets", "numpy", "--input-size", "32"]) == 2
+    assert "apply to zoo models" in capsys.readouterr().err
