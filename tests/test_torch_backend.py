@@ -477,6 +477,17 @@ def test_channels_last_survives_layer_norm_pointwise_dense_and_channel_shuffle(m
         assert all(out.is_contiguous(memory_format=layout) for out in outs.values()), fast
 
 
+def test_channel_shuffle_without_torchs_kernel():
+    """F.channel_shuffle needs spatial dims and exists on CPU/CUDA only; elsewhere (features here, PopTorch's
+    IPU) the view-transpose form runs: the same permutation as the reference's."""
+    b = SpecBuilder("shuffle")
+    spec = b.build(b.channel_shuffle(b.input((12,)), 3))
+    x = np.arange(24.0).reshape(2, 12)
+    got = hal.compile(spec, "torch", {}, TrainConfig(precision="fp64")).predict(x)
+    np.testing.assert_array_equal(got, reference(spec, {}).predict(x))
+    assert got[0, :4].tolist() == [0.0, 4.0, 8.0, 1.0]
+
+
 def test_nearest_upsample_where_torchs_cpu_kernel_rounds_otherwise():
     """torch's 2-d/3-d nearest kernels on the CPU copy a dim of unchanged size and halve a doubled one
     whatever scale_factor says; the spec's source index floor(dst / scale) holds."""
