@@ -226,3 +226,24 @@ def test_hal_import_misuse_is_one_line_and_status_2(tmp_path, capsys, argv, msg)
     err = capsys.readouterr().err
     assert err.startswith("hal: error: ") and err.count("\n") == 1 and msg in err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_an_in_place_call_whose_input_is_read_later_is_refused():
+    """Eager PyTorch reads the mutated value; a traced graph would silently read the old one."""
+    class Aliasing(nn.Module):
+        def forward(self, x):
+            y = F.relu(x, inplace=True)
+            return x + y  # eagerly: relu(x) + relu(x)
+
+    class Fine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(x + x)  # the in-place input is read by nothing else
+
+    with pytest.raises(hal.UnsupportedError, match="in place"):
+        hal.from_torch(Aliasing(), (3, 4, 4))
+    spec, _ = hal.from_torch(Fine(), (3, 4, 4))
+    assert [n.op.kind for n in spec.nodes] == ["Input", "Add", "Activation"]

@@ -299,6 +299,7 @@ class _Importer:
     # -- dispatch -----------------------------------------------------------------
 
     def _map(self, node: "fx.Node") -> Any:
+        self._check_inplace(node)
         if node.op == "call_module":
             mod = self.gm.get_submodule(node.target)
             handler = _module_table().get(type(mod))
@@ -321,6 +322,24 @@ class _Importer:
             args = _normalized(fn, node.args, node.kwargs) if fn is not None else {}
             return handler(self, node, functools.partial(_kwarg, self, args), node.args[0])
         raise _Unmappable(f"unexpected fx node {node.op}")
+
+    def _check_inplace(self, node: "fx.Node") -> None:
+        """An in-place call whose input is read again later cannot be imported: eager PyTorch
+        reads the mutated value there, the traced graph the value before the call."""
+        if node.op == "call_module":
+            inplace = getattr(self.gm.get_submodule(node.target), "inplace", False) is True
+        elif node.op == "call_function":
+            inplace = node.kwargs.get("inplace") is True or node.target in _INPLACE_OPERATORS
+        else:
+            inplace = node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+        src = node.args[0] if node.args else None
+        if not inplace or not hasattr(src, "users"):
+            return
+        later = [u for u in src.users if u is not node and self.order[u] > self.order[node]
+                 and isinstance(self.env.get(u), self.torch.Tensor)]
+        if later:
+            raise _Unmappable(f"it changes its input in place and {later[0].name!r} reads that input afterwards "
+                              "(eager PyTorch would see the changed value): use the out-of-place form")
 
     # -- helpers for the handlers ---------------------------------------------------
 
@@ -477,6 +496,8 @@ def _where(node: "fx.Node") -> str:
     f = frames[-1]
     return f" at {f[1]}:{f[2]} in {f[3]}"
 
+
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.imul, operator.isub, operator.itruediv})
 
 # ---------------------------------------------------------------------------
 # the tables: module class / function / tensor method -> handler
