@@ -32,6 +32,21 @@ Canonical rules, not TensorFlow's defaults:
   to 1.001e-5); other ranks/dtypes use two-pass moments. The layer never writes
   its running statistics itself: it reports its batch statistics to whoever
   traces it (:class:`_Mode`), and the training step commits them.
+* **Resampling and padding ops** follow torch, not the nearest TF call:
+  ``Upsample`` gathers along one axis at a time with :mod:`hal.lowering`'s source
+  indices and weights (``tf.image.resize`` maps coordinates by ``n / size`` where
+  torch uses ``1 / scale``, rounds nearest differently and computes in float32);
+  ``Pad`` replicate gathers with clamped indices (TF's ``SYMMETRIC`` mirrors after
+  the edge; its ``REFLECT`` is torch's reflect); adaptive pooling is a native pool
+  where the sizes divide, else one axis at a time (window means as a matrix, window
+  maxima over gathered indices); ``ceil_mode`` is extra padding
+  (:func:`hal.lowering.pool_padding`). 3-d pools in float64, which TF lacks, are a
+  2-d pool then a 1-d one.
+* **ConvTranspose** is ``tf.nn.conv_transpose`` of the full output, then cropped or
+  extended by zeros, where TF's CPU kernels exist (no groups, no dilation); otherwise
+  the equivalent stride-1 convolution of the input dilated by the stride with the
+  flipped kernel (:func:`hal.lowering.conv_transpose_padding`), stored in that
+  layout so that no call transposes the weight.
 * **Flatten** is channels-first row-major: the layer transposes NHWC -> NCHW and
   reshapes (one small transpose where the feature map is smallest). The
   alternative, permuting the next Dense weight once at load, only works when a
@@ -262,8 +277,9 @@ def _layer_classes() -> dict[Any, type]:
         """NHWC ``x`` with ``stride - 1`` zeros between neighbouring pixels along each spatial axis."""
         for axis, s in enumerate(stride, start=1):
             if s > 1:
-                shape = x.shape.as_list()
-                x = tf.pad(tf.expand_dims(x, axis + 1), [[0, 0]] * (axis + 1) + [[0, s - 1]] + [[0, 0]] * (len(shape) - axis - 1))
+                shape = x.shape.as_list()  # (N, ..., n, ...) -> (N, ..., n, s, ...) -> (N, ..., n * s, ...)
+                zeros = [[0, 0]] * (axis + 1) + [[0, s - 1]] + [[0, 0]] * (len(shape) - axis - 1)
+                x = tf.pad(tf.expand_dims(x, axis + 1), zeros)
                 x = tf.reshape(x, [-1, *shape[1:axis], shape[axis] * s, *shape[axis + 1:]])
                 x = x[(slice(None),) * axis + (slice(None, (shape[axis] - 1) * s + 1),)]
         return x
@@ -307,13 +323,14 @@ def _layer_classes() -> dict[Any, type]:
                 self.kernel = self.weight("kernel", (*op.kernel, op.out_channels, cin))
                 full = [(n - 1) * s + k for n, k, s in zip(spatial, op.kernel, op.stride)]
                 self.full = [*full, op.out_channels]
-                self.pad = [[0, 0], *[[0, max(q - b, 0)] for (_, b), q in zip(op.padding, op.output_padding)], [0, 0]]
-                self.crop = [slice(a, f - b + q) for f, (a, b), q in zip(full, op.padding, op.output_padding)]
+                pads = [(-a, q - b) for (a, b), q in zip(op.padding, op.output_padding)]  # of the full output
             else:  # HWIO of the flipped, swapped kernel: (*k, in/groups, out)
                 self.kernel = self.weight("kernel", (*op.kernel, cin // op.groups, op.out_channels))
-                pads = conv_transpose_padding(op)
-                self.pad = [[0, 0], *[[max(a, 0), max(b, 0)] for a, b in pads], [0, 0]]
-                self.crop = [slice(max(-a, 0), b if b < 0 else None) for a, b in pads]
+                pads = list(conv_transpose_padding(op))  # of the dilated input
+            zeros = tuple((max(a, 0), max(b, 0)) for a, b in pads)  # a positive pad is zeros, a negative one crops
+            self.pad = nhwc_pad(zeros) if any(map(any, zeros)) else None
+            crop = (slice(None), *(slice(max(-a, 0), b if b < 0 else None) for a, b in pads))
+            self.crop = crop if any(min(p) < 0 for p in pads) else None
             self.bias = self.weight("bias", (op.out_channels,)) if op.bias else None
 
         def call(self, x: Any) -> Any:
@@ -321,11 +338,12 @@ def _layer_classes() -> dict[Any, type]:
             if self.native:
                 batch = tf.shape(x)[:1]
                 y = tf.nn.conv_transpose(x, self.kernel, tf.concat([batch, self.full], 0), op.stride, "VALID")
-                y = tf.pad(y, self.pad)
+                y = y if self.pad is None else tf.pad(y, self.pad)
             else:
-                x = tf.pad(dilate(x, op.stride), self.pad)
+                x = dilate(x, op.stride)
+                x = x if self.pad is None else tf.pad(x, self.pad)
                 y = convolve(x, self.kernel, 1, "VALID", op.dilation, op.groups)
-            y = y[(slice(None), *self.crop)]
+            y = y if self.crop is None else y[self.crop]
             return tf.nn.bias_add(y, self.bias) if self.bias is not None else y
 
     class BatchNorm(Layer):
@@ -489,18 +507,20 @@ def _layer_classes() -> dict[Any, type]:
             super().__init__(*args)
             spatial, out = self.in_shapes[0][1:], self.op.output_size
             self.is_max = isinstance(self.op, S.AdaptiveMaxPool)
-            self.kernel = [n // o for n, o in zip(spatial, out)] if all(n % o == 0 for n, o in zip(spatial, out)) else None
-            self.axes = []  # (axis, mean matrix (out, n) or max indices (out, longest window))
-            for axis, (n, o) in enumerate(zip(spatial, out), start=1):
-                windows = adaptive_windows(n, o)
-                if self.is_max:
-                    longest = max(b - a for a, b in windows)
-                    table = np.array([[min(a + j, b - 1) for j in range(longest)] for a, b in windows])
-                else:
-                    table = np.zeros((o, n), self.dtype)
-                    for i, (a, b) in enumerate(windows):
-                        table[i, a:b] = 1.0 / (b - a)
-                self.axes.append((axis, table))
+            uniform = all(n % o == 0 for n, o in zip(spatial, out))
+            self.kernel = [n // o for n, o in zip(spatial, out)] if uniform else None
+            # per axis: the mean matrix (out, n) or the max's indices (out, longest window)
+            self.axes = [] if uniform else [(i + 1, self.table(n, o)) for i, (n, o) in enumerate(zip(spatial, out))]
+
+        def table(self, n: int, out: int) -> np.ndarray:
+            windows = adaptive_windows(n, out)
+            if self.is_max:
+                longest = max(b - a for a, b in windows)
+                return np.array([[min(a + j, b - 1) for j in range(longest)] for a, b in windows])
+            table = np.zeros((out, n), self.dtype)
+            for i, (a, b) in enumerate(windows):
+                table[i, a:b] = 1.0 / (b - a)
+            return table
 
         def call(self, x: Any) -> Any:
             if self.kernel is not None:
