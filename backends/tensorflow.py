@@ -635,8 +635,8 @@ def _layer_classes() -> dict[Any, type]:
             self.kernel = self.weight("kernel", (self.in_shapes[0][0], op.out_features))  # (in, out)
             self.bias = self.weight("bias", (op.out_features,)) if op.bias else None
 
-        def call(self, x: Any) -> Any:
-            y = tf.matmul(x, self.kernel)
+        def call(self, x: Any) -> Any:  # (N, in) or, pointwise, NHWC (N, *spatial, in)
+            y = tf.matmul(x, self.kernel) if x.shape.rank == 2 else tf.tensordot(x, self.kernel, 1)
             return tf.nn.bias_add(y, self.bias) if self.bias is not None else y
 
     class Dropout(Layer):
