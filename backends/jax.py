@@ -3,10 +3,24 @@
 The spec becomes a Flax **linen** module (:func:`flax_module`): one submodule per
 node that holds parameters, at the canonical node name (``params["layer1.0.conv1"]``),
 the rest plain ``jax.numpy`` calls — a table from op to framework call
-(``Conv -> nn.Conv`` with explicit per-side padding and ``feature_group_count``,
-``Dense -> nn.Dense``, ``MaxPool/AvgPool -> nn.max_pool/nn.avg_pool`` with explicit
-padding, ``BatchNorm ->`` :class:`BatchNorm` below, which implements the canonical
-rule). Linen, not nnx: a linen module is a pure function ``apply(variables, x)`` of
+(``Conv -> nn.Conv`` with explicit per-side padding and ``feature_group_count``;
+``ConvTranspose -> nn.Conv`` over the stride-dilated input (``input_dilation``,
+padding :func:`hal.lowering.conv_transpose_padding`, flipped kernel);
+``Dense -> nn.Dense`` on the last axis, so also at every position;
+``LayerNorm/InstanceNorm -> nn.LayerNorm`` over channels or positions and
+``GroupNorm -> nn.GroupNorm``, both two-pass (``use_fast_variance=False``);
+``MaxPool/AvgPool -> nn.max_pool/nn.avg_pool`` with :func:`hal.lowering.pool_padding`,
+the divisor :func:`hal.lowering.avg_pool_divisor` where it is not ``prod(kernel)``;
+``Pad -> jnp.pad`` (numpy's ``reflect`` and ``edge`` are torch's reflect and
+replicate); ``StochasticDepth -> nn.Dropout`` broadcast over each sample or the
+batch, which is torchvision's rule; ``BatchNorm ->`` :class:`BatchNorm` below, which
+implements the canonical rule). Upsampling and adaptive pools of non-dividing sizes
+gather along one axis at a time with constant index tables from :mod:`hal.lowering`
+(built at trace time: XLA sees constant gathers, no per-call host work);
+``jax.image.resize`` is not torch's ``F.interpolate`` (half-pixel sampling,
+antialiasing when shrinking).
+
+Linen, not nnx: a linen module is a pure function ``apply(variables, x)`` of
 immutable pytrees, which is exactly what one jitted, donated XLA step wants —
 parameters, BatchNorm statistics and optimizer state go in as buffers and come out
 as new ones, with no graph/state split and merge per call (nnx needs
@@ -22,10 +36,13 @@ option, permuting the following Dense weight once at load, is only valid when
 the Flatten feeds Dense layers through elementwise ops alone, and would make the
 exported weights depend on graph analysis). ResNets have no Flatten.
 
-Parameters load from canonical weights and export back: conv ``OIHW <-> HWIO``
-(``(O, I/groups, *k) <-> (*k, I/groups, O)``), dense ``(out, in) <-> (in, out)``,
-BatchNorm ``weight/bias/running_mean/running_var <-> scale/bias/mean/var``; the
-conversions are transposes, so a round trip is bit-exact.
+Parameters load from canonical weights and export back (:func:`to_flax_layout`):
+conv ``OIHW <-> HWIO`` (``(O, I/groups, *k) <-> (*k, I/groups, O)``), dense
+``(out, in) <-> (in, out)``, transposed conv ``(I, O/groups, *k) <-> (*k, I/groups, O)``
+flipped, BatchNorm ``weight/bias/running_mean/running_var <-> scale/bias/mean/var``,
+norms ``weight/bias <-> scale/bias``, PReLU ``weight <-> negative_slope``, layer scale
+``(C, 1, ..., 1) <-> scale (C,)``; the conversions are transposes, reversals and
+reshapes, so a round trip is bit-exact, and gradients come back the same way.
 
 Canonical semantics, not Flax's defaults: BatchNorm uses the PyTorch momentum
 convention (``running = m * batch + (1 - m) * running``), normalises with the
@@ -83,6 +100,7 @@ this backend does not implement (use bf16).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -94,8 +112,15 @@ from hal.errors import InputError, UnsupportedError
 from hal.lowering import (
     COMPUTE_DTYPE,
     MASTER_DTYPE,
+    adaptive_windows,
+    avg_pool_divisor,
+    conv_transpose_padding,
     fold_batchnorm,
     foldable_batchnorms,
+    linear_indices,
+    nearest_indices,
+    nhwc_pad,
+    pool_padding,
     scalar_table,
     step_scalar_names,
 )
@@ -105,10 +130,6 @@ if TYPE_CHECKING:  # jax is imported lazily: listing backends must not import it
     import jax
 
 PRECISIONS = ("fp32", "fp64", "bf16")
-OPS = frozenset(
-    k.kind for k in (S.Input, S.Conv, S.BatchNorm, S.Activation, S.MaxPool, S.AvgPool, S.GlobalAvgPool, S.Add,
-                     S.Concat, S.Flatten, S.Dense, S.Dropout)
-)
 MATMUL_PRECISIONS = ("highest", "high", "default")
 INSTALL_HINT = "pip install 'hal-cnn[jax]'"
 
@@ -127,6 +148,7 @@ def _flax() -> dict[str, Any]:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+    from jax import lax
 
     class BatchNorm(nn.Module):
         """Canonical BatchNorm over the last (channel) axis: PyTorch momentum
@@ -161,6 +183,26 @@ def _flax() -> dict[str, Any]:
             a = scale / jnp.sqrt(var + self.eps)
             return (xs * a + (bias - mean * a)).astype(self.dtype)
 
+    class PReLU(nn.Module):
+        """``x if x >= 0 else a * x``; ``negative_slope`` ``(1,)`` or ``(C,)`` over the last axis."""
+
+        num_parameters: int
+        param_dtype: Any
+
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            a = self.param("negative_slope", nn.initializers.constant(0.25), (self.num_parameters,), self.param_dtype)
+            return jnp.where(x >= 0, x, a.astype(x.dtype) * x)
+
+    class Scale(nn.Module):
+        """``x * scale`` with a learned ``scale`` ``(C,)`` over the last axis (layer scale)."""
+
+        param_dtype: Any
+
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            return x * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype).astype(x.dtype)
+
     def softplus(x: Any, beta: float, threshold: float) -> Any:  # torch's: linear above the threshold
         return jnp.where(beta * x > threshold, x, jnp.logaddexp(0.0, beta * x) / beta)
 
@@ -179,6 +221,65 @@ def _flax() -> dict[str, Any]:
         "gelu": lambda x, op: jax.nn.gelu(x, approximate=op.approximate == "tanh"),
     }
 
+    def take(x: Any, index: np.ndarray, axis: int) -> Any:
+        """``x`` gathered along ``axis`` at constant in-range indices (XLA sees a constant gather)."""
+        return jnp.take(x, index, axis=axis, mode="clip")
+
+    def along(v: np.ndarray, axis: int, ndim: int, dtype: Any) -> Any:
+        """``v`` as a constant that broadcasts against an ``ndim``-dim array, its first axis at ``axis``."""
+        return jnp.asarray(v.reshape(*v.shape, *(1,) * (ndim - axis - v.ndim)), dtype)
+
+    def avg_pool(x: Any, op: S.AvgPool) -> Any:
+        """Flax's pool where the divisor is ``prod(kernel)`` everywhere, else the window sums
+        divided by :func:`hal.lowering.avg_pool_divisor` (a constant)."""
+        padding, divisor = pool_padding(x.shape[1:-1], op), avg_pool_divisor(x.shape[1:-1], op)
+        if np.all(divisor == math.prod(op.kernel)):
+            return nn.avg_pool(x, op.kernel, op.stride, padding)
+        return nn.pool(x, 0.0, lax.add, op.kernel, op.stride, padding) / along(divisor, 1, x.ndim, x.dtype)
+
+    def adaptive_pool(x: Any, op: S.AdaptiveAvgPool | S.AdaptiveMaxPool) -> Any:
+        """Flax's pool where every output size divides its input size (uniform windows);
+        otherwise one axis at a time (a box window's mean or max is the mean or max along
+        each axis in turn): the windows gathered, padded to the longest by repeating their
+        last index, reduced (the mean over the real elements only)."""
+        is_max, spatial = isinstance(op, S.AdaptiveMaxPool), x.shape[1:-1]
+        if all(n % o == 0 for n, o in zip(spatial, op.output_size)):
+            k = tuple(n // o for n, o in zip(spatial, op.output_size))
+            return (nn.max_pool if is_max else nn.avg_pool)(x, k, k)
+        for axis, (n, o) in enumerate(zip(spatial, op.output_size), start=1):
+            windows = adaptive_windows(n, o)
+            longest = max(b - a for a, b in windows)
+            index = np.array([[min(a + j, b - 1) for j in range(longest)] for a, b in windows])
+            w = take(x, index, axis)  # (..., o, longest, ...)
+            if is_max:
+                x = w.max(axis + 1)
+            else:
+                real = np.array([[j < b - a for j in range(longest)] for a, b in windows])
+                count = np.array([b - a for a, b in windows])
+                x = jnp.where(along(real, axis, w.ndim, bool), w, 0).sum(axis + 1) / along(count, axis, x.ndim, x.dtype)
+        return x
+
+    def upsample(x: Any, op: S.Upsample) -> Any:
+        """One spatial axis at a time with :mod:`hal.lowering`'s source indices (and linear
+        weights): torch's coordinate rules in any dtype (``jax.image.resize`` samples at
+        half-pixel centres and antialiases when shrinking, which torch does not)."""
+        for dim, n in enumerate(x.shape[1:-1]):
+            axis = dim + 1
+            if op.mode == "nearest":
+                index = nearest_indices(op, dim, n)
+                if not np.array_equal(index, np.arange(n)):
+                    x = take(x, index, axis)
+            elif op.size[dim] != n:
+                i0, i1, w0, w1 = linear_indices(op, dim, n)
+                x = take(x, i0, axis) * along(w0, axis, x.ndim, x.dtype) + take(x, i1, axis) * along(
+                    w1, axis, x.ndim, x.dtype)
+        return x
+
+    def channel_shuffle(x: Any, groups: int) -> Any:  # (..., groups, C/groups) -> (..., C/groups, groups)
+        return x.reshape(*x.shape[:-1], groups, -1).swapaxes(-1, -2).reshape(x.shape)
+
+    pad_modes = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}  # numpy's reflect is torch's
+
     class SpecNet(nn.Module):
         """A hal spec as a linen module. Takes and returns channels-first arrays
         (the hal boundary); NHWC between. ``folded`` names the BatchNorm nodes
@@ -194,6 +295,7 @@ def _flax() -> dict[str, Any]:
         def __call__(self, x: Any, train: bool = False, update_stats: bool = False) -> Any:
             spec = self.spec
             fold_convs = {spec.node(b).inputs[0] for b in self.folded}
+            types = {"dtype": self.dtype, "param_dtype": self.param_dtype}
             if x.ndim > 2:
                 x = jnp.moveaxis(x, 1, -1)  # channels-first -> channels-last, once
             vals: dict[str, Any] = {spec.input.name: x.astype(self.dtype)}
@@ -202,44 +304,79 @@ def _flax() -> dict[str, Any]:
                 if isinstance(op, S.Conv):
                     y = nn.Conv(
                         op.out_channels, op.kernel, op.stride, padding=op.padding, kernel_dilation=op.dilation,
-                        feature_group_count=op.groups, use_bias=op.bias or name in fold_convs, dtype=self.dtype,
-                        param_dtype=self.param_dtype, precision=self.precision, name=name,
+                        feature_group_count=op.groups, use_bias=op.bias or name in fold_convs,
+                        precision=self.precision, name=name, **types,
+                    )(xs[0])
+                elif isinstance(op, S.ConvTranspose):  # stride-1 conv of the stride-dilated input, kernel flipped
+                    y = nn.Conv(
+                        op.out_channels, op.kernel, 1, padding=conv_transpose_padding(op), input_dilation=op.stride,
+                        kernel_dilation=op.dilation, feature_group_count=op.groups, use_bias=op.bias,
+                        precision=self.precision, name=name, **types,
                     )(xs[0])
                 elif isinstance(op, S.BatchNorm):
                     y = xs[0] if name in self.folded else BatchNorm(
-                        op.eps, op.momentum, self.dtype, self.param_dtype, name=name
+                        op.eps, op.momentum, name=name, **types
                     )(xs[0], train, update_stats)
+                elif isinstance(op, S.GroupNorm):
+                    y = nn.GroupNorm(
+                        op.groups, epsilon=op.eps, use_bias=op.affine, use_scale=op.affine, use_fast_variance=False,
+                        name=name, **types,
+                    )(xs[0])
+                elif isinstance(op, (S.LayerNorm, S.InstanceNorm)):  # over channels, or over positions
+                    axes = -1 if isinstance(op, S.LayerNorm) else tuple(range(1, xs[0].ndim - 1))
+                    y = nn.LayerNorm(
+                        epsilon=op.eps, reduction_axes=axes, use_bias=op.affine, use_scale=op.affine,
+                        use_fast_variance=False, name=name, **types,
+                    )(xs[0])
                 elif isinstance(op, S.Activation):
                     y = activations[op.fn](xs[0], op)
-                elif isinstance(op, S.MaxPool):
-                    y = nn.max_pool(xs[0], op.kernel, op.stride, op.padding)  # pads with -inf
+                elif isinstance(op, S.PReLU):
+                    y = PReLU(op.num_parameters, self.param_dtype, name=name)(xs[0])
+                elif isinstance(op, S.MaxPool):  # pads with -inf
+                    y = nn.max_pool(xs[0], op.kernel, op.stride, pool_padding(xs[0].shape[1:-1], op))
                 elif isinstance(op, S.AvgPool):
-                    y = nn.avg_pool(xs[0], op.kernel, op.stride, op.padding, count_include_pad=op.count_include_pad)
+                    y = avg_pool(xs[0], op)
+                elif isinstance(op, (S.AdaptiveAvgPool, S.AdaptiveMaxPool)):
+                    y = adaptive_pool(xs[0], op)
+                elif isinstance(op, S.Pad):
+                    value = {"constant_values": op.value} if op.mode == "constant" else {}
+                    y = jnp.pad(xs[0], nhwc_pad(op.padding), pad_modes[op.mode], **value)
                 elif isinstance(op, S.GlobalAvgPool):
                     y = jnp.mean(xs[0], axis=tuple(range(1, xs[0].ndim - 1)))
-                elif isinstance(op, S.Add):
-                    y = xs[0]
-                    for other in xs[1:]:
-                        y = y + other
+                elif isinstance(op, S.Add):  # equal ranks: NHWC broadcasts as NCHW does
+                    y = functools.reduce(jnp.add, xs)
+                elif isinstance(op, S.Mul):
+                    y = functools.reduce(jnp.multiply, xs)
+                elif isinstance(op, S.Scale):
+                    y = Scale(self.param_dtype, name=name)(xs[0])
                 elif isinstance(op, S.Concat):
                     y = jnp.concatenate(xs, axis=-1)
+                elif isinstance(op, S.Upsample):
+                    y = upsample(xs[0], op)
+                elif isinstance(op, S.ChannelShuffle):
+                    y = channel_shuffle(xs[0], op.groups)
+                elif isinstance(op, S.ChannelSlice):
+                    y = xs[0][..., op.start:op.stop]
                 elif isinstance(op, S.Flatten):  # channels-first row-major: back to (N, C, *spatial) first
                     y = xs[0] if xs[0].ndim == 2 else jnp.moveaxis(xs[0], -1, 1)
                     y = y.reshape(y.shape[0], -1)
-                elif isinstance(op, S.Dense):
-                    y = nn.Dense(
-                        op.out_features, use_bias=op.bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                        precision=self.precision, name=name,
-                    )(xs[0])
+                elif isinstance(op, S.Dense):  # over the last axis: the channels, at every position
+                    y = nn.Dense(op.out_features, use_bias=op.bias, precision=self.precision, name=name, **types)(xs[0])
                 elif isinstance(op, S.Dropout):
                     y = nn.Dropout(op.rate, deterministic=not train or op.rate == 0.0, name=name)(xs[0])
+                elif isinstance(op, S.StochasticDepth):  # dropout of whole samples ("row") or the whole batch
+                    first = 1 if op.mode == "row" else 0
+                    y = nn.Dropout(
+                        op.p, broadcast_dims=tuple(range(first, xs[0].ndim)), deterministic=not train or op.p == 0.0,
+                        name=name,
+                    )(xs[0])
                 else:  # pragma: no cover - unsupported() rejects unknown ops first
                     raise UnsupportedError(f"node {name!r}: jax has no {op.kind} op")
                 vals[name] = y
             out = vals[spec.output]
             return jnp.moveaxis(out, -1, 1) if out.ndim > 2 else out
 
-    _FLAX.update(BatchNorm=BatchNorm, SpecNet=SpecNet)
+    _FLAX.update(SpecNet=SpecNet)
     return _FLAX
 
 
@@ -260,33 +397,70 @@ def flax_module(
 # ---------------------------------------------------------------------------
 
 
-def to_flax_layout(a: np.ndarray, dtype: Any, perm: tuple[int, ...] | None = None) -> np.ndarray:
-    """One canonical tensor as a contiguous ``dtype`` array, axes permuted by ``perm``."""
-    return np.ascontiguousarray(a.transpose(perm) if perm else a, dtype=dtype)
+_FLAX_NAMES = {"bias": "bias", "running_mean": "mean", "running_var": "var", "layer_scale": "scale"}
+
+
+def flax_name(op: S.Op, param: str) -> str:
+    """The flax variable holding canonical parameter or buffer ``param`` of ``op``."""
+    if param != "weight":
+        return _FLAX_NAMES[param]
+    if isinstance(op, (S.Conv, S.ConvTranspose, S.Dense)):
+        return "kernel"
+    return "negative_slope" if isinstance(op, S.PReLU) else "scale"  # PReLU; BatchNorm and the other norms
+
+
+def _conv_transpose_kernel(w: np.ndarray, groups: int) -> np.ndarray:
+    """Torch's ``(C, O/groups, *k)`` -> the kernel of the equivalent convolution over the
+    stride-dilated input: in/out swapped within each group, ``(*k, C/groups, O)``, flipped."""
+    nd, (c, og, *k) = w.ndim - 2, w.shape
+    w = w.reshape(groups, c // groups, og, *k).transpose(*range(3, 3 + nd), 1, 0, 2)
+    return w.reshape(*k, c // groups, groups * og)[(slice(None, None, -1),) * nd]
+
+
+def _torch_conv_transpose_kernel(a: np.ndarray, groups: int) -> np.ndarray:
+    """The inverse of :func:`_conv_transpose_kernel`."""
+    nd, (*k, cg, o) = a.ndim - 2, a.shape
+    a = a[(slice(None, None, -1),) * nd].reshape(*k, cg, groups, o // groups)
+    return a.transpose(nd + 1, nd, nd + 2, *range(nd)).reshape(groups * cg, o // groups, *k)
+
+
+def to_flax_layout(op: S.Op, param: str, a: np.ndarray, dtype: Any) -> np.ndarray:
+    """One canonical tensor in its flax layout, a contiguous ``dtype`` array: conv
+    ``(O, I/groups, *k) -> (*k, I/groups, O)``, dense ``(out, in) -> (in, out)``, transposed
+    conv (:func:`_conv_transpose_kernel`), layer scale ``(C, 1, ..., 1) -> (C,)``. Only axis
+    permutations, reversals and reshapes: a round trip is bit-exact."""
+    if param == "weight" and isinstance(op, S.Conv):
+        a = a.transpose(*range(2, a.ndim), 1, 0)
+    elif param == "weight" and isinstance(op, S.Dense):
+        a = a.T
+    elif param == "weight" and isinstance(op, S.ConvTranspose):
+        a = _conv_transpose_kernel(a, op.groups)
+    elif param == "layer_scale":
+        a = a.reshape(-1)
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def to_canonical_layout(op: S.Op, param: str, a: np.ndarray, shape: S.Shape) -> np.ndarray:
+    """The inverse of :func:`to_flax_layout` (``shape``: the canonical one), a writable C-contiguous copy."""
+    if param == "weight" and isinstance(op, S.Conv):
+        a = a.transpose(a.ndim - 1, a.ndim - 2, *range(a.ndim - 2))
+    elif param == "weight" and isinstance(op, S.Dense):
+        a = a.T
+    elif param == "weight" and isinstance(op, S.ConvTranspose):
+        a = _torch_conv_transpose_kernel(a, op.groups)
+    return np.array(a.reshape(shape), order="C", copy=True)
 
 
 def to_flax(spec: S.ModelSpec, weights: Mapping[str, np.ndarray], dtype: Any) -> tuple[dict, dict]:
-    """Canonical weights -> (params, batch_stats) numpy trees in ``dtype`` (OIHW -> HWIO, (out,in) -> (in,out))."""
+    """Canonical weights -> (params, batch_stats) numpy trees in ``dtype`` (:func:`to_flax_layout`)."""
     params: dict[str, dict[str, np.ndarray]] = {}
     stats: dict[str, dict[str, np.ndarray]] = {}
-
-    def arr(key: str, perm: tuple[int, ...] | None = None) -> np.ndarray:
-        return to_flax_layout(np.asarray(weights[key]), dtype, perm)
-
     for node in spec.nodes:
-        op, name = node.op, node.name
-        if isinstance(op, S.Conv):
-            nd = len(op.kernel)
-            params[name] = {"kernel": arr(f"{name}.weight", (*range(2, nd + 2), 1, 0))}
-            if op.bias:
-                params[name]["bias"] = arr(f"{name}.bias")
-        elif isinstance(op, S.Dense):
-            params[name] = {"kernel": arr(f"{name}.weight", (1, 0))}
-            if op.bias:
-                params[name]["bias"] = arr(f"{name}.bias")
-        elif isinstance(op, S.BatchNorm):
-            params[name] = {"scale": arr(f"{name}.weight"), "bias": arr(f"{name}.bias")}
-            stats[name] = {"mean": arr(f"{name}.running_mean"), "var": arr(f"{name}.running_var")}
+        ins = spec.in_shapes(node)
+        for tree, names in ((params, node.op.params(ins)), (stats, node.op.buffers(ins))):
+            for p in names:
+                a = to_flax_layout(node.op, p, np.asarray(weights[f"{node.name}.{p}"]), dtype)
+                tree.setdefault(node.name, {})[flax_name(node.op, p)] = a
     return params, stats
 
 
@@ -294,28 +468,13 @@ def to_canonical(spec: S.ModelSpec, params: Mapping[str, Any], stats: Mapping[st
     """Flax trees (numpy) -> canonical names and layouts; with ``stats=None`` only the
     trainable entries (e.g. gradients)."""
     out: Weights = {}
-
-    def put(key: str, a: Any, perm: tuple[int, ...] | None = None) -> None:
-        a = np.asarray(a)
-        out[key] = np.array(a.transpose(perm) if perm else a, order="C", copy=True)  # writable, C-contiguous
-
     for node in spec.nodes:
-        op, name = node.op, node.name
-        if isinstance(op, S.Conv):
-            nd = len(op.kernel)
-            put(f"{name}.weight", params[name]["kernel"], (nd + 1, nd, *range(nd)))
-            if op.bias:
-                put(f"{name}.bias", params[name]["bias"])
-        elif isinstance(op, S.Dense):
-            put(f"{name}.weight", params[name]["kernel"], (1, 0))
-            if op.bias:
-                put(f"{name}.bias", params[name]["bias"])
-        elif isinstance(op, S.BatchNorm):
-            put(f"{name}.weight", params[name]["scale"])
-            put(f"{name}.bias", params[name]["bias"])
-            if stats is not None:
-                put(f"{name}.running_mean", stats[name]["mean"])
-                put(f"{name}.running_var", stats[name]["var"])
+        ins = spec.in_shapes(node)
+        trees = [(params, node.op.params(ins))] + ([(stats, node.op.buffers(ins))] if stats is not None else [])
+        for tree, shapes in trees:
+            for p, shape in shapes.items():
+                a = np.asarray(tree[node.name][flax_name(node.op, p)])
+                out[f"{node.name}.{p}"] = to_canonical_layout(node.op, p, a, shape)
     return out
 
 
@@ -451,8 +610,9 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
     names = step_scalar_names(config)
     g, master = config.grad_accum, np.dtype(MASTER_DTYPE[config.precision])
     cross_entropy = config.loss == "cross_entropy"
-    dropout = any(isinstance(n.op, S.Dropout) and n.op.rate > 0 for n in spec.nodes)
-    base_key = jax.random.key(0)  # dropout masks: fold_in(step), then fold_in(micro-batch)
+    dropout = any(isinstance(n.op, S.Dropout) and n.op.rate > 0 or isinstance(n.op, S.StochasticDepth) and n.op.p > 0
+                  for n in spec.nodes)
+    base_key = jax.random.key(0)  # dropout and stochastic depth masks: fold_in(step), then fold_in(micro-batch)
 
     def loss_value(out: Any, y: Any) -> Any:
         out = out.astype(master)
@@ -751,7 +911,7 @@ class JaxBackend(Backend):
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(ops=OPS, precisions=PRECISIONS)
+        return Capabilities(precisions=PRECISIONS)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
@@ -767,9 +927,6 @@ class JaxBackend(Backend):
     @classmethod
     def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
         out = super().unsupported(spec, config)
-        for n in spec.nodes:
-            if isinstance(n.op, (S.MaxPool, S.AvgPool)) and n.op.ceil_mode:
-                out[n.name] = "jax pools with ceil_mode=False only"
         if "config" in out and config is not None:
             out["config"] = _precision_reason(config.precision)
         return out

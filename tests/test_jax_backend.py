@@ -409,6 +409,100 @@ def test_dropout_is_identity_in_inference_and_random_in_training() -> None:
     assert np.isfinite(exe.train_step(x, y))
 
 
+# ---------------------------------------------------------------------------
+# the ops of modern CNNs: parameters, constant tables, random training rules
+# ---------------------------------------------------------------------------
+
+
+def modern(p: float = 0.0) -> hal.ModelSpec:
+    """Every op that has parameters, builds constant tables or draws random masks, behind a
+    folded conv + BatchNorm (ops one by one: the conformance suite; here they run together)."""
+    b = hal.SpecBuilder("modern")
+    y = b.conv(b.input((4, 9, 7)), 6, 3, padding=1, bias=False, name="c")
+    y = b.prelu(b.batch_norm(y, name="bn"), 6, name="act")
+    y = b.pad(y, [(1, 2), (0, 1)], mode="reflect")
+    y = b.conv_transpose(y, 6, 3, stride=2, padding=[(1, 0), (2, 1)], output_padding=1, groups=2, name="up")
+    y = b.max_pool(b.group_norm(y, 3, name="gn"), 3, stride=2, ceil_mode=True)
+    gate = b.activation(b.conv(b.adaptive_avg_pool(y, 1), 6, 1, name="se"), "sigmoid")
+    y = b.avg_pool(b.mul(y, gate), 2, stride=1, padding=1, count_include_pad=False, ceil_mode=True)
+    y = b.upsample(b.adaptive_avg_pool(y, (5, 4)), size=(7, 9), mode="bilinear", align_corners=True)
+    y = b.channel_slice(b.channel_shuffle(y, 3), 0, 4)
+    y = b.scale(b.instance_norm(y, affine=True, name="in"), 0.5, name="ls")
+    y = b.layer_norm(b.dense(y, 5, name="pw"), name="ln")  # Dense over the channels of (C, H, W)
+    y = b.upsample(b.adaptive_max_pool(b.stochastic_depth(y, p, name="sd"), (3, 2)), scale=2.0)
+    return b.build(b.dense(b.flatten(y), 3, name="fc"))
+
+
+def random_weights(spec: hal.ModelSpec, seed: int = 0) -> dict:
+    """Every tensor random (positive variances): a layout mix-up cannot hide behind constant initial values."""
+    rng = np.random.default_rng(seed)
+    return {k: (rng.uniform(0.5, 2.0, s) if k.endswith("running_var") else rng.normal(0, 0.5, s)).astype(np.float32)
+            for k, s in spec.param_shapes().items()}
+
+
+def test_every_spec_op_is_lowered() -> None:
+    assert JaxBackend.capabilities().ops == frozenset(hal.spec.OPS)
+    assert JaxBackend.unsupported(modern(0.5), TrainConfig()) == {}
+
+
+def test_flax_layouts_of_the_new_parameters_round_trip_bit_exact() -> None:
+    import jax
+
+    spec = modern()
+    w = random_weights(spec)
+    exe = hal.compile(spec, "jax:cpu", w, TrainConfig(loss="mse"))
+    hal.testing.assert_weights_equal(exe.weights(), w)
+    params = jax.device_get(exe.params)
+    # the transposed conv as the convolution of the stride-dilated input: (*k, C/groups, O), flipped,
+    # in/out swapped within each group: kernel[2 - i, 2 - j, c, g * 3 + o] = weight[g * 3 + c, o, i, j]
+    kernel, weight = params["up"]["kernel"], w["up.weight"]
+    assert kernel.shape == (3, 3, 3, 6) and weight.shape == (6, 3, 3, 3)
+    for g, c, o, i, j in ((0, 0, 0, 0, 0), (1, 2, 0, 0, 1), (1, 0, 2, 2, 1), (0, 1, 2, 1, 2)):
+        assert kernel[2 - i, 2 - j, c, g * 3 + o] == weight[g * 3 + c, o, i, j]
+    assert params["act"]["negative_slope"].shape == (6,) and params["ls"]["scale"].shape == (4,)
+    assert {k: set(params[k]) for k in ("gn", "in", "ln")} == {k: {"scale", "bias"} for k in ("gn", "in", "ln")}
+    x, t = make_batch(spec, 3, "mse", seed=1)
+    _, grads = exe.loss_and_grads(x, t)
+    assert {k: g.shape for k, g in grads.items()} == {k: w[k].shape for k in spec.trainable()}
+
+
+def test_modern_ops_in_float64_and_bf16() -> None:
+    spec = modern()
+    w = random_weights(spec, seed=2)
+    x, t = make_batch(spec, 3, "mse", seed=2)
+    f64 = TrainConfig(loss="mse", precision="fp64")
+    exe = hal.compile(spec, "jax:cpu", w, f64)
+    ref = reference(spec, w)
+    for training in (False, True):
+        assert rel(exe.predict(x, training), ref.predict(x, training)) <= EXACT
+    if HAS_TORCH:
+        loss, grads = exe.loss_and_grads(x, t)
+        t_loss, t_grads = hal.compile(spec, "torch:cpu", w, f64).loss_and_grads(x, t)
+        assert abs(loss - t_loss) <= EXACT * abs(t_loss) and weights_rel(grads, t_grads) <= EXACT
+    bf16 = hal.compile(modern(0.2), "jax:cpu", w, TrainConfig(loss="mse", precision="bf16"))
+    assert rel(bf16.predict(x), ref.predict(x)) <= tolerance(floor_of(spec, w, x, False), "bf16")
+    assert np.isfinite(bf16.train_step(x, t)) and bf16.step == 1  # stochastic depth draws its masks in training
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_stochastic_depth_zeroes_whole_samples_or_the_batch_and_scales_the_rest(mode: str) -> None:
+    b = hal.SpecBuilder("sd")
+    spec = b.build(b.stochastic_depth(b.input((3, 4, 4)), 0.5, mode=mode, name="sd"))
+    x = np.random.default_rng(0).uniform(1.0, 2.0, (16, 3, 4, 4)).astype(np.float32)
+    exe = hal.compile(spec, "jax:cpu")
+    np.testing.assert_array_equal(exe.predict(x), x)
+    outs = np.stack([exe.predict(x, training=True) for _ in range(32)])  # (calls, N, ...)
+    kept = np.all(outs == 2 * x, axis=(2, 3, 4))  # scaled by 1 / (1 - p), exactly
+    dropped = np.all(outs == 0, axis=(2, 3, 4))
+    assert np.all(kept | dropped)
+    assert 0.2 < kept.mean() < 0.8
+    mixed = kept.any(axis=1) & dropped.any(axis=1)  # a call that kept some samples and dropped others
+    assert mixed.any() if mode == "row" else not mixed.any()
+    b = hal.SpecBuilder("sd1")
+    always = hal.compile(b.build(b.stochastic_depth(b.input((3, 4, 4)), 1.0, mode=mode)), "jax:cpu")
+    np.testing.assert_array_equal(always.predict(x, training=True), 0 * x)
+
+
 def test_matmul_precision_option(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tiny_plain()
     monkeypatch.setenv("HAL_JAX_MATMUL_PRECISION", "default")  # the old environment variable is ignored
