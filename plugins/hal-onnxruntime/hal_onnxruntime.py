@@ -22,8 +22,9 @@ Inference-only: ``capabilities().training`` is False and there are no gradients.
 ``predict(training=True)``, the training-mode forward hal defines (BatchNorm
 normalising with the batch's mean and biased variance, dropout active, no state
 updated), runs a second session built on first use: the exported graph with each
-BatchNormalization written out in standard ONNX ops over batch statistics and
-each Dropout of rate > 0 given ``training_mode``. A spec with neither has one
+BatchNormalization written out in standard ONNX ops over batch statistics, each
+Dropout of rate > 0 given ``training_mode`` and each StochasticDepth of rate > 0
+drawing its mask (RandomUniformLike). A spec with none of them has one
 forward, and the inference session answers both modes. Precision is fp32: the
 exported graph computes in float32, and specs of another dtype are declared
 unsupported.
@@ -40,7 +41,7 @@ import numpy as np
 
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
 from hal.errors import BackendUnavailable, ConfigError, UnsupportedError
-from hal.spec import BatchNorm, Dropout, ModelSpec
+from hal.spec import BatchNorm, Dropout, ModelSpec, StochasticDepth
 from hal.training import TrainConfig
 
 if TYPE_CHECKING:
@@ -72,14 +73,16 @@ def _providers() -> dict[str, str]:
 
 
 def training_differs(spec: ModelSpec) -> list[str]:
-    """Nodes whose training-mode forward differs from inference: BatchNorm, Dropout of rate > 0."""
-    return [n.name for n in spec.nodes if isinstance(n.op, BatchNorm) or (isinstance(n.op, Dropout) and n.op.rate > 0)]
+    """Nodes whose training-mode forward differs from inference: BatchNorm, Dropout and
+    StochasticDepth of rate > 0."""
+    return [n.name for n in spec.nodes if isinstance(n.op, BatchNorm) or (isinstance(n.op, Dropout) and n.op.rate > 0)
+            or (isinstance(n.op, StochasticDepth) and n.op.p > 0)]
 
 
 def training_form(model: "onnx.ModelProto", spec: ModelSpec) -> "onnx.ModelProto":
     """A copy of ``model`` (``hal.onnx.to_onnx(spec, ...)``, whose node names are
     hal's) computing the training-mode forward: every BatchNorm over the batch's
-    mean and biased variance, every Dropout of rate > 0 active."""
+    mean and biased variance, every Dropout and StochasticDepth of rate > 0 active."""
     import onnx
 
     out = onnx.ModelProto()
@@ -94,6 +97,8 @@ def training_form(model: "onnx.ModelProto", spec: ModelSpec) -> "onnx.ModelProto
             unused.update(node.input[3:])  # the running statistics
         elif isinstance(op, Dropout):
             nodes.append(_active_dropout(graph, node))
+        elif isinstance(op, StochasticDepth):
+            nodes += _active_stochastic_depth(graph, node, op, len(spec.shape(node.name)) + 1, opset)
         else:
             nodes.append(node)
         todo.discard(node.name)
@@ -157,6 +162,36 @@ def _active_dropout(graph: "onnx.GraphProto", node: "onnx.NodeProto") -> "onnx.N
     mode = f"{node.name}/train/training_mode"
     graph.initializer.append(numpy_helper.from_array(np.array(True), mode))
     return helper.make_node("Dropout", [*node.input[:2], mode], [node.output[0]], node.name)
+
+
+def _active_stochastic_depth(
+    graph: "onnx.GraphProto", node: "onnx.NodeProto", op: StochasticDepth, rank: int, opset: int
+) -> list["onnx.NodeProto"]:
+    """torchvision's ``stochastic_depth`` in training: one Bernoulli(1 - p) draw per sample
+    ("row") or per batch ("batch"), kept values scaled by ``1 / (1 - p)`` (all zeros at p = 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def v(value: str) -> str:
+        return f"{node.name}/train/{value}"
+
+    x = node.input[0]
+    axes = list(range(1, rank)) if op.mode == "row" else list(range(rank))
+    keep = 1.0 - op.p
+    graph.initializer.append(numpy_helper.from_array(np.array(op.p, np.float32), v("p")))
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0 / keep if keep else 0.0, np.float32), v("scale")))
+    if opset >= 18:  # ReduceMean's axes became an input in opset 18
+        graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), v("axes")))
+        shape = helper.make_node("ReduceMean", [x, v("axes")], [v("one_per_draw")], keepdims=1)
+    else:
+        shape = helper.make_node("ReduceMean", [x], [v("one_per_draw")], axes=axes, keepdims=1)
+    return [
+        shape,
+        helper.make_node("RandomUniformLike", [v("one_per_draw")], [v("uniform")], dtype=TensorProto.FLOAT),
+        helper.make_node("GreaterOrEqual", [v("uniform"), v("p")], [v("kept")]),
+        helper.make_node("Cast", [v("kept")], [v("mask")], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [v("mask"), v("scale")], [v("factor")]),
+        helper.make_node("Mul", [x, v("factor")], [node.output[0]], node.name),
+    ]
 
 
 class OnnxRuntimeExecutable(Executable):
