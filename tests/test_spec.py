@@ -929,7 +929,7 @@ def structural_mutants(draw):
     output = nodes[-1].name
     inner = list(range(1, len(nodes)))
     kinds = ["unknown_input", "self_cycle", "long_cycle", "duplicate", "dead", "two_inputs", "no_input",
-             "dense_on_spatial", "bad_activation", "zero_input_dim", "arity"]
+             "dense_no_outputs", "bad_activation", "zero_input_dim", "arity"]
     convs = [i for i in inner if isinstance(nodes[i].op, Conv)]
     pools = [i for i in inner if isinstance(nodes[i].op, (MaxPool, AvgPool))]
     sized = [i for i in inner if isinstance(nodes[i].op, (Conv, Dense, MaxPool, AvgPool))]
@@ -961,8 +961,8 @@ def structural_mutants(draw):
         return [*nodes, Node("input2", nodes[0].op)], output, None
     if kind == "no_input":
         return _replace_node(nodes, 0, op=Activation("relu")), output, None
-    if kind == "dense_on_spatial":  # node 1 reads the input, which always has spatial dims
-        return _replace_node(nodes, 1, op=Dense(3)), output, nodes[1].name
+    if kind == "dense_no_outputs":
+        return _replace_node(nodes, 1, op=Dense(0)), output, nodes[1].name
     if kind == "bad_activation":
         i = draw(st.sampled_from(inner))
         fn = draw(st.sampled_from(["swish", "ReLU", "", "softmax"]))
