@@ -19,7 +19,10 @@ threads, and a crash or an out-of-memory is a row with its reason.
 Native baselines are the ``hal.native`` package (the repository's
 ``bench/native/``): per framework, ``build(model, num_classes, device, input_shape)`` returns
 an object with ``predict(x)`` and ``train_step(x, y)`` (numpy in and out, like
-hal), or ``None`` when there is no native twin of that model.
+hal), or raises ``hal.native.NoBaseline`` when there is no native twin of that model.
+A baseline counts only with the spec's trainable parameter count (another width,
+depth or input channel count under a zoo name has none); the row's note names it
+and says how it differs from hal's model, or why there is none.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 from hal.backend import Backend, Target, Weights
 from hal.errors import ConfigError, HalError
 from hal.native import MODULES as NATIVE_MODULES
+from hal.native import NoBaseline
 from hal.parity import available_backend, check_common, check_int, check_names, make_batch
 from hal.registry import check_options, compile, get_backend, resolve
 from hal.spec import ModelSpec
@@ -296,13 +300,24 @@ def peak_growth_mb(fn: Callable[[], Any]) -> float | None:
     return None if base is None or peak is None else max(peak - base, 0.0)
 
 
-def load_native(backend: str, spec: ModelSpec, device: str) -> Any:
+NO_BASELINE = "no native baseline"
+
+
+def load_native(backend: str, spec: ModelSpec, device: str) -> tuple[Any | None, str]:
     """The native twin of zoo model ``spec`` on ``backend`` from :mod:`hal.native` (imports its
-    framework), or None if there is none."""
+    framework), or None, and the bench row's note: what the twin is and how it differs from
+    hal's model, or why there is none."""
     module = NATIVE_MODULES.get(backend)
     if module is None:
-        return None
-    return importlib.import_module(module).build(spec.name, spec.output_shape[0], device, spec.input_shape)
+        return None, f"{NO_BASELINE} for {backend}"
+    try:
+        native = importlib.import_module(module).build(spec.name, spec.output_shape[0], device, spec.input_shape)
+    except NoBaseline as exc:
+        return None, f"{NO_BASELINE}: {exc}"
+    if native.num_params != spec.num_params:
+        return None, (f"{NO_BASELINE}: {native.note} has {native.num_params} trainable parameters, this "
+                      f"{spec.name} {spec.num_params} (another width, depth or input channel count)")
+    return native, f"native: {native.note}"
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -368,7 +383,7 @@ def run_bench(
                 continue
             say(f"{row.label} {row.mode}" + (" (in a worker process)" if isolate else ""))
             try:
-                resolved, row.hal, row.native, threads = run(
+                resolved, row.hal, row.native, native_note, threads = run(
                     _measure, spec, str(target), weights, config, row.options, x, y, row.mode,
                     twin and target.backend in NATIVE_MODULES, repeats, warmup, label=row.label, progress=say,
                 )
@@ -376,8 +391,8 @@ def run_bench(
                 row.note = str(exc)
                 continue
             report.env.update(threads)
-            if row.native is None and native:
-                row.note = "no native baseline for this model/framework"
+            if native:
+                row.note = native_note or f"{NO_BASELINE} for this model/framework"
         for row in rows:  # one name per target, device filled in (``torch`` -> ``torch:cpu``)
             row.target = resolved
         report.rows.extend(rows)
@@ -419,21 +434,22 @@ def _zoo_names() -> set[str]:
 def _measure(
     spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, options: dict[str, Any], x: np.ndarray,
     y: np.ndarray, mode: str, native: bool, repeats: int, warmup: int, progress: Callable[[str], None] | None = None,
-) -> tuple[str, Measurement, Measurement | None, dict[str, Any]]:
+) -> tuple[str, Measurement, Measurement | None, str, dict[str, Any]]:
     """Interleaved timings of hal and (with ``native``) its native twin, run in a worker:
-    ``(resolved target, hal, native or None, framework thread settings)``. Peak memory is
-    the resident-memory growth over building the model and its first call."""
+    ``(resolved target, hal, native or None, the native's note, framework thread settings)``.
+    Peak memory is the resident-memory growth over building the model and its first call."""
     say = progress or (lambda _msg: None)
     _, resolved = resolve(target)
     infer = mode == "inference"
-    box: dict[str, Any] = {}
+    box: dict[str, Any] = {"note": ""}
 
     def hal_first() -> None:
         box["hal"] = exe = compile(spec, resolved, weights, config, options=options)
         exe.predict(x) if infer else exe.train_step(x, y)
 
     def native_first() -> None:
-        box["native"] = nat = load_native(resolved.backend, spec, resolved.device)
+        nat, box["note"] = load_native(resolved.backend, spec, resolved.device)
+        box["native"] = nat
         if nat is not None:
             nat.predict(x) if infer else nat.train_step(x, y)
 
@@ -467,4 +483,4 @@ def _measure(
         exe, x1 = box["hal"], x[:1]
         exe.predict(x1)
         out["hal"].latency_b1_ms = 1e3 * statistics.median(_timed(lambda: exe.predict(x1))[0] for _ in range(max(repeats, 5)))
-    return str(resolved), out["hal"], out.get("native"), _threads(resolved.backend)
+    return str(resolved), out["hal"], out.get("native"), box["note"], _threads(resolved.backend)

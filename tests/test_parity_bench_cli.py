@@ -201,21 +201,63 @@ def test_bench_crash_is_a_row_and_options_sweep_one_row_per_combination():
         run_bench(get("small_cnn"), ["optioned:cpu"], options={"mode": ["c"]})
 
 
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision")
+
+
 @needs_torch
-@pytest.mark.parametrize("size", [16, 18])  # even and odd sides: TF "same" pads the stride-2 conv differently
-def test_native_small_cnn_is_the_same_model_as_hals(size):
+@pytest.mark.parametrize(
+    "model, size",
+    [
+        ("small_cnn", 16),  # even and odd sides: TF "same" pads the stride-2 conv differently
+        ("small_cnn", 18),
+        ("resnet18", 32),
+        pytest.param("mobilenet_v2", (33, 40), marks=needs_torchvision),  # torchvision's own models
+        pytest.param("efficientnet_b0", (33, 40), marks=needs_torchvision),
+    ],
+)
+def test_native_torch_baseline_computes_hals_function(model, size):
+    """hal's weights load into the native twin under its own names, and its float32
+    channels_last forward is hal's float64 reference to float32 accuracy (BatchNorm
+    statistics randomised, so the eval-mode normalisation counts)."""
     import torch as th
 
-    from hal.native.torch import build
+    from hal.bench import load_native
 
-    spec = get("small_cnn", input_size=size)
+    spec = get(model, num_classes=10, input_size=size)
+    rng = np.random.default_rng(4)
     weights = hal.init_weights(spec, 3)
-    native = build("small_cnn", 10, "cpu", spec.input_shape)
+    for k, v in weights.items():
+        if k.endswith("running_mean"):
+            weights[k] = rng.normal(0.0, 0.2, v.shape).astype(v.dtype)
+        elif k.endswith("running_var"):
+            weights[k] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
+    native, note = load_native("torch", spec, "cpu")
+    assert native is not None, note
     missing, unexpected = native.model.load_state_dict({k: th.from_numpy(v) for k, v in weights.items()}, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)  # hal's names are torch's
     x, _ = make_batch(spec, 2, "cross_entropy", 1)
     ref = hal.compile(spec, "numpy", weights, hal.TrainConfig(precision="fp64")).predict(x)
     assert normalised_error(native.predict(x), ref)[1] < 1e-5
+
+
+@needs_torch
+def test_native_notes_say_why_there_is_no_baseline(monkeypatch):
+    import sys
+
+    from hal.bench import load_native
+
+    half = get("mobilenet_v2", input_size=32, width_mult=0.5)  # a zoo name, not torchvision's architecture
+    if importlib.util.find_spec("torchvision") is not None:
+        native, note = load_native("torch", half, "cpu")
+        assert native is None and "3504872 trainable parameters, this mobilenet_v2 1968680" in note
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if torchvision were not installed
+    native, note = load_native("torch", get("mobilenet_v2", input_size=32), "cpu")
+    assert native is None and "torchvision cannot be imported" in note
+    native, note = load_native("torch", get("resnet18", input_size=32), "cpu")  # hand-written: no torchvision needed
+    assert native is not None and "hand-written" in note
+    if importlib.util.find_spec("flax") is not None:
+        native, note = load_native("jax", get("efficientnet_b0", input_size=32), "cpu")
+        assert native is None and "JAX and Flax ship no model zoo" in note
 
 
 def test_check_writable_refuses_a_folder_under_a_file(tmp_path):

@@ -8,6 +8,9 @@ one jitted train step with the train state donated, default matmul precision.
 ``Native.predict``/``train_step`` take channels-first numpy batches like hal and
 ``hal.native.torch`` (the same arrays go to every target); the transpose to
 NHWC happens inside the jitted function, as in hal.
+
+JAX and Flax ship no model zoo, so the ResNets are the only baselines here; the
+other zoo models have none on ``jax`` (the bench row says so).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from hal.native import NoBaseline
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -97,6 +102,8 @@ class Native:
             self.params, self.batch_stats = variables["params"], variables["batch_stats"]
             self.tx = optax.sgd(0.01, momentum=0.9)
             self.opt_state = self.tx.init(self.params)
+        self.num_params = sum(p.size for p in jax.tree_util.tree_leaves(self.params))
+        self.note = "hand-written Flax ResNet"
         model, tx = self.model, self.tx
 
         @jax.jit
@@ -131,8 +138,10 @@ class Native:
         return float(loss)
 
 
-def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native | None:
-    """The native twin of a hal zoo model (``resnet18`` ... ``resnet152``), or None if there is none."""
+def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native:
+    """The native twin of a hal zoo model (``resnet18`` ... ``resnet152``); :class:`NoBaseline`
+    for the others."""
     depth = {f"resnet{d}": d for d in LAYERS}.get(model)
-    return Native(depth, num_classes, device) if depth else None
-
+    if depth is None:
+        raise NoBaseline(f"no Flax twin of {model}: JAX and Flax ship no model zoo; the hand-written ones are ResNets")
+    return Native(depth, num_classes, device)

@@ -18,7 +18,7 @@ transpose hal does, so neither side pays a host-side transpose.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -26,6 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from tensorflow import keras  # noqa: E402
 from tensorflow.keras import layers  # noqa: E402
+
+from hal.native import NoBaseline  # noqa: E402
 
 BLOCKS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
@@ -75,16 +77,19 @@ def resnet(depth: int = 50, num_classes: int = 1000, image: int | None = 224) ->
 
 
 class Native:
-    """The usual Keras predict and train step, numpy in and out like hal."""
+    """The usual Keras predict and train step, numpy in and out like hal; ``note`` names the
+    model in the bench row."""
 
-    def __init__(self, depth: int, num_classes: int, image: int | None = 224, device: str = "cpu") -> None:
+    def __init__(self, make: Callable[[], keras.Model], device: str = "cpu", note: str = "") -> None:
         self.device = "/CPU:0" if device == "cpu" else f"/{device.upper()}"
         with tf.device(self.device):
-            self.model = resnet(depth, num_classes, image)
+            self.model = make()
             self.model.compile(
                 optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             )
+        self.num_params = sum(int(np.prod(w.shape)) for w in self.model.trainable_weights)
+        self.note = note
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with tf.device(self.device):
@@ -95,10 +100,11 @@ class Native:
             return float(np.asarray(self.model.train_on_batch(x, y)).reshape(-1)[0])
 
 
-def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native | None:
-    """The native twin of a hal zoo model (the ResNets, any input size), or None if there is none."""
+def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native:
+    """The native twin of a hal zoo model (the ResNets, any input size); :class:`NoBaseline` for the others."""
+    if not device.startswith(("cpu", "gpu")):
+        raise NoBaseline(f"the Keras baselines run on cpu or gpu, not {device}")
     depth = {f"resnet{d}": d for d in BLOCKS}.get(model)
-    if depth is None or not device.startswith(("cpu", "gpu")):
-        return None
-    return Native(depth, num_classes, None, device)
-
+    if depth is None:
+        raise NoBaseline(f"no hand-written Keras twin of {model}")
+    return Native(lambda: resnet(depth, num_classes, None), device, "hand-written Keras ResNet")
