@@ -260,6 +260,28 @@ def test_native_notes_say_why_there_is_no_baseline(monkeypatch):
         assert native is None and "JAX and Flax ship no model zoo" in note
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs tensorflow")
+@pytest.mark.parametrize("model, keras_name", [("mobilenet_v2", "MobileNetV2"), ("efficientnet_b0", "EfficientNetB0")])
+def test_native_keras_application_builds_and_runs_on_the_spec_input(model, keras_name):
+    """keras.applications' model takes the spec's channels-first batch and has its
+    trainable parameter count (else load_native refuses it); EfficientNet's input
+    normalisation is gone."""
+    from hal.backends import tensorflow as T
+    from hal.bench import load_native
+
+    T._tf()  # as hal imports TensorFlow (after Triton), so torch still runs in this process
+    from tensorflow import keras
+
+    spec = get(model, num_classes=10, input_size=(33, 40))
+    native, note = load_native("tensorflow", spec, "cpu")
+    assert native is not None and f"keras.applications.{keras_name}" in note
+    x, _ = make_batch(spec, 2, "cross_entropy", 1)
+    out = native.predict(x)  # (its train step, XLA-compiled, costs 10 s: left to the bench)
+    assert out.shape == (2, 10) and np.isfinite(out).all()
+    body = native.model.layers[-1]
+    assert not [l for l in body.layers if isinstance(l, (keras.layers.Rescaling, keras.layers.Normalization))]
+
+
 def test_check_writable_refuses_a_folder_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a folder"):

@@ -1,7 +1,8 @@
-"""A plainly hand-written Keras ResNet, the baseline that ``hal bench`` times
-hal's ``tensorflow`` backend against in the same run.
+"""The Keras baselines that ``hal bench`` times hal's ``tensorflow`` backend against in
+the same run: a plainly hand-written ResNet, and ``keras.applications``' own model
+where Keras ships the architecture (:data:`APPLICATIONS`).
 
-Nothing here uses hal: it is what a Keras user would write. A functional model of
+Nothing here uses hal: it is what a Keras user would write or pick. The ResNet is a functional model of
 standard layers (``Conv2D``, ``BatchNormalization``, ``ReLU``, ``Add``...), NHWC,
 torchvision's v1.5 layout (stride on the 3x3 convolution, like hal's ``resnet50``)
 so both sides do the same arithmetic; the stem pads like ``keras.applications``
@@ -9,6 +10,31 @@ so both sides do the same arithmetic; the stem pads like ``keras.applications``
 Training is ``model.compile`` (Keras SGD with momentum, sparse cross-entropy on
 logits, Keras's default ``jit_compile="auto"``) + ``train_on_batch``; inference
 is ``predict_on_batch``.
+
+The ``keras.applications`` models are built with ``weights=None``,
+``include_top=True``, ``classes=num_classes``, ``classifier_activation=None``
+(logits, like hal) and the spec's input shape in NHWC. They have exactly hal's
+(torchvision's) trainable parameter count, but they are the architecture as Keras
+ships it, not numerically hal's model; they are a speed reference:
+
+- ``MobileNetV2``, ``EfficientNetB0``..``B7``: stride-2 convolutions pad
+  TensorFlow's "same" way (``correct_pad``: one pixel less at the top and left where
+  the side is even; torch pads ``k // 2`` on both sides): same shapes, windows
+  shifted. BatchNorm epsilon 1e-3 (torchvision 1e-5, but 1e-3 for EfficientNet
+  B5-B7) and Keras momenta. ``MobileNetV2`` has no dropout before the classifier
+  (torchvision 0.2). ``EfficientNet`` normalises its input in the model
+  (``Rescaling(1/255)`` and a ``Normalization``); both are removed here (the
+  leading ``Rescaling``/``Normalization`` layers of any application), as hal's
+  model has no input normalisation: they are elementwise passes over the input,
+  under 1% of the work, but not the architecture. Its dropout and stochastic
+  depth schedule are torchvision's.
+- ``DenseNet121``/``169``/``201``: torchvision's layers and padding (the zero
+  padding before the stem's max pool cannot win after a ReLU); BatchNorm epsilon
+  1.001e-5 (torchvision 1e-5).
+- ``ConvNeXtTiny``..``Large``: torchvision's layers, padding and epsilons, and
+  the input ``Normalization`` likewise removed; but no stochastic depth (Keras
+  fixes ``drop_path_rate=0``; torchvision 0.1 to 0.5): training does a little
+  less work.
 
 The bench feeds hal and the native model the same channels-first batch; the
 native model's first layer is a ``Permute`` to NHWC, the same in-graph
@@ -76,6 +102,35 @@ def resnet(depth: int = 50, num_classes: int = 1000, image: int | None = 224) ->
     return keras.Model(inputs, outputs)
 
 
+_PAD = "stride-2 convs pad TF 'same' (1 pixel less at the top/left of even sides)"
+APPLICATIONS: dict[str, tuple[str, str]] = {
+    "mobilenet_v2": ("MobileNetV2", f"{_PAD}, BatchNorm eps 1e-3, no classifier dropout"),
+    **{f"efficientnet_b{i}": (f"EfficientNetB{i}", _PAD + (", BatchNorm eps 1e-3" if i < 5 else "")
+                              + ", input Rescaling and Normalization removed") for i in range(8)},
+    **{f"densenet{d}": (f"DenseNet{d}", "BatchNorm eps 1.001e-5") for d in (121, 169, 201)},
+    **{f"convnext_{s}": (f"ConvNeXt{s.title()}", "no stochastic depth in training, input Normalization removed")
+       for s in ("tiny", "small", "base", "large")},
+}
+"""Zoo name -> (``keras.applications`` model, how it differs from hal's model in brief)."""
+
+
+def application(model: str, num_classes: int, input_shape: tuple[int, ...]) -> keras.Model:
+    """``keras.applications``' ``model`` for channels-first ``input_shape`` batches, without
+    input normalisation (see the module docstring)."""
+    name = APPLICATIONS[model][0]
+    c, h, w = input_shape
+    try:
+        app = getattr(keras.applications, name)(
+            weights=None, include_top=True, classes=num_classes, input_shape=(h, w, c), classifier_activation=None
+        )
+    except ValueError as exc:  # an input shape it refuses (a side under 32)
+        raise NoBaseline(f"keras.applications.{name}: {exc}") from None
+    start = next(layer for layer in app.layers[1:] if not isinstance(layer, (layers.Rescaling, layers.Normalization)))
+    body = app if start is app.layers[1] else keras.Model(start.input, app.output)
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, body(layers.Permute((2, 3, 1))(inputs)))
+
+
 class Native:
     """The usual Keras predict and train step, numpy in and out like hal; ``note`` names the
     model in the bench row."""
@@ -101,10 +156,17 @@ class Native:
 
 
 def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native:
-    """The native twin of a hal zoo model (the ResNets, any input size); :class:`NoBaseline` for the others."""
+    """The native twin of a hal zoo model: the hand-written ResNets (any input size), else
+    ``keras.applications``' model (:data:`APPLICATIONS`); :class:`NoBaseline` for the others."""
     if not device.startswith(("cpu", "gpu")):
         raise NoBaseline(f"the Keras baselines run on cpu or gpu, not {device}")
     depth = {f"resnet{d}": d for d in BLOCKS}.get(model)
-    if depth is None:
-        raise NoBaseline(f"no hand-written Keras twin of {model}")
-    return Native(lambda: resnet(depth, num_classes, None), device, "hand-written Keras ResNet")
+    if depth:
+        return Native(lambda: resnet(depth, num_classes, None), device, "hand-written Keras ResNet")
+    if model not in APPLICATIONS:
+        raise NoBaseline(f"keras.applications has no {model}")
+    if len(input_shape) != 3:
+        raise NoBaseline(f"keras.applications.{APPLICATIONS[model][0]} takes (C, H, W) images, not {input_shape}")
+    name, differences = APPLICATIONS[model]
+    return Native(lambda: application(model, num_classes, input_shape), device,
+                  f"keras.applications.{name} (not hal's numbers: {differences})")
