@@ -143,5 +143,5 @@ def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...
     for the others."""
     depth = {f"resnet{d}": d for d in LAYERS}.get(model)
     if depth is None:
-        raise NoBaseline(f"no Flax twin of {model}: JAX and Flax ship no model zoo; the hand-written ones are ResNets")
+        raise NoBaseline(f"JAX and Flax ship no model zoo, and the hand-written Flax baselines are ResNets, not {model}")
     return Native(depth, num_classes, device)
