@@ -140,3 +140,37 @@ def test_forward_parity_on_cpu_backends(name: str, backend: str) -> None:
     if missing:
         pytest.skip(f"{backend} does not support yet: {'; '.join(sorted(set(missing.values())))}")
     assert_parity(spec, f"{backend}:cpu", checks=("forward",), batch=2, isolate=False)
+
+
+# On one intra-op thread (tests/conftest.py sets OMP_NUM_THREADS=1), torch's fast CPU path
+# (channels_last) gives these models' gradients at 224 errors far above the plain float32
+# floor (mobilenet_v3_large 2.8e-4 against a tolerance of 7.6e-6, from BatchNorm after a
+# depthwise convolution in an SE block); plain eager (fast=False) and two threads pass.
+ONE_THREAD_FAST_PATH = {"mobilenet_v3_large", "regnet_y_400mf"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL) + sorted(DENSE))
+def test_gradients_at_224(name: str) -> None:
+    """Training-mode forward and gradients at full size on torch:cpu against the float64
+    autodiff reference (U-Nets at their own sizes, mse on their dense outputs). A gradient
+    check too ill-conditioned at batch 2 to tell a bug from rounding is reported, not failed."""
+    from hal.training import SGD, TrainConfig
+
+    if name in ONE_THREAD_FAST_PATH and torch.get_num_threads() == 1:
+        pytest.xfail("torch's one-thread channels_last backward: see ONE_THREAD_FAST_PATH")
+    size = DENSE.get(name, 224)
+    spec = _without_randomness(get(name, num_classes=NUM_CLASSES, input_size=size))
+    loss = "mse" if name in DENSE else "cross_entropy"
+    assert_parity(spec, "torch:cpu", checks=("forward_train", "grads"), batch=2, isolate=False, require=False,
+                  config=TrainConfig(loss=loss, optimizer=SGD(lr=1e-3)))
+
+
+def _without_randomness(spec: hal.ModelSpec) -> hal.ModelSpec:
+    """``spec`` with every Dropout and StochasticDepth at rate 0: training-mode outputs
+    and gradients become comparable (random masks never are)."""
+    d = spec.to_dict()
+    for node in d["nodes"]:
+        if node["op"] in ("Dropout", "StochasticDepth"):
+            node["attrs"]["rate" if node["op"] == "Dropout" else "p"] = 0.0
+    return hal.ModelSpec.from_dict(d)
