@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -182,6 +183,43 @@ def _flax() -> dict[str, Any]:
                 mean, var = ra_mean.value, ra_var.value
             a = scale / jnp.sqrt(var + self.eps)
             return (xs * a + (bias - mean * a)).astype(self.dtype)
+
+    class DepthwiseConv(nn.Module):
+        """A convolution with ``groups == in_channels`` (channel multiplier ``features // C``)
+        as a sum over kernel taps of strided slices times per-channel weights: the function
+        of ``nn.Conv(feature_group_count=C)``, with its parameters, but about 10x faster on
+        XLA:CPU, whose grouped convolution is slow (3x3 over 16x56x56x144: 21 ms against
+        210 ms forward, 104 against 732 ms with gradients, measured on the 2-core dev box).
+        Taps accumulate in at least float32."""
+
+        features: int
+        kernel_size: tuple[int, ...]
+        strides: tuple[int, ...]
+        padding: tuple[tuple[int, int], ...]
+        kernel_dilation: tuple[int, ...]
+        use_bias: bool
+        dtype: Any
+        param_dtype: Any
+
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            c, k = x.shape[-1], self.kernel_size
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (*k, 1, self.features), self.param_dtype)
+            acc = jnp.promote_types(self.dtype, jnp.float32)
+            x = jnp.pad(x.astype(self.dtype), [(0, 0), *self.padding, (0, 0)])
+            if self.features > c:  # output channel o reads input channel o // multiplier
+                x = jnp.repeat(x, self.features // c, axis=-1)
+            out = [(n - d * (kk - 1) - 1) // s + 1
+                   for n, kk, s, d in zip(x.shape[1:-1], k, self.strides, self.kernel_dilation)]
+            y = jnp.zeros((x.shape[0], *out, self.features), acc)
+            for tap in itertools.product(*map(range, k)):
+                start = [t * d for t, d in zip(tap, self.kernel_dilation)]
+                limit = [a + (o - 1) * s + 1 for a, o, s in zip(start, out, self.strides)]
+                window = lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *self.strides, 1))
+                y = y + window.astype(acc) * kernel[tap][0].astype(acc)
+            if self.use_bias:
+                y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(acc)
+            return y.astype(self.dtype)
 
     class PReLU(nn.Module):
         """``x if x >= 0 else a * x``; ``negative_slope`` ``(1,)`` or ``(C,)`` over the last axis."""
@@ -290,6 +328,7 @@ def _flax() -> dict[str, Any]:
         param_dtype: Any
         precision: Any
         folded: frozenset = frozenset()
+        depthwise_taps: bool = False  # DepthwiseConv for depthwise convolutions (XLA:CPU)
 
         @nn.compact
         def __call__(self, x: Any, train: bool = False, update_stats: bool = False) -> Any:
@@ -301,7 +340,12 @@ def _flax() -> dict[str, Any]:
             vals: dict[str, Any] = {spec.input.name: x.astype(self.dtype)}
             for node in spec.nodes[1:]:
                 op, xs, name = node.op, [vals[k] for k in node.inputs], node.name
-                if isinstance(op, S.Conv):
+                if isinstance(op, S.Conv) and self.depthwise_taps and 1 < op.groups == spec.in_shapes(node)[0][0]:
+                    y = DepthwiseConv(
+                        op.out_channels, op.kernel, op.stride, op.padding, op.dilation,
+                        op.bias or name in fold_convs, name=name, **types,
+                    )(xs[0])
+                elif isinstance(op, S.Conv):
                     y = nn.Conv(
                         op.out_channels, op.kernel, op.stride, padding=op.padding, kernel_dilation=op.dilation,
                         feature_group_count=op.groups, use_bias=op.bias or name in fold_convs,
@@ -381,14 +425,16 @@ def _flax() -> dict[str, Any]:
 
 
 def flax_module(
-    spec: S.ModelSpec, precision: str = "fp32", matmul: str = "highest", folded: frozenset = frozenset()
+    spec: S.ModelSpec, precision: str = "fp32", matmul: str = "highest", folded: frozenset = frozenset(),
+    depthwise_taps: bool = False,
 ) -> Any:
-    """The linen module of ``spec``: ``apply({"params", "batch_stats"}, x_nchw, train, update_stats)``."""
+    """The linen module of ``spec``: ``apply({"params", "batch_stats"}, x_nchw, train, update_stats)``;
+    ``depthwise_taps`` lowers depthwise convolutions as sums of taps (faster on XLA:CPU)."""
     from jax import lax
 
     prec = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": None}[matmul]
     return _flax()["SpecNet"](
-        spec, COMPUTE_DTYPE[precision], MASTER_DTYPE[precision], prec, frozenset(folded)
+        spec, COMPUTE_DTYPE[precision], MASTER_DTYPE[precision], prec, frozenset(folded), depthwise_taps
     )
 
 
@@ -571,8 +617,8 @@ _PROGRAMS: dict[tuple, Any] = {}
 _PROGRAMS_MAX = 32
 
 
-def programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
-    """The jitted programs of ``(spec, config, matmul)``, built once per process.
+def programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool = False) -> Any:
+    """The jitted programs of ``(spec, config, matmul, depthwise_taps)``, built once per process.
 
     The learning rate and schedule are traced arguments, so executables that differ
     only there (or in weights or device) share one set of jitted functions, hence
@@ -584,16 +630,16 @@ def programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
 
     key = (
         spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0),
-        config.check_finite, matmul,
+        config.check_finite, matmul, depthwise_taps,
     )
     if key not in _PROGRAMS:
         while len(_PROGRAMS) >= _PROGRAMS_MAX:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = _build_programs(spec, config, matmul)
+        _PROGRAMS[key] = _build_programs(spec, config, matmul, depthwise_taps)
     return _PROGRAMS[key]
 
 
-def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
+def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool) -> Any:
     """The jitted train step, run_steps scan, gradients, training-mode forward,
     BatchNorm folding and folded inference of one spec and config (traced on first call)."""
     import types
@@ -603,9 +649,9 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str) -> Any:
     import optax
     from jax import lax
 
-    net = flax_module(spec, config.precision, matmul)
+    net = flax_module(spec, config.precision, matmul, depthwise_taps=depthwise_taps)
     fold = foldable_batchnorms(spec)
-    net_infer = flax_module(spec, config.precision, matmul, frozenset(fold))
+    net_infer = flax_module(spec, config.precision, matmul, frozenset(fold), depthwise_taps)
     tx = optimizer(config)
     names = step_scalar_names(config)
     g, master = config.grad_accum, np.dtype(MASTER_DTYPE[config.precision])
@@ -740,7 +786,7 @@ class JaxExecutable(Executable):
         self._calls = 0  # counter for dropout keys of predict(training=True)
         self._infer_vars: Any = None  # folded inference variables, rebuilt when weights change
         with self._scope():
-            self.programs = programs(spec, config, matmul)
+            self.programs = programs(spec, config, matmul, depthwise_taps=self.device.platform == "cpu")
             self._key = self.programs.key
             self._load_weights(weights)
             self.opt_state = jax.device_put(self.programs.tx.init(self.params), self.device)
