@@ -123,15 +123,13 @@ def test_stochastic_depth_schedule_is_torchvision_s(name: str) -> None:
 
 
 DENSE = {"unet": (32, 48), "unet3d": (16, 16, 16)}  # the zoo's models without a torchvision twin
-BACKENDS = [pytest.param(t, marks=pytest.mark.slow) if t != "torch" else t for t in ("torch", "jax", "tensorflow")]
+BACKENDS = ("torch", "jax", "tensorflow")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(SMALL.keys() - HEAVY) + sorted(DENSE))
 def test_forward_parity_on_cpu_backends(name: str, backend: str) -> None:
-    """Inference forward against the float64 reference at the parity tolerance (jax and
-    tensorflow: ``-m slow``, each model compiles for seconds there; the conformance suite
-    checks their ops one by one in the default run)."""
+    """Inference forward against the float64 reference at the parity tolerance."""
     cls = hal.get_backend(backend)
     if not cls.availability().available:
         pytest.skip(cls.availability().reason)
