@@ -462,10 +462,15 @@ _SENTINEL_BATCH = 2**31 - 1  # stands for a symbolic batch size in folded shape 
 @dataclass(frozen=True)
 class _Value:
     """An ONNX value computed by hal node ``node``: its ONNX shape is hal's with ``keep``
-    trailing 1s (a pooled ``(N, C, 1, 1)`` is hal's ``(C,)`` with keep 2)."""
+    trailing 1s (a pooled ``(N, C, 1, 1)`` is hal's ``(C,)`` with keep 2), or hal's tensor
+    seen through ``view``: ``("last",)`` channels moved last (``Transpose``), ``("groups", G)``
+    reshaped to ``(N, G, rest)`` (before a group norm), ``("normed", G)`` that group-normalised
+    (the hal node is the GroupNorm), ``("split", G)`` reshaped to ``(N, G, C / G, *spatial)``,
+    ``("shuffled", G)`` that with axes 1 and 2 swapped (a channel shuffle before its reshape)."""
 
     node: str
     keep: int = 0
+    view: tuple[Any, ...] = ()
 
 
 class _Unsupported(Exception):
@@ -489,6 +494,7 @@ class _Importer:
         }
         self.initializers = set(self.consts)
         self.values: dict[str, _Value] = {}
+        self.sequences: dict[str, list[str]] = {}  # SplitToSequence outputs: their hal nodes
         self.lazy: dict[str, tuple[str, Any]] = {}  # elementwise chain value -> (root value, producing node)
         self.poisoned: set[str] = set()
         self.unsupported: list[str] = []
@@ -551,6 +557,27 @@ class _Importer:
             raise _Unsupported(f"{what} {v!r} must be a constant (an initializer or folded from constants)")
         return self.consts[v]
 
+    def fold(self, v: str) -> np.ndarray | None:
+        """The constant ``v``, folding the nodes that compute it ahead of the walk (a look-ahead
+        reads constants the exporter wrote after the node being translated); None if not constant."""
+        if v in self.values or v in self.lazy:
+            return None
+        if v not in self.consts:
+            n = self.producers.get(v)
+            if n is None or n.op_type in ("Shape", "RandomNormal", "RandomUniform"):
+                return None
+            if n.op_type == "CastLike":  # to the type of a tensor; of a hal value: the model's
+                x, like = self.fold(n.input[0]), self.consts.get(n.input[1])
+                if x is not None:
+                    self.consts[v] = x.astype(like.dtype if like is not None else self.nodes[0].op.dtype)
+                return None if x is None else self.consts[v]
+            inputs = [self.fold(i) for i in n.input if i]
+            if any(i is None for i in inputs):
+                return None
+            outputs = [self.evaluate(n, [])] if n.op_type == "Constant" else self.evaluate(n, inputs)  # type: ignore
+            self.consts.update(zip(n.output, outputs))
+        return self.consts[v]
+
     def value(self, v: str) -> _Value:
         """The hal value of ONNX value ``v`` (an elementwise chain ending there becomes an activation)."""
         if v in self.lazy:
@@ -565,6 +592,8 @@ class _Importer:
         val = self.value(v)
         if val.keep:
             raise _Unsupported(f"input {v!r} is a pooled (N, C, 1, ...) tensor; hal's pooled tensors are (N, C)")
+        if val.view:
+            raise _Unsupported(f"input {v!r} is a transposed or reshaped tensor ({val.view[0]}) that no hal op reads")
         return val.node
 
     # -- the walk ----------------------------------------------------------
@@ -640,9 +669,8 @@ class _Importer:
                     store[n.output[0]] = store[n.input[0]]  # type: ignore[index]
         elif n.op_type == "Shape" and n.input[0] not in self.consts:
             self.consts[n.output[0]] = self.shape_of(n)
-        elif n.op_type == "CastLike" and n.input[0] in self.consts:  # the target type of a tensor: the model's
-            like = self.consts[n.input[1]].dtype if n.input[1] in self.consts else np.dtype(self.nodes[0].op.dtype)
-            self.consts[n.output[0]] = self.consts[n.input[0]].astype(like)
+        elif n.op_type == "CastLike" and n.input[0] in self.consts:
+            self.fold(n.output[0])
         elif self.foldable(n) and n.input:
             for o, arr in zip(n.output, self.evaluate(n, [self.consts[i] for i in n.input if i] )):
                 self.consts[o] = arr
@@ -650,7 +678,7 @@ class _Importer:
             pass
         elif n.op_type in _HANDLERS:
             extra = [o for o in n.output[1:] if o and self.consumers.get(o)]
-            if extra:
+            if extra and n.op_type != "Split":
                 raise _Unsupported(f"its extra outputs {extra} are used; hal computes only the first")
             _HANDLERS[n.op_type](self, n)
         else:
@@ -668,6 +696,8 @@ class _Importer:
     def shape_of(self, n: Any) -> np.ndarray:
         """``Shape`` of a hal value: the batch (a sentinel when symbolic), its hal shape, its kept 1s."""
         val = self.value(n.input[0])
+        if val.view:
+            raise _Unsupported(f"the shape of a transposed or reshaped tensor ({val.view[0]})")
         full = np.array([self.batch or _SENTINEL_BATCH, *self.shapes[val.node], *[1] * val.keep], dtype=np.int64)
         attrs = _attrs(n)
         return full[attrs.get("start", 0): attrs.get("end", len(full))]
@@ -700,8 +730,9 @@ class _Importer:
             direct = (_direct_activation(last, [self.consts[i] for i in others])
                       if last.input[0] == u and all(i in self.consts for i in others) else None)
             op = direct or self.match(v, u)
-            if op is not None:
-                return _Value(self.add(op, [self.flat(u)], last))
+            if op is not None:  # elementwise: the result is seen as its input is
+                val = self.value(u)
+                return _Value(self.add(op, [val.node], last), val.keep, val.view)
         if last.op_type in ("Add", "Sum", "Mul") and not any(i in self.consts for i in last.input):
             op = Mul() if last.op_type == "Mul" else Add()
             return _Value(self.add(op, [self.flat(i) for i in last.input], last))
@@ -920,7 +951,18 @@ def _global_pool(imp: _Importer, n: Any, axes: list[int] | None = None, keepdims
     nd = len(imp.shapes[x]) - 1
     if axes is not None and sorted(a % (nd + 2) for a in axes) != list(range(2, nd + 2)):
         raise _Unsupported(f"a mean over axes {axes}; hal's GlobalAvgPool is the mean over all spatial axes")
+    if keepdims and not all(_to_features(imp, c) for c in imp.consumers.get(n.output[0], [])):
+        imp.values[n.output[0]] = _Value(imp.add(AdaptiveAvgPool((1,) * nd), [x], n))  # read as (N, C, 1, ...)
+        return
     imp.values[n.output[0]] = _Value(imp.add(GlobalAvgPool(), [x], n), nd if keepdims else 0)
+
+
+def _to_features(imp: _Importer, n: Any) -> bool:
+    """Whether node ``n`` reshapes its input to (batch, features) (as far as its constants tell)."""
+    if n.op_type == "Reshape":
+        target = imp.fold(n.input[1])
+        return target is None or target.size == 2
+    return n.op_type in ("Flatten", "Squeeze")
 
 
 def _reduce_mean(imp: _Importer, n: Any) -> None:
@@ -949,6 +991,8 @@ def _flatten(imp: _Importer, n: Any) -> None:
 
 
 def _reshape(imp: _Importer, n: Any) -> None:
+    """To (batch, features); and the reshapes of a group norm (``(N, G, rest)`` and back) and of a
+    channel shuffle (``(N, G, C / G, *spatial)``, then back after the transpose)."""
     val = imp.value(n.input[0])
     full = [imp.batch or _SENTINEL_BATCH, *imp.shapes[val.node], *[1] * val.keep]
     target = [int(t) for t in imp.const(n.input[1], "shape")]
@@ -957,9 +1001,57 @@ def _reshape(imp: _Importer, n: Any) -> None:
     if target.count(-1) == 1:
         known = math.prod(t for t in target if t != -1)
         target[target.index(-1)] = math.prod(full) // known if known else -1
-    if target != [full[0], math.prod(full[1:])]:
-        raise _Unsupported(f"a reshape of {full} to {target}; hal reshapes only to (batch, features)")
+    out = n.output[0]
+    if val.view and val.view[0] in ("normed", "shuffled") and target == full:
+        node = val.node if val.view[0] == "normed" else imp.add(ChannelShuffle(val.view[1]), [val.node], n)
+        imp.values[out] = _Value(node)
+        return
+    if not val.view and not val.keep and len(full) > 2 and target[0] == full[0] and target[1] >= 1:
+        c, groups = full[1], target[1]
+        if target == [full[0], groups, math.prod(full[1:]) // groups] and c % groups == 0:
+            imp.values[out] = _Value(val.node, view=("groups", groups))
+            return
+        if target == [full[0], groups, c // groups, *full[2:]] and c % groups == 0:
+            imp.values[out] = _Value(val.node, view=("split", groups))
+            return
+    if not val.view and not val.keep and target == [math.prod(full)] and imp.batch:
+        imp.values[out] = _Value(val.node, view=("flat",))  # torch's as_strided: this, then a Gather
+        return
+    if val.view or target != [full[0], math.prod(full[1:])]:
+        raise _Unsupported(f"a reshape of {full}{f' ({val.view[0]})' if val.view else ''} to {target}; hal reshapes "
+                           "only to (batch, features) and as group norms and channel shuffles do")
     _to_matrix(imp, n, n.input[0])
+
+
+def _gather(imp: _Importer, n: Any) -> None:
+    """The Gather of every element in order from a flattened tensor (the dynamo exporter's as_strided
+    of a contiguous tensor to its own shape): the tensor itself."""
+    val = imp.value(n.input[0])
+    index = imp.const(n.input[1], "indices")
+    full = (imp.batch, *imp.shapes[val.node])
+    if val.view != ("flat",) or index.shape != full or np.any(index.reshape(-1) != np.arange(index.size)):
+        raise _Unsupported("a gather other than of every element in order of a flattened tensor (an identity)")
+    imp.values[n.output[0]] = _Value(val.node)
+
+
+def _transpose(imp: _Importer, n: Any) -> None:
+    """Channels to the last axis and back (ConvNeXt's LayerNorm and MLP), or a channel shuffle's swap."""
+    val = imp.value(n.input[0])
+    perm = list(_attrs(n).get("perm", []))
+    if not val.view:
+        rank = 1 + len(imp.shapes[imp.flat(n.input[0])])
+        if perm == [0, *range(2, rank), 1]:
+            imp.values[n.output[0]] = _Value(val.node, view=("last",))
+            return
+    rank = 1 + len(imp.shapes[val.node])
+    if val.view == ("last",) and perm == [0, rank - 1, *range(1, rank - 1)]:
+        imp.values[n.output[0]] = _Value(val.node)
+        return
+    if val.view[:1] == ("split",) and perm == [0, 2, 1, *range(3, rank + 1)]:
+        imp.values[n.output[0]] = _Value(val.node, view=("shuffled", val.view[1]))
+        return
+    raise _Unsupported(f"perm {perm}{f' of a {val.view[0]} view' if val.view else ''}: hal transposes only channels "
+                       "to the last axis and back, and within a channel shuffle")
 
 
 def _squeeze(imp: _Importer, n: Any) -> None:
@@ -987,10 +1079,13 @@ def _dense(imp: _Importer, n: Any) -> None:
 
 
 def _matmul(imp: _Importer, n: Any) -> None:
-    """x @ W, and a following Add of a constant bias, as one Dense."""
-    x = imp.flat(n.input[0])
+    """x @ W, and a following Add of a constant bias, as one Dense; on channels-last
+    ``(N, *spatial, C)`` (ConvNeXt's MLP) as a 1x1 Conv."""
+    val = imp.value(n.input[0])
+    last = val.view == ("last",)
+    x = val.node if last else imp.flat(n.input[0])
     w = imp.const(n.input[1], "weight")
-    if w.ndim != 2 or len(imp.shapes[x]) != 1:
+    if w.ndim != 2 or len(imp.shapes[x]) != 1 and not last:
         raise _Unsupported(f"a matmul of {(None, *imp.shapes[x])} by {w.shape}; hal's Dense takes (batch, features)")
     params = {"weight": np.ascontiguousarray(w.T)}
     out = n.output[0]
@@ -1001,6 +1096,12 @@ def _matmul(imp: _Importer, n: Any) -> None:
             params["bias"] = imp.consts[bias[0]].reshape(-1)
             imp.done.add(users[0].output[0])
             out = users[0].output[0]
+    if last:
+        nd = len(imp.shapes[x]) - 1
+        params["weight"] = params["weight"].reshape(*w.T.shape, *[1] * nd)
+        op = Conv(int(w.shape[1]), (1,) * nd, (1,) * nd, ((0, 0),) * nd, (1,) * nd, 1, "bias" in params)
+        imp.values[out] = _Value(imp.add(op, [x], n, params), view=("last",))
+        return
     imp.values[out] = _Value(imp.add(Dense(int(w.shape[1]), "bias" in params), [x], n, params))
 
 
@@ -1046,17 +1147,182 @@ def _prelu(imp: _Importer, n: Any) -> None:
 
 
 def _normalization(imp: _Importer, n: Any) -> None:
-    """InstanceNormalization, and LayerNormalization over the features of a (batch, features) tensor."""
+    """InstanceNormalization (a GroupNorm on a ``(N, G, rest)`` view), and LayerNormalization over
+    the last axis of a (batch, features) or channels-last tensor."""
     a = _attrs(n)
-    x = imp.flat(n.input[0])
-    if n.op_type == "LayerNormalization" and (len(imp.shapes[x]) != 1 or a.get("axis", -1) not in (-1, 1)):
+    val = imp.value(n.input[0])
+    if val.view[:1] == ("groups",) and n.op_type == "InstanceNormalization":
+        _group_norm(imp, n, val)
+        return
+    last = val.view == ("last",) and n.op_type == "LayerNormalization"
+    x = val.node if last else imp.flat(n.input[0])
+    rank = 1 + len(imp.shapes[x])
+    if n.op_type == "LayerNormalization" and (rank != 2 and not last or a.get("axis", -1) not in (-1, rank - 1)):
         raise _Unsupported("a layer norm over more than the channels (hal's LayerNorm normalises channels)")
     scale = imp.const(n.input[1], "scale")
     bias = imp.const(n.input[2], "bias") if len(n.input) > 2 and n.input[2] else np.zeros_like(scale)
     learned = n.input[1].endswith(".weight") or not (np.all(scale == 1) and np.all(bias == 0))
     cls = InstanceNorm if n.op_type == "InstanceNormalization" else LayerNorm
     params = {"weight": scale, "bias": bias} if learned else {}
-    imp.values[n.output[0]] = _Value(imp.add(cls(eps=_float(a.get("epsilon", 1e-5)), affine=learned), [x], n, params))
+    op = cls(eps=_float(a.get("epsilon", 1e-5)), affine=learned)
+    imp.values[n.output[0]] = _Value(imp.add(op, [x], n, params), view=val.view if last else ())
+
+
+def _group_norm(imp: _Importer, n: Any, val: _Value) -> None:
+    """torch's group norm: InstanceNormalization (scale 1, bias 0) of the ``(N, G, rest)`` view, then
+    (read from the graph here) the reshape back and, when affine, a Mul and an Add of ``(C, 1, ...)``
+    constants, which become the GroupNorm's weight and bias."""
+    groups = val.view[1]
+    scale, bias = (imp.const(i, "scale") if i else np.zeros(groups) for i in [*n.input[1:3], ""][:2])
+    if not (np.all(scale == 1) and np.all(bias == 0)):
+        raise _Unsupported("an instance norm of channel groups with a learned scale or bias (hal's GroupNorm "
+                           "has per-channel ones, after the reshape back)")
+    shape = imp.shapes[val.node]
+    per_channel = (shape[0], *[1] * (len(shape) - 1))
+    params, steps = {}, [n]
+    for op_type, param in (("Reshape", ""), ("Mul", "weight"), ("Add", "bias")):
+        out = steps[-1].output[0]
+        users = [u for u in imp.consumers.get(out, []) if u.op_type != "CastLike" or u.input[0] == out]  # not types
+        if len(users) != 1 or users[0].op_type != op_type:
+            break
+        if param:
+            consts = [imp.fold(i) for i in users[0].input if i != out]
+            if len(consts) != 1 or consts[0] is None or consts[0].shape not in (per_channel, shape[:1]):
+                break
+            params[param] = consts[0].reshape(-1)
+        steps.append(users[0])
+    if len(params) != 2:  # the product alone would be a Scale: keep them apart
+        params, steps = {}, steps[:2]
+    op = GroupNorm(groups, eps=_float(_attrs(n).get("epsilon", 1e-5)), affine=bool(params))
+    node = imp.add(op, [val.node], n, params)
+    imp.values[n.output[0]] = _Value(node, view=("normed", groups))
+    for step in steps[2:]:
+        imp.done.add(step.output[0])
+        imp.values[step.output[0]] = _Value(node)
+
+
+def _group_normalization(imp: _Importer, n: Any) -> None:
+    """ONNX's GroupNormalization from opset 21 (per-channel scale and bias)."""
+    a = _attrs(n)
+    x = imp.flat(n.input[0])
+    scale, bias = imp.const(n.input[1], "scale"), imp.const(n.input[2], "bias")
+    if imp.opset < 21 or scale.size != imp.shapes[x][0]:
+        raise _Unsupported(f"opset {imp.opset} with scale of shape {scale.shape}: hal's GroupNorm is the opset-21 "
+                           "form, with a scale and bias per channel")
+    op = GroupNorm(int(a["num_groups"]), eps=_float(a.get("epsilon", 1e-5)), affine=True)
+    imp.values[n.output[0]] = _Value(imp.add(op, [x], n, {"weight": scale, "bias": bias}))
+
+
+def _split(imp: _Importer, n: Any) -> None:
+    """A split of channels (torch's chunk and split): a ChannelSlice per output; SplitToSequence
+    (the dynamo exporter unoptimised) gives a sequence of them, read by SequenceAt."""
+    a = _attrs(n)
+    x = imp.flat(n.input[0])
+    c = imp.shapes[x][0]
+    if a.get("axis", 0) % (1 + len(imp.shapes[x])) != 1:
+        raise _Unsupported(f"axis {a.get('axis', 0)} (hal slices channels, axis 1)")
+    split = [int(v) for v in imp.const(n.input[1], "split").reshape(-1)] if len(n.input) > 1 and n.input[1] else []
+    if n.op_type == "SplitToSequence":
+        if not split:
+            raise _Unsupported("no split sizes (a sequence of single channels)")
+        k = len(split) if len(split) > 1 else -(-c // split[0])
+    else:
+        split = split or list(a.get("split", []))
+        k = len(n.output)
+    if len(split) <= 1:  # equal parts, the last smaller (ONNX's num_outputs, a SplitToSequence's scalar size)
+        step = split[0] if split else -(-c // a.get("num_outputs", k))
+        split = [min(step, c - i * step) for i in range(k)]
+    if sum(split) != c or len(split) != k or min(split) < 1:
+        raise _Unsupported(f"sizes {split} do not split {c} channels into {k} parts")
+    bounds = np.cumsum([0, *split]).tolist()
+    slices = [imp.add(ChannelSlice(lo, hi), [x], n) for lo, hi in zip(bounds, bounds[1:])]
+    if n.op_type == "SplitToSequence":
+        imp.sequences[n.output[0]] = slices
+    else:
+        imp.values.update((out, _Value(s)) for out, s in zip(n.output, slices))
+
+
+def _sequence_at(imp: _Importer, n: Any) -> None:
+    if n.input[0] not in imp.sequences:
+        raise _Unsupported(f"input {n.input[0]!r} is not a split of channels")
+    slices = imp.sequences[n.input[0]]
+    i = int(imp.const(n.input[1], "position"))
+    if not -len(slices) <= i < len(slices):
+        raise _Unsupported(f"position {i} of a sequence of {len(slices)}")
+    imp.values[n.output[0]] = _Value(slices[i])
+
+
+def _conv_transpose(imp: _Importer, n: Any) -> None:
+    a = _attrs(n)
+    x = imp.flat(n.input[0])
+    w = imp.const(n.input[1], "weight")
+    kernel = tuple(a.get("kernel_shape", w.shape[2:]))
+    nd = len(kernel)
+    stride = tuple(a.get("strides", [1] * nd))
+    dilation = tuple(a.get("dilations", [1] * nd))
+    out_pad = tuple(a.get("output_padding", [0] * nd))
+    auto = a.get("auto_pad", "NOTSET")
+    full = [(s - 1) * st + q + (k - 1) * d + 1 for s, st, q, k, d in zip(imp.shapes[x][1:], stride, out_pad, kernel,
+                                                                           dilation)]
+    if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):
+        want = list(a["output_shape"])[-nd:] if "output_shape" in a else [s * st for s, st in
+                                                                          zip(imp.shapes[x][1:], stride)]
+        total = [f - o for f, o in zip(full, want)]
+        if min(total) < 0:
+            raise _Unsupported(f"output_shape {want} is larger than the full output {full}")
+        padding = tuple((t // 2, t - t // 2) if auto == "SAME_UPPER" else (t - t // 2, t // 2) for t in total)
+    elif auto == "VALID":
+        padding = ((0, 0),) * nd
+    else:
+        p = list(a.get("pads", [0] * 2 * nd))
+        padding = tuple(zip(p[:nd], p[nd:]))
+    groups = int(a.get("group", 1))
+    params = {"weight": w}
+    if len(n.input) > 2 and n.input[2]:
+        params["bias"] = imp.const(n.input[2], "bias")
+    op = ConvTranspose(int(w.shape[1]) * groups, kernel, stride, padding, out_pad, dilation, groups, "bias" in params)
+    imp.values[n.output[0]] = _Value(imp.add(op, [x], n, params))
+
+
+def _resize(imp: _Importer, n: Any) -> None:
+    """Resize as torch writes ``F.interpolate``: nearest with asymmetric coordinates and floor
+    (torch's "nearest"), linear with half_pixel (or pytorch_half_pixel) or align_corners
+    coordinates; by ``scales`` (hal's ``scale``) or ``sizes``."""
+    a = _attrs(n)
+    x = imp.flat(n.input[0])
+    shape = imp.shapes[x]
+    mode, coords = a.get("mode", "nearest"), a.get("coordinate_transformation_mode", "half_pixel")
+    nearest = (coords, a.get("nearest_mode", "round_prefer_floor")) == ("asymmetric", "floor")
+    if mode == "nearest" and nearest:
+        align = False
+    elif mode == "linear" and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        align = coords == "align_corners"
+    else:
+        rounding = f" and nearest_mode {a.get('nearest_mode', 'round_prefer_floor')!r}" if mode == "nearest" else ""
+        raise _Unsupported(f"mode {mode!r} with coordinate_transformation_mode {coords!r}{rounding}: hal's Upsample "
+                           "is torch's nearest (asymmetric, floor) or linear (half_pixel, pytorch_half_pixel or "
+                           "align_corners)")
+    if a.get("antialias", 0) or a.get("axes") is not None:
+        raise _Unsupported("antialias or axes (hal resizes every spatial dim, without antialiasing)")
+    scales = [float(v) for v in imp.const(n.input[2], "scales")] if len(n.input) > 2 and n.input[2] else []
+    sizes = [int(v) for v in imp.const(n.input[3], "sizes")] if len(n.input) > 3 and n.input[3] else []
+    if scales:
+        if scales[:2] != [1.0, 1.0] or len(scales) != 1 + len(shape):
+            raise _Unsupported(f"scales {scales}: hal scales the spatial dims only")
+        scale = tuple(_float(f) for f in scales[2:])
+        size = tuple(math.floor(s * f) for s, f in zip(shape[1:], scales[2:]))
+    elif sizes:
+        if sizes[1] != shape[0] or len(sizes) != 1 + len(shape) or imp.batch and sizes[0] != imp.batch:
+            raise _Unsupported(f"sizes {sizes}: hal resizes the spatial dims only")
+        if a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+            raise _Unsupported(f"keep_aspect_ratio_policy {a['keep_aspect_ratio_policy']!r} (hal stretches)")
+        scale, size = (), tuple(sizes[2:])
+    else:
+        raise _Unsupported("neither scales nor sizes given")
+    if coords == "pytorch_half_pixel" and any(o == 1 < s for o, s in zip(size, shape[1:])):
+        raise _Unsupported("pytorch_half_pixel to an output size of 1 (it samples 0, torch's linear does not)")
+    op = Upsample(size, scale, "linear" if mode == "linear" else "nearest", align)
+    imp.values[n.output[0]] = _Value(imp.add(op, [x], n))
 
 
 def _slice(imp: _Importer, n: Any) -> None:
@@ -1110,7 +1376,9 @@ _HANDLERS = {
     "GlobalAveragePool": _global_pool, "ReduceMean": _reduce_mean, "Flatten": _flatten, "Reshape": _reshape,
     "Squeeze": _squeeze, "Gemm": _dense, "MatMul": _matmul, "Add": _add, "Sum": _add, "Concat": _concat,
     "Dropout": _dropout, "Slice": _slice, "Pad": _pad, "PRelu": _prelu, "InstanceNormalization": _normalization,
-    "LayerNormalization": _normalization, **{k: _activation_op for k in _ELEMENTWISE if k not in ("Add", "Mul")},
+    "LayerNormalization": _normalization, "GroupNormalization": _group_normalization, "Split": _split,
+    "SplitToSequence": _split, "SequenceAt": _sequence_at, "Transpose": _transpose, "ConvTranspose": _conv_transpose,
+    "Resize": _resize, "Gather": _gather, **{k: _activation_op for k in _ELEMENTWISE if k not in ("Add", "Mul")},
     "Mul": _mul,
 }
 
@@ -1118,15 +1386,21 @@ _HANDLERS = {
 def from_onnx(source: "str | os.PathLike | bytes | onnx.ModelProto") -> tuple[ModelSpec, dict[str, np.ndarray]]:
     """The spec and weights of an ONNX model (a path, serialized bytes or a ``ModelProto``).
 
-    The spec is rebuilt from the graph: Conv, BatchNormalization, InstanceNormalization,
-    LayerNormalization of features, the activation ops (and chains of elementwise ops, matched
-    by value against hal's activations: torch's silu, pre-opset-20 gelu, mish), PRelu,
-    MaxPool, AveragePool, GlobalAveragePool/ReduceMean, Pad, Flatten/Reshape/Squeeze to
-    (batch, features), Gemm and MatMul+Add, Add/Sum, Mul, Concat, Slice of channels, Dropout;
-    Identity, Constant and constant shape arithmetic are folded. (The multi-node forms
-    ``to_onnx`` writes for LayerNorm over channels, GroupNorm, ChannelShuffle and uneven
-    adaptive pools come back through the metadata, not from the graph.) Node names come from the weights' names (``layer1.0.conv1.weight``), else
-    the module path the exporter recorded, else the ONNX node name. When the model was
+    The spec is rebuilt from the graph: Conv, ConvTranspose, BatchNormalization,
+    InstanceNormalization, GroupNormalization (opset 21), the activation ops (and chains of
+    elementwise ops, matched by value against hal's activations: torch's silu, pre-opset-20 gelu,
+    mish), PRelu, MaxPool, AveragePool, GlobalAveragePool/ReduceMean (an AdaptiveAvgPool to 1
+    where the kept 1s are read), Pad, Flatten/Reshape/Squeeze to (batch, features), Gemm and
+    MatMul+Add, Add/Sum, Mul, Concat, Slice and Split/SplitToSequence of channels, Resize as
+    torch's nearest and (bi/tri)linear interpolation, Dropout; and the forms
+    ``torch.onnx.export`` writes for ConvNeXt's channels-last blocks (Transpose, then
+    LayerNormalization over the last axis and MatMul as 1x1 Conv, Transpose back), group norm
+    (Reshape, InstanceNormalization, Reshape, Mul, Add), channel shuffle (Reshape, Transpose,
+    Reshape) and ``as_strided`` to a tensor's own shape. Identity, Constant and constant
+    shape arithmetic are folded. (The multi-node forms ``to_onnx`` writes for ChannelShuffle,
+    Upsample and uneven adaptive pools come back through the metadata, not from the graph.)
+    Node names come from the weights' names (``layer1.0.conv1.weight``), else the module path
+    the exporter recorded, else the ONNX node name. When the model was
     written by :func:`to_onnx` and its graph is exactly what ``to_onnx`` writes for the
     ``hal.spec`` metadata, that spec is returned (exact floats, names and all) with the
     weights bit for bit; metadata that does not describe the graph (an edited model) is

@@ -277,7 +277,7 @@ def test_unsupported_nodes_are_listed_all_at_once():
             self.rnn = nn.LSTM(4, 5, batch_first=True)
 
         def forward(self, x):
-            y = nn.functional.interpolate(self.conv(x), scale_factor=2.0, mode="nearest")
+            y = nn.functional.interpolate(self.conv(x), scale_factor=2.0, mode="bicubic")
             y = self.rnn(y.flatten(2).transpose(1, 2))[0]
             return torch.softmax(y.flatten(1), dim=1)
 
@@ -285,7 +285,98 @@ def test_unsupported_nodes_are_listed_all_at_once():
     with pytest.raises(UnsupportedError) as info:
         from_onnx(model)
     message = str(info.value)
-    for op in ("Resize", "Transpose", "LSTM", "Softmax"):
+    assert "Resize: mode 'cubic'" in message  # what hal's Upsample has no meaning for, said
+    for op in ("Resize", "LSTM", "Softmax"):
         names = [n.name for n in model.graph.node if n.op_type == op]
         assert names and all(f"{name!r} ({op}" in message for name in names), (op, message)
     assert "'/conv/Conv'" not in message  # the supported node is not listed
+
+
+def _randomise_norms(torch, model):
+    """BatchNorm statistics and norm affines away from 0 and 1 (an import that drops one shows)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0.0, 0.2, generator=g)
+    return model.eval()
+
+
+def _upsampling():
+    """A module with nn.Upsample in each mode torch exports to Resize, ConvTranspose2d and GroupNorm."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Upsampling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.gn = nn.GroupNorm(2, 8)
+            self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+            self.nearest = nn.Upsample(scale_factor=2, mode="nearest")
+            self.bilinear = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            self.corners = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+
+        def forward(self, x):
+            y = self.up(self.gn(self.conv(x)))
+            return torch.cat([self.nearest(y), self.bilinear(y), self.corners(y)], 1)
+
+    return Upsampling()
+
+
+def _torchvision(name):
+    return lambda: pytest.importorskip("torchvision").models.get_model(name, num_classes=10)
+
+
+# model, input size, the hal ops the import must contain (the modules' count where it is structural)
+TORCH_MODELS = {
+    "upsampling": (_upsampling, 6, {"GroupNorm": 1, "ConvTranspose": 1, "Upsample": 3}),
+    "shufflenet_v2_x1_0": (_torchvision("shufflenet_v2_x1_0"), 64, {"ChannelShuffle": 16, "ChannelSlice": 26}),
+    "convnext_tiny": (_torchvision("convnext_tiny"), 32, {"LayerNorm": 23, "Scale": 18}),
+    "mobilenet_v3_small": (_torchvision("mobilenet_v3_small"), 64, {"AdaptiveAvgPool": 9}),
+}
+
+
+@pytest.mark.parametrize("exporter", [pytest.param(k, marks=[pytest.mark.slow] if k == "dynamo" else [])
+                                      for k in TORCH_EXPORTS])
+@pytest.mark.parametrize("name", list(TORCH_MODELS))
+def test_torch_exported_models_import_and_match_torch(name, exporter):
+    """from_onnx of torch.onnx.export's graph computes in hal's float64 what the torch module computes
+    in float64: to rounding when the exporter kept the weights as they are, within the float32
+    tolerance of the weights when it folded BatchNorm into float32 conv weights (its default)."""
+    torch = pytest.importorskip("torch")
+    make, size, kinds = TORCH_MODELS[name]
+    torch.manual_seed(0)
+    model = _randomise_norms(torch, make())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.double()(x.double()).numpy()
+    spec, w = from_onnx(_export(torch, model.float(), x, **TORCH_EXPORTS[exporter]))
+    counts = {k: sum(n.op.kind == k for n in spec.nodes) for k in kinds}
+    assert counts == kinds
+    err = normalised_error(reference(spec, {k: v.astype(np.float64) for k, v in w.items()},
+                                     x.numpy().astype(np.float64), "fp64"), ref)[1]
+    if not exporter.endswith("_folded"):
+        assert err < 1e-10, err
+        return
+    floor = normalised_error(reference(spec, w, x.numpy(), "fp32"), ref)[1]
+    assert err <= tolerance(floor), (err, floor)
+
+
+def test_imported_upsample_and_group_norm_keep_torch_settings():
+    torch = pytest.importorskip("torch")
+    model = _randomise_norms(torch, _upsampling())
+    spec, w = from_onnx(_export(torch, model, torch.randn(1, 3, 5, 5), **TORCH_EXPORTS["torchscript"]))
+    ups = [(n.op.mode, n.op.align_corners, n.op.scale, n.op.size) for n in spec.nodes if n.op.kind == "Upsample"]
+    assert ups == [("nearest", False, (2.0, 2.0), (20, 20)), ("linear", False, (2.0, 2.0), (20, 20)),
+                   ("linear", True, (2.0, 2.0), (20, 20))]
+    (ct,) = [n for n in spec.nodes if n.op.kind == "ConvTranspose"]
+    assert (ct.op.stride, ct.op.padding, ct.op.output_padding, ct.op.groups) == ((2, 2), ((1, 1), (1, 1)), (1, 1), 2)
+    (gn,) = [n for n in spec.nodes if n.op.kind == "GroupNorm"]
+    assert gn.op.groups == 2 and gn.op.affine
+    np.testing.assert_array_equal(w[f"{gn.name}.weight"], model.gn.weight.detach().numpy())
+    np.testing.assert_array_equal(w[f"{gn.name}.bias"], model.gn.bias.detach().numpy())
