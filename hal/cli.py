@@ -168,6 +168,15 @@ def _check_writable(folder: str, flag: str) -> None:
         raise ConfigError(f"{flag}: {exc}") from None
 
 
+def _output_file(output: str, suffix: str) -> Path:
+    """The ``-o/--output`` file, checked writable before any work."""
+    out = Path(output)
+    if out.is_dir():
+        raise ConfigError(f"-o/--output: {output!r} is a folder; give the {suffix} file to write")
+    _check_writable(str(out.parent), "-o/--output")
+    return out
+
+
 # ---------------------------------------------------------------------------
 # what the commands share
 # ---------------------------------------------------------------------------
@@ -373,10 +382,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hal.onnx import to_onnx
 
-    out = Path(args.output)
-    if out.is_dir():
-        raise ConfigError(f"-o/--output: {args.output!r} is a folder; give the .onnx file to write")
-    _check_writable(str(out.parent), "-o/--output")
+    out = _output_file(args.output, ".onnx")
     spec, weights = _model(args)
     model = to_onnx(spec, weights, out, opset=args.opset, dynamic_batch=args.dynamic_batch, batch=args.batch)
     batch = "dynamic" if args.dynamic_batch else args.batch
@@ -405,10 +411,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from hal.importers.torch import from_torch
     from hal.weights import save_weights
 
-    out = Path(args.output)
-    if out.is_dir():
-        raise ConfigError(f"-o/--output: {args.output!r} is a folder; give the .safetensors file to write")
-    _check_writable(str(out.parent), "-o/--output")
+    out = _output_file(args.output, ".safetensors")
     path, _, attr = args.factory.partition(":")
     if str(Path.cwd()) not in sys.path and "" not in sys.path:  # the user's own package, as `python -m` would
         sys.path.insert(0, str(Path.cwd()))

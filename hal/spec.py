@@ -273,6 +273,15 @@ def _window_out(n: int, k: int, s: int, d: int, pad: tuple[int, int], where: str
     return (span - eff) // s + 1
 
 
+def _check_groups(in_channels: int, out_channels: int, groups: int) -> None:
+    if out_channels < 1 or groups < 1:
+        raise ValueError(f"out_channels and groups must be >= 1, got {out_channels}, {groups}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"in_channels {in_channels} and out_channels {out_channels} must both be divisible by groups {groups}"
+        )
+
+
 def _check_window(kernel: Shape, stride: Shape, padding: Padding, dilation: Shape | None = None) -> None:
     nd = len(kernel)
     if nd not in (1, 2, 3):
@@ -322,13 +331,7 @@ class Conv(Op):
     def infer(self, shapes: list[Shape]) -> Shape:
         _check_window(self.kernel, self.stride, self.padding, self.dilation)
         spatial = _spatial(shapes[0], "Conv", len(self.kernel))
-        cin = shapes[0][0]
-        if self.out_channels < 1 or self.groups < 1:
-            raise ValueError(f"out_channels and groups must be >= 1, got {self.out_channels}, {self.groups}")
-        if cin % self.groups or self.out_channels % self.groups:
-            raise ValueError(
-                f"in_channels {cin} and out_channels {self.out_channels} must both be divisible by groups {self.groups}"
-            )
+        _check_groups(shapes[0][0], self.out_channels, self.groups)
         out = tuple(
             _window_out(n, k, s, d, p, f"Conv dim {i}")
             for i, (n, k, s, d, p) in enumerate(zip(spatial, self.kernel, self.stride, self.dilation, self.padding))
@@ -373,13 +376,7 @@ class ConvTranspose(Op):
     def infer(self, shapes: list[Shape]) -> Shape:
         _check_window(self.kernel, self.stride, self.padding, self.dilation)
         spatial = _spatial(shapes[0], "ConvTranspose", len(self.kernel))
-        cin = shapes[0][0]
-        if self.out_channels < 1 or self.groups < 1:
-            raise ValueError(f"out_channels and groups must be >= 1, got {self.out_channels}, {self.groups}")
-        if cin % self.groups or self.out_channels % self.groups:
-            raise ValueError(
-                f"in_channels {cin} and out_channels {self.out_channels} must both be divisible by groups {self.groups}"
-            )
+        _check_groups(shapes[0][0], self.out_channels, self.groups)
         if len(self.output_padding) != len(self.kernel) or any(
             not 0 <= q < max(s, d) for q, s, d in zip(self.output_padding, self.stride, self.dilation)
         ):
