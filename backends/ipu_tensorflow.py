@@ -348,9 +348,6 @@ class IPUExecutable(TensorFlowExecutable):
             self._spe, self._optimizer = 0, None
             self._compile_keras(g * self.iterations)
         self._fns: dict[str, Any] = {}
-        self._bn_counts = [
-            (n.name, math.prod(spec.in_shapes(n)[0][1:])) for n in spec.nodes if isinstance(n.op, S.BatchNorm)
-        ]
         self._state: list[tuple[Any, np.ndarray]] | None = None  # variables after the last run_steps call
         self._load_weights(weights)
 
@@ -401,7 +398,7 @@ class IPUExecutable(TensorFlowExecutable):
         n, g, r = xs.shape[1], self.config.grad_accum, self.replicas
         if n % (g * r):
             raise InputError(f"{self.target}: batch {n} is not divisible by grad_accum x replicas = {g} x {r}")
-        self._check_bn_batch(n // (g * r))
+        self._check_batch_statistics(n // (g * r))  # each replica's micro-batch
         if not self.config.check_finite:
             return self._fit(xs, ys), len(xs)
         before = self._state if self._state is not None else self._read_state()

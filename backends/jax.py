@@ -781,8 +781,6 @@ class JaxExecutable(Executable):
         self.matmul_precision = matmul
         self.x64 = config.precision == "fp64"
         self.master = np.dtype(MASTER_DTYPE[config.precision])
-        bn_sizes = [math.prod(spec.in_shapes(n)[0][1:]) for n in spec.nodes if isinstance(n.op, S.BatchNorm)]
-        self._bn_min = min(bn_sizes) if bn_sizes else None
         self._calls = 0  # counter for dropout keys of predict(training=True)
         self._infer_vars: Any = None  # folded inference variables, rebuilt when weights change
         with self._scope():
@@ -819,13 +817,6 @@ class JaxExecutable(Executable):
     def _put_y(self, y: np.ndarray) -> Any:
         return self._put(y, np.int32) if self.config.loss == "cross_entropy" else self._put(y)
 
-    def _check_bn(self, n: int) -> None:
-        if self._bn_min is not None and n * self._bn_min < 2:
-            raise InputError(
-                f"{self.target}: training-mode BatchNorm needs more than one value per channel; "
-                f"a (micro-)batch of {n} gives {n * self._bn_min} (use a batch of at least 2)"
-            )
-
     def _variables(self) -> Any:
         if self._infer_vars is None:
             self._infer_vars = self.programs.fold(self.params, self.stats)
@@ -838,7 +829,6 @@ class JaxExecutable(Executable):
 
         with self._scope():
             if training:
-                self._check_bn(len(x))
                 self._calls += 1
                 key = jax.random.fold_in(jax.random.fold_in(self._key, 2**31 - 1), self._calls)
                 out = self.programs.forward_train(self.params, self.stats, self._put(x), key)
@@ -849,7 +839,6 @@ class JaxExecutable(Executable):
     def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         import jax
 
-        self._check_bn(len(x) // self.config.grad_accum)
         with self._scope():
             key = jax.random.fold_in(self._key, self.step)
             loss, grads = self.programs.grads(self.params, self.stats, self._put(x), self._put_y(y), key)
@@ -858,7 +847,6 @@ class JaxExecutable(Executable):
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
         import jax
 
-        self._check_bn(len(x) // self.config.grad_accum)
         with self._scope():
             scalars = self._put(scalar_table(self.config, self.step, 1)[0])
             self.params, self.stats, self.opt_state, loss, ok = self.programs.train(
@@ -873,7 +861,6 @@ class JaxExecutable(Executable):
     def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
         import jax
 
-        self._check_bn(xs.shape[1] // self.config.grad_accum)
         n = len(xs)
         with self._scope():
             table = self._put(scalar_table(self.config, self.step, n))

@@ -103,7 +103,7 @@ import numpy as np
 
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights
-from hal.errors import BackendUnavailable, HalError, InputError, TargetError
+from hal.errors import BackendUnavailable, HalError, TargetError
 from hal.lowering import (
     COMPUTE_DTYPE,
     adaptive_windows,
@@ -869,9 +869,6 @@ class TensorFlowExecutable(Executable):
         self.per_sample_loss = _loss(config)
         self.scalar_names = step_scalar_names(config)
         self._fns: dict[str, Any] = {}
-        self._bn_counts = [
-            (n.name, math.prod(spec.in_shapes(n)[0][1:])) for n in spec.nodes if isinstance(n.op, S.BatchNorm)
-        ]
         self._load_weights(weights)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -899,15 +896,6 @@ class TensorFlowExecutable(Executable):
 
     def _y(self, y: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(y, dtype=np.int32 if self.config.loss == "cross_entropy" else self.np_dtype)
-
-    def _check_bn_batch(self, micro_batch: int) -> None:
-        """Training-mode BatchNorm needs more than one value per channel (torch raises too)."""
-        for name, spatial in self._bn_counts:
-            if micro_batch * spatial < 2:
-                raise InputError(
-                    f"{self.target}: training-mode BatchNorm at node {name!r} needs more than one value per "
-                    f"channel, got a (micro-)batch of {micro_batch} with {spatial} spatial position(s)"
-                )
 
     # -- traced bodies (Python; run inside tf.function) ------------------------------
 
@@ -987,26 +975,22 @@ class TensorFlowExecutable(Executable):
 
     def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
         if training:
-            self._check_bn_batch(len(x))
             out = self._call("forward_train", lambda a: self._forward(a, True), "train", self._x(x))
         else:
             out = self._call("infer", lambda a: self._forward(a, False), "infer", self._x(x))
         return out.numpy()
 
     def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
-        self._check_bn_batch(len(x) // self.config.grad_accum)
         loss, grads = self._call("grads", lambda a, b: self._grads(a, b)[:2], "train", self._x(x), self._y(y))
         return float(loss), {k: self.graph.variables[k][2](d.numpy()) for k, d in zip(self.train_names, grads)}
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
-        self._check_bn_batch(len(x) // self.config.grad_accum)
         scalars = scalar_table(self.config, self.step, 1)[0]
         loss, applied = self._call("train_step", self._step, "train", self._x(x), self._y(y), scalars)
         self.step += int(applied)
         return float(loss), bool(applied)
 
     def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
-        self._check_bn_batch(xs.shape[1] // self.config.grad_accum)
         scalars = scalar_table(self.config, self.step, len(xs))
         losses, applied = self._call("run_steps", self._steps, "train", self._x(xs), self._y(ys), scalars)
         self.step += int(applied)

@@ -54,7 +54,7 @@ from hal.backend import (
     Weights,
     package_availability,
 )
-from hal.errors import InputError, UnsupportedError
+from hal.errors import UnsupportedError
 from hal.lowering import (
     COMPUTE_DTYPE,
     MASTER_DTYPE,
@@ -532,19 +532,13 @@ class TorchExecutable(Executable):
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def _run(self, module: "nn.Module", x: "torch.Tensor") -> "torch.Tensor":
-        """``module(x)`` in the executable's layout and precision; torch's complaint about
-        training-mode BatchNorm over one value becomes a hal error."""
+        """``module(x)`` in the executable's layout and precision."""
         import torch
 
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        try:
-            with self._ctx():
-                return module(x)
-        except ValueError as exc:
-            raise InputError(
-                f"{self.target}: {exc} (training-mode BatchNorm needs more than one value per channel)"
-            ) from None
+        with self._ctx():
+            return module(x)
 
     # -- hooks ----------------------------------------------------------------------
 

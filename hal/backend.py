@@ -7,8 +7,10 @@ lazily (inside methods), so listing backends imports no framework.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import numpy as np
 
 from hal.errors import ConfigError, InputError, NonFiniteError, TargetError, UnsupportedError
-from hal.spec import OPS, ModelSpec
+from hal.spec import OPS, BatchNorm, ModelSpec
 from hal.training import TrainConfig
 from hal.weights import check_weights
 
@@ -185,7 +187,10 @@ class Executable(ABC):
         statistics in BatchNorm, dropout active) without updating any state."""
         if not isinstance(training, bool):
             raise InputError(f"{self.target}: predict(training=...) takes a bool, got {training!r}")
-        return self._predict(self.check_x(x), training)
+        x = self.check_x(x)
+        if training:
+            self._check_batch_statistics(len(x))
+        return self._predict(x, training)
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         """Training-mode loss and the gradients of the trainable parameters
@@ -299,7 +304,24 @@ class Executable(ABC):
         g = self.config.grad_accum
         if n % g:
             raise InputError(f"{self.target}: batch {n} is not divisible by grad_accum {g}")
+        self._check_batch_statistics(n // g)
         return x, y
+
+    def _check_batch_statistics(self, micro_batch: int) -> None:
+        """Training-mode BatchNorm needs more than one value per channel (torch refuses it too)."""
+        for name, positions in self._batchnorm_positions:
+            if micro_batch * positions < 2:
+                raise InputError(
+                    f"{self.target}: training-mode BatchNorm at node {name!r} needs more than one value per "
+                    f"channel, got a (micro-)batch of {micro_batch} with {positions} position(s) per channel"
+                )
+
+    @functools.cached_property
+    def _batchnorm_positions(self) -> list[tuple[str, int]]:
+        """``(node, values per channel per sample)`` of every BatchNorm, fewest first."""
+        sizes = [(n.name, math.prod(self.spec.in_shapes(n)[0][1:])) for n in self.spec.nodes
+                 if isinstance(n.op, BatchNorm)]
+        return sorted(sizes, key=lambda t: t[1])[:1]
 
     def check_steps(self, xs: object, ys: object) -> None:
         if (not isinstance(xs, np.ndarray) or not isinstance(ys, np.ndarray) or xs.ndim < 2 or ys.ndim < 1

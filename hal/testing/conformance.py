@@ -1039,6 +1039,10 @@ def _static_cases() -> tuple[Case, ...]:
              doc=f"{what}: InputError")
         for name, (action, what) in bad_xy.items()
     ]
+    cases.append(Case("error/batchnorm_over_one_value",
+                      _error_case(InputError, lambda e, x, y: e.predict(x[:1], training=True),
+                                  "a training-mode forward of one sample through BatchNorm over features"),
+                      mlp, default, doc="training-mode BatchNorm needs more than one value per channel: InputError"))
     accum = TrainConfig(optimizer=momentum, grad_accum=3)
     cases.append(Case("error/batch_not_divisible_by_grad_accum",
                       _error_case(InputError, lambda e, x, y: e.train_step(x, y), f"batch {BATCH} with grad_accum 3"),
