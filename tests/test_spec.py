@@ -974,7 +974,10 @@ def structural_mutants(draw):
     if kind == "arity":
         i = draw(st.sampled_from(inner))
         if isinstance(nodes[i].op, (Add, Concat)):
-            return _replace_node(nodes, i, inputs=nodes[i].inputs[:1]), output, nodes[i].name
+            dropped = set(nodes[i].inputs[1:]) - {nodes[i].inputs[0]}
+            orphaned = any(d != output and all(d not in n.inputs for j, n in enumerate(nodes) if j != i)
+                           for d in dropped)  # then a dead node is a second error, which may be named first
+            return _replace_node(nodes, i, inputs=nodes[i].inputs[:1]), output, None if orphaned else nodes[i].name
         return _replace_node(nodes, i, inputs=nodes[i].inputs * 2), output, nodes[i].name
     if kind == "groups":
         i = draw(st.sampled_from(convs))
