@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 # One intra-op thread per framework: the CI box has 2 cores shared with other jobs,
 # where torch's spinning OpenMP workers make small tests 3x slower. Set before any
@@ -41,3 +43,22 @@ def random_weights(spec, seed: int = 0, dtype=np.float64) -> dict[str, np.ndarra
 def make_weights():
     """``make_weights(spec, seed=0, dtype=np.float64)`` -> random canonical weights."""
     return random_weights
+
+
+@contextlib.contextmanager
+def failing_on_call(obj: object, name: str, n: int = 3) -> Iterator[list[int]]:
+    """Inside the block, ``obj.name`` raises ``RuntimeError("conversion failed")`` on its
+    ``n``-th call (an all-or-nothing load must then change nothing); yields the calls made."""
+    real, calls = getattr(obj, name), []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("conversion failed")
+        return real(*args, **kwargs)
+
+    setattr(obj, name, failing)
+    try:
+        yield calls
+    finally:
+        setattr(obj, name, real)

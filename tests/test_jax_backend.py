@@ -22,6 +22,7 @@ pytest.importorskip("flax", reason="the jax backend needs flax: pip install 'hal
 pytest.importorskip("optax", reason="the jax backend needs optax: pip install 'hal-cnn[jax]'")
 
 import hal  # noqa: E402
+from conftest import failing_on_call  # noqa: E402  (tests/ is on sys.path)
 import hal.models  # noqa: E402
 import hal.testing  # noqa: E402
 from hal.backends.jax import JaxBackend  # noqa: E402
@@ -370,7 +371,7 @@ def test_matmul_precision_option(monkeypatch: pytest.MonkeyPatch) -> None:
         hal.compile(spec, "jax:cpu", options={"matmul_precision": "fastest"})
 
 
-def test_load_weights_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_weights_is_all_or_nothing() -> None:
     import hal.backends.jax as hal_jax
 
     spec = tiny_bn()
@@ -378,21 +379,11 @@ def test_load_weights_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     x, y = make_batch(spec, 4, "cross_entropy")
     exe.predict(x)  # the folded inference copy exists and must stay valid
     before, out = exe.weights(), exe.predict(x)
-    convert, calls = hal_jax.to_flax_layout, []
-
-    def failing(*args: object) -> np.ndarray:
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("conversion failed")
-        return convert(*args)
-
-    monkeypatch.setattr(hal_jax, "to_flax_layout", failing)
-    with pytest.raises(RuntimeError, match="conversion failed"):
+    with failing_on_call(hal_jax, "to_flax_layout") as calls, pytest.raises(RuntimeError, match="conversion failed"):
         exe.load_weights(hal.init_weights(spec, seed=2))
     assert len(calls) == 3
     hal.testing.assert_weights_equal(exe.weights(), before)
     np.testing.assert_array_equal(exe.predict(x), out)
-    monkeypatch.undo()
     other = hal.init_weights(spec, seed=2)
     exe.load_weights(other)
     hal.testing.assert_weights_equal(exe.weights(), other)

@@ -40,6 +40,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import hal  # noqa: E402
+from conftest import failing_on_call  # noqa: E402  (tests/ is on sys.path)
 from hal import ConfigError, InputError, SpecBuilder, TargetError, TrainConfig, UnsupportedError, ipu, models  # noqa: E402
 from hal.training import SGD, Adam, AdamW, StepDecay  # noqa: E402
 
@@ -887,24 +888,14 @@ def test_check_finite_off_applies_a_nan_step(poptorch):
     assert not pop._train.calls or all(e[0] != "writeOptimizerState" for e in poptorch._state["log"])
 
 
-def test_load_weights_is_all_or_nothing(poptorch, monkeypatch):
+def test_load_weights_is_all_or_nothing(poptorch):
     spec = models.get("small_cnn")
     pop = hal.compile(spec, "poptorch:ipu-model")
     x, y = _data(spec, 4)
     pop.train_step(x, y)
     before = pop.weights()
-    real, calls = torch.from_numpy, []
-
-    def failing(a):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("conversion failed")
-        return real(a)
-
-    monkeypatch.setattr(torch, "from_numpy", failing)
-    with pytest.raises(RuntimeError, match="conversion failed"):
+    with failing_on_call(torch, "from_numpy") as calls, pytest.raises(RuntimeError, match="conversion failed"):
         pop.load_weights(hal.init_weights(spec, seed=5))
-    monkeypatch.setattr(torch, "from_numpy", real)
     assert len(calls) == 3
     _assert_weights_equal(pop.weights(), before)
 

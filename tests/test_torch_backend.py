@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import hal
+from conftest import failing_on_call  # tests/ is on sys.path (pytest's default import mode)
 from hal.backends.numpy import NumpyExecutable
 
 from hal.parity import FACTOR, normalised_error, tolerance
@@ -410,24 +411,14 @@ def test_running_stats_after_a_conv_and_a_real_step(make_weights):
     assert not np.allclose(exe.weights()["c.weight"], w["c.weight"])
 
 
-def test_load_weights_is_all_or_nothing(make_weights, monkeypatch):
+def test_load_weights_is_all_or_nothing(make_weights):
     """A conversion that fails on the third tensor leaves every weight, and predict, as before."""
     spec = small()
     exe = hal.compile(spec, "torch", make_weights(spec, 0, np.float32))
     x, _ = batch(spec, 2)
     before, out = exe.weights(), exe.predict(x)
-    real, calls = torch.from_numpy, []
-
-    def failing(a):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("conversion failed")
-        return real(a)
-
-    monkeypatch.setattr(torch, "from_numpy", failing)
-    with pytest.raises(RuntimeError, match="conversion failed"):
+    with failing_on_call(torch, "from_numpy") as calls, pytest.raises(RuntimeError, match="conversion failed"):
         exe.load_weights(make_weights(spec, 1, np.float32))
-    monkeypatch.undo()
     assert len(calls) == 3
     after = exe.weights()
     assert all(np.array_equal(after[k], v) for k, v in before.items())
