@@ -259,5 +259,9 @@ def scalar_table(config: TrainConfig, first_step: int, steps: int) -> np.ndarray
 # precision
 # ---------------------------------------------------------------------------
 
-COMPUTE_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}
-MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32", "fp16": "float32"}
+COMPUTE_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16",
+                 "16.16": "float16", "16.32": "float16"}
+MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32", "fp16": "float32",
+                "16.16": "float16", "16.32": "float16"}
+# Graphcore's IPU precisions name the dtype of convolution/matmul partial sums.
+PARTIALS_DTYPE = {"16.16": "float16", "16.32": "float32"}

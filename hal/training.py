@@ -23,7 +23,7 @@ from typing import Union
 from hal.errors import ConfigError, show
 
 LOSSES = ("cross_entropy", "mse")
-PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16", "16.16", "16.32")
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,10 @@ Schedule = Union[Constant, StepDecay, Cosine]
 class TrainConfig:
     """How a compiled model trains. ``precision`` is the compute precision:
     ``fp32`` (default), ``fp64`` (reference runs), ``bf16``/``fp16`` mixed
-    (fp32 master weights). With ``check_finite`` (default) a training step whose
+    (fp32 master weights), or Graphcore's IPU precisions ``16.16``/``16.32``
+    (weights, activations and gradients in fp16 with no fp32 master copy,
+    convolution and matmul partials in fp16 or fp32, stochastic rounding,
+    static loss scaling, optimizer state in fp32; IPU targets only). With ``check_finite`` (default) a training step whose
     loss or any gradient is not finite is not applied: it raises
     :class:`hal.errors.NonFiniteError` naming the step, weights as before it."""
 
