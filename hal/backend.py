@@ -66,6 +66,8 @@ class Capabilities:
     training: bool = True
     pipelining: bool = False
     replication: bool = False
+    data_parallel: bool = False  # runs TrainConfig.data_parallel with more than one replica
+    sync_batchnorm: bool = False  # ... and DataParallel(sync_batchnorm=True)
 
 
 @dataclass(frozen=True)
@@ -301,10 +303,14 @@ class Executable(ABC):
                     f"{self.target}: mse targets must be floats of shape ({n}, {_fmt(out)}), "
                     f"got {y.dtype} {tuple(y.shape)}"
                 )
-        g = self.config.grad_accum
-        if n % g:
-            raise InputError(f"{self.target}: batch {n} is not divisible by grad_accum {g}")
-        self._check_batch_statistics(n // g)
+        g, dp = self.config.grad_accum, self.config.data_parallel
+        if n % (dp.replicas * g):
+            raise InputError(
+                f"{self.target}: batch {n} is not divisible by replicas {dp.replicas} * grad_accum {g}"
+                if dp.replicas > 1 else f"{self.target}: batch {n} is not divisible by grad_accum {g}"
+            )
+        # BatchNorm statistics cover one replica's micro-batch, or the micro-batch of every replica when synchronised
+        self._check_batch_statistics(n * dp.hosts // g if dp.sync_batchnorm else n // (dp.replicas * g))
         return x, y
 
     def _check_batch_statistics(self, micro_batch: int) -> None:

@@ -134,6 +134,7 @@ def compile(
         config = TrainConfig(precision=plan.precision, grad_accum=plan.batch.grad_accum) if plan else TrainConfig()
     elif not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a hal.TrainConfig, got {type(config).__name__}")
+    _check_data_parallel(cls, t, config)
     bad = cls.unsupported(spec, config)
     if bad:
         listed = "; ".join(f"{k}: {v}" for k, v in bad.items())
@@ -141,6 +142,18 @@ def compile(
     opts = check_options(cls, options)
     w = check_weights(spec, weights) if weights is not None else init_weights(spec, seed)
     return cls.compile(spec, w, t.device, config, opts, plan)
+
+
+def _check_data_parallel(cls: type[Backend], target: Target, config: TrainConfig) -> None:
+    """Refuse a data-parallel config the backend cannot run."""
+    dp, caps = config.data_parallel, cls.capabilities()
+    if dp.enabled and not caps.data_parallel:
+        raise UnsupportedError(
+            f"{target} does not do data-parallel training (replicas={dp.replicas}, hosts={dp.hosts}): "
+            "use a backend whose capabilities().data_parallel is set (torch, jax, tensorflow), or one replica"
+        )
+    if dp.enabled and dp.sync_batchnorm and not caps.sync_batchnorm:
+        raise UnsupportedError(f"{target} has no synchronised BatchNorm: use DataParallel(sync_batchnorm=False)")
 
 
 def check_options(cls: type[Backend], options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -11,6 +11,32 @@ Gradient accumulation ``G`` splits each batch into ``G`` equal micro-batches,
 runs forward/backward on each (BatchNorm statistics per micro-batch; running
 statistics updated once per micro-batch, as on the IPU) and applies the mean of
 the micro-batch gradients, i.e. the gradient of the mean micro-batch loss.
+
+Data parallelism (``TrainConfig.data_parallel``, :class:`DataParallel`) runs
+``replicas`` replicas on each of ``hosts`` hosts (``world = replicas * hosts``):
+
+- ``train_step``/``run_steps``/``loss_and_grads`` take *this host's* batch
+  (global batch / hosts). Replica ``r`` of host ``h`` (global replica
+  ``h * replicas + r``) gets rows ``[r*b, (r+1)*b)`` with ``b = batch / replicas``
+  and splits them into ``grad_accum`` micro-batches, so the batch must be
+  divisible by ``replicas * grad_accum``.
+- Gradients are the mean over replicas and micro-batches (the gradient of the
+  mean micro-batch loss over all ``world * grad_accum`` micro-batches); the
+  returned loss is that mean, the same on every host. Hence ``R`` replicas with
+  ``grad_accum`` 1 and host batch ``B`` equal one device with batch ``B`` and
+  ``grad_accum`` ``R``: micro-batch ``i`` is rows ``[i*B/R, (i+1)*B/R)`` in both.
+- BatchNorm uses each replica's micro-batch statistics. Running statistics are
+  replica 0's (the rule of DDP's ``broadcast_buffers=True``: rank 0's buffers
+  win), i.e. updated once per micro-batch of replica 0 only; every replica holds
+  them after each step. With ``sync_batchnorm`` (where the engine has it)
+  statistics cover the same micro-batch index of all replicas, which equals one
+  device with batch ``B`` and ``grad_accum`` ``G``.
+- The schedule counts optimizer steps; with ``check_finite`` a step is skipped
+  on all replicas alike (gradients are reduced before the check).
+- ``weights()`` are replica 0's; ``predict`` gives the single-device result.
+- A seed fixes which samples each replica sees: ``hal train`` shuffles the
+  global dataset per epoch with the seed, cuts global batches, host ``h`` takes
+  slice ``h`` and replica ``r`` slice ``r`` of that.
 """
 
 from __future__ import annotations
@@ -133,6 +159,61 @@ Schedule = Union[Constant, StepDecay, Cosine]
 
 
 @dataclass(frozen=True)
+class DataParallel:
+    """Data parallelism: ``replicas`` per host on ``hosts`` hosts (rules in the module docstring).
+
+    For ``hosts > 1`` every host runs the same program with its own ``host_rank``
+    (0 .. hosts-1) and the same ``coordinator`` ``"address:port"``, which host 0
+    listens on."""
+
+    replicas: int = 1
+    hosts: int = 1
+    sync_batchnorm: bool = False
+    host_rank: int = 0
+    coordinator: str = ""
+
+    def __post_init__(self) -> None:
+        for n in ("replicas", "hosts"):
+            v = getattr(self, n)
+            if not (_int(v) and v >= 1):
+                raise ConfigError(f"DataParallel: {n} must be an int >= 1, got {show(v)}")
+        if not isinstance(self.sync_batchnorm, bool):
+            raise ConfigError(f"DataParallel: sync_batchnorm must be a bool, got {show(self.sync_batchnorm)}")
+        if not (_int(self.host_rank) and 0 <= self.host_rank < self.hosts):
+            raise ConfigError(
+                f"DataParallel: host_rank must be an int in [0, hosts={self.hosts}), got {show(self.host_rank)}"
+            )
+        if not isinstance(self.coordinator, str):
+            raise ConfigError(f"DataParallel: coordinator must be a string 'address:port', got {show(self.coordinator)}")
+        if self.coordinator:
+            self.coordinator_address()
+        elif self.hosts > 1:
+            raise ConfigError(
+                f"DataParallel: {self.hosts} hosts need coordinator='address:port' (host 0's address, a free port), "
+                "the same on every host"
+            )
+
+    @property
+    def world(self) -> int:
+        """Replicas in all: ``replicas * hosts``."""
+        return self.replicas * self.hosts
+
+    @property
+    def enabled(self) -> bool:
+        """More than one replica in all."""
+        return self.world > 1
+
+    def coordinator_address(self) -> tuple[str, int]:
+        """``coordinator`` as ``(address, port)``; raises :class:`ConfigError` if malformed."""
+        host, sep, port = self.coordinator.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                f"DataParallel: coordinator must be 'address:port' with a port in 1..65535, got {show(self.coordinator)}"
+            )
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How a compiled model trains. ``precision`` is the compute precision:
     ``fp32`` (default), ``fp64`` (reference runs), ``bf16``/``fp16`` mixed
@@ -141,7 +222,8 @@ class TrainConfig:
     convolution and matmul partials in fp16 or fp32, stochastic rounding,
     static loss scaling, optimizer state in fp32; IPU targets only). With ``check_finite`` (default) a training step whose
     loss or any gradient is not finite is not applied: it raises
-    :class:`hal.errors.NonFiniteError` naming the step, weights as before it."""
+    :class:`hal.errors.NonFiniteError` naming the step, weights as before it.
+    ``data_parallel`` spreads each step over replicas (module docstring)."""
 
     loss: str = "cross_entropy"
     optimizer: Optimizer = field(default_factory=SGD)
@@ -149,8 +231,11 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"
     check_finite: bool = True
+    data_parallel: DataParallel = field(default_factory=DataParallel)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data_parallel, DataParallel):
+            raise ConfigError(f"data_parallel must be a hal.training.DataParallel, got {show(self.data_parallel)}")
         if not isinstance(self.check_finite, bool):
             raise ConfigError(f"check_finite must be a bool, got {show(self.check_finite)}")
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
