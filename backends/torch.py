@@ -145,11 +145,14 @@ def _modules() -> dict[type[S.Op], type]:
             self.register_buffer("running_var", torch.empty(c))
             self.op = op
             self.update_stats = True  # training mode: update running statistics?
+            self.sync: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # synchronised training forward
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             op = self.op
             if not self.training:
                 return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, op.eps)
+            if self.sync is not None:
+                return self.sync(self, x)
             if self.update_stats:  # torch's rule is the canonical one: biased to normalise, unbiased to track
                 return F.batch_norm(
                     x, self.running_mean, self.running_var, self.weight, self.bias, True, op.momentum, op.eps
@@ -510,6 +513,7 @@ class TorchExecutable(Executable):
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.loss = F.cross_entropy if config.loss == "cross_entropy" else F.mse_loss
         self._infer: Any = None  # fused inference copy, rebuilt when weights change
+        self.train_module: nn.Module = self.module  # what the training forward calls (a DDP wrapper in a replica)
 
     # -- I/O boundary -----------------------------------------------------------
 
@@ -567,11 +571,16 @@ class TorchExecutable(Executable):
         self.module.set_update_stats(update_stats)
         self.optimizer.zero_grad(set_to_none=True)
         total = None
-        for xm, ym in zip(x.chunk(g), y.chunk(g)):
-            loss = self.loss(self._run(self.module, xm).to(self.dtype), ym) / g  # the loss in master precision
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        for i, (xm, ym) in enumerate(zip(x.chunk(g), y.chunk(g))):
+            with self._grad_sync(i == g - 1):
+                loss = self.loss(self._run(self.train_module, xm).to(self.dtype), ym) / g  # in master precision
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total  # type: ignore[return-value]
+
+    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch's forward and backward (data-parallel replicas reduce on the last)."""
+        return contextlib.nullcontext()
 
     def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         loss = self._accumulate(self._x(x), self._y(y), update_stats=False)
@@ -650,7 +659,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(precisions=("fp32", "fp64", "bf16", "fp16"))
+        return Capabilities(precisions=("fp32", "fp64", "bf16", "fp16"), data_parallel=True, sync_batchnorm=True)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
@@ -667,4 +676,114 @@ class TorchBackend(Backend):
         cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
         plan: "Plan | None",
     ) -> Executable:
+        if config.data_parallel.enabled:
+            return _launch_replicas(spec, weights, device, config, options)
         return TorchExecutable(spec, weights, device, config, options)
+
+
+# -- data parallelism: one process per replica, DistributedDataParallel ------------------------------------------
+
+
+def _launch_replicas(
+    spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any]
+) -> Executable:
+    """This host's replica processes (:mod:`hal.distributed`); on CUDA local replica ``r`` takes the ``r``-th
+    device from ``device`` on."""
+    import torch
+
+    from hal.distributed import launch
+
+    dp = config.data_parallel
+    if device.startswith("cuda"):
+        first = torch.device(device).index or 0
+        if first + dp.replicas > torch.cuda.device_count():
+            raise UnsupportedError(
+                f"torch:{device}: {dp.replicas} replicas need CUDA devices {first}..{first + dp.replicas - 1}, "
+                f"this host has {torch.cuda.device_count()}"
+            )
+    return launch(_replica, spec, Target("torch", device), config, weights=weights, device=device, options=options)
+
+
+def _replica(
+    spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any], rank: int,
+    local_rank: int, world: int, coordinator: tuple[str, int],
+) -> "DDPExecutable":
+    """A replica's executable, built in its own process by :func:`hal.distributed.launch`."""
+    import torch
+
+    if device.startswith("cuda"):
+        device = f"cuda:{(torch.device(device).index or 0) + local_rank}"
+    return DDPExecutable(spec, weights, device, config, options, rank, world, coordinator)
+
+
+class DDPExecutable(TorchExecutable):
+    """One replica of a data-parallel run (the rules of :mod:`hal.training`): ``DistributedDataParallel`` over
+    a gloo (CPU) or NCCL (CUDA) process group, ``no_sync()`` for all but the last micro-batch, the loss
+    all-reduced to the mean over replicas, and rank 0's BatchNorm running statistics broadcast after each
+    ``run_steps`` call (``broadcast_buffers=False``: DDP would broadcast them at the *next* forward, so a
+    replica's ``weights()``/``predict`` would lag a step). With ``sync_batchnorm`` each training-mode
+    BatchNorm takes its statistics over every replica's micro-batch (:func:`_synced_batch_norm`)."""
+
+    def __init__(
+        self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
+        rank: int, world: int, coordinator: tuple[str, int],
+    ) -> None:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        host, port = coordinator
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=f"tcp://{host}:{port}",
+                                rank=rank, world_size=world)
+        super().__init__(spec, weights, device, config, options)
+        self.world = world
+        if config.data_parallel.sync_batchnorm:
+            for m in self.module.modules():
+                if hasattr(m, "sync"):
+                    m.sync = _synced_batch_norm
+        self.train_module = DistributedDataParallel(
+            self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+
+    def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else self.train_module.no_sync()
+
+    def _accumulate(self, x: "torch.Tensor", y: "torch.Tensor", update_stats: bool) -> "torch.Tensor":
+        import torch.distributed as dist
+
+        loss = super()._accumulate(x, y, update_stats)
+        dist.all_reduce(loss)  # gloo has no AVG
+        return loss / self.world
+
+    def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
+        import torch.distributed as dist
+
+        out = super()._run_steps(xs, ys)
+        for t in self.stats:
+            dist.broadcast(t, 0)
+        return out
+
+
+def _synced_batch_norm(bn: "nn.Module", x: "torch.Tensor") -> "torch.Tensor":
+    """Training-mode BatchNorm over the micro-batches of all replicas (equal sizes), in master precision.
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors (its kernels, ``torch.batch_norm_stats``, are CUDA-only), so
+    the statistics are two autograd-aware all-reduces (``torch.distributed.nn.functional.all_reduce``: the
+    backward sums the gradients of every replica's loss, as SyncBatchNorm's own backward does), the mean then the
+    biased variance; running statistics as torch's BatchNorm (unbiased variance, ``momentum``), once per call."""
+    import torch
+    from torch.distributed.nn.functional import all_reduce
+
+    dims = [0, *range(2, x.ndim)]
+    shape = (1, -1, *([1] * (x.ndim - 2)))
+    xf = x.to(bn.running_mean.dtype)
+    count = torch.distributed.get_world_size() * (x.numel() // x.shape[1])
+    mean = all_reduce(xf.sum(dims)) / count
+    centred = xf - mean.view(shape)
+    var = all_reduce(centred.square().sum(dims)) / count
+    if bn.update_stats:
+        with torch.no_grad():
+            bn.running_mean.lerp_(mean, bn.op.momentum)
+            bn.running_var.lerp_(var * (count / max(count - 1, 1)), bn.op.momentum)
+    out = centred * torch.rsqrt(var + bn.op.eps).view(shape) * bn.weight.view(shape) + bn.bias.view(shape)
+    return out.to(x.dtype)
