@@ -13,9 +13,17 @@ replicas R                        ``Options().replicationFactor(R)``
 gradient accumulation G           ``Options().Training.gradientAccumulation(G)``, mean reduction
 pipeline stage s starts at node   ``poptorch.BeginBlock(module.get_submodule(node), f"stage{s}", s)``
                                   and ``PipelinedExecution(AutoStage.SameAsIpu)``
-recomputation (S > 1)             ``Options()._Popart.set("autoRecomputation", 3)`` (Pipeline)
-fp16                              ``model.half()``, ``Precision.setPartialsType(torch.half)``,
-                                  stochastic rounding on hardware, ``loss_scaling=128``
+recomputation (S > 1)             ``_Popart.set("autoRecomputation", 3)`` (Pipeline) when the plan
+                                  asks, ``0`` (None) when it does not: PopTorch turns Pipeline on
+                                  by itself for any pipeline over more than one IPU
+recomputation checkpoints         ``poptorch.recomputationCheckpoint`` on each named node's output;
+                                  on one IPU also ``explicitRecomputation`` and
+                                  ``autoRecomputation`` 4 (RecomputeAll), as Graphcore's ResNet50
+available-memory proportion p_i   ``Options().setAvailableMemoryProportion({"IPU<i>": p_i})``,
+                                  every IPU of a replica
+16.16 / 16.32                     ``model.half()``, ``Precision.setPartialsType(torch.half /
+                                  torch.float)``, stochastic rounding when training on hardware,
+                                  ``loss_scaling=128``
 SGD / Adam / AdamW                ``poptorch.optim.SGD/Adam/AdamW``, fp32 accumulators and state
 outputs                           ``Options().outputMode(OutputMode.All)`` (``anchorMode`` before SDK 2.4)
 ipu-model                         ``Options().useIpuModel(True)``
@@ -33,8 +41,9 @@ micro-batches are the consecutive slices hal's gradient accumulation uses.
 
 Semantics that differ from ``torch:cpu`` and why:
 
-- fp16 is PopTorch's ``model.half()``: fp16 weights updated with stochastic rounding
-  on hardware, no fp32 master copy (PopTorch user guide, "16-bit float support");
+- precisions are ``fp32``, ``16.16`` and ``16.32`` (see "Precision" below); hal's ``fp16``
+  (fp32 master weights, dynamic loss scaling) is refused: PopTorch keeps no fp32 master
+  copy of a halved model and scales the loss by a static factor;
 - with R > 1 replicas each keeps its own BatchNorm running statistics; the values
   copied back are those PopTorch returns (replica 0's);
 - the learning rate is a host value sent with ``setOptimizer`` between calls, so a
@@ -66,12 +75,34 @@ with momentum, two moments for Adam), plus a host scan: amortise it with
 ``device_iterations`` or turn the check off (``check_finite=False``). The D
 optimizer steps of one host call (``device_iterations``) stand or fall together.
 
+SDK versions. ``poptorch.__version__`` ("3.3.0+<build>-<snapshot>"; PopTorch is versioned
+with its Poplar SDK) decides what hal may use, from graphcore/poptorch at each SDK tag:
+
+- ``SGD(nesterov=True)`` raises ``ValueError("Nesterov momentum is currently not supported.")``
+  when the optimizer is first read (``python/_optimizer_attributes.py``) before SDK 3.0:
+  hal refuses such a config at compile time;
+- the IPU's optimizer state (momentum, Adam moments and step) reaches the host only from
+  SDK 2.4 (``poptorch_core.readOptimizerState``/``writeOptimizerState``, the ``ipu_state``
+  of ``optimizer.state_dict()``); from 2.4 ``detachFromDevice`` reads it back and
+  ``attachToDevice`` writes it, so hal's executor swaps keep it. Before 2.4 re-attaching
+  reloads every PopART variable from its initial host copy (PopART ``Devicex::
+  loadEngineAndConnectStreams``; ``weightsToHost`` does not update that copy), so an
+  optimizer with state would restart from zero: hal refuses ``check_finite`` with such an
+  optimizer (it could not undo the state of a non-finite step) and raises rather than
+  swap executors once the training executor holds state (``predict`` and
+  ``loss_and_grads`` after training need SDK 2.4, or an optimizer without state);
+- ``outputMode``/``OutputMode`` from SDK 2.4, ``anchorMode``/``AnchorMode`` before.
+
+Every PopTorch release pins one torch (1.13 for SDK 3.1/3.2, 2.0.1 for 3.3/3.4), so which
+of these applies is in practice decided by the torch hal is installed with.
+
 poptorch and torch are imported lazily: importing this module needs neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -81,15 +112,21 @@ from hal import ipu as ipu_plan
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
 from hal.errors import ConfigError, InputError, UnsupportedError
+from hal.lowering import MASTER_DTYPE, PARTIALS_DTYPE
 from hal.training import SGD, AdamW, Constant, TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
 SDK_HINT = "it ships with Graphcore's Poplar SDK; install its wheel"
-PRECISIONS = ("fp32", "fp16")
-FP16_LOSS_SCALING = 128.0  # the value graphcore/examples' ResNet50 fp16 configs use
-RECOMPUTATION_PIPELINE = 3  # popart.RecomputationType.Pipeline, as in the poptorch.Options docs
+PRECISIONS = ("fp32", *PARTIALS_DTYPE)
+# graphcore/examples vision/cnns/pytorch/train/configs.yml, resnet50 (16.16): loss_scaling 128
+LOSS_SCALING = 128.0
+# popart::RecomputationType (willow/include/popart/sessionoptions.hpp): None, Standard, NormOnly, Pipeline, RecomputeAll
+RECOMPUTE_NONE, RECOMPUTE_PIPELINE, RECOMPUTE_ALL = 0, 3, 4
+NESTEROV_SINCE = (3, 0)
+OPTIMIZER_STATE_SINCE = (2, 4)
+OUTPUT_MODE_SINCE = (2, 4)
 PREFIX = "graph."  # parameter names inside the loss wrapper: PREFIX + canonical name
 
 
@@ -97,6 +134,37 @@ def _poptorch() -> Any:
     import poptorch
 
     return poptorch
+
+
+def sdk_version(poptorch: Any) -> tuple[int, int]:
+    """(major, minor) of PopTorch's SDK from ``poptorch.__version__`` ("3.3.0+1234-abcdef")."""
+    version = getattr(poptorch, "__version__", "")
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None:
+        raise UnsupportedError(f"poptorch: cannot read the SDK version from poptorch.__version__ = {version!r}")
+    return int(match[1]), int(match[2])
+
+
+def _has_state(config: TrainConfig) -> bool:
+    """Whether the optimizer keeps state across steps (momentum, Adam moments)."""
+    o = config.optimizer
+    return not isinstance(o, SGD) or o.momentum > 0
+
+
+def check_sdk(config: TrainConfig, sdk: tuple[int, int]) -> None:
+    """Refuse what PopTorch ``sdk`` cannot do as hal means it (see the module docstring)."""
+    version = ".".join(map(str, sdk))
+    if isinstance(config.optimizer, SGD) and config.optimizer.nesterov and sdk < NESTEROV_SINCE:
+        raise UnsupportedError(
+            f"poptorch: SDK {version} has no Nesterov momentum (poptorch.optim.SGD accepts nesterov=True from "
+            "SDK 3.0): use SDK >= 3.0 or SGD(nesterov=False)"
+        )
+    if config.check_finite and _has_state(config) and sdk < OPTIMIZER_STATE_SINCE:
+        raise UnsupportedError(
+            f"poptorch: SDK {version} cannot read the optimizer state back from the IPU (readOptimizerState "
+            "arrived in SDK 2.4), so check_finite could not undo a non-finite step's momentum or moments: "
+            "use SDK >= 2.4, check_finite=False, or SGD without momentum"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -125,10 +193,12 @@ def make_options(
     if training:
         opts.Training.gradientAccumulation(grad_accum or b.grad_accum)
         opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
-        if plan.recompute and stages > 1:
-            opts._Popart.set("autoRecomputation", RECOMPUTATION_PIPELINE)
-    if plan.precision == "fp16":
-        opts.Precision.setPartialsType(torch.half)
+        _set_recomputation(opts, plan)
+    proportions = getattr(plan, "available_memory_proportion", ())
+    if proportions:
+        opts.setAvailableMemoryProportion({f"IPU{i}": p for i, p in enumerate(proportions)})
+    if plan.precision in PARTIALS_DTYPE:
+        opts.Precision.setPartialsType(getattr(torch, PARTIALS_DTYPE[plan.precision]))
         if training and device == "ipu":
             opts.Precision.enableStochasticRounding(True)
     if stages > 1:
@@ -136,10 +206,10 @@ def make_options(
     total = stages * b.replicas
     if total & (total - 1):
         opts.autoRoundNumIPUs(True)
-    if hasattr(poptorch, "OutputMode"):
+    if sdk_version(poptorch) >= OUTPUT_MODE_SINCE:
         every = poptorch.OutputMode.All
         opts.outputMode(every)
-    else:  # SDKs before 2.4 call it AnchorMode
+    else:
         every = poptorch.AnchorMode.All
         opts.anchorMode(every)
     opts.useIpuModel(device == "ipu-model")
@@ -149,11 +219,26 @@ def make_options(
     return opts
 
 
+def _set_recomputation(opts: Any, plan: ipu_plan.Plan) -> None:
+    """Recomputation set explicitly both ways: PopTorch itself sets Pipeline recomputation
+    for every pipeline over more than one IPU unless the option was set
+    (``popart_compiler/source/Compiler.cpp``, ``Compiler::initSession``, SDK 1.4 to 3.4)."""
+    if plan.ipus_per_replica > 1:
+        opts._Popart.set("autoRecomputation", RECOMPUTE_PIPELINE if plan.recompute else RECOMPUTE_NONE)
+    elif getattr(plan, "recompute_checkpoints", ()):
+        # graphcore/examples vision/cnns/pytorch/utils/ipu_settings.py, recompute_mode "manual"
+        opts._Popart.set("explicitRecomputation", True)
+        opts._Popart.set("autoRecomputation", RECOMPUTE_ALL)
+
+
 def place_stages(graph: "torch.nn.Module", plan: ipu_plan.Plan) -> None:
-    """``BeginBlock`` at the first node of every stage: stage s runs on IPU s."""
+    """``BeginBlock`` at the first node of every stage: stage s runs on IPU s; a
+    ``recomputationCheckpoint`` on the output of every checkpoint node of the plan."""
+    poptorch = _poptorch()
+    for name in getattr(plan, "recompute_checkpoints", ()):
+        graph.get_submodule(name).register_forward_hook(lambda module, args, out: poptorch.recomputationCheckpoint(out))
     if plan.ipus_per_replica == 1:
         return
-    poptorch = _poptorch()
     entry = graph.spec.input.name  # type: ignore[union-attr]
     for stage in plan.stages:
         first = next(n for n in stage.nodes if n != entry)
@@ -165,13 +250,14 @@ def make_optimizer(params: Any, config: TrainConfig, lr: float) -> Any:
 
     SGD uses the separate-accumulator variant, "mathematically identical to PyTorch";
     Adam keeps coupled L2 weight decay, AdamW the decoupled one with bias correction;
-    accumulators and optimizer state are fp32 in both precisions.
+    accumulators and optimizer state are fp32 in every precision; 16.16 and 16.32 scale
+    the loss by :data:`LOSS_SCALING`.
     """
     import torch
 
     poptorch = _poptorch()
     o = config.optimizer
-    scaling = FP16_LOSS_SCALING if config.precision == "fp16" else 1.0
+    scaling = loss_scaling(config.precision)
     fp32 = torch.float32
     if isinstance(o, SGD):
         return poptorch.optim.SGD(
@@ -184,6 +270,11 @@ def make_optimizer(params: Any, config: TrainConfig, lr: float) -> Any:
     if isinstance(o, AdamW):
         return poptorch.optim.AdamW(params, bias_correction=True, **common)
     return poptorch.optim.Adam(params, **common)
+
+
+def loss_scaling(precision: str) -> float:
+    """The static loss scale of ``precision``: :data:`LOSS_SCALING` in 16.16 and 16.32, else 1."""
+    return LOSS_SCALING if precision in PARTIALS_DTYPE else 1.0
 
 
 def _with_loss(graph: "torch.nn.Module", loss: str) -> "torch.nn.Module":
@@ -226,12 +317,14 @@ class PopTorchExecutable(Executable):
         import torch
 
         super().__init__(spec, Target("poptorch", device), config)
+        self.sdk = sdk_version(_poptorch())
+        check_sdk(config, self.sdk)
         if plan is not None:
             _check_plan(plan, config)
         self.device = device
         self.cache_dir = cache_dir
         self.plan = plan
-        self.dtype = torch.half if config.precision == "fp16" else torch.float32
+        self.dtype = getattr(torch, MASTER_DTYPE[config.precision])
         self.graph = self._new_graph(weights)
         self.model = _with_loss(self.graph, config.loss)
         self.lr = config.lr(0)
@@ -247,9 +340,7 @@ class PopTorchExecutable(Executable):
         """A TorchGraph holding ``weights``, in the compute precision, with the plan's stages."""
         from hal.backends.torch import build_module
 
-        graph = build_module(self.spec, weights, "float32")
-        if self.config.precision == "fp16":
-            graph.half()
+        graph = build_module(self.spec, weights, "float32").to(self.dtype)  # fp16 after loading: rounded once
         if self.plan is not None:
             place_stages(graph, self.plan)
         return graph
@@ -293,6 +384,7 @@ class PopTorchExecutable(Executable):
             return
         if self._active is not None and self._active.isAttachedToDevice():
             if self._active is self._train:
+                self._check_can_detach_training()
                 self._sync_host()
             self._active.detachFromDevice()
         if executor.isCompiled() and not executor.isAttachedToDevice():
@@ -302,6 +394,17 @@ class PopTorchExecutable(Executable):
             else:
                 self._shadow_of(executor).version = -1
         self._active = executor
+
+    def _check_can_detach_training(self) -> None:
+        """Before SDK 2.4 detaching and re-attaching the training executor restarts its
+        optimizer state from zero (see the module docstring): refuse rather than do it."""
+        if self.sdk < OPTIMIZER_STATE_SINCE and _has_state(self.config):
+            raise UnsupportedError(
+                f"{self.target}: SDK {'.'.join(map(str, self.sdk))} cannot carry the optimizer state of "
+                f"{self.config.optimizer!r} across executors (readOptimizerState arrived in SDK 2.4): predict and "
+                "loss_and_grads after training would reset it on the IPU. Use SDK >= 2.4, SGD without momentum, "
+                "or a second executable (load_weights of this one's weights) for evaluation"
+            )
 
     def _shadow_of(self, executor: Any) -> _Shadow:
         return next(s for s in self._shadows.values() if s.executor is executor)
@@ -382,9 +485,10 @@ class PopTorchExecutable(Executable):
         plan = self._training_plan(len(x))
         shadow = self._shadow(("grads",), lambda: self._build_grads(plan))
         _, loss = shadow.executor(self._x(x), self._y(y))
+        scale = loss_scaling(self.config.precision)  # PopART anchors the gradients of the scaled loss
         grads = {}
         for short, name in zip(shadow.anchors, self.spec.trainable()):
-            g = _numpy(shadow.executor.getAnchoredTensor(short)).astype(np.float32)
+            g = _numpy(shadow.executor.getAnchoredTensor(short)).astype(np.float32) / np.float32(scale)
             grads[name] = g.reshape(-1, *self.graph.get_parameter(name).shape).mean(axis=0)
         return float(np.mean(_numpy(loss))), grads
 
@@ -395,7 +499,8 @@ class PopTorchExecutable(Executable):
         module.train()
         anchors = {f"grad{i}": f"Gradient___{PREFIX}{name}" for i, name in enumerate(self.spec.trainable())}
         opts = make_options(plan, self.device, True, self.cache_dir, device_iterations=1, anchors=anchors)
-        sgd = poptorch.optim.SGD(module.parameters(), lr=0.0, momentum=0.0, weight_decay=0.0, loss_scaling=1.0)
+        sgd = poptorch.optim.SGD(module.parameters(), lr=0.0, momentum=0.0, weight_decay=0.0,
+                                 loss_scaling=loss_scaling(self.config.precision))
         executor = poptorch.trainingModel(module, options=opts, optimizer=sgd)
         return _Shadow(module.graph, executor, tuple(anchors), version=self._version)
 
@@ -530,6 +635,9 @@ def sdk_gap(op: S.Op, shape: S.Shape) -> str | None:
 
 def _check_plan(plan: ipu_plan.Plan, config: TrainConfig) -> None:
     """What PopTorch needs of a plan and a config together (hal.compile checked the spec)."""
+    framework = getattr(plan, "framework", "poptorch")
+    if framework != "poptorch":
+        raise ConfigError(f"the plan follows {framework}'s pipeline rules, not PopTorch's: plan with framework='poptorch'")
     if plan.precision != config.precision:
         raise ConfigError(f"the plan is {plan.precision} but the training config says {config.precision}")
     if not plan.training:
@@ -569,6 +677,12 @@ class PopTorchBackend(Backend):
     @classmethod
     def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
         out = super().unsupported(spec, config)
+        if config is not None and config.precision == "fp16":
+            out["config"] = (
+                "poptorch has no fp16 as hal means it (fp32 master weights, dynamic loss scaling): PopTorch "
+                "halves the model itself, with no fp32 master copy, and scales the loss by a static factor; "
+                "use precision '16.16' (fp16 partials) or '16.32' (fp32 partials)"
+            )
         for node in spec.nodes[1:]:
             gap = sdk_gap(node.op, spec.in_shapes(node)[0])
             if gap:

@@ -26,6 +26,7 @@ smoke test at the end runs on the IPU Model (POPTORCH_IPU_MODEL=1) instead.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import importlib.machinery
 import importlib.util
@@ -58,11 +59,12 @@ def _positive(value, what):
     return value
 
 
-def make_standin() -> types.ModuleType:
-    """A fresh stand-in ``poptorch`` module (see the module docstring)."""
+def make_standin(version: str = "3.3.0") -> types.ModuleType:
+    """A fresh stand-in ``poptorch`` module of SDK ``version`` (see the module docstring)."""
     pt = types.ModuleType("poptorch")
     pt.__spec__ = importlib.machinery.ModuleSpec("poptorch", loader=None)
-    pt.__version__ = "3.3.0+standin"
+    pt.__version__ = f"{version}+standin-0000000"
+    sdk = tuple(int(v) for v in version.split(".")[:2])
     state = {"ipu": 0, "holder": None, "wrapped": set(), "log": []}
 
     class OutputMode(enum.IntEnum):
@@ -115,14 +117,19 @@ def make_standin() -> types.ModuleType:
 
     class _PopartOptions:
         __slots__ = ("options",)
-        DOCUMENTED = ("autoRecomputation",)  # the key the PopTorch guide documents for _Popart.set
+        # PopART SessionOptions hal uses (popart_compiler/source/SessionOptions.cpp): the value's type
+        KNOWN = {"autoRecomputation": int, "explicitRecomputation": bool}
 
         def __init__(self):
             self.options = {}
 
         def set(self, key, value):
-            if key not in self.DOCUMENTED:
-                raise KeyError(f"stand-in: {key!r} is not a PopART option documented in the PopTorch guide")
+            if key not in self.KNOWN:
+                raise KeyError(f"stand-in: {key!r} is not a PopART option hal is expected to set")
+            if type(value) is not self.KNOWN[key]:
+                raise TypeError(f"{key} takes a {self.KNOWN[key].__name__}, got {value!r}")
+            if key == "autoRecomputation" and not 0 <= value <= 4:  # popart::RecomputationType None..RecomputeAll
+                raise ValueError(f"autoRecomputation: no RecomputationType {value}")
             self.options[key] = value
             return self
 
@@ -136,13 +143,22 @@ def make_standin() -> types.ModuleType:
 
     class Options:
         __slots__ = ("Training", "Precision", "_Popart", "device_iterations", "replication_factor", "strategy",
-                     "auto_round_num_ipus", "output_mode", "use_model", "cache_path", "anchored_tensors")
+                     "auto_round_num_ipus", "output_mode", "use_model", "cache_path", "anchored_tensors",
+                     "available_memory_proportion")
 
         def __init__(self):
             self.Training, self.Precision, self._Popart = _TrainingOptions(), _PrecisionOptions(), _PopartOptions()
             self.device_iterations, self.replication_factor, self.strategy = 1, 1, PipelinedExecution()
             self.auto_round_num_ipus, self.output_mode, self.use_model = False, OutputMode.Default, False
-            self.cache_path, self.anchored_tensors = None, {}
+            self.cache_path, self.anchored_tensors, self.available_memory_proportion = None, {}, {}
+
+        def setAvailableMemoryProportion(self, available_memory_proportion):
+            for key, mem in available_memory_proportion.items():  # keyed by BeginBlock's ipu_id, as PopTorch's
+                assert key.startswith("IPU"), f"Invalid key: {key}"
+                if not 0.0 < mem <= 1.0:
+                    raise ValueError(f"stand-in: available memory proportion {mem} is not in (0, 1]")
+                self.available_memory_proportion[int(key[3:])] = mem
+            return self
 
         def deviceIterations(self, device_iterations):
             self.device_iterations = _positive(device_iterations, "device_iterations")
@@ -165,6 +181,8 @@ def make_standin() -> types.ModuleType:
             assert isinstance(output_mode, OutputMode)
             self.output_mode = output_mode
             return self
+
+        anchorMode = outputMode  # the name before SDK 2.4 (only one of the two exists, see below)
 
         def useIpuModel(self, use_model):
             self.use_model = bool(use_model)
@@ -204,6 +222,7 @@ def make_standin() -> types.ModuleType:
             self._user_model, self._options, self._training = model, options or Options(), training
             self._optimizer, self._device, self._device_opt = optimizer, None, None
             self._attached, self._anchors, self.placement, self.calls = False, {}, {}, 0
+            self.recomputation, self.memory_proportion = None, None  # what the compiled graph got
 
         # -- compile and run --
         def _compile(self):
@@ -224,6 +243,10 @@ def make_standin() -> types.ModuleType:
                 )
             if not self._training and o.device_iterations < stages:
                 raise RuntimeError("poptorch.Options().deviceIterations must be >= the number of pipeline stages")
+            # Compiler::initSession: Pipeline recomputation unless the user set autoRecomputation
+            self.recomputation = o._Popart.options.get("autoRecomputation", 3 if stages > 1 else 0)
+            # an IPU missing from setAvailableMemoryProportion keeps Poplar's default
+            self.memory_proportion = {i: o.available_memory_proportion.get(i, 0.6) for i in range(stages)}
             total = stages * o.replication_factor
             if total & (total - 1) and not o.auto_round_num_ipus:
                 raise RuntimeError(f"{total} IPUs is not a power of two: use autoRoundNumIPUs(True)")
@@ -241,11 +264,18 @@ def make_standin() -> types.ModuleType:
                 self.setOptimizer(opt)
             self._take_device()
 
+        def _reset_optimizer_state(self):
+            """Before SDK 2.4 a re-attached engine reloads every PopART variable from its initial
+            host copy: the optimizer state restarts from zero."""
+            self._device_opt.state.clear()
+
         def _read_optimizer_state(self):
             return copy.deepcopy(torch.optim.Optimizer.state_dict(self._device_opt)["state"])
 
         def _write_optimizer_state_if_needed(self):
             """PopTorch's writeOptimizerState: the loaded state and the host weights go to the IPU."""
+            if sdk < (2, 4):
+                return
             pending, self._optimizer._pending = self._optimizer._pending, None
             if pending is None or pending["ipu_state"] is None:
                 return
@@ -312,8 +342,8 @@ def make_standin() -> types.ModuleType:
                     (loss * scale).backward()
                     for k, p in params.items():
                         grads[k] += p.grad / scale
-                    for short, (long, _) in self._options.anchored_tensors.items():
-                        per_micro[short].append(params[long[len("Gradient___"):]].grad.detach() / scale)
+                    for short, (long, _) in self._options.anchored_tensors.items():  # of the scaled loss,
+                        per_micro[short].append(params[long[len("Gradient___"):]].grad.detach().clone())  # as PopART
                     outs.append(tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach())
                 mean = self._options.Training.reduction == ReductionType.Mean
                 for k, p in params.items():
@@ -342,6 +372,8 @@ def make_standin() -> types.ModuleType:
                     self._device.state_dict()[k].copy_(v)
 
         def setOptimizer(self, optimizer):
+            if sdk < (3, 0) and any(g.get("nesterov") for g in optimizer.param_groups):
+                raise ValueError("Nesterov momentum is currently not supported.")  # _optimizer_attributes.py
             self._optimizer = optimizer
             if self._device_opt is not None:
                 for mine, theirs in zip(self._device_opt.param_groups, optimizer.param_groups):
@@ -370,6 +402,8 @@ def make_standin() -> types.ModuleType:
                 raise RuntimeError("Device is already attached")
             self._take_device()
             self.copyWeightsToDevice()  # poptorch uploads the host weights on attach
+            if self._training and sdk < (2, 4):
+                self._reset_optimizer_state()
 
         def destroy(self):
             if state["holder"] is self:
@@ -397,8 +431,13 @@ def make_standin() -> types.ModuleType:
     def _given(local):
         return {k: v for k, v in local.items() if k not in ("self", "params") and not k.startswith("_") and v is not None}
 
+    class _HostState:
+        """Before SDK 2.4: torch's own state_dict, which never sees the IPU's state."""
+
+        _executor = None
+
     class _IpuState:
-        """poptorch.optim.Optimizer's state handling (see the module docstring)."""
+        """poptorch.optim.Optimizer's state handling, SDK 2.4 on (see the module docstring)."""
 
         _executor, _pending = None, None
 
@@ -413,7 +452,9 @@ def make_standin() -> types.ModuleType:
             torch.optim.Optimizer.load_state_dict(self, {k: state[k] for k in ("state", "param_groups")})
             self._pending = state
 
-    class SGD(_IpuState, torch.optim.SGD):
+    _State = _IpuState if sdk >= (2, 4) else _HostState
+
+    class SGD(_State, torch.optim.SGD):
         def __init__(self, params, lr, momentum=None, dampening=None, weight_decay=None, nesterov=None,
                      maximize=None, foreach=None, differentiable=None, loss_scaling=None, velocity_scaling=None,
                      use_combined_accum=None, accum_type=None, velocity_accum_type=None, max_grad_norm=None):
@@ -426,7 +467,7 @@ def make_standin() -> types.ModuleType:
                              weight_decay=weight_decay or 0.0, nesterov=bool(nesterov))
             self.loss_scaling = loss_scaling or 1.0
 
-    class Adam(_IpuState, torch.optim.Adam):
+    class Adam(_State, torch.optim.Adam):
         def __init__(self, params, lr=None, betas=None, eps=None, weight_decay=None, amsgrad=None, foreach=None,
                      maximize=None, capturable=None, differentiable=None, fused=None, loss_scaling=None,
                      accum_type=None, first_order_momentum_accum_type=None, second_order_momentum_accum_type=None,
@@ -438,7 +479,7 @@ def make_standin() -> types.ModuleType:
                              eps=1e-8 if eps is None else eps, weight_decay=weight_decay or 0.0)
             self.loss_scaling = loss_scaling or 1.0
 
-    class AdamW(_IpuState, torch.optim.AdamW):
+    class AdamW(_State, torch.optim.AdamW):
         def __init__(self, params, lr=None, betas=None, eps=None, weight_decay=None, amsgrad=None, maximize=None,
                      foreach=None, capturable=None, differentiable=None, fused=None, loss_scaling=None,
                      bias_correction=None, accum_type=None, first_order_momentum_accum_type=None,
@@ -450,25 +491,43 @@ def make_standin() -> types.ModuleType:
                              eps=1e-8 if eps is None else eps, weight_decay=1e-2 if weight_decay is None else weight_decay)
             self.loss_scaling = loss_scaling or 1.0
 
+    def recomputationCheckpoint(*tensors):
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise ValueError("All inputs must be tensors")
+        state["log"].append(("recomputationCheckpoint", tuple(t.shape for t in tensors)))
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
     optim.SGD, optim.Adam, optim.AdamW = SGD, Adam, AdamW
+    modes = {"OutputMode": OutputMode} if sdk >= (2, 4) else {"AnchorMode": OutputMode}
+    delattr(Options, "anchorMode" if sdk >= (2, 4) else "outputMode")  # renamed in SDK 2.4
     for name, value in dict(
-        OutputMode=OutputMode, ReductionType=ReductionType, AutoStage=AutoStage, Options=Options,
+        **modes, ReductionType=ReductionType, AutoStage=AutoStage, Options=Options,
         PipelinedExecution=PipelinedExecution, BeginBlock=BeginBlock, PoplarExecutor=PoplarExecutor,
         trainingModel=trainingModel, inferenceModel=inferenceModel, ipuHardwareIsAvailable=ipuHardwareIsAvailable,
-        optim=optim, _state=state,
+        recomputationCheckpoint=recomputationCheckpoint, optim=optim, _state=state,
     ).items():
         setattr(pt, name, value)
     return pt
 
 
 @pytest.fixture
-def poptorch(monkeypatch):
+def standin_sdk(monkeypatch):
+    """Installs a stand-in of a given SDK version as ``poptorch``; returns it."""
     if REAL_POPTORCH:
         pytest.skip("the real poptorch is importable: the IPU Model smoke test runs instead")
-    pt = make_standin()
-    monkeypatch.setitem(sys.modules, "poptorch", pt)
-    monkeypatch.setitem(sys.modules, "poptorch.optim", pt.optim)
-    return pt
+
+    def install(version):
+        pt = make_standin(version)
+        monkeypatch.setitem(sys.modules, "poptorch", pt)
+        monkeypatch.setitem(sys.modules, "poptorch.optim", pt.optim)
+        return pt
+
+    return install
+
+
+@pytest.fixture
+def poptorch(standin_sdk):
+    return standin_sdk("3.3.0")
 
 
 # ---------------------------------------------------------------------------
@@ -530,25 +589,37 @@ def test_stand_in_is_strict(poptorch):
         poptorch.Options()._Popart.set("enableFancyThing", True)
 
 
-def test_options_from_a_pipelined_fp16_plan(poptorch):
-    from hal.backends.poptorch import RECOMPUTATION_PIPELINE, make_options
+def test_options_from_a_pipelined_plan(poptorch):
+    from hal.backends.poptorch import make_options
 
     plan = ipu.plan(models.get("resnet50"), ipus=4, micro_batch=16, replicas=2, device_iterations=3,
-                    grad_accum=8, precision="fp16", recompute=True, devices=[])
+                    grad_accum=8, recompute=True, devices=[])
     o = make_options(plan, "ipu-model", training=True, cache_dir="/tmp/hal-poptorch-cache")
     assert (o.device_iterations, o.replication_factor, o.Training.gradient_accumulation) == (3, 2, 8)
     assert o.Training.reduction == poptorch.ReductionType.Mean
-    assert o._Popart.options == {"autoRecomputation": RECOMPUTATION_PIPELINE}
-    assert o.Precision.partials == torch.half and not o.Precision.stochastic_rounding  # SR on hardware only
+    assert o._Popart.options == {"autoRecomputation": 3}  # RecomputationType::Pipeline
+    assert o.Precision.partials == torch.float and not o.Precision.stochastic_rounding  # fp32: Poplar's defaults
     assert o.strategy.auto_stage == poptorch.AutoStage.SameAsIpu
     assert o.output_mode == poptorch.OutputMode.All and o.use_model and not o.auto_round_num_ipus
     assert o.cache_path == "/tmp/hal-poptorch-cache"
-    hw = make_options(plan, "ipu", training=True, cache_dir="/tmp/hal-poptorch-cache")
-    assert hw.Precision.stochastic_rounding and not hw.use_model
+    off = make_options(dataclasses.replace(plan, recompute=False), "ipu-model", training=True, cache_dir="c")
+    assert off._Popart.options == {"autoRecomputation": 0}  # RecomputationType::None, not PopTorch's default
     inference = make_options(plan, "ipu-model", training=False, cache_dir="/tmp/hal-poptorch-cache")
     assert inference.Training.gradient_accumulation == 1 and inference._Popart.options == {}
     three = ipu.plan(models.get("small_cnn"), ipus=3, micro_batch=2, devices=[])
     assert make_options(three, "ipu-model", training=True, cache_dir="c").auto_round_num_ipus  # 3 IPUs -> rounded to 4
+
+
+@pytest.mark.parametrize("precision, partials", [("16.16", "float16"), ("16.32", "float32")])
+def test_options_of_graphcores_precisions(poptorch, precision, partials):
+    from hal.backends.poptorch import make_options
+
+    plan = dataclasses.replace(ipu.plan(models.get("small_cnn"), micro_batch=2, devices=[]), precision=precision)
+    model = make_options(plan, "ipu-model", training=True, cache_dir="c")
+    assert model.Precision.partials == getattr(torch, partials) and not model.Precision.stochastic_rounding
+    hw = make_options(plan, "ipu", training=True, cache_dir="c")
+    assert hw.Precision.stochastic_rounding and not hw.use_model  # on hardware, when training
+    assert not make_options(plan, "ipu", training=False, cache_dir="c").Precision.stochastic_rounding
 
 
 def _mini_resnet():
@@ -585,7 +656,7 @@ def test_begin_blocks_at_the_planned_boundaries(poptorch):
 
 def test_pipeline_rules_are_the_sdks(poptorch):
     spec = models.get("small_cnn")
-    plan = ipu.plan(spec, ipus=2, micro_batch=2, devices=[])
+    plan = ipu.plan(spec, ipus=2, micro_batch=2, grad_accum=3, devices=[])
     pop, _ = _pair(spec, TrainConfig(grad_accum=3), plan)
     assert pop._stages() == 2
     from hal.backends.poptorch import make_options
@@ -604,7 +675,7 @@ def test_optimizers_keep_torch_semantics(poptorch):
     assert sgd.kwargs == {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 1e-4, "nesterov": True,
                           "loss_scaling": 1.0, "use_combined_accum": False, "accum_type": torch.float32,
                           "velocity_accum_type": torch.float32}
-    adam = make_optimizer(p, TrainConfig(optimizer=Adam(lr=1e-3, weight_decay=1e-4), precision="fp16"), 1e-3)
+    adam = make_optimizer(p, TrainConfig(optimizer=Adam(lr=1e-3, weight_decay=1e-4), precision="16.16"), 1e-3)
     assert type(adam).__name__ == "Adam" and adam.kwargs["loss_scaling"] == 128.0
     assert adam.kwargs["amsgrad"] is False and adam.kwargs["first_order_momentum_accum_type"] == torch.float32
     adamw = make_optimizer(p, TrainConfig(optimizer=AdamW(lr=1e-3, weight_decay=0.05)), 1e-3)
@@ -620,7 +691,9 @@ def test_targets_and_plan_checks(poptorch):
         hal.compile(spec, "poptorch:ipu")
     with pytest.raises(UnsupportedError, match="bf16"):
         hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(precision="bf16"))
-    plan = ipu.plan(spec, ipus=2, micro_batch=2, device_iterations=2, devices=[])
+    with pytest.raises(UnsupportedError, match=r"no fp16 as hal means it .* use precision '16.16' .* or '16.32'"):
+        hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(precision="fp16"))
+    plan = ipu.plan(spec, ipus=2, micro_batch=2, device_iterations=2, grad_accum=3, devices=[])
     assert not hasattr(backend, "compile_plan")  # plans go through hal.compile only
 
     def compile_plan(spec, config=None):
@@ -628,8 +701,8 @@ def test_targets_and_plan_checks(poptorch):
 
     with pytest.raises(ConfigError, match="grad_accum=1"):
         compile_plan(spec, TrainConfig())
-    with pytest.raises(ConfigError, match="fp32 but the training config says fp16"):
-        compile_plan(spec, TrainConfig(grad_accum=3, precision="fp16"))
+    with pytest.raises(ConfigError, match="fp32 but the training config says 16.16"):
+        compile_plan(spec, TrainConfig(grad_accum=3, precision="16.16"))
     with pytest.raises(ConfigError, match="another spec"):
         compile_plan(models.get("small_cnn", num_classes=5))
     with pytest.raises(ConfigError, match="device_iterations=1"):
@@ -638,6 +711,75 @@ def test_targets_and_plan_checks(poptorch):
         compile_plan(spec, TrainConfig(grad_accum=3, optimizer=Adam()))
     exe = compile_plan(spec)  # config from the plan: its precision and gradient accumulation
     assert (exe.config.precision, exe.config.grad_accum) == ("fp32", 3) and exe.plan is plan
+
+
+# ---------------------------------------------------------------------------
+# what the real SDKs do by themselves, and per version
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_pipeline_recomputation_is_what_the_plan_says(poptorch, recompute):
+    """PopTorch turns Pipeline recomputation on for any pipeline over > 1 IPU unless told
+    otherwise (Compiler::initSession): a plan without it must compile without it."""
+    spec = models.get("small_cnn")
+    plan = ipu.plan(spec, ipus=2, micro_batch=2, recompute=recompute, devices=[])
+    pop = hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(grad_accum=plan.batch.grad_accum), plan=plan)
+    pop.train_step(*_data(spec, plan.batch.samples_per_update))
+    assert pop._train.recomputation == (3 if recompute else 0)  # popart::RecomputationType Pipeline / None
+
+
+def test_sdk_version_is_read_from_poptorch(standin_sdk):
+    from hal.backends.poptorch import sdk_version
+
+    assert sdk_version(standin_sdk("3.3.0")) == (3, 3)
+    assert sdk_version(types.SimpleNamespace(__version__="2.4.0+86217-5d3f7c14a4")) == (2, 4)
+    with pytest.raises(UnsupportedError, match="cannot read the SDK version"):
+        sdk_version(types.SimpleNamespace(__version__="@VERSION@-@SNAPSHOT@"))
+
+
+def test_nesterov_needs_sdk_3(standin_sdk):
+    spec = models.get("small_cnn")
+    config = TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9, nesterov=True), grad_accum=2)
+    standin_sdk("2.6.0")
+    with pytest.raises(UnsupportedError, match=r"SDK 2\.6 has no Nesterov momentum .* SDK >= 3\.0"):
+        hal.compile(spec, "poptorch:ipu-model", config=config)
+    standin_sdk("3.0.0")
+    pop, ref = _pair(spec, config)
+    x, y = _data(spec, 8)
+    for _ in range(2):
+        assert pop.train_step(x, y) == pytest.approx(ref.train_step(x, y), rel=1e-5)
+
+
+@pytest.mark.parametrize("version", ["2.3.0", "2.4.0", "3.3.0"])
+def test_optimizer_state_survives_an_executor_swap_or_is_refused(standin_sdk, version):
+    """From SDK 2.4 PopTorch reads the optimizer state back on detach and writes it on
+    attach; before, a re-attached executor restarts it from zero: hal refuses to swap."""
+    standin_sdk(version)
+    spec = models.get("small_cnn")
+    config = TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9), grad_accum=2, check_finite=False)
+    pop, ref = _pair(spec, config)
+    x, y = _data(spec, 8)
+    pop.train_step(x, y), ref.train_step(x, y)
+    if version < "2.4":
+        with pytest.raises(UnsupportedError, match=r"SDK 2\.3 cannot carry the optimizer state .* SDK >= 2\.4"):
+            pop.predict(x)
+        with pytest.raises(UnsupportedError, match="check_finite could not undo"):
+            hal.compile(spec, "poptorch:ipu-model", config=dataclasses.replace(config, check_finite=True))
+        return
+    pop.predict(x)
+    assert pop.train_step(x, y) == pytest.approx(ref.train_step(x, y), rel=1e-5)  # the momentum survived
+
+
+def test_an_optimizer_without_state_swaps_on_any_sdk(standin_sdk):
+    standin_sdk("2.3.0")
+    spec = models.get("small_cnn")
+    pop, ref = _pair(spec, TrainConfig(optimizer=SGD(lr=0.05), grad_accum=2))
+    x, y = _data(spec, 8)
+    for _ in range(2):
+        assert pop.train_step(x, y) == pytest.approx(ref.train_step(x, y), rel=1e-5)
+        _close(pop.predict(x), ref.predict(x), atol=1e-5)
+    assert "AnchorMode" in dir(sys.modules["poptorch"]) and pop._train._options.output_mode.name == "All"
 
 
 # ---------------------------------------------------------------------------
@@ -759,7 +901,8 @@ def test_adam_family_and_schedule_match_torch(poptorch, optimizer):
 def test_pipelined_run_steps_with_device_iterations(poptorch):
     spec = models.get("small_cnn")
     config = TrainConfig(optimizer=SGD(lr=0.05, momentum=0.9), grad_accum=3)
-    plan = ipu.plan(spec, ipus=2, micro_batch=4, device_iterations=2, optimizer=config.optimizer, devices=[])
+    plan = ipu.plan(spec, ipus=2, micro_batch=4, device_iterations=2, grad_accum=3, optimizer=config.optimizer,
+                    devices=[])
     pop, ref = _pair(spec, config, plan)
     rng = np.random.default_rng(3)
     xs = rng.standard_normal((4, 12, *spec.input_shape)).astype(np.float32)
@@ -786,16 +929,38 @@ def test_mse_loss_matches_torch(poptorch):
     assert type(pop.model.criterion).__name__ == "MSELoss"
 
 
-def test_fp16_halves_the_model(poptorch):
+@pytest.mark.parametrize("precision", ["16.16", "16.32"])
+def test_graphcores_precisions_against_float64(poptorch, precision):
+    """fp16 weights, the loss scaled by 128 and unscaled (gradients and the update), against
+    float64 torch within fp16's tolerance (hal.parity's, from the float32 floor)."""
+    from hal.parity import normalised_error, tolerance
+
     spec = models.get("small_cnn")
     w = hal.init_weights(spec, seed=1)
-    pop = hal.compile(spec, "poptorch:ipu-model", w, TrainConfig(precision="fp16"))
-    ref = hal.compile(spec, "torch:cpu", w)  # fp32: torch:cpu has no fp16
-    assert next(pop.graph.parameters()).dtype == torch.half
-    x, y = _data(spec, 4)
-    _close(pop.predict(x), ref.predict(x), rtol=2e-2, atol=2e-2)
-    assert np.isfinite(pop.train_step(x, y))
-    assert all(v.dtype == np.float32 for v in pop.weights().values())
+    config = TrainConfig(optimizer=SGD(lr=0.05), grad_accum=2, precision=precision)
+    plan = dataclasses.replace(ipu.plan(spec, micro_batch=4, grad_accum=2, devices=[]), precision=precision)
+    pop = hal.compile(spec, "poptorch:ipu-model", w, config, plan=plan)
+    assert next(pop.graph.parameters()).dtype == torch.half and pop.optimizer.loss_scaling == 128.0
+    f64 = hal.compile(spec, "torch:cpu", w, TrainConfig(optimizer=SGD(lr=0.05), grad_accum=2, precision="fp64"))
+    f32 = hal.compile(spec, "torch:cpu", w, TrainConfig(optimizer=SGD(lr=0.05), grad_accum=2))
+    x, y = _data(spec, 8)
+
+    def within(got, f32_value, f64_value):
+        floor = normalised_error(f32_value, f64_value)[1]
+        assert normalised_error(got, f64_value)[1] <= tolerance(floor, "fp16")
+
+    within(pop.predict(x), f32.predict(x), f64.predict(x))
+    loss, grads = pop.loss_and_grads(x, y)
+    loss32, grads32 = f32.loss_and_grads(x, y)
+    loss64, grads64 = f64.loss_and_grads(x, y)
+    within(np.array([loss]), np.array([loss32]), np.array([loss64]))
+    for k in grads64:
+        within(grads[k], grads32[k], grads64[k])
+    pop.train_step(x, y), f32.train_step(x, y), f64.train_step(x, y)
+    for k, v in f64.weights().items():
+        within(pop.weights()[k], f32.weights()[k], v)
+    got = pop.weights()
+    assert all(v.dtype == np.float32 and np.array_equal(v, v.astype(np.float16)) for v in got.values())
 
 
 def test_cache_dir_is_an_option(poptorch):
