@@ -22,6 +22,7 @@ import numpy as np
 
 from hal.errors import ConfigError
 
+KiB = 2**10
 MiB = 2**20
 GB = 10**9
 TERA = 10**12
@@ -96,8 +97,11 @@ GC200 = Device(
     # 1472 tiles and "900 MiBytes of on-die memory": Graphcore, "Designing the Colossus
     # Mk2 IPU", Simon Knowles at Hot Chips 33 (2021), graphcore.ai/posts/designing-the-
     # colossus-mk2-ipu-simon-knowles-at-hot-chips-2021. 3.6 GB per 4-IPU M2000 = 900 MB/IPU.
+    # Usable In-Processor-Memory: 1472 tiles x 624 KiB = 897 MiB, the figure Poplar's target
+    # summary reports for a Mk2/Bow IPU (the "900 MB" above is rounded); 624 KiB per tile is
+    # Graphcore's per-tile figure for the Mk2 tile.
     tiles=1472,
-    memory_bytes=900 * MiB,
+    memory_bytes=1472 * 624 * KiB,
     # 250 TFLOP/s FP16.16 per IPU = "1 petaFLOPS FP16.16 AI compute" per IPU-M2000 / 4 IPUs
     # (IPU-M2000 datasheet, docs.graphcore.ai/projects/graphcore-ipu-m2000-datasheet);
     # 62.5 TFLOP/s FP32 per GC200 (Graphcore launch figures, July 2020, as reported by
@@ -121,7 +125,7 @@ BOW = Device(
     # 1.4 petaFLOPS FP16.16 (= 4 x 350 TFLOP/s). The processor wafer is "architecturally
     # compatible with the GC200" (Graphcore Bow launch, March 2022), at 1.85 GHz.
     tiles=1472,
-    memory_bytes=900 * MiB,
+    memory_bytes=1472 * 624 * KiB,  # 897 MiB, as the GC200 (same tile, Poplar's target summary)
     clock_hz=1.85e9,
     # FP32: Bow Pod256 datasheet, "89.23 petaFLOPS (FP16.16) ..., 22.31 petaFLOPS @ FP32"
     # over 256 IPUs = 348.6 / 87.1 TFLOP/s per IPU; the Bow-2000 figure gives 350 for FP16.
