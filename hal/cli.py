@@ -471,19 +471,37 @@ def _plan_settings(args: argparse.Namespace) -> dict[str, Any]:
     return dict(ipu=args.ipu, ipus=args.ipus, micro_batch=args.micro_batch, replicas=args.replicas,
                 grad_accum=args.grad_accum, device_iterations=args.device_iterations, precision=args.precision,
                 optimizer=PLAN_OPTIMIZERS[args.optimizer](), recompute=args.recompute, training=not args.inference,
-                headroom=args.headroom, efficiency=args.efficiency)
+                headroom=args.headroom, efficiency=args.efficiency, framework=args.framework,
+                schedule=args.schedule, split=args.split, device_mapping=args.device_mapping,
+                available_memory_proportion=args.available_memory_proportion,
+                recompute_checkpoints=args.recompute_checkpoints or ())
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """``hal plan``: the plan's table (or JSON) and, when it does not fit, a hint; 0 if it fits, 1 if not."""
+    """``hal plan``: the plan's table (or JSON) and, when it does not fit, a hint; with ``--split``,
+    hal's own split of the same configuration beside it. 0 if the plan fits, 1 if not."""
     from hal.ipu import plan
 
     spec, _ = _model(args)  # speed and plans do not depend on the weights' values
     p = plan(spec, **_plan_settings(args))
-    print(p.to_json() if args.json else p.table())
+    own = plan(spec, **{**_plan_settings(args), "split": None, "devices": []}) if args.split else None
+    if args.json:
+        print(json.dumps({**p.to_dict(), "hal_split": own.to_dict() if own else None}, indent=2))
+    else:
+        print(p.table())
+        if own:
+            print(_split_line("your split", p) + "\n" + _split_line("hal's split", own))
     if not p.fits and not args.json:
         print(_plan_hint(spec, args))
     return 0 if p.fits else 1
+
+
+def _split_line(who: str, p: Any) -> str:
+    worst = max(p.ipu_memory, key=lambda m: m.memory.total / m.usable_bytes)
+    return (f"{who}: stages end at {', '.join(p.cuts)}; balance {p.balance()[0]:.2f}; tightest IPU {worst.ipu} "
+            f"{worst.memory.total / MIB:,.1f}/{worst.usable_bytes / MIB:,.0f} MiB; "
+            f"{'fits' if p.fits else 'does not fit'}; expected {p.expected.samples_per_second:,.0f} samples/s "
+            "(estimate)" if p.expected else "")
 
 
 def _plan_hint(spec: Any, args: argparse.Namespace) -> str:
@@ -491,9 +509,10 @@ def _plan_hint(spec: Any, args: argparse.Namespace) -> str:
     from hal.ipu import plan
 
     base = {**_plan_settings(args), "devices": []}
-    rec = {"recompute": True} if args.ipus > 1 and not args.inference else {}  # pipeline recomputation only
-    half = {"precision": "fp16", **rec}
-    tries = [rec, {"precision": "fp16"}, half] + [
+    pipelined = (args.ipus or 1) > 1 or bool(args.split or args.device_mapping)
+    rec = {"recompute": True} if pipelined and not args.inference else {}  # pipeline recomputation only
+    half = {"precision": "16.16", **rec}
+    tries = [rec, {"precision": "16.16"}, half] + [
         {**half, "micro_batch": m} for m in (args.micro_batch // 2, args.micro_batch // 4) if m >= 1]
     for change in tries:
         if not change or all(base[k] == v for k, v in change.items()):
@@ -504,7 +523,7 @@ def _plan_hint(spec: Any, args: argparse.Namespace) -> str:
         except HalError:
             continue
         if p.fits:
-            worst = max(s.memory.total for s in p.stages)
+            worst = max(m.memory.total for m in p.ipu_memory)
             return f"hint: it fits with {flags} (largest IPU {worst / MIB:,.1f} MiB, balance {p.balance()[0]:.2f})."
     return "hint: no standard change fits: try more IPUs per replica (--ipus) or a smaller --micro-batch."
 
@@ -558,30 +577,68 @@ def _common(p: argparse.ArgumentParser, batch: int) -> None:
 
 
 def _add_plan(sub: Any) -> None:
+    from hal.ipu import FRAMEWORKS, SCHEDULES
+
     p = sub.add_parser(
         "plan", help="plan a model on Graphcore IPUs (pipeline stages, memory, batch arithmetic)",
-        description="Split a model into pipeline stages over IPUs, estimate each IPU's memory and check "
-        "PopTorch's batch rules. Exits with status 1 when the plan does not fit.",
+        description="Split a model into pipeline stages over IPUs, estimate each IPU's memory and check the "
+        "framework's pipeline rules. Exits with status 1 when the plan does not fit.",
     )
     _model_args(p)
     p.add_argument("--ipu", default="bow", help="IPU type: gc2 (Mk1), gc200 (Mk2) or bow (default)")
-    p.add_argument("--ipus", type=_int(1), default=1, help="IPUs per replica = pipeline stages (default 1)")
+    p.add_argument("--ipus", type=_int(1), default=None,
+                   help="IPUs per replica (default: one per stage; 1 without --split)")
+    p.add_argument("--framework", choices=FRAMEWORKS, default="poptorch", help="whose rules apply (default poptorch)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="pipeline schedule (default: tensorflow grouped, poptorch interleaved)")
+    p.add_argument("--split", type=_node_list, default=None,
+                   help="comma-separated nodes (names or indices) after which a stage ends; hal's own split is "
+                   "shown beside it")
+    p.add_argument("--device-mapping", type=_ints, default=None,
+                   help="comma-separated IPU of each stage, e.g. 0,0,0,0 (several stages on one IPU)")
     p.add_argument("--micro-batch", type=_int(1), default=1, help="samples per micro-batch (default 1)")
     p.add_argument("--replicas", type=_int(1), default=1, help="data-parallel replicas (default 1)")
     p.add_argument("--grad-accum", type=_int(1), default=None,
-                   help="gradient accumulation G (default: PopTorch's minimum, 2*ipus-1 when pipelined)")
+                   help="gradient accumulation G (default: the smallest the framework accepts reaching 97%% "
+                   "pipeline efficiency; 1 for one stage)")
     p.add_argument("--efficiency", type=float, default=None,
-                   help="pick the smallest G reaching this pipeline efficiency (0..1) instead")
+                   help="pick the smallest accepted G reaching this pipeline efficiency (0..1) instead")
     p.add_argument("--device-iterations", type=_int(1), default=None,
-                   help="iterations per host call (default 1; inference on N IPUs: N)")
+                   help="iterations per host call (default 1; inference: the smallest the framework accepts)")
     p.add_argument("--precision", choices=sorted(IPU_PRECISIONS), default="fp32")
     p.add_argument("--optimizer", choices=sorted(PLAN_OPTIMIZERS), default="sgd")
     p.add_argument("--recompute", action="store_true", help="pipeline recomputation: stash stage inputs only")
+    p.add_argument("--recompute-checkpoints", type=_node_list, default=None,
+                   help="comma-separated nodes whose outputs are kept, the rest recomputed (one stage)")
+    p.add_argument("--available-memory-proportion", type=_fractions, default=None,
+                   help="Poplar's availableMemoryProportion, one value or one per IPU (default: the most that "
+                   "fits, <= 0.6)")
     p.add_argument("--inference", action="store_true", help="plan inference instead of training")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
                    help=f"fraction of IPU memory kept for code and exchange (default {DEFAULT_HEADROOM})")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(fn=cmd_plan)
+
+
+def _node_list(text: str) -> tuple[str | int, ...]:
+    items = tuple(int(t) if t.strip().isdigit() else t.strip() for t in text.split(","))
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated node names or indices, got {text!r}")
+    return items
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated IPU numbers, got {text!r}") from None
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
 
 
 def _add_train(sub: Any) -> None:
