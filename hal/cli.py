@@ -484,7 +484,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     spec, _ = _model(args)  # speed and plans do not depend on the weights' values
     p = plan(spec, **_plan_settings(args))
-    own = plan(spec, **{**_plan_settings(args), "split": None, "devices": []}) if args.split else None
+    own = plan(spec, **{**_plan_settings(args), "split": None, "device_mapping": p.device_mapping,
+                        "devices": []}) if args.split else None
     if args.json:
         print(json.dumps({**p.to_dict(), "hal_split": own.to_dict() if own else None}, indent=2))
     else:
