@@ -11,6 +11,9 @@ native, hal, native...) so that drift in machine load hits both alike; the ratio
 is ``median native time / median hal time`` (>= 1: hal at least as fast), the CPU
 ratio the same with CPU seconds. The load average is recorded at the start and
 the end of the run.
+Energy (:mod:`hal.energy`) is read around each timed call where the device has a
+counter (NVML on NVIDIA GPUs, RAPL powercap on Linux CPUs): joules per sample,
+else ``n/a`` and the reason.
 
 Each (target, mode, options) runs in its own worker process (:mod:`hal.worker`)
 unless ``isolate=False``: frameworks do not share a process or compete for its
@@ -67,6 +70,8 @@ class Measurement:
     latency_b1_ms: float | None = None
     first_call_cpu_s: float | None = None
     cpu_times_s: list[float] = field(default_factory=list)
+    joules: list[float] = field(default_factory=list)  # per timed call, where a counter can be read
+    energy_note: str = ""  # the counter read, or why energy is not measured (hal.energy)
 
     @property
     def median_s(self) -> float:
@@ -79,6 +84,11 @@ class Measurement:
     @property
     def samples_per_s(self) -> float:
         return self.batch / self.median_s
+
+    @property
+    def joules_per_sample(self) -> float | None:
+        """Median measured joules per call over the batch; None where energy is not measured."""
+        return statistics.median(self.joules) / self.batch if self.joules else None
 
 
 @dataclass
@@ -127,6 +137,7 @@ class BenchReport:
                 if m is not None:
                     r[impl]["median_s"], r[impl]["samples_per_s"] = m.median_s, m.samples_per_s
                     r[impl]["median_cpu_s"] = m.median_cpu_s
+                    r[impl]["joules_per_sample"] = m.joules_per_sample
         return d
 
     def _rows(self) -> list[list[str]]:
@@ -138,19 +149,24 @@ class BenchReport:
                 _f(h and h.samples_per_s, ".1f"), _f(n and n.samples_per_s, ".1f"),
                 _f(r.ratio, ".2f", "x"), _f(r.cpu_ratio, ".2f", "x"),
                 _f(h and h.first_call_s, ".2f"), _f(n and n.first_call_s, ".2f"),
-                _f(h and h.latency_b1_ms, ".1f"), _f(h and h.peak_mem_mb, ".0f"), _f(n and n.peak_mem_mb, ".0f"), r.note,
+                _f(h and h.latency_b1_ms, ".1f"), _f(h and h.peak_mem_mb, ".0f"), _f(n and n.peak_mem_mb, ".0f"),
+                _joules(h), _joules(n), r.note,
             ])
         return out
 
+    def energy_notes(self) -> list[str]:
+        """Each distinct account of the energy columns: the counter read, or why they are n/a."""
+        notes = (m.energy_note for r in self.rows for m in (r.hal, r.native) if m is not None and m.energy_note)
+        return [f"energy: {n}" for n in dict.fromkeys(notes)]
+
     HEADER = ["target", "mode", "hal samples/s", "native samples/s", "hal/native", "hal/native CPU",
-              "hal first call s", "native first call s", "hal b1 latency ms", "hal peak MB", "native peak MB", "note"]
+              "hal first call s", "native first call s", "hal b1 latency ms", "hal peak MB", "native peak MB", "hal J/sample", "native J/sample", "note"]
 
     def table(self) -> str:
         from hal.table import render
 
-        return f"bench: {self.model}, batch {self.batch}, median of {self.repeats} after {self.warmup} warm-up\n" + render(
-            self.HEADER, self._rows()
-        )
+        return "\n".join([f"bench: {self.model}, batch {self.batch}, median of {self.repeats} after {self.warmup} warm-up",
+                          render(self.HEADER, self._rows()), *self.energy_notes()])
 
     def markdown(self) -> str:
         from hal.table import markdown
@@ -158,7 +174,8 @@ class BenchReport:
         env = ", ".join(f"{k}: {v}" for k, v in self.env.items())
         return (
             f"## {self.model}, batch {self.batch}\n\nMedian of {self.repeats} timed calls after {self.warmup} "
-            f"warm-up, hal and native interleaved in one process.\n\n{markdown(self.HEADER, self._rows())}\n\n{env}\n"
+            f"warm-up, hal and native interleaved in one process.\n\n{markdown(self.HEADER, self._rows())}\n\n"
+            + "".join(f"{n}\n\n" for n in self.energy_notes()) + f"{env}\n"
         )
 
     def plot(self, path: Path) -> Path | None:
@@ -224,6 +241,13 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
 
 def _f(v: float | None, fmt: str, suffix: str = "") -> str:
     return "-" if v is None else f"{format(v, fmt)}{suffix}"
+
+
+def _joules(m: Measurement | None) -> str:
+    """A J/sample cell: the measured figure, ``n/a`` (the reason is in :meth:`BenchReport.energy_notes`) or ``-``."""
+    if m is None:
+        return "-"
+    return "n/a" if m.joules_per_sample is None else f"{m.joules_per_sample:.3g}"
 
 
 def environment(targets: Sequence[Target]) -> dict[str, Any]:
@@ -438,9 +462,12 @@ def _measure(
     """Interleaved timings of hal and (with ``native``) its native twin, run in a worker:
     ``(resolved target, hal, native or None, the native's note, framework thread settings)``.
     Peak memory is the resident-memory growth over building the model and its first call."""
+    from hal.energy import counter_for
+
     say = progress or (lambda _msg: None)
     _, resolved = resolve(target)
     infer = mode == "inference"
+    counter, energy_note = counter_for(resolved.device)
     box: dict[str, Any] = {"note": ""}
 
     def hal_first() -> None:
@@ -470,13 +497,18 @@ def _measure(
         for fn in fns.values():
             fn()
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    joules: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(repeats):
         say(f"{resolved} {mode}: repeat {i + 1}/{repeats}")
         for k, fn in fns.items():
+            e0 = counter.joules() if counter else 0.0
             times[k].append(_timed(fn))
+            if counter:
+                joules[k].append(counter.joules() - e0)
     out = {
         k: Measurement(k, first[k][0], [t[0] for t in times[k]], len(x), peak_mem_mb=peak[k],
-                       first_call_cpu_s=first[k][1], cpu_times_s=[t[1] for t in times[k]])
+                       first_call_cpu_s=first[k][1], cpu_times_s=[t[1] for t in times[k]], joules=joules[k],
+                       energy_note=energy_note if counter else f"n/a: {energy_note}")
         for k in fns
     }
     if infer:

@@ -327,6 +327,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hal.parity import run_parity
     from hal.table import render
 
+    if args.report:  # the migration report over the targets, instead of the table
+        _check_writable(args.report, "--report")
+        spec, weights = _model(args)
+        args.out = args.report
+        return _write_migration(spec, weights, args.targets or _default_targets(include_reference=False), args)
     spec, weights = _model(args)
     targets = args.targets or _default_targets()
     progress = Progress(not args.json)
@@ -377,6 +382,54 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for name, reason in _unavailable().items():
             print(f"not available here: {name}: {reason}")
     return 0 if parity.passed else 1
+
+
+def _watts(text: str) -> tuple[str, float]:
+    """``device=W``: the rated power of a catalog device, for energy estimates."""
+    name, eq, value = text.partition("=")
+    try:
+        watts = float(value)
+    except ValueError:
+        watts = math.nan
+    if not (name.strip() and eq and math.isfinite(watts) and watts > 0):
+        raise argparse.ArgumentTypeError(f"expected device=watts (e.g. bow=300), got {text!r}")
+    return name.strip(), watts
+
+
+def _migrate_settings(args: argparse.Namespace) -> Any:
+    from hal.migrate import Settings
+
+    return Settings(batch=args.batch, repeats=args.repeats, warmup=args.warmup, ipu=args.ipu,
+                    micro_batch=args.micro_batch, ipu_precision=args.ipu_precision, gpu=args.gpu,
+                    watts=dict(args.watts or ()))
+
+
+def _write_migration(spec: Any, weights: Any, targets: list[str], args: argparse.Namespace) -> int:
+    """Run the migration report over ``targets``, write it under ``args.out`` and print its summary."""
+    from hal.migrate import run_migrate
+
+    progress = Progress(not args.json)
+    report = run_migrate(spec, targets, _migrate_settings(args), weights=weights, progress=progress)
+    progress("writing the report and plots")
+    written = report.write(args.out)
+    progress.done()
+    if args.json:
+        print(json.dumps(report.data, indent=2, default=str))
+    else:
+        print(report.summary())
+        for p in written:
+            print(f"wrote {p}")
+    pair = report.data["numerics"].get("pair")
+    return 1 if pair and not pair.get("passed", False) else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``hal migrate MODEL --from A --to B``: the migration report; 1 if the two targets disagree."""
+    if args.source == args.dest:
+        raise ConfigError(f"--from and --to are the same target {args.source!r}")
+    _check_writable(args.out, "--out")
+    spec, weights = _model(args)
+    return _write_migration(spec, weights, [args.source, args.dest], args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -642,6 +695,37 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
 
 
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    """Options the migration report shares between ``migrate`` and ``compare --report``."""
+    p.add_argument("--ipu", default="bow", choices=("gc2", "gc200", "bow"), help="IPU generation to plan for")
+    p.add_argument("--micro-batch", type=_int(1), default=4, help="IPU micro-batch of the plan (default 4)")
+    p.add_argument("--ipu-precision", default="fp16", choices=sorted(IPU_PRECISIONS),
+                   help="IPU plan precision (default fp16)")
+    p.add_argument("--gpu", default="a100-80gb", help="catalog GPU for GPU estimates (default a100-80gb)")
+    p.add_argument("--watts", type=_watts, action="append", metavar="DEVICE=W",
+                   help="rated power of a catalog device for energy estimates (e.g. bow=300); repeatable")
+
+
+def _add_migrate(sub: Any) -> None:
+    p = sub.add_parser(
+        "migrate", help="one report on moving a model between two targets (coverage, changes, numerics, speed, "
+        "energy)",
+        description="Coverage, what changes and the effort, parity, performance and energy of MODEL on two "
+        "targets: measured where a target runs here, planner estimates (labelled) where not. Writes report.md, "
+        "report.json, report.html and PNG plots. Exits 1 if both targets run here and disagree.",
+    )
+    _model_args(p)
+    p.add_argument("--from", dest="source", type=_target, required=True, help="the stack the model runs on now")
+    p.add_argument("--to", dest="dest", type=_target, required=True, help="the stack to move it to")
+    p.add_argument("--out", default=str(DEFAULT_OUT / "migrate"), help="folder for the report")
+    p.add_argument("--batch", type=_int(1), default=8, help="bench batch (default 8)")
+    p.add_argument("--repeats", type=_int(1), default=3)
+    p.add_argument("--warmup", type=_int(0), default=1)
+    _migrate_args(p)
+    p.add_argument("--json", action="store_true", help="print report.json on stdout")
+    p.set_defaults(fn=cmd_migrate)
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train", help="train a workload's model on a target, or compare targets",
@@ -740,6 +824,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-batch", type=_int(2), default=4)
     p.add_argument("--repeats", type=_int(1), default=3)
     p.add_argument("--warmup", type=_int(0), default=1)
+    p.add_argument("--report", metavar="DIR",
+                   help="write the migration report (as `hal migrate`) for the targets to DIR instead of the table")
+    _migrate_args(p)
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("conformance", help="run the backend conformance suite on a target",
@@ -752,6 +839,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_conformance)
 
     _add_plan(sub)
+    _add_migrate(sub)
     _add_train(sub)
     _add_export(sub)
     _add_import(sub)
