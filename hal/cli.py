@@ -527,7 +527,7 @@ def _plan_settings(args: argparse.Namespace) -> dict[str, Any]:
                 headroom=args.headroom, efficiency=args.efficiency, framework=args.framework,
                 schedule=args.schedule, split=args.split, device_mapping=args.device_mapping,
                 available_memory_proportion=args.available_memory_proportion,
-                recompute_checkpoints=args.recompute_checkpoints or ())
+                recompute_checkpoints=args.recompute_checkpoints or (), half_partials=args.half_partials)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -659,7 +659,10 @@ def _add_plan(sub: Any) -> None:
                    help="pick the smallest accepted G reaching this pipeline efficiency (0..1) instead")
     p.add_argument("--device-iterations", type=_int(1), default=None,
                    help="iterations per host call (default 1; inference: the smallest the framework accepts)")
-    p.add_argument("--precision", choices=sorted(IPU_PRECISIONS), default="fp32")
+    p.add_argument("--precision", choices=sorted(IPU_PRECISIONS), default="fp32",
+                   help="fp32, or Graphcore's <compute>.<master weights> precisions 16.16 and 16.32")
+    p.add_argument("--half-partials", action="store_true",
+                   help="convolution and matmul partial sums in fp16 (Graphcore's half_partial; default fp32)")
     p.add_argument("--optimizer", choices=sorted(PLAN_OPTIMIZERS), default="sgd")
     p.add_argument("--recompute", action="store_true", help="pipeline recomputation: stash stage inputs only")
     p.add_argument("--recompute-checkpoints", type=_node_list, default=None,

@@ -73,10 +73,12 @@ figure; check a real profile with PopVision. Usable = ``memory x (1 - AMP -
 headroom)``. Without an AMP, hal picks per IPU the largest proportion <= 0.6 that
 leaves the persistent memory room, never below 0.1.
 
-**Precisions**: weights in hal.lowering's ``MASTER_DTYPE``, activations and gradients
-in ``COMPUTE_DTYPE``, partials in ``PARTIALS_DTYPE``; optimizer state and accumulators
-in the weights' dtype for "16.16"/"16.32" (Graphcore's TF2 ``float16`` policy and
-PopTorch's combined accumulator keep them in fp16), fp32 otherwise. "fp16" is
+**Precisions**: Graphcore's "<compute>.<master>" strings: weights in hal.lowering's
+``MASTER_DTYPE`` (fp16 for "16.16", fp32 for "16.32"), activations and gradients in
+``COMPUTE_DTYPE``; partial sums in fp32 unless the plan has ``half_partials``
+(Graphcore's ``half_partial``, a separate flag in its ResNet50 configs); optimizer
+state and accumulators in the weights' dtype for "16.16"/"16.32" (Graphcore's TF2
+``float16`` policy and PopTorch's combined accumulator keep them in fp16), fp32 otherwise. "fp16" is
 PopTorch's ``model.half()``: fp16 weights with fp32 accumulators and state
 (``poptorch.optim`` ``accum_type`` defaults).
 
@@ -103,7 +105,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from hal.errors import ConfigError
 from hal.hardware import Device, all_devices, get_ipu
-from hal.lowering import COMPUTE_DTYPE, MASTER_DTYPE, PARTIALS_DTYPE
+from hal.lowering import COMPUTE_DTYPE, MASTER_DTYPE
 from hal.spec import DTYPE_BYTES, ModelSpec
 from hal.table import render
 from hal.training import SGD, Adam, AdamW, Optimizer
@@ -148,8 +150,7 @@ def _precision_bytes(precision: str) -> PrecisionBytes:
     if precision == "fp16":  # PopTorch model.half(); poptorch.optim keeps accumulators and state in fp32
         return PrecisionBytes(2, 2, 2, 4)
     weights = DTYPE_BYTES[MASTER_DTYPE[precision]]
-    return PrecisionBytes(weights, DTYPE_BYTES[COMPUTE_DTYPE[precision]], DTYPE_BYTES[PARTIALS_DTYPE[precision]],
-                          weights)
+    return PrecisionBytes(weights, DTYPE_BYTES[COMPUTE_DTYPE[precision]], 4, weights)
 
 
 PRECISIONS: dict[str, PrecisionBytes] = {p: _precision_bytes(p) for p in ("fp32", "fp16", "16.16", "16.32")}
@@ -754,6 +755,7 @@ class Plan:
     grad_accum_for_90: int
     roofline: tuple[Roofline, ...]
     split_by: str  # "hal" (balanced by the planner) or "user" (split= as given)
+    half_partials: bool = False  # convolution/matmul partial sums in fp16 (Graphcore's half_partial)
     expected: Estimate | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -768,7 +770,7 @@ class Plan:
     @property
     def bytes(self) -> PrecisionBytes:
         """Bytes per weight, activation, partial and optimizer state element of the plan's precision."""
-        return PRECISIONS[self.precision]
+        return replace(PRECISIONS[self.precision], partials=2) if self.half_partials else PRECISIONS[self.precision]
 
     @property
     def pipeline_rule(self) -> PipelineRule:
@@ -825,6 +827,7 @@ class Plan:
             "model": self.model, "spec_hash": self.spec_hash, "ipu": self.ipu.to_dict(),
             "framework": self.framework, "schedule": self.schedule, "device_mapping": list(self.device_mapping),
             "ipus_per_replica": self.ipus_per_replica, "batch": self.batch.to_dict(), "precision": self.precision,
+            "half_partials": self.half_partials,
             "bytes": {"weights": self.bytes.weights, "activations": self.bytes.activations,
                       "partials": self.bytes.partials, "optimizer_state": self.bytes.state},
             "optimizer": self.optimizer, "optimizer_state_tensors": self.state_tensors,
@@ -846,6 +849,7 @@ class Plan:
         """A plain-text report: configuration, stages, IPUs, efficiency, roofline, estimate, verdict."""
         b, mode = self.batch, "training" if self.training else "inference"
         extras = [self.framework, f"{self.schedule} schedule" if len(self.stages) > 1 else "",
+                  "half partials" if self.half_partials else "",
                   "pipeline recomputation" if self.recompute else "",
                   f"{len(self.recompute_checkpoints)} recomputation checkpoints" if self.recompute_checkpoints else "",
                   f"{self.split_by}'s split" if len(self.stages) > 1 else ""]
@@ -1082,7 +1086,7 @@ def plan(spec: ModelSpec, ipu: str = "bow", ipus: int | None = None, micro_batch
          devices: Sequence[Device] | None = None, *, framework: str = "poptorch", schedule: str | None = None,
          split: Sequence[str | int] | None = None, device_mapping: Sequence[int] | None = None,
          available_memory_proportion: float | Sequence[float] | None = None,
-         recompute_checkpoints: Sequence[str | int] = ()) -> Plan:
+         recompute_checkpoints: Sequence[str | int] = (), half_partials: bool = False) -> Plan:
     """Plan ``spec`` on IPUs of type ``ipu`` (``gc2``, ``gc200``, ``bow``) for ``framework``.
 
     Stages: ``split`` (node names or indices after which a stage ends; hal's balanced split
@@ -1094,12 +1098,16 @@ def plan(spec: ModelSpec, ipu: str = "bow", ipus: int | None = None, micro_batch
     smallest accepted (inference). ``available_memory_proportion`` is one fraction or one
     per IPU (``None``: hal picks per IPU, see the module docstring). ``recompute`` is
     pipeline recomputation; ``recompute_checkpoints`` (one stage) are nodes whose outputs
-    are kept while the rest is recomputed. ``devices`` are the roofline's comparison chips
+    are kept while the rest is recomputed. ``half_partials`` accumulates convolution and
+    matmul partial sums in fp16 (fp32 otherwise, Poplar's default). ``devices`` are the roofline's comparison chips
     (default: the whole catalog and this CPU). The result carries :func:`expected_throughput`.
     """
     p = _plan(spec, ipu, ipus, micro_batch, replicas, grad_accum, device_iterations, precision, optimizer,
               recompute, training, headroom, efficiency, devices, framework, schedule, split, device_mapping,
               available_memory_proportion, recompute_checkpoints)
+    if not isinstance(half_partials, bool):
+        raise ConfigError(f"half_partials must be a bool, got {half_partials!r}")
+    p = replace(p, half_partials=half_partials)
     return replace(p, expected=expected_throughput(p)) if p.training else p
 
 

@@ -262,6 +262,8 @@ def scalar_table(config: TrainConfig, first_step: int, steps: int) -> np.ndarray
 COMPUTE_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16",
                  "16.16": "float16", "16.32": "float16"}
 MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32", "fp16": "float32",
-                "16.16": "float16", "16.32": "float16"}
-# Graphcore's IPU precisions name the dtype of convolution/matmul partial sums.
-PARTIALS_DTYPE = {"16.16": "float16", "16.32": "float32"}
+                "16.16": "float16", "16.32": "float32"}
+# Graphcore's IPU precisions, "<compute>.<master weights>" (graphcore/examples
+# vision/cnns/pytorch/utils/argparser.py); partial sums are a separate choice (a plan's half_partials).
+IPU_PRECISIONS = ("16.16", "16.32")
+PARTIALS_DTYPE = {"16.16": "float16", "16.32": "float32"}  # deprecated: being replaced by Plan.half_partials

@@ -218,9 +218,9 @@ class TrainConfig:
     """How a compiled model trains. ``precision`` is the compute precision:
     ``fp32`` (default), ``fp64`` (reference runs), ``bf16``/``fp16`` mixed
     (fp32 master weights), or Graphcore's IPU precisions ``16.16``/``16.32``
-    (weights, activations and gradients in fp16 with no fp32 master copy,
-    convolution and matmul partials in fp16 or fp32, stochastic rounding,
-    static loss scaling, optimizer state in fp32; IPU targets only). With ``check_finite`` (default) a training step whose
+    ("compute.master": activations and gradients in fp16, master weights in
+    fp16 or fp32, stochastic rounding, static loss scaling; IPU targets only;
+    the partials' type is the plan's ``half_partials``). With ``check_finite`` (default) a training step whose
     loss or any gradient is not finite is not applied: it raises
     :class:`hal.errors.NonFiniteError` naming the step, weights as before it.
     ``data_parallel`` spreads each step over replicas (module docstring)."""

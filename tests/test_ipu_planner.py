@@ -77,6 +77,24 @@ def test_chain_optimizer_state_recompute_fp16_and_inference(chain):
     assert [s.memory.gradients + s.memory.optimizer for s in inf.stages] == [0, 0]
 
 
+def test_graphcore_precisions_are_compute_dot_master_and_partials_are_separate(chain):
+    """graphcore/examples: "16.32" is fp16 compute with fp32 master weights (TF2 precision.py: mixed_float16);
+    half partials are their own flag (vision/cnns/pytorch/train/configs.yml: precision "16.16", half_partial)."""
+    sgd = SGD(momentum=0.9)
+    p16 = ipu.plan(chain, ipus=2, micro_batch=4, precision="16.16", optimizer=sgd, headroom=0.0, devices=[])
+    p32 = ipu.plan(chain, ipus=2, micro_batch=4, precision="16.32", optimizer=sgd, headroom=0.0, devices=[])
+    assert (p16.bytes.weights, p16.bytes.activations, p16.bytes.state) == (2, 2, 2)
+    assert (p32.bytes.weights, p32.bytes.activations, p32.bytes.state) == (4, 2, 4)
+    assert p16.stages[1].memory.to_dict()["weights"] == 1386 * 2
+    assert p32.stages[1].memory.to_dict()["weights"] == 1386 * 4
+    assert p16.stages[1].memory.optimizer == 1386 * 2 and p32.stages[1].memory.optimizer == 1386 * 4
+    half = ipu.plan(chain, ipus=2, micro_batch=4, precision="16.16", half_partials=True, devices=[])
+    assert (p16.bytes.partials, half.bytes.partials) == (4, 2)
+    assert half.to_dict()["half_partials"] is True and "half partials" in half.table()
+    with pytest.raises(ConfigError, match="half_partials"):
+        ipu.plan(chain, precision="16.16", half_partials="yes", devices=[])
+
+
 def test_optimizer_state_tensor_counts():
     assert ipu.optimizer_state_tensors(SGD()) == 0
     assert ipu.optimizer_state_tensors(SGD(momentum=0.9)) == 1
