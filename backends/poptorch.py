@@ -21,9 +21,9 @@ recomputation checkpoints         ``poptorch.recomputationCheckpoint`` on each n
                                   ``autoRecomputation`` 4 (RecomputeAll), as Graphcore's ResNet50
 available-memory proportion p_i   ``Options().setAvailableMemoryProportion({"IPU<i>": p_i})``,
                                   every IPU of a replica
-16.16 / 16.32                     ``model.half()``, ``Precision.setPartialsType(torch.half /
-                                  torch.float)``, stochastic rounding when training on hardware,
-                                  ``loss_scaling=128``
+16.16                             ``model.half()``, stochastic rounding when training on
+                                  hardware, ``loss_scaling=128``
+half partials (plan)              ``Precision.setPartialsType(torch.half)``, else ``torch.float``
 SGD / Adam / AdamW                ``poptorch.optim.SGD/Adam/AdamW``, fp32 accumulators and state
 outputs                           ``Options().outputMode(OutputMode.All)`` (``anchorMode`` before SDK 2.4)
 ipu-model                         ``Options().useIpuModel(True)``
@@ -41,9 +41,10 @@ micro-batches are the consecutive slices hal's gradient accumulation uses.
 
 Semantics that differ from ``torch:cpu`` and why:
 
-- precisions are ``fp32``, ``16.16`` and ``16.32`` (see "Precision" below); hal's ``fp16``
-  (fp32 master weights, dynamic loss scaling) is refused: PopTorch keeps no fp32 master
-  copy of a halved model and scales the loss by a static factor;
+- precisions are ``fp32`` and ``16.16`` (see "Precision" below); ``fp16`` and ``16.32``
+  (fp16 compute on fp32 master weights) are refused: PopTorch keeps no fp32 master copy
+  of a halved model, and Graphcore's PyTorch examples run 16.32 only as an fp32 model fed
+  fp16 inputs, with those tests disabled;
 - with R > 1 replicas each keeps its own BatchNorm running statistics; the values
   copied back are those PopTorch returns (replica 0's);
 - the learning rate is a host value sent with ``setOptimizer`` between calls, so a
@@ -74,6 +75,25 @@ weights and one of the optimizer state (none for plain SGD, the momentum for SGD
 with momentum, two moments for Adam), plus a host scan: amortise it with
 ``device_iterations`` or turn the check off (``check_finite=False``). The D
 optimizer steps of one host call (``device_iterations``) stand or fall together.
+
+Precision. ``16.16`` is Graphcore's ResNet50 precision (graphcore/examples
+``vision/cnns/pytorch/train/configs.yml``: ``precision: "16.16"``, ``half_partial: true``,
+``loss_scaling: 128``, stochastic rounding): weights, activations and gradients in fp16
+with no fp32 master copy, optimizer state and accumulators in fp32 (``accum_type``), the
+loss computed in fp32 and scaled by a static 128 (a power of two, so scaling and
+unscaling are exact; it lifts gradients 7 binades away from fp16's subnormal range below
+6.1e-5, and leaves a factor 512 below fp16's largest value 65504 for a gradient of 1).
+``loss_and_grads`` divides PopART's anchored gradients, which are those of the scaled loss
+(PopART ``transforms/autodiff/gradgrowerloss.cpp`` seeds the backward with the scale), by it.
+What parity can expect against fp32: each fp16 rounding costs up to u = 2^-11 = 4.9e-4
+relative, so predictions and gradients differ from float64 by some u: measured on the
+stand-in (torch fp16 on the CPU, which accumulates in fp32 like fp32 partials) on
+``small_cnn``, a batch of 8: forward 7.3e-4, gradients 6.4e-3 (max error over max value,
+all tensors together), where fp32 gives ~1e-7. Half partials add a rounding per partial
+sum of K products (error growth up to K u, typically sqrt(K) u): a derived bound, not
+measured here; only an IPU can measure it. Training in 16.16 rounds every weight update to
+fp16 (stochastic rounding on hardware keeps it unbiased), so trajectories drift from fp32
+by more than one step's error: compare 16.16 runs by loss curves, not weights.
 
 SDK versions. ``poptorch.__version__`` ("3.3.0+<build>-<snapshot>"; PopTorch is versioned
 with its Poplar SDK) decides what hal may use, from graphcore/poptorch at each SDK tag:
@@ -112,14 +132,14 @@ from hal import ipu as ipu_plan
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
 from hal.errors import ConfigError, InputError, UnsupportedError
-from hal.lowering import MASTER_DTYPE, PARTIALS_DTYPE
+from hal.lowering import IPU_PRECISIONS, MASTER_DTYPE
 from hal.training import SGD, AdamW, Constant, TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
 SDK_HINT = "it ships with Graphcore's Poplar SDK; install its wheel"
-PRECISIONS = ("fp32", *PARTIALS_DTYPE)
+PRECISIONS = ("fp32", "16.16")
 # graphcore/examples vision/cnns/pytorch/train/configs.yml, resnet50 (16.16): loss_scaling 128
 LOSS_SCALING = 128.0
 # popart::RecomputationType (willow/include/popart/sessionoptions.hpp): None, Standard, NormOnly, Pipeline, RecomputeAll
@@ -194,13 +214,10 @@ def make_options(
         opts.Training.gradientAccumulation(grad_accum or b.grad_accum)
         opts.Training.accumulationAndReplicationReductionType(poptorch.ReductionType.Mean)
         _set_recomputation(opts, plan)
-    proportions = getattr(plan, "available_memory_proportion", ())
-    if proportions:
-        opts.setAvailableMemoryProportion({f"IPU{i}": p for i, p in enumerate(proportions)})
-    if plan.precision in PARTIALS_DTYPE:
-        opts.Precision.setPartialsType(getattr(torch, PARTIALS_DTYPE[plan.precision]))
-        if training and device == "ipu":
-            opts.Precision.enableStochasticRounding(True)
+    opts.setAvailableMemoryProportion({f"IPU{i}": p for i, p in enumerate(plan.available_memory_proportion)})
+    opts.Precision.setPartialsType(torch.half if plan.half_partials else torch.float)
+    if plan.precision in IPU_PRECISIONS and training and device == "ipu":
+        opts.Precision.enableStochasticRounding(True)
     if stages > 1:
         opts.setExecutionStrategy(poptorch.PipelinedExecution(poptorch.AutoStage.SameAsIpu))
     total = stages * b.replicas
@@ -225,7 +242,7 @@ def _set_recomputation(opts: Any, plan: ipu_plan.Plan) -> None:
     (``popart_compiler/source/Compiler.cpp``, ``Compiler::initSession``, SDK 1.4 to 3.4)."""
     if plan.ipus_per_replica > 1:
         opts._Popart.set("autoRecomputation", RECOMPUTE_PIPELINE if plan.recompute else RECOMPUTE_NONE)
-    elif getattr(plan, "recompute_checkpoints", ()):
+    elif plan.recompute_checkpoints:
         # graphcore/examples vision/cnns/pytorch/utils/ipu_settings.py, recompute_mode "manual"
         opts._Popart.set("explicitRecomputation", True)
         opts._Popart.set("autoRecomputation", RECOMPUTE_ALL)
@@ -235,7 +252,7 @@ def place_stages(graph: "torch.nn.Module", plan: ipu_plan.Plan) -> None:
     """``BeginBlock`` at the first node of every stage: stage s runs on IPU s; a
     ``recomputationCheckpoint`` on the output of every checkpoint node of the plan."""
     poptorch = _poptorch()
-    for name in getattr(plan, "recompute_checkpoints", ()):
+    for name in plan.recompute_checkpoints:
         graph.get_submodule(name).register_forward_hook(lambda module, args, out: poptorch.recomputationCheckpoint(out))
     if plan.ipus_per_replica == 1:
         return
@@ -274,7 +291,7 @@ def make_optimizer(params: Any, config: TrainConfig, lr: float) -> Any:
 
 def loss_scaling(precision: str) -> float:
     """The static loss scale of ``precision``: :data:`LOSS_SCALING` in 16.16 and 16.32, else 1."""
-    return LOSS_SCALING if precision in PARTIALS_DTYPE else 1.0
+    return LOSS_SCALING if precision in IPU_PRECISIONS else 1.0
 
 
 def _with_loss(graph: "torch.nn.Module", loss: str) -> "torch.nn.Module":
@@ -635,9 +652,14 @@ def sdk_gap(op: S.Op, shape: S.Shape) -> str | None:
 
 def _check_plan(plan: ipu_plan.Plan, config: TrainConfig) -> None:
     """What PopTorch needs of a plan and a config together (hal.compile checked the spec)."""
-    framework = getattr(plan, "framework", "poptorch")
-    if framework != "poptorch":
-        raise ConfigError(f"the plan follows {framework}'s pipeline rules, not PopTorch's: plan with framework='poptorch'")
+    if plan.framework != "poptorch":
+        raise ConfigError(f"the plan follows {plan.framework}'s pipeline rules, not PopTorch's: plan with "
+                          "framework='poptorch'")
+    if plan.schedule != "interleaved" or plan.device_mapping != tuple(range(len(plan.stages))):
+        raise UnsupportedError(
+            f"poptorch: hal runs PipelinedExecution with stage s on IPU s; the plan has schedule "
+            f"{plan.schedule!r} and device mapping {plan.device_mapping}: plan with the defaults"
+        )
     if plan.precision != config.precision:
         raise ConfigError(f"the plan is {plan.precision} but the training config says {config.precision}")
     if not plan.training:
@@ -677,11 +699,14 @@ class PopTorchBackend(Backend):
     @classmethod
     def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
         out = super().unsupported(spec, config)
-        if config is not None and config.precision == "fp16":
+        if config is not None and config.precision in ("fp16", "16.32"):
             out["config"] = (
-                "poptorch has no fp16 as hal means it (fp32 master weights, dynamic loss scaling): PopTorch "
-                "halves the model itself, with no fp32 master copy, and scales the loss by a static factor; "
-                "use precision '16.16' (fp16 partials) or '16.32' (fp32 partials)"
+                f"poptorch runs no {config.precision} (fp16 compute on fp32 master weights"
+                + (", dynamic loss scaling" if config.precision == "fp16" else "")
+                + "): PopTorch has no fp32 master copy of a halved model, and Graphcore's PyTorch examples "
+                "run 16.32 only as an fp32 model fed fp16 inputs, with its tests disabled "
+                "(vision/cnns/pytorch/tests/test_train.py); use precision '16.16' (fp16 weights, static loss "
+                "scaling) or 'fp32'"
             )
         for node in spec.nodes[1:]:
             gap = sdk_gap(node.op, spec.in_shapes(node)[0])

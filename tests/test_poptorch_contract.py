@@ -598,7 +598,8 @@ def test_options_from_a_pipelined_plan(poptorch):
     assert (o.device_iterations, o.replication_factor, o.Training.gradient_accumulation) == (3, 2, 8)
     assert o.Training.reduction == poptorch.ReductionType.Mean
     assert o._Popart.options == {"autoRecomputation": 3}  # RecomputationType::Pipeline
-    assert o.Precision.partials == torch.float and not o.Precision.stochastic_rounding  # fp32: Poplar's defaults
+    assert o.Precision.partials == torch.float and not o.Precision.stochastic_rounding
+    assert o.available_memory_proportion == dict(enumerate(plan.available_memory_proportion))  # every IPU
     assert o.strategy.auto_stage == poptorch.AutoStage.SameAsIpu
     assert o.output_mode == poptorch.OutputMode.All and o.use_model and not o.auto_round_num_ipus
     assert o.cache_path == "/tmp/hal-poptorch-cache"
@@ -610,13 +611,15 @@ def test_options_from_a_pipelined_plan(poptorch):
     assert make_options(three, "ipu-model", training=True, cache_dir="c").auto_round_num_ipus  # 3 IPUs -> rounded to 4
 
 
-@pytest.mark.parametrize("precision, partials", [("16.16", "float16"), ("16.32", "float32")])
-def test_options_of_graphcores_precisions(poptorch, precision, partials):
+@pytest.mark.parametrize("half_partials", [False, True])
+def test_options_of_graphcores_precision(poptorch, half_partials):
     from hal.backends.poptorch import make_options
 
-    plan = dataclasses.replace(ipu.plan(models.get("small_cnn"), micro_batch=2, devices=[]), precision=precision)
+    plan = ipu.plan(models.get("small_cnn"), micro_batch=2, precision="16.16", half_partials=half_partials,
+                    devices=[])
     model = make_options(plan, "ipu-model", training=True, cache_dir="c")
-    assert model.Precision.partials == getattr(torch, partials) and not model.Precision.stochastic_rounding
+    assert model.Precision.partials == (torch.half if half_partials else torch.float)
+    assert not model.Precision.stochastic_rounding
     hw = make_options(plan, "ipu", training=True, cache_dir="c")
     assert hw.Precision.stochastic_rounding and not hw.use_model  # on hardware, when training
     assert not make_options(plan, "ipu", training=False, cache_dir="c").Precision.stochastic_rounding
@@ -691,8 +694,9 @@ def test_targets_and_plan_checks(poptorch):
         hal.compile(spec, "poptorch:ipu")
     with pytest.raises(UnsupportedError, match="bf16"):
         hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(precision="bf16"))
-    with pytest.raises(UnsupportedError, match=r"no fp16 as hal means it .* use precision '16.16' .* or '16.32'"):
-        hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(precision="fp16"))
+    for precision in ("fp16", "16.32"):
+        with pytest.raises(UnsupportedError, match=f"poptorch runs no {precision} .* use precision '16.16'"):
+            hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(precision=precision))
     plan = ipu.plan(spec, ipus=2, micro_batch=2, device_iterations=2, grad_accum=3, devices=[])
     assert not hasattr(backend, "compile_plan")  # plans go through hal.compile only
 
@@ -727,6 +731,31 @@ def test_pipeline_recomputation_is_what_the_plan_says(poptorch, recompute):
     pop = hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(grad_accum=plan.batch.grad_accum), plan=plan)
     pop.train_step(*_data(spec, plan.batch.samples_per_update))
     assert pop._train.recomputation == (3 if recompute else 0)  # popart::RecomputationType Pipeline / None
+
+
+def test_available_memory_proportion_reaches_every_ipu(poptorch):
+    spec = models.get("small_cnn")
+    plan = ipu.plan(spec, ipus=2, micro_batch=2, grad_accum=3, available_memory_proportion=(0.1, 0.2), devices=[])
+    pop = hal.compile(spec, "poptorch:ipu-model", config=TrainConfig(grad_accum=3), plan=plan)
+    x, y = _data(spec, plan.batch.samples_per_update)
+    pop.train_step(x, y)
+    assert pop._train.memory_proportion == {0: 0.1, 1: 0.2}  # keyed by BeginBlock's ipu_id
+    pop.predict(x)
+    assert all(s.executor.memory_proportion == {0: 0.1, 1: 0.2} for s in pop._shadows.values())
+
+
+def test_recomputation_checkpoints_on_one_ipu(poptorch):
+    """As Graphcore's single-IPU ResNet50 (utils/ipu_settings.py, recompute_mode "manual"):
+    explicit recomputation of everything but the checkpointed outputs."""
+    spec = models.get("small_cnn")
+    plan = ipu.plan(spec, micro_batch=2, grad_accum=2, recompute_checkpoints=("activation_4", "activation_8"),
+                    devices=[])
+    pop, ref = _pair(spec, TrainConfig(grad_accum=2), plan)
+    x, y = _data(spec, 4)
+    assert pop.train_step(x, y) == pytest.approx(ref.train_step(x, y), rel=1e-5)  # an identity on the values
+    assert pop._train._options._Popart.options == {"explicitRecomputation": True, "autoRecomputation": 4}
+    marked = [e[1] for e in poptorch._state["log"] if e[0] == "recomputationCheckpoint"]
+    assert marked == [((2, 8, 16, 16),), ((2, 8, 8, 8),)] * 2  # both outputs, in each of the 2 micro-batches
 
 
 def test_sdk_version_is_read_from_poptorch(standin_sdk):
@@ -929,16 +958,15 @@ def test_mse_loss_matches_torch(poptorch):
     assert type(pop.model.criterion).__name__ == "MSELoss"
 
 
-@pytest.mark.parametrize("precision", ["16.16", "16.32"])
-def test_graphcores_precisions_against_float64(poptorch, precision):
+def test_graphcores_16_16_against_float64(poptorch):
     """fp16 weights, the loss scaled by 128 and unscaled (gradients and the update), against
     float64 torch within fp16's tolerance (hal.parity's, from the float32 floor)."""
     from hal.parity import normalised_error, tolerance
 
     spec = models.get("small_cnn")
     w = hal.init_weights(spec, seed=1)
-    config = TrainConfig(optimizer=SGD(lr=0.05), grad_accum=2, precision=precision)
-    plan = dataclasses.replace(ipu.plan(spec, micro_batch=4, grad_accum=2, devices=[]), precision=precision)
+    config = TrainConfig(optimizer=SGD(lr=0.05), grad_accum=2, precision="16.16")
+    plan = ipu.plan(spec, micro_batch=4, grad_accum=2, precision="16.16", devices=[])
     pop = hal.compile(spec, "poptorch:ipu-model", w, config, plan=plan)
     assert next(pop.graph.parameters()).dtype == torch.half and pop.optimizer.loss_scaling == 128.0
     f64 = hal.compile(spec, "torch:cpu", w, TrainConfig(optimizer=SGD(lr=0.05), grad_accum=2, precision="fp64"))
