@@ -180,11 +180,16 @@ class ReplicaGroup:
             dead = next((r for r in self._replicas if r.proc.poll() is not None), None)
             if dead is None:
                 time.sleep(0.02)
+        rep = dead or self._replicas[local]
+        if error is None:
+            try:
+                rep.proc.wait(_DEATH_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        rep.stderr.seek(0)
+        stderr = rep.stderr.read().decode(errors="replace")
         self.close(kill=True)
         if dead is not None or error is None:
-            rep = dead or self._replicas[local]
-            rep.stderr.seek(0)
-            stderr = rep.stderr.read().decode(errors="replace")
             summary = _crash_summary(stderr)
             exc = WorkerError(
                 f"{self.label}: replica {rep.rank} of {self.world} (process {rep.proc.pid}) died "

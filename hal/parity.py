@@ -53,7 +53,7 @@ from hal.backend import Backend, Target, Weights
 from hal.errors import BackendUnavailable, ConfigError, HalError
 from hal.registry import compile, get_backend, resolve
 from hal.spec import Dropout, ModelSpec
-from hal.training import SGD, TrainConfig
+from hal.training import SGD, AdamW, DataParallel, TrainConfig
 from hal.weights import check_weights, init_weights
 from hal.worker import describe, run_inline, run_isolated
 
@@ -439,3 +439,151 @@ def trajectory_error(
     ]
     w_abs, w_rel, worst = max(parts, key=lambda t: t[1])
     return max(l_abs, w_abs), max(l_rel, w_rel), f"losses rel err {l_rel:.1e}; worst weight {worst}"
+
+
+# -- data parallelism ------------------------------------------------------------------------
+
+
+DP_OPTIMIZERS = (SGD(lr=0.05, momentum=0.9), AdamW(lr=0.01))
+
+
+def run_dp_parity(
+    spec: ModelSpec,
+    targets: Sequence[str],
+    replicas: int = 2,
+    batch: int = 8,
+    steps: int = 5,
+    seed: int = 0,
+    weights: Mapping[str, np.ndarray] | None = None,
+    optimizers: Sequence[Any] = DP_OPTIMIZERS,
+    progress: Callable[[str], None] | None = None,
+    isolate: bool = True,
+) -> ParityReport:
+    """Data-parallel parity, the equivalences of :mod:`hal.training`, per target and optimizer:
+
+    ``replicas``       ``replicas`` replicas, host batch ``batch``, grad_accum 1 vs one device with
+                       grad_accum ``replicas``: per-step losses and parameters; BatchNorm running statistics
+                       vs replica 0's rule (the single-device run's statistics updated from micro-batch 0 only:
+                       a float64 executable with lr 0 fed micro-batch 0 at each step's weights)
+    ``replicas_sync``  with ``sync_batchnorm`` (targets that have it) vs one device with grad_accum 1
+
+    Each step gets its own batch. The reference is the float64 autodiff run (``torch:cpu``, plain eager); the
+    tolerance is ``FACTOR`` times the error of the same run in float32 (the trajectory floor). With ``isolate``
+    targets and the reference run in worker processes (replicas are processes either way); a target that fails
+    fails its rows.
+    """
+    targets = check_names("parity", "targets", targets)
+    check_common("parity", spec, None)
+    check_int("parity", "replicas", replicas, 2, " for data-parallel parity")
+    check_int("parity", "steps", steps, 1)
+    check_int("parity", "seed", seed, 0)
+    check_int("parity", "batch", batch, 2 * replicas, " (two samples per replica at least)")
+    if batch % replicas:
+        raise ConfigError(f"parity: batch {batch} is not divisible by replicas {replicas}")
+    say = progress or (lambda _msg: None)
+    run = run_isolated if isolate else run_inline
+    weights = check_weights(spec, weights) if weights is not None else init_weights(spec, seed, PARITY_RESIDUAL_GAMMA)
+    loss = "cross_entropy" if len(spec.output_shape) == 1 else "mse"
+    batches = [make_batch(spec, batch, loss, seed + i) for i in range(steps)]
+    xs, ys = np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])
+    report = ParityReport(spec.name, batch, spec.input_shape, {})
+    refs: dict[tuple[str, bool], Any] = {}
+
+    def reference(opt: Any, sync: bool) -> dict[str, Any]:
+        key = (repr(opt), sync)
+        if key not in refs:
+            say(f"float64 reference: {type(opt).__name__}{', synchronised BatchNorm' if sync else ''}")
+            config = TrainConfig(loss=loss, optimizer=opt, data_parallel=DataParallel(replicas, sync_batchnorm=sync))
+            try:
+                refs[key] = run(_dp_reference, spec, weights, config, xs, ys, label="float64 reference")
+            except HalError as exc:
+                refs[key] = {"error": str(exc)}
+        return refs[key]
+
+    for name in targets:
+        try:
+            target, cls = available_backend(name)
+        except HalError as exc:
+            report.results.append(CheckResult(str(name), "compile", passed=False, note=str(exc)))
+            continue
+        caps = cls.capabilities()
+        for sync in (False, True):
+            check = "replicas_sync" if sync else "replicas"
+            for opt in optimizers:
+                what = f"{check}/{type(opt).__name__}"
+                if not caps.data_parallel or (sync and not caps.sync_batchnorm):
+                    report.results.append(CheckResult(str(target), what, note=f"{cls.name} has no "
+                                                      + ("synchronised BatchNorm" if caps.data_parallel else
+                                                         "data parallelism")))
+                    continue
+                ref = reference(opt, sync)
+                if "error" in ref:
+                    report.results.append(CheckResult(str(target), what, passed=False, note=ref["error"]))
+                    continue
+                config = TrainConfig(loss=loss, optimizer=opt, data_parallel=DataParallel(replicas, sync_batchnorm=sync))
+                say(f"{target}: {what} ({replicas} replica processes, {steps} steps)")
+                t0 = time.perf_counter()
+                try:
+                    resolved, losses, final = run(_dp_run, spec, str(target), weights, config, xs, ys,
+                                                           label=str(target))
+                except HalError as exc:
+                    report.results.append(CheckResult(str(target), what, passed=False, note=str(exc)))
+                    continue
+                floor = report.floor.setdefault(what, ref["floor"])
+                e_abs, rel, note = trajectory_error(losses, final, ref, spec)
+                tol = tolerance(floor)
+                report.results.append(CheckResult(
+                    resolved, what, e_abs, rel, tol, rel <= tol if tol <= ILL_CONDITIONED else None,
+                    f"{steps} steps, {replicas} replicas vs one device; {note}", time.perf_counter() - t0))
+    return report
+
+
+def _dp_run(
+    spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, xs: np.ndarray, ys: np.ndarray
+) -> tuple[str, np.ndarray, Weights]:
+    """Losses of ``run_steps`` and final weights of a data-parallel run (in a worker)."""
+    _, resolved = resolve(target)
+    exe = compile(spec, resolved, weights, config)
+    try:
+        return str(resolved), exe.run_steps(xs, ys), exe.weights()
+    finally:
+        close = getattr(exe, "close", None)
+        if close is not None:
+            close()
+
+
+def _dp_reference(
+    spec: ModelSpec, weights: Weights, config: TrainConfig, xs: np.ndarray, ys: np.ndarray
+) -> dict[str, Any]:
+    """What a data-parallel ``config`` must compute, from single-device float64 runs, and the floor: the
+    normalised error of the same runs in float32 (in a worker)."""
+    clean = _dp_expected(spec, weights, config, xs, ys, "fp64")
+    plain = _dp_expected(spec, weights, config, xs, ys, "fp32")
+    return {**clean, "floor": max(trajectory_error(plain["losses"], plain["weights"], clean, spec)[1],
+                                  UNIT_ROUNDOFF["fp32"])}
+
+
+def _dp_expected(
+    spec: ModelSpec, weights: Weights, config: TrainConfig, xs: np.ndarray, ys: np.ndarray, precision: str
+) -> dict[str, Any]:
+    """Per-step losses and final weights of one device with grad_accum ``replicas`` (grad_accum 1 with synchronised
+    BatchNorm); without it the BatchNorm running statistics follow replica 0's micro-batches only."""
+    dp = config.data_parallel
+    single = replace(config, precision=precision, data_parallel=DataParallel(),
+                     grad_accum=config.grad_accum * (1 if dp.sync_batchnorm else dp.replicas))
+    exe = compile(spec, REFERENCE_AUTODIFF, weights, single, options={"fast": False})
+    trainable = set(spec.trainable())
+    stats = {k: v for k, v in weights.items() if k not in trainable}
+    replica0 = None if dp.sync_batchnorm or not stats else compile(
+        spec, REFERENCE_AUTODIFF, weights, TrainConfig(loss=config.loss, optimizer=SGD(lr=0.0), precision=precision,
+                                                       grad_accum=config.grad_accum), options={"fast": False})
+    b = xs.shape[1] // dp.replicas
+    losses = []
+    for x, y in zip(xs, ys):
+        if replica0 is not None:  # replica 0's statistics, updated from its rows at this step's weights
+            replica0.load_weights({**exe.weights(), **stats})
+            replica0.train_step(x[:b], y[:b])
+            stats = {k: v for k, v in replica0.weights().items() if k not in trainable}
+        losses.append(exe.train_step(x, y))
+    final = exe.weights()
+    return {"losses": np.array(losses), "weights": {**final, **stats} if replica0 is not None else final}
