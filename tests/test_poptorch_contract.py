@@ -19,6 +19,15 @@ and only one executor may hold the device at a time (hal must detach/attach).
 It runs the wrapped torch module on the CPU, so losses, gradients and weights are
 compared with torch:cpu. It models one replica.
 
+It models what the real SDK does by itself, and per version (graphcore/poptorch at the
+SDK tags; ``make_standin(version)``): Pipeline recomputation for any pipeline over more
+than one IPU unless autoRecomputation was set (Compiler::initSession); per-IPU available
+memory proportions keyed by BeginBlock's ipu_id, 0.6 where unset; gradient anchors of the
+scaled loss (PopART gradgrowerloss.cpp); SGD(nesterov=True) raising before SDK 3.0;
+before SDK 2.4 AnchorMode/anchorMode instead of OutputMode/outputMode, no ``ipu_state``
+in optimizer.state_dict(), and a re-attached training executor whose optimizer state
+restarts from zero.
+
 When the real poptorch is importable, the stand-in tests are skipped and the
 smoke test at the end runs on the IPU Model (POPTORCH_IPU_MODEL=1) instead.
 """
