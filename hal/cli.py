@@ -288,8 +288,18 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
     spec, weights = _model(args)
     progress = Progress(not args.json)
-    report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks,
-                        steps=args.steps, config=_config(args), seed=args.seed, weights=weights, progress=progress)
+    if args.replicas > 1:
+        from hal.parity import run_dp_parity
+        from hal.registry import get_backend
+
+        targets = args.targets or [t for t in _default_targets(False)
+                                   if get_backend(t.partition(":")[0]).capabilities().data_parallel]
+        report = run_dp_parity(spec, targets, replicas=args.replicas, batch=args.batch, steps=args.steps,
+                               seed=args.seed, weights=weights, progress=progress)
+    else:
+        report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks,
+                            steps=args.steps, config=_config(args), seed=args.seed, weights=weights,
+                            progress=progress)
     progress.done()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
@@ -584,6 +594,20 @@ def _plan_hint(spec: Any, args: argparse.Namespace) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``hal train conductivity``: 0 if every target trained, 1 if one failed or the results went elsewhere."""
+    from hal.training import DataParallel
+
+    if args.hosts > 1 and args.coordinator is None:  # multi-host: say what to run where
+        import socket
+
+        from hal.distributed import free_port, host_commands
+
+        coordinator = f"{socket.getfqdn()}:{free_port('')}"
+        print(f"Run on each of the {args.hosts} hosts (host 0 at {coordinator.rpartition(':')[0]}, whose port "
+              f"{coordinator.rpartition(':')[2]} the others must reach):")
+        for i, line in enumerate(host_commands(["hal", *sys.argv[1:]], args.hosts, coordinator)):
+            print(f"  host {i}: {line}")
+        return 0
+    dp = DataParallel(args.replicas, args.hosts, args.sync_batchnorm, args.host_rank, args.coordinator or "")
     _check_writable(args.out, "--out")
     _check_writable(args.cache_dir, "--cache-dir")
     from hal.models.conductivity.train import report_text, run_workload
@@ -593,7 +617,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.compare or [args.target], samples=args.samples, size=args.size, dims=args.dims, kind=args.kind,
         epochs=args.epochs, batch=args.batch, lr=args.lr, width=args.width, transform=args.transform, seed=args.seed,
         steps_per_call=args.steps_per_call, threads=args.threads, cache_dir=args.cache_dir, out=args.out,
-        isolate=args.compare is not None, progress=progress)
+        isolate=args.compare is not None, progress=progress, data_parallel=dp)
     progress.done()
     if args.json:
         print(json.dumps({**report, "files": [str(f) for f in files]}, indent=2))
@@ -758,6 +782,13 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--cache-dir", default=str(DEFAULT_TRAIN_CACHE), help="dataset cache folder")
     p.add_argument("--out", default=str(DEFAULT_TRAIN_OUT), help="folder for weights, plots, JSON and Markdown")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    dp = p.add_argument_group("data parallelism (the rules: hal.training)")
+    dp.add_argument("--replicas", type=_int(1), default=1, help="replicas on this host (torch: processes)")
+    dp.add_argument("--hosts", type=_int(1), default=1,
+                    help="hosts; without --coordinator, print the command to run on each host and exit")
+    dp.add_argument("--host-rank", type=_int(0), default=0, help="this host's index, 0..hosts-1")
+    dp.add_argument("--coordinator", help="ADDRESS:PORT of host 0, the same on every host")
+    dp.add_argument("--sync-batchnorm", action="store_true", help="BatchNorm statistics over all replicas")
     p.set_defaults(fn=cmd_train)
 
 
@@ -803,6 +834,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("parity", help="compare targets against the float64 reference")
+    p.add_argument("--replicas", type=_int(1), default=1,
+                   help="N > 1: data-parallel parity instead (N replicas vs one device; SGD and AdamW, --steps each)")
     _common(p, batch=4)
     p.add_argument("--checks", type=_names_in(CHECKS), default=list(CHECKS),
                    help=f"comma-separated: {','.join(CHECKS)} (default: all)")

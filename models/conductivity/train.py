@@ -57,7 +57,7 @@ from hal.models.conductivity.dataset import ConductivityDataset, build_dataset
 from hal.registry import resolve
 from hal.spec import ModelSpec
 from hal.table import markdown, render
-from hal.training import AdamW, Cosine, TrainConfig
+from hal.training import AdamW, Cosine, DataParallel, TrainConfig
 from hal.weights import atomic_write, save_weights
 from hal.worker import describe, run_isolated
 
@@ -138,12 +138,13 @@ def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return 1.0 - float(np.sum(np.square(y_true - y_pred))) / ss_tot if ss_tot > 0 else float("nan")
 
 
-def train_config(lr: float, weight_decay: float, epochs: int, steps_per_epoch: int) -> TrainConfig:
+def train_config(lr: float, weight_decay: float, epochs: int, steps_per_epoch: int,
+                 data_parallel: DataParallel = DataParallel()) -> TrainConfig:
     """MSE, AdamW, cosine decay to 0 after a one-epoch linear warm-up."""
     total = epochs * steps_per_epoch
     warmup = steps_per_epoch if epochs > 1 else 0
     return TrainConfig(loss="mse", optimizer=AdamW(lr=lr, weight_decay=weight_decay),
-                       schedule=Cosine(total_steps=total, warmup_steps=warmup))
+                       schedule=Cosine(total_steps=total, warmup_steps=warmup), data_parallel=data_parallel)
 
 
 def train_conductivity(
@@ -158,12 +159,14 @@ def train_conductivity(
     transform: str = "sqrt",
     seed: int = 0,
     steps_per_call: int = 0,
+    data_parallel: DataParallel = DataParallel(),
     progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``spec`` (default: :func:`conductivity_cnn` for the data's grid) on ``target``.
 
     Deterministic batches and initial weights from ``seed``: the same for every target.
     ``steps_per_call`` optimizer steps go to one ``run_steps`` call (0: a whole epoch; 1: ``train_step``).
+    With ``data_parallel`` ``batch`` is the global batch; this host trains on its slice of each.
     """
     x, splits = data.x, data.splits
     spec = spec or conductivity_cnn(dims=x.ndim - 2, size=x.shape[2:])
@@ -182,13 +185,17 @@ def train_conductivity(
     chunk = steps_per_call or steps
     scaler = TargetScaler.fit(transform, data.y[train_idx])
     t_all = scaler.encode(data.y)
-    exe = hal.compile(spec, target, config=train_config(lr, weight_decay, epochs, steps), seed=seed)
+    if batch % data_parallel.hosts:
+        raise ConfigError(f"batch {batch} is not divisible by hosts {data_parallel.hosts}")
+    exe = hal.compile(spec, target, config=train_config(lr, weight_decay, epochs, steps, data_parallel), seed=seed)
+    host = slice(data_parallel.host_rank * batch // data_parallel.hosts,
+                 (data_parallel.host_rank + 1) * batch // data_parallel.hosts)
     train_loss, val_loss, seconds = [], [], []
     x_val, t_val = x[splits["val"]], t_all[splits["val"]]
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(train_idx)[: steps * batch]
-        xs = x[order].reshape(steps, batch, *x.shape[1:])
-        ys = t_all[order].reshape(steps, batch, 1)
+        xs = x[order].reshape(steps, batch, *x.shape[1:])[:, host]
+        ys = t_all[order].reshape(steps, batch, 1)[:, host]
         start = time.perf_counter()
         if chunk == 1:
             losses = np.array([exe.train_step(xb, yb) for xb, yb in zip(xs, ys)])
@@ -204,12 +211,15 @@ def train_conductivity(
                      f"({seconds[-1]:.1f} s)")
     test = splits["test"]
     y_true, y_pred = data.y[test], scaler.decode(_predict(exe, x[test]))
+    weights = exe.weights()
+    if hasattr(exe, "close"):  # data-parallel replica processes
+        exe.close()
     later = sum(seconds[1:])
     rate = (epochs - 1) * steps * batch / later if epochs > 1 else steps * batch / seconds[0]
     return TrainResult(
         target=str(exe.target), train_loss=train_loss, val_loss=val_loss, y_true=y_true, y_pred=y_pred,
         r2=r2_score(y_true, y_pred), mae=float(np.mean(np.abs(y_true - y_pred))), train_seconds=sum(seconds),
-        first_epoch_seconds=seconds[0], samples_per_s=rate, weights=exe.weights(),
+        first_epoch_seconds=seconds[0], samples_per_s=rate, weights=weights,
     )
 
 
@@ -292,6 +302,7 @@ def run_workload(
     out: str | os.PathLike,
     isolate: bool = False,
     progress: Callable[[str], None] | None = None,
+    data_parallel: DataParallel = DataParallel(),
 ) -> tuple[dict[str, Any], list[Path]]:
     """``hal train conductivity``: build (or reload) the dataset, train on each target, write the results.
 
@@ -338,7 +349,7 @@ def run_workload(
     results: list[TrainResult] = []
     failed: dict[str, str] = {}
     settings = dict(spec=spec, epochs=epochs, batch=batch, lr=lr, transform=transform, seed=seed,
-                    steps_per_call=steps_per_call)
+                    steps_per_call=steps_per_call, data_parallel=data_parallel)
     for t in targets:
         try:
             if isolate:  # a framework that crashes or runs out of memory fails its target only
@@ -362,7 +373,7 @@ def run_workload(
         "model": {"spec": spec.name, "params": spec.num_params, "width": width},
         "training": {"epochs": epochs, "batch": batch, "steps_per_epoch": steps, "lr": lr,
                      "optimizer": f"AdamW(weight_decay={WEIGHT_DECAY})", "schedule": "Cosine, 1-epoch warm-up",
-                     "transform": transform, "loss": "mse",
+                     "transform": transform, "loss": "mse", "data_parallel": asdict(data_parallel),
                      "target_scaler": asdict(TargetScaler.fit(transform, data.y[data.splits["train"]]))},
         "env": {"cpus": os.cpu_count(), "threads": threads or "default", "steps_per_call": steps_per_call,
                 "load_average_start": load, "load_average_end": os.getloadavg()[0]},
