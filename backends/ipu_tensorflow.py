@@ -17,7 +17,7 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -37,10 +37,17 @@ from hal.backends.tensorflow import (
     torch_update,
 )
 from hal.errors import BackendUnavailable, ConfigError, HalError, InputError, UnsupportedError
+from hal.lowering import COMPUTE_DTYPE, PARTIALS_DTYPE
 from hal.training import SGD, AdamW, Constant, Cosine, StepDecay, TrainConfig
 
 if TYPE_CHECKING:
     from hal.ipu import Plan
+
+IPU_ONLY_PRECISIONS = ("16.16", "16.32")  # Graphcore's: fp16 weights, fp16/fp32 partials
+PRECISIONS = ("fp32", *IPU_ONLY_PRECISIONS)
+# Static loss scale of the 16-bit precisions: Graphcore's TF2 ResNet50 configurations train "16.16" and
+# "16.32" with loss-scaling 128 (graphcore/examples vision/cnns/tensorflow2/configs.yml).
+LOSS_SCALE = 128.0
 
 IPU_REASON = (
     "IPU TensorFlow ships with Graphcore's Poplar SDK (it is not on PyPI): install the SDK's "
@@ -84,30 +91,46 @@ def _pow2(n: int) -> int:
 
 def default_plan(spec: S.ModelSpec, config: TrainConfig, num_ipus: int | None) -> "Plan":
     """hal's IPU plan for ``tensorflow:ipu[:N]`` without one: an N-stage pipeline
-    (default 1), one replica, balanced by :func:`hal.ipu.plan`; other layouts
-    (replicas, device iterations, recomputation) come as ``hal.compile(..., plan=)``."""
+    (default 1), one replica, balanced by :func:`hal.ipu.plan` under IPU
+    TensorFlow's rules; other layouts (replicas, device iterations, schedule,
+    recomputation) come as ``hal.compile(..., plan=)``."""
     from hal import ipu as planner
 
     try:
-        return planner.plan(spec, ipus=num_ipus or 1, grad_accum=config.grad_accum,
-                            optimizer=config.optimizer, precision="fp32")
+        return planner.plan(spec, ipus=num_ipus or 1, grad_accum=config.grad_accum, optimizer=config.optimizer,
+                            precision=config.precision, framework="tensorflow")
     except HalError as exc:
         raise ConfigError(f"tensorflow:ipu:{num_ipus or 1}: {exc}") from None
 
 
 def check_plan(plan: "Plan", config: TrainConfig) -> None:
-    """The plan (made for this spec: :func:`hal.compile` checked) must agree with the training config."""
+    """The plan (made for this spec: :func:`hal.compile` checked) must be one IPU
+    TensorFlow accepts and agree with the training config.
+
+    The pipeline's iteration count is checked with :func:`hal.ipu.check_pipeline`
+    (the compiler's rule per schedule, e.g. Grouped: a multiple of, and at least,
+    2 x stages in training), here rather than at the SDK's first ``fit``.
+    """
     from hal import ipu as planner
 
-    if plan.precision != "fp32" or config.precision != "fp32":
-        raise UnsupportedError(
-            f"tensorflow:ipu computes in fp32 here; plan {plan.precision!r}, config {config.precision!r}"
-        )
+    if config.precision != plan.precision:
+        raise ConfigError(f"the IPU plan is for precision {plan.precision!r}, the training config says "
+                          f"{config.precision!r}: make them equal")
+    if plan.framework != "tensorflow":
+        raise ConfigError(f"the IPU plan was checked against {plan.framework}'s rules; tensorflow:ipu needs one made "
+                          "with framework='tensorflow' (hal plan ... --framework tensorflow)")
+    if plan.recompute_checkpoints:
+        raise UnsupportedError("tensorflow:ipu has no recomputation checkpoints yet (the plan names "
+                               f"{len(plan.recompute_checkpoints)}); plan without them")
     if plan.training and plan.batch.grad_accum != config.grad_accum:
         raise ConfigError(f"the IPU plan accumulates {plan.batch.grad_accum} micro-batches, the training config "
                           f"says grad_accum={config.grad_accum}: make them equal")
     if plan.training and plan.state_tensors != planner.optimizer_state_tensors(config.optimizer):
         raise ConfigError(f"the IPU plan was made for {plan.optimizer}, the training config uses {config.optimizer!r}")
+    if len(plan.stages) > 1:
+        iterations = plan.batch.grad_accum if plan.training else plan.batch.device_iterations
+        planner.check_pipeline("tensorflow", plan.schedule, len(plan.stages), iterations, training=plan.training,
+                               device_mapping=plan.device_mapping)
 
 
 def _stage_assignment(model: Any, graph: KerasGraph, stage_of: Mapping[str, int], stages: int) -> list[Any]:
@@ -133,6 +156,18 @@ def _stage_assignment(model: Any, graph: KerasGraph, stage_of: Mapping[str, int]
 _KERAS_OPT: list[type] = []
 
 
+def _optimizer_v2(keras: Any) -> type | None:
+    """Keras 2's ``OptimizerV2`` (``_create_slots``/``_resource_apply_dense``), the
+    optimizer Graphcore's TF 2.6 Keras wraps for gradient accumulation and
+    pipelining: ``keras.optimizers.Optimizer`` there, ``keras.optimizers.legacy.Optimizer``
+    in ``tf_keras`` >= 2.11 (whose ``Optimizer`` is the newer one); None under Keras 3."""
+    legacy = getattr(getattr(keras.optimizers, "legacy", None), "Optimizer", None)
+    for cls in (keras.optimizers.Optimizer, legacy):
+        if isinstance(cls, type) and hasattr(cls, "_create_slots"):
+            return cls
+    return None
+
+
 def _keras_torch_optimizer() -> type:
     """A Keras optimizer running :func:`torch_update`, for ``model.fit`` on the IPU.
 
@@ -144,12 +179,17 @@ def _keras_torch_optimizer() -> type:
     overridden (Graphcore's Keras rejects optimizers that override it). The
     learning rate is a ``LearningRateSchedule`` of the optimizer step, the torch
     scalars are computed in the graph from it. ``grad_scale`` turns the
-    cross-replica *sum* of gradients that IPU TensorFlow performs into hal's mean.
+    cross-replica *sum* of gradients that IPU TensorFlow performs into hal's mean
+    and undoes the static loss scale.
+
+    ``stats`` pairs BatchNorm running-statistic variables (pipelined models, see
+    :func:`_statistics_through_gradients`) with their decay per update: their "gradient" is the mean
+    batch statistic of the update's micro-batches, applied as ``r = d r + (1 - d) s``.
     """
     if _KERAS_OPT:
         return _KERAS_OPT[0]
     tf, keras = _tf(), _keras()
-    keras3 = int(str(getattr(keras, "__version__", "3")).split(".")[0]) >= 3
+    v2 = _optimizer_v2(keras)
 
     class Schedule(keras.optimizers.schedules.LearningRateSchedule):
         def __init__(self, config: TrainConfig) -> None:
@@ -161,14 +201,17 @@ def _keras_torch_optimizer() -> type:
         def get_config(self) -> dict[str, Any]:
             return {"config": repr(self.config)}
 
-    class TorchOptimizer(keras.optimizers.Optimizer):
-        def __init__(self, config: TrainConfig, grad_scale: float = 1.0, name: str = "hal_torch_optimizer") -> None:
-            if keras3:
+    class TorchOptimizer(v2 or keras.optimizers.Optimizer):  # type: ignore[misc]
+        def __init__(self, config: TrainConfig, grad_scale: float = 1.0, loss_scale: float = 1.0,
+                     stats: Sequence[tuple[Any, float]] = (), name: str = "hal_torch_optimizer") -> None:
+            if v2 is None:
                 super().__init__(learning_rate=Schedule(config), name=name)
             else:
                 super().__init__(name=name)
                 self._set_hyper("learning_rate", Schedule(config))
-            self.hal_config, self.grad_scale, self.slot_names = config, grad_scale, slot_names(config)
+            self.hal_config, self.slot_names = config, slot_names(config)
+            self.grad_scale, self.loss_scale = grad_scale, loss_scale
+            self.stats = {id(_raw(v)): d for v, d in stats}
 
         def _scalars(self, lr: Any, dtype: Any) -> dict[str, Any]:
             """:func:`hal.lowering.step_scalars` in the graph, from the optimizer step."""
@@ -184,7 +227,13 @@ def _keras_torch_optimizer() -> type:
             return out
 
         def _update(self, grad: Any, var: Any, slots: Mapping[str, Any], lr: Any) -> list[Any]:
-            g = grad * tf.constant(self.grad_scale, grad.dtype) if self.grad_scale != 1.0 else grad
+            decay = self.stats.get(id(_raw(var)))
+            if decay is not None:  # a running statistic: its "gradient" is the batch statistic
+                s = grad * tf.constant(self.grad_scale, grad.dtype) if self.grad_scale != 1.0 else grad
+                d = tf.constant(decay, var.dtype)
+                return [var.assign(d * tf.convert_to_tensor(var) + (1.0 - d) * s)]
+            scale = self.grad_scale / self.loss_scale
+            g = grad * tf.constant(scale, grad.dtype) if scale != 1.0 else grad
             return torch_update(self.hal_config.optimizer, var, g, slots, self._scalars(lr, grad.dtype))
 
         # Keras 3
@@ -193,27 +242,30 @@ def _keras_torch_optimizer() -> type:
                 return
             super().build(var_list)
             self.hal_slots = [
+                {} if id(_raw(v)) in self.stats else
                 {s: self.add_variable_from_reference(v, name=s) for s in self.slot_names} for v in var_list
             ]
 
         def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
             self._update(gradient, variable, self.hal_slots[self._get_variable_index(variable)], learning_rate)
 
-        # Keras 2 (OptimizerV2, Graphcore's TensorFlow 2.6)
+        # Keras 2 (OptimizerV2: Graphcore's TensorFlow 2.6, tf_keras's legacy optimizers)
         def _create_slots(self, var_list: list[Any]) -> None:
             for v in var_list:
-                for s in self.slot_names:
-                    self.add_slot(v, s)
+                if id(_raw(v)) not in self.stats:
+                    for s in self.slot_names:
+                        self.add_slot(v, s)
 
         def _resource_apply_dense(self, grad: Any, var: Any, apply_state: Any = None) -> Any:
-            slots = {s: self.get_slot(var, s) for s in self.slot_names}
+            slots = {} if id(_raw(var)) in self.stats else {s: self.get_slot(var, s) for s in self.slot_names}
             return tf.group(*self._update(grad, var, slots, self._decayed_lr(var.dtype.base_dtype)))
 
         def _resource_apply_sparse(self, grad: Any, var: Any, indices: Any, apply_state: Any = None) -> Any:
             raise UnsupportedError("hal's optimizers have no sparse update")
 
         def get_config(self) -> dict[str, Any]:
-            return {"name": self.name, "hal_config": repr(self.hal_config), "grad_scale": self.grad_scale}
+            return {"name": self.name, "hal_config": repr(self.hal_config), "grad_scale": self.grad_scale,
+                    "loss_scale": self.loss_scale}
 
     _KERAS_OPT.append(TorchOptimizer)
     return TorchOptimizer
@@ -301,51 +353,67 @@ class IPUExecutable(TensorFlowExecutable):
         ipu = _ipu()
         index = device.partition(":")[2]
         num_ipus = int(index) if index else None
+        if config.precision not in PRECISIONS:
+            raise UnsupportedError(f"tensorflow:ipu computes in {' or '.join(PRECISIONS)}, not {config.precision!r}")
         plan = plan if plan is not None else default_plan(spec, config, num_ipus)
         check_plan(plan, config)
         self.plan = plan
         self.stages = len(plan.stages)
         self.replicas = plan.batch.replicas
         self.iterations = plan.batch.device_iterations
-        self.num_ipus = num_ipus or _pow2(self.stages) * self.replicas
-        if self.num_ipus != _pow2(self.stages) * self.replicas:
+        per_replica = _pow2(plan.ipus_per_replica)
+        self.num_ipus = num_ipus or per_replica * self.replicas
+        if self.num_ipus != per_replica * self.replicas:
             raise ConfigError(
-                f"tensorflow:ipu:{self.num_ipus}: the plan needs {self.stages} stage(s) x {self.replicas} replica(s) = "
-                f"{_pow2(self.stages) * self.replicas} IPUs (IPU Keras gives each replica a power of two of IPUs)"
+                f"tensorflow:ipu:{self.num_ipus}: the plan needs {plan.ipus_per_replica} IPU(s) x {self.replicas} "
+                f"replica(s) = {per_replica * self.replicas} IPUs (IPU Keras gives each replica a power of two of IPUs)"
             )
         Executable.__init__(self, spec, Target("tensorflow", f"ipu:{self.num_ipus}"), config)
-        self.device, self.tf_device, self.dtype, self.np_dtype = "ipu", "/device:IPU:0", "float32", np.dtype("float32")
+        self.device, self.tf_device = "ipu", "/device:IPU:0"
+        self.dtype = COMPUTE_DTYPE[config.precision]
+        self.np_dtype = np.dtype(self.dtype)
+        self.loss_scale = LOSS_SCALE if config.precision in PARTIALS_DTYPE else 1.0
 
-        cfg = ipu.config.IPUConfig()
-        cfg.auto_select_ipus = self.num_ipus
-        cfg.configure_ipu_system()
+        _configure_ipu_system(ipu, plan, self.num_ipus)
         self.strategy = ipu.ipu_strategy.IPUStrategy()
         g = config.grad_accum
         with self.strategy.scope():
             self.graph = build_keras_model(spec, self.dtype)
-            self.graph.mode.sink = _assign_stats  # fit() trains; traced forward-only bodies switch it off
             model = self.graph.model
             missing = [m for m in ("get_pipeline_stage_assignment", "set_pipelining_options",
                                    "set_gradient_accumulation_options") if not hasattr(model, m)]
             if missing:
                 raise BackendUnavailable(f"tensorflow:ipu: this Keras model has no IPU extensions ({missing}): "
                                          f"{IPU_REASON}")
-            stage_of = {n: s.index for s in plan.stages for n in s.nodes}
+            if self.replicas > 1 and not hasattr(model, "set_replication_options"):
+                raise UnsupportedError(
+                    f"tensorflow:ipu: {self.replicas} replicas need IPU Keras's set_replication_options (Poplar SDK "
+                    ">= 3.1): earlier SDKs return the last replica's loss, hal's training loss is the mean over "
+                    "replicas")
+            self.batch_norms = [layer for layer in self.graph.layers.values() if isinstance(layer.op, S.BatchNorm)]
+            stats: list[tuple[Any, float]] = []
             if self.stages > 1:
+                stats = _statistics_through_gradients(self.batch_norms, g)
+                self.graph.mode.sink = _record_stats
+                stage_of = {n: s.index for s in plan.stages for n in s.nodes}
                 model.set_pipeline_stage_assignment(_stage_assignment(model, self.graph, stage_of, self.stages))
                 model.set_pipelining_options(gradient_accumulation_steps_per_replica=g,
-                                             gradient_accumulation_reduction_method="mean")
-            elif g > 1:
-                model.set_gradient_accumulation_options(gradient_accumulation_steps_per_replica=g,
-                                                        gradient_accumulation_reduction_method="mean")
-            if self.replicas > 1 and hasattr(model, "set_replication_options"):
+                                             gradient_accumulation_reduction_method="mean",
+                                             **_pipeline_options(ipu, plan))
+            else:
+                self.graph.mode.sink = _assign_stats  # fit() trains; traced forward-only bodies switch it off
+                if g > 1:
+                    model.set_gradient_accumulation_options(gradient_accumulation_steps_per_replica=g,
+                                                            gradient_accumulation_reduction_method="mean")
+            if self.replicas > 1:
                 model.set_replication_options(replicated_metric_reduction_method="MEAN")
             model.set_asynchronous_callbacks(True)
             self.train_names = spec.trainable()
             self.train_vars = [self.graph.variables[k][0] for k in self.train_names]
-            self.batch_norms = [layer for layer in self.graph.layers.values() if isinstance(layer.op, S.BatchNorm)]
             self.per_sample_loss = _loss(config)
-            self._spe, self._optimizer = 0, None
+            self._spe = 0
+            self._optimizer = _keras_torch_optimizer()(
+                config, grad_scale=1.0 / self.replicas, loss_scale=self.loss_scale, stats=stats)
             self._compile_keras(g * self.iterations)
         self._fns: dict[str, Any] = {}
         self._state: list[tuple[Any, np.ndarray]] | None = None  # variables after the last run_steps call
@@ -353,13 +421,13 @@ class IPUExecutable(TensorFlowExecutable):
 
     def _compile_keras(self, steps_per_execution: int) -> None:
         """``model.compile`` for ``steps_per_execution``; one optimizer for the
-        executable's life, so its state survives a recompile."""
+        executable's life, so its state survives a recompile. The loss is
+        multiplied by the static loss scale (16-bit precisions)."""
         if steps_per_execution == self._spe:
             return
-        if self._optimizer is None:
-            self._optimizer = _keras_torch_optimizer()(self.config, grad_scale=1.0 / self.replicas)
-        self.graph.model.compile(optimizer=self._optimizer, loss=self.per_sample_loss,
-                                 steps_per_execution=steps_per_execution)
+        loss, scale = self.per_sample_loss, self.loss_scale
+        scaled = loss if scale == 1.0 else (lambda y, p: loss(y, p) * scale)
+        self.graph.model.compile(optimizer=self._optimizer, loss=scaled, steps_per_execution=steps_per_execution)
         self._spe = steps_per_execution
 
     def _placement(self) -> Any:
@@ -440,7 +508,7 @@ class IPUExecutable(TensorFlowExecutable):
             self.graph.model.fit(data, epochs=1, steps_per_epoch=steps * g, callbacks=[Losses()], shuffle=False,
                                  verbose=0)
         self.step += steps
-        return _step_losses(seen, steps, g)
+        return _step_losses(seen, steps, g) / self.loss_scale
 
     def _variables(self) -> list[Any]:
         opt = self._optimizer.variables
@@ -465,11 +533,125 @@ def _finite(losses: np.ndarray, state: list[tuple[Any, np.ndarray]]) -> bool:
     return bool(np.isfinite(losses).all()) and all(np.isfinite(a).all() for _, a in state)
 
 
+def _configure_ipu_system(ipu: Any, plan: "Plan", num_ipus: int) -> None:
+    """``IPUConfig`` from the plan, then ``configure_ipu_system()``:
+
+    * ``allow_recompute = plan.recompute``, set both ways: IPU TensorFlow recomputes
+      pipeline stages only when it is on (``pipelining_ops.pipeline``'s docstring);
+    * the plan's available-memory proportion as the ``availableMemoryProportion``
+      Poplar option of convolutions and matmuls, as Graphcore's TF2 ResNet50 does
+      (graphcore/examples ``vision/cnns/tensorflow2/ipu_config.py``); per stage when
+      the IPUs differ (:func:`_pipeline_options`);
+    * "16.16"/"16.32": ``partialsType`` ``half``/``float`` for convolutions and
+      matmuls and stochastic rounding on (``floating_point_behaviour.esr``: a
+      ``StochasticRoundingBehaviour`` from SDK 2.5, a bool before).
+    """
+    cfg = ipu.config.IPUConfig()
+    cfg.auto_select_ipus = num_ipus
+    cfg.allow_recompute = bool(plan.recompute)
+    amp = set(plan.available_memory_proportion)
+    for options in (cfg.convolutions.poplar_options, cfg.matmuls.poplar_options):
+        if len(amp) == 1:
+            options["availableMemoryProportion"] = str(next(iter(amp)))
+        if plan.precision in PARTIALS_DTYPE:
+            options["partialsType"] = "half" if PARTIALS_DTYPE[plan.precision] == "float16" else "float"
+    if plan.precision in PARTIALS_DTYPE:
+        behaviour = getattr(ipu.config, "StochasticRoundingBehaviour", None)
+        cfg.floating_point_behaviour.esr = behaviour.ON if behaviour is not None else True
+    cfg.configure_ipu_system()
+
+
+def _pipeline_options(ipu: Any, plan: "Plan") -> dict[str, Any]:
+    """``set_pipelining_options`` keywords from the plan: schedule, stage-to-IPU
+    mapping, recomputation mode (only where ``allow_recompute`` is on: it is
+    ignored otherwise) and per-stage memory proportions when the IPUs differ."""
+    ops = ipu.ops.pipelining_ops
+    out: dict[str, Any] = {"pipeline_schedule": ops.PipelineSchedule[plan.schedule.capitalize()],
+                           "device_mapping": list(plan.device_mapping)}
+    if plan.recompute:
+        out["recomputation_mode"] = ops.RecomputationMode.Auto
+    if len(set(plan.available_memory_proportion)) > 1:
+        stage_options = []
+        for stage in plan.stages:
+            amp = {"availableMemoryProportion": str(plan.available_memory_proportion[stage.ipu])}
+            stage_options.append(ops.PipelineStageOptions(convolution_options=amp, matmul_options=amp))
+        out["forward_propagation_stages_poplar_options"] = stage_options
+        out["backward_propagation_stages_poplar_options"] = stage_options
+    return out
+
+
 def _assign_stats(layer: Any, mean: Any, unbiased: Any) -> None:
-    """BatchNorm statistics inside ``fit``: assigned as the forward runs."""
+    """BatchNorm statistics inside a single-stage ``fit``: assigned as the forward runs."""
     new_mean, new_var = layer.updated(mean, unbiased, (layer.running_mean, layer.running_var))
     layer.running_mean.assign(new_mean)
     layer.running_var.assign(new_var)
+
+
+_BATCH_STATS: dict[int, tuple[Any, Any]] = {}  # id(BatchNorm layer) -> statistics of the call being traced
+
+
+def _record_stats(layer: Any, mean: Any, unbiased: Any) -> None:
+    """BatchNorm statistics inside a pipelined ``fit``: kept for :func:`_statistics_through_gradients`."""
+    _BATCH_STATS[id(layer)] = (mean, unbiased)
+
+
+def _statistics_through_gradients(batch_norms: list[Any], grad_accum: int) -> list[tuple[Any, float]]:
+    """Route BatchNorm running statistics of a pipelined model through the gradient path.
+
+    A pipeline stage cannot update state per micro-batch: IPU Keras warns that
+    ``BatchNormalization`` moving statistics "are not properly updated when
+    training" pipelined models, and its test calls the result undefined
+    (graphcore/keras ``keras/ipu/extensions/extensions_base.py``,
+    ``keras/ipu/pipeline_test.py``). Graphcore's TF2 ResNet50 instead returns each
+    micro-batch's statistics as the *gradient* of trainable moving-statistic
+    variables, which the pipeline accumulates and reduces like any gradient and the
+    optimizer applies once per weight update (graphcore/examples
+    ``vision/cnns/tensorflow2/normalization/batch_norm.py``). hal does the same:
+    each BatchNorm layer's output passes through an identity whose gradient for
+    ``running_mean``/``running_var`` is the micro-batch mean and unbiased variance;
+    those variables become trainable, and the optimizer applies
+    ``r = d r + (1 - d) s`` with ``s`` the mean over the update's G micro-batches
+    (and replicas) and ``d = (1 - momentum)^G``: the weight the old statistic keeps
+    after G canonical per-micro-batch updates. So with G = 1 (and one replica) it
+    is hal's canonical BatchNorm exactly; with G > 1 the G statistics are weighted
+    equally instead of geometrically (momentum ``m``: ``m (1 - m)^(G-1-i)`` for
+    micro-batch ``i``), and with replicas all replicas' statistics count, not
+    replica 0's only. Returns the variables and their decay ``d``.
+    """
+    tf = _tf()
+    stats: list[tuple[Any, float]] = []
+    for layer in batch_norms:
+        decay = (1.0 - layer.op.momentum) ** grad_accum
+        for v in (layer.running_mean, layer.running_var):
+            _make_trainable(layer, v)
+            stats.append((v, decay))
+        call = layer.call
+
+        def call_through(x: Any, training: Any = None, _call: Callable[..., Any] = call, _layer: Any = layer) -> Any:
+            y = _call(x, training=training)
+            batch = _BATCH_STATS.pop(id(_layer), None)
+            if batch is None:  # inference, or a forward-only trace: no statistics
+                return y
+
+            @tf.custom_gradient
+            def through(y: Any, running_mean: Any, running_var: Any) -> Any:
+                return tf.identity(y), lambda dy: (dy, tf.cast(batch[0], running_mean.dtype),
+                                                   tf.cast(batch[1], running_var.dtype))
+
+            return through(y, _raw(_layer.running_mean), _raw(_layer.running_var))
+
+        object.__setattr__(layer, "call", call_through)  # untracked by Keras
+    return stats
+
+
+def _make_trainable(layer: Any, variable: Any) -> None:
+    """Make a non-trainable weight of ``layer`` trainable (Keras 3: the variable's
+    flag; Keras 2: move it between the lists ``add_weight`` filled)."""
+    if not isinstance(variable, _tf().Variable):
+        variable.trainable = True
+        return
+    layer._non_trainable_weights.remove(variable)
+    layer._trainable_weights.append(variable)
 
 
 def _step_losses(seen: list[tuple[int, float]], steps: int, g: int) -> np.ndarray:

@@ -1069,7 +1069,8 @@ class TensorFlowBackend(Backend):
     @classmethod
     def capabilities(cls) -> Capabilities:
         ipu = _ipu_module().importable()
-        return Capabilities(precisions=PRECISIONS, pipelining=ipu, replication=ipu)
+        precisions = PRECISIONS + (_ipu_module().IPU_ONLY_PRECISIONS if ipu else ())
+        return Capabilities(precisions=precisions, pipelining=ipu, replication=ipu)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
@@ -1084,4 +1085,6 @@ class TensorFlowBackend(Backend):
             return _ipu_module().IPUExecutable(spec, weights, device, config, plan)
         if plan is not None:
             raise TargetError(f"an IPU plan needs an IPU target (tensorflow:ipu[:N]), got tensorflow:{device}")
+        if config.precision not in PRECISIONS:
+            raise TargetError(f"precision {config.precision!r} runs on tensorflow:ipu only, not tensorflow:{device}")
         return TensorFlowExecutable(spec, weights, device, config, xla=options["xla"])

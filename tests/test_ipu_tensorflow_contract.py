@@ -1,35 +1,15 @@
 """Contract tests of ``tensorflow:ipu`` (the IPU translation in hal.backends.ipu_tensorflow,
 reached only as ``hal.compile(spec, "tensorflow:ipu[:N]", ..., plan=plan)``).
 
-Without Graphcore's SDK these run against a STRICT STAND-IN of the documented IPU
-TensorFlow 2 surface, defined in this file: it is not Graphcore's code and shares
-none of it. It follows *Targeting the IPU from TensorFlow 2* (SDK 3.x: "Keras with
-IPUs", "Keras Python API", "Targeting the Poplar XLA device") and the signatures in
-github.com/graphcore/keras ``keras/ipu/extensions/functional_extensions.py``:
-
-* ``tensorflow.python.ipu`` (injected as ``sys.modules["tensorflow.python.ipu"]``)
-  with ``config.IPUConfig`` (setting an unknown attribute raises, as the real
-  ``_ConfigBase`` does; ``configure_ipu_system()``), ``ipu_strategy.IPUStrategy``
-  (``scope()``, ``run(fn, args=(), kwargs=None, options=None)``, which rejects an
-  eager Python function as the SDK does; creating one before the IPU system is
-  configured raises), ``gradient_accumulation.GradientAccumulationReductionMethod``
-  and ``ops.pipelining_ops.PipelineSchedule``;
-* the IPU Keras extension methods of a ``Functional`` model, patched onto
-  ``keras.Model`` the way IPU Keras injects them into models made in an
-  ``IPUStrategy`` scope: ``get_pipeline_stage_assignment`` (one
-  ``FunctionalLayerPipelineStageAssignment`` per layer call, input layers
-  excluded, in execution order), ``set_pipeline_stage_assignment`` (validated like
-  the SDK: a stage for every call, stages 0..S-1 without gaps, no layer reading a
-  later stage), ``set_pipelining_options``, ``set_gradient_accumulation_options``,
-  ``set_asynchronous_callbacks``, ``set_replication_options``, with their
-  documented keywords only (any other keyword raises ``TypeError``); they must be
-  called inside the strategy scope.
-
-``compile``/``fit``/``predict`` stay real Keras 3 on the CPU, so the fit path
-(hal's Keras optimizer with torch semantics, BatchNorm updates inside ``fit``, the
-per-step loss read back through callbacks) is compared with ``torch:cpu`` for a
-single-stage, G=1 plan. Pipelining, gradient accumulation and replication inside
-``fit`` are the SDK's and are checked as configuration only.
+Without Graphcore's SDK these run against the STRICT STAND-IN of the IPU TensorFlow 2
+SDK in ``tests/ipu_tensorflow_standin.py`` (what it models, and from which Graphcore
+source, is in its docstring). ``compile``/``fit``/``predict`` stay real Keras on the
+CPU, so the fit path (hal's Keras optimizer with torch semantics, BatchNorm updates,
+the per-step loss read back through callbacks) is compared with ``torch:cpu``;
+pipelining, gradient accumulation and replication inside ``fit`` are the SDK's and
+are checked as configuration, plus the compiler's pipeline-iteration rule, which the
+stand-in enforces independently of hal's planner. Keras 2 (Graphcore's SDK is
+TensorFlow 2.6 with Keras 2) runs through ``tf_keras`` in a subprocess.
 
 When Graphcore's TensorFlow is importable, the stand-in tests are skipped and the
 smoke test at the end runs on the IPU Model (``TF_POPLAR_FLAGS=--use_ipu_model``).
@@ -37,14 +17,13 @@ smoke test at the end runs on the IPU Model (``TF_POPLAR_FLAGS=--use_ipu_model``
 
 from __future__ import annotations
 
-import contextlib
-import enum
-from dataclasses import replace
-import importlib.machinery
+import importlib.util
 import inspect
 import os
+import subprocess
 import sys
-import types
+import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -60,248 +39,28 @@ if not T.TensorFlowBackend.availability().available:
     pytest.skip("TensorFlow is not installed: pip install 'hal-cnn[tensorflow]'", allow_module_level=True)
 tf = T._tf()  # as hal imports it: after Triton (see T._load_triton_first), so torch can run here too
 
+from tests import ipu_tensorflow_standin as SI  # noqa: E402 - after TensorFlow is imported the hal way
+
 REAL_IPU = IT.importable() and "tensorflow.python.ipu" not in sys.modules
 standin_only = pytest.mark.skipif(
     REAL_IPU, reason="Graphcore's TensorFlow is installed: the IPU Model smoke test runs instead"
 )
 
 
-# ---------------------------------------------------------------------------
-# the stand-in
-# ---------------------------------------------------------------------------
-
-
-class Record:
-    """What the stand-in saw, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
-        self.configured: int | list[int] | None = None
-        self.in_scope = 0
-
-    def add(self, name: str, **kwargs) -> None:
-        self.calls.append((name, kwargs))
-
-    def named(self, name: str) -> list[dict]:
-        return [k for n, k in self.calls if n == name]
-
-
-class GradientAccumulationReductionMethod(enum.Enum):
-    SUM = 0
-    MEAN = 1
-    RUNNING_MEAN = 2
-
-    @classmethod
-    def parse(cls, value):
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str) and value.upper() in cls.__members__:
-            return cls[value.upper()]
-        raise ValueError(f"Cannot parse {value} as one of GradientAccumulationReductionMethod")
-
-
-class PipelineSchedule(enum.Enum):
-    Grouped = 0
-    Interleaved = 1
-    Sequential = 2
-
-
-PIPELINE_KWARGS = {  # documented keywords of ipu.pipelining_ops.pipeline that set_pipelining_options forwards
-    "pipeline_schedule", "recomputation_mode", "forward_propagation_stages_poplar_options",
-    "backward_propagation_stages_poplar_options", "weight_update_poplar_options", "offload_weight_update_variables",
-    "replicated_optimizer_state_sharding", "offload_activations", "offload_gradient_accumulation_buffers",
-    "replicated_weight_sharding", "offload_weights", "name",
-}
-GA_OPTIMIZER_KWARGS = {"offload_weight_update_variables", "replicated_optimizer_state_sharding", "dtype", "name"}
-
-
-def make_standin(record: Record) -> types.ModuleType:
-    ipu = types.ModuleType("tensorflow.python.ipu")
-    ipu.__spec__ = importlib.machinery.ModuleSpec("tensorflow.python.ipu", loader=None)
-
-    class IPUConfig:
-        _ATTRS = {"auto_select_ipus", "select_ipus", "allow_recompute", "selection_order", "device_connection",
-                  "ipu_model", "optimizations", "floating_point_behaviour", "convolutions", "matmuls", "norms",
-                  "pooling", "experimental", "io_tiles", "compilation_poplar_options", "scheduling"}
-
-        def __init__(self) -> None:
-            object.__setattr__(self, "_values", {"auto_select_ipus": []})
-
-        def __setattr__(self, name, value):
-            if name not in self._ATTRS:
-                raise AttributeError(f"'IPUConfig' has no attribute {name!r}")
-            if name == "auto_select_ipus" and not (
-                (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-                or (isinstance(value, (list, tuple)) and all(isinstance(v, int) and v >= 1 for v in value))
-            ):
-                raise TypeError(f"auto_select_ipus takes an int or a list of ints >= 1, got {value!r}")
-            self._values[name] = value
-
-        def __getattr__(self, name):
-            if name.startswith("_") or name not in self._ATTRS:
-                raise AttributeError(name)
-            return self._values.get(name)
-
-        def configure_ipu_system(self, device="cpu"):
-            if not self._values["auto_select_ipus"]:
-                raise ValueError("no IPUs selected: set auto_select_ipus or select_ipus")
-            record.configured = self._values["auto_select_ipus"]
-            record.add("configure_ipu_system", auto_select_ipus=record.configured)
-
-    class IPUStrategyV1:
-        def __init__(self, ipu_device="/device:IPU:0", cpu_device="/device:CPU:0", enable_dataset_iterators=True,
-                     enable_keras_extensions=True):
-            if record.configured is None:
-                raise RuntimeError("the IPU system is not configured: call IPUConfig.configure_ipu_system() first")
-            record.add("IPUStrategy", ipu_device=ipu_device)
-
-        @contextlib.contextmanager
-        def scope(self):
-            record.in_scope += 1
-            try:
-                yield self
-            finally:
-                record.in_scope -= 1
-
-        def run(self, fn, args=(), kwargs=None, options=None):
-            if not isinstance(fn, tf.types.experimental.GenericFunction):
-                raise ValueError("IPUStrategyV1.run(fn, ...) does not support eager execution: make fn a tf.function")
-            record.add("run", fn=getattr(fn, "__name__", "?"))
-            return fn(*args, **(kwargs or {}))
-
-    ipu.config = types.SimpleNamespace(IPUConfig=IPUConfig)
-    ipu.ipu_strategy = types.SimpleNamespace(IPUStrategy=IPUStrategyV1, IPUStrategyV1=IPUStrategyV1)
-    ipu.gradient_accumulation = types.SimpleNamespace(
-        GradientAccumulationReductionMethod=GradientAccumulationReductionMethod)
-    ipu.ops = types.SimpleNamespace(pipelining_ops=types.SimpleNamespace(PipelineSchedule=PipelineSchedule))
-    return ipu
-
-
-class FunctionalLayerPipelineStageAssignment:
-    def __init__(self, layer, node_index, pipeline_stage=None):
-        self._layer, self._node_index, self.pipeline_stage = layer, node_index, pipeline_stage
-
-    layer = property(lambda self: self._layer)
-    node_index = property(lambda self: self._node_index)
-
-
-def _calls(model):
-    """Layer calls of a Keras 3 functional model in execution order, inputs excluded."""
-    return [op for op in model.operations if type(op).__name__ != "InputLayer"]
-
-
-def make_extensions(record: Record) -> dict:
-    """The documented FunctionalExtension methods, recording into ``record``."""
-
-    def in_scope(name):
-        if not record.in_scope:
-            raise RuntimeError(f"{name}: IPU Keras extensions exist only for models made in an IPUStrategy scope")
-
-    def get_pipeline_stage_assignment(self):
-        in_scope("get_pipeline_stage_assignment")
-        return [FunctionalLayerPipelineStageAssignment(layer, 0) for layer in _calls(self)]
-
-    def set_pipeline_stage_assignment(self, pipeline_stage_assignment):
-        in_scope("set_pipeline_stage_assignment")
-        if not isinstance(pipeline_stage_assignment, list):
-            raise ValueError("`pipeline_stage_assignment` needs to be a list")
-        layers = _calls(self)
-        if len(pipeline_stage_assignment) != len(layers):
-            raise ValueError("the size of the assignment does not match the number of layer invocations")
-        stage = {}
-        for a in pipeline_stage_assignment:
-            if not isinstance(a, FunctionalLayerPipelineStageAssignment):
-                raise ValueError("all elements must be FunctionalLayerPipelineStageAssignment")
-            if a.pipeline_stage is None:
-                raise ValueError(f"Layer {a.layer.name} has not been assigned a pipeline stage.")
-            if id(a.layer) in stage:
-                raise ValueError(f"Duplicate assignment for layer {a.layer.name}")
-            stage[id(a.layer)] = a.pipeline_stage
-        found = sorted(set(stage.values()))
-        if found != list(range(len(found))):
-            raise ValueError(f"Pipeline stages must be 0..S-1 without gaps, found {found}")
-        for layer in layers:
-            for parent in layer._inbound_nodes[0].parent_nodes:
-                src = parent.operation
-                if type(src).__name__ != "InputLayer" and stage[id(src)] > stage[id(layer)]:
-                    raise ValueError(f"Layer {layer.name} in pipeline stage {stage[id(layer)]} reads a later stage")
-        self._standin_stages = {layer.name: stage[id(layer)] for layer in layers}
-        record.add("set_pipeline_stage_assignment", stages=self._standin_stages)
-
-    def set_pipelining_options(self, gradient_accumulation_steps_per_replica=None, device_mapping=None,
-                               accumulate_outfeed=None, gradient_accumulation_reduction_method="sum",
-                               **pipelining_kwargs):
-        in_scope("set_pipelining_options")
-        unknown = set(pipelining_kwargs) - PIPELINE_KWARGS
-        if unknown:
-            raise TypeError(f"pipeline() got unexpected keyword arguments {sorted(unknown)}")
-        if not getattr(self, "_standin_stages", None):
-            raise ValueError("set_pipelining_options on a model without a pipeline stage assignment")
-        record.add("set_pipelining_options",
-                   gradient_accumulation_steps_per_replica=_positive(gradient_accumulation_steps_per_replica),
-                   device_mapping=device_mapping, accumulate_outfeed=accumulate_outfeed,
-                   reduction=GradientAccumulationReductionMethod.parse(gradient_accumulation_reduction_method),
-                   **pipelining_kwargs)
-
-    def set_gradient_accumulation_options(self, gradient_accumulation_steps_per_replica=None,
-                                          gradient_accumulation_reduction_method="sum",
-                                          use_v2_gradient_accumulation_optimizer=False,
-                                          **gradient_accumulation_optimizer_kwargs):
-        in_scope("set_gradient_accumulation_options")
-        unknown = set(gradient_accumulation_optimizer_kwargs) - GA_OPTIMIZER_KWARGS
-        if unknown:
-            raise TypeError(f"GradientAccumulationOptimizerV2 got unexpected keyword arguments {sorted(unknown)}")
-        record.add("set_gradient_accumulation_options",
-                   gradient_accumulation_steps_per_replica=_positive(gradient_accumulation_steps_per_replica),
-                   reduction=GradientAccumulationReductionMethod.parse(gradient_accumulation_reduction_method))
-
-    def set_asynchronous_callbacks(self, asynchronous=False):
-        in_scope("set_asynchronous_callbacks")
-        record.add("set_asynchronous_callbacks", asynchronous=asynchronous)
-
-    def set_replication_options(self, replicated_metric_reduction_method="NONE"):
-        in_scope("set_replication_options")
-        if str(replicated_metric_reduction_method).upper() not in ("NONE", "SUM", "MEAN", "MIN", "MAX"):
-            raise ValueError(f"Cannot parse {replicated_metric_reduction_method} as a ReplicatedMetricReductionMethod")
-        record.add("set_replication_options", replicated_metric_reduction_method=replicated_metric_reduction_method)
-
-    def reset_pipeline_stage_assignment(self):
-        self._standin_stages = {}
-
-    def print_pipeline_stage_assignment_summary(self, line_length=None, print_fn=None):
-        (print_fn or print)(str(getattr(self, "_standin_stages", {})))
-
-    return {f.__name__: f for f in (
-        get_pipeline_stage_assignment, set_pipeline_stage_assignment, set_pipelining_options,
-        set_gradient_accumulation_options, set_asynchronous_callbacks, set_replication_options,
-        reset_pipeline_stage_assignment, print_pipeline_stage_assignment_summary)}
-
-
-def _positive(v):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"Expected `gradient_accumulation_steps_per_replica` to be a positive integer, got {v}")
-    return v
-
-
-@pytest.fixture
-def sdk(monkeypatch):
-    """The stand-in installed; yields its Record."""
+@pytest.fixture(params=[SI.SDK], ids=lambda v: "sdk%d.%d" % v)
+def sdk(request):
+    """The stand-in installed (SDK 3.4 unless parametrised indirectly); yields its Record."""
     if REAL_IPU:
         pytest.skip("Graphcore's TensorFlow is installed: the IPU Model smoke test runs instead")
-    record = Record()
-    monkeypatch.setitem(sys.modules, "tensorflow.python.ipu", make_standin(record))
-    compile_calls = []
-    real_compile = tf.keras.Model.compile
+    record, undo = SI.install(request.param)
+    try:
+        yield record
+    finally:
+        undo()
 
-    def compile(self, *args, **kwargs):  # the real Keras compile, recorded
-        compile_calls.append(kwargs)
-        record.add("compile", steps_per_execution=kwargs.get("steps_per_execution"))
-        return real_compile(self, *args, **kwargs)
 
-    monkeypatch.setattr(tf.keras.Model, "compile", compile)
-    for name, fn in make_extensions(record).items():
-        monkeypatch.setattr(tf.keras.Model, name, fn, raising=False)
-    yield record
+def _tf_plan(spec, **kwargs):
+    return planner.plan(spec, framework="tensorflow", **kwargs)
 
 
 def _data(spec, n, seed=0):
@@ -342,6 +101,122 @@ def test_stand_in_is_strict(sdk):
                                                     gradient_accumulation_reduction_method="avg")
 
 
+def _pipelined_keras_model(strategy, stages):
+    """A tiny functional model with one Dense layer per pipeline stage, assigned in order."""
+    inp = tf.keras.Input((4,))
+    x = inp
+    for _ in range(stages):
+        x = tf.keras.layers.Dense(4)(x)
+    model = tf.keras.Model(inp, x)
+    with strategy.scope():
+        assignment = model.get_pipeline_stage_assignment()
+        for i, a in enumerate(assignment):
+            a.pipeline_stage = i
+        model.set_pipeline_stage_assignment(assignment)
+    return model
+
+
+@standin_only
+def test_stand_in_enforces_the_compilers_pipeline_rule(sdk):
+    """pipeline_visitor.cc: iterations a multiple of, and at least, the overlap length
+    (Grouped: 2S training, S inference; Interleaved: the CircularUnion; Sequential: 1).
+    hal's old defaults (S=4, G=2S-1=7, PopTorch's rule) fail; computed here without hal's planner."""
+    ipu = sys.modules["tensorflow.python.ipu"]
+    cfg = ipu.config.IPUConfig()
+    cfg.auto_select_ipus = 4
+    cfg.configure_ipu_system()
+    strategy = ipu.ipu_strategy.IPUStrategy()
+    schedule = ipu.ops.pipelining_ops.PipelineSchedule
+    model = _pipelined_keras_model(strategy, 4)
+    x, y = np.zeros((16, 4), np.float32), np.zeros((16, 4), np.float32)
+    with strategy.scope():
+        model.set_pipelining_options(gradient_accumulation_steps_per_replica=7)
+        model.compile(optimizer="sgd", loss="mse", steps_per_execution=7)
+        with pytest.raises(tf.errors.FailedPreconditionError, match="must be a multiple of 8, but it is 7"):
+            model.fit(x[:7], y[:7], batch_size=1, epochs=1, verbose=0)
+        with pytest.raises(TypeError):
+            model.set_pipelining_options(gradient_accumulation_steps_per_replica=8, pipeline_schedule="Grouped")
+    assert SI.overlap_length(schedule.Grouped, [0, 1, 2, 3], training=True) == 8
+    assert SI.overlap_length(schedule.Grouped, [0, 1, 2, 3], training=False) == 4
+    assert SI.overlap_length(schedule.Interleaved, [0, 1, 2, 3], training=True) == 4
+    assert SI.overlap_length(schedule.Sequential, [0, 1, 2, 3], training=True) == 1
+    # pipeline_visitor_utils.h's own CircularUnion example: [0, 1, 2, 0, 0, 2, 1, 0] -> rotations [0, 2]
+    assert SI._circular_union([0, 1, 2, 0, 0, 2, 1, 0]) == [0, 2]
+    with pytest.raises(tf.errors.FailedPreconditionError, match="at least 8"):
+        SI.verify_pipeline_iterations(0, schedule.Grouped, [0, 1, 2, 3], training=True)
+
+
+@standin_only
+def test_hal_refuses_plans_the_sdk_would_reject(sdk):
+    """A plan checked against PopTorch's rules, or violating IPU TensorFlow's, is refused
+    with the rule's explanation before anything reaches the SDK."""
+    spec = models.get("resnet18", num_classes=10, input_size=32)
+    config = TrainConfig(grad_accum=7)
+    poptorch_plan = planner.plan(spec, ipus=4, grad_accum=7, micro_batch=2)  # PopTorch accepts 2S - 1 = 7
+    with pytest.raises(ConfigError, match="framework='tensorflow'"):
+        hal.compile(spec, "tensorflow:ipu", config=config, plan=poptorch_plan)
+    plan = replace(_tf_plan(spec, ipus=4, grad_accum=7, micro_batch=2, schedule="sequential"), schedule="grouped")
+    with pytest.raises(ConfigError, match="multiple of 8 and >= 8.*Nearest accepted: 8"):
+        hal.compile(spec, "tensorflow:ipu", config=config, plan=plan)
+    assert sdk.named("configure_ipu_system") == []
+    with pytest.raises(ConfigError, match="multiple of 8"):  # hal's own default plan for 4 IPUs and G=7
+        hal.compile(spec, "tensorflow:ipu:4", hal.init_weights(spec), config)
+    exe = hal.compile(spec, "tensorflow:ipu", config=config, plan=replace(plan, schedule="sequential"))
+    (po,) = sdk.named("set_pipelining_options")
+    assert po["pipeline_schedule"] == SI.PipelineSchedule.Sequential and po["device_mapping"] == [0, 1, 2, 3]
+    assert exe.num_ipus == 4
+
+
+@standin_only
+@pytest.mark.parametrize("recompute", [True, False])
+def test_pipeline_recomputation_needs_allow_recompute(sdk, recompute):
+    """IPU TensorFlow recomputes pipeline stages only with IPUConfig.allow_recompute
+    (pipelining_ops.pipeline's docstring); hal sets it both ways, and the mode with it."""
+    spec = models.get("resnet18", num_classes=10, input_size=32)
+    plan = _tf_plan(spec, ipus=2, grad_accum=4, micro_batch=2, recompute=recompute)
+    hal.compile(spec, "tensorflow:ipu", config=TrainConfig(grad_accum=4), plan=plan)
+    assert sdk.configured["allow_recompute"] is recompute
+    (po,) = sdk.named("set_pipelining_options")
+    assert po.get("recomputation_mode") == (SI.RecomputationMode.Auto if recompute else None)
+
+
+@standin_only
+@pytest.mark.parametrize("sdk", [(3, 4), (2, 4)], indirect=True, ids=["sdk3.4", "sdk2.4"])
+@pytest.mark.parametrize("precision,partials", [("16.16", "half"), ("16.32", "float"), ("fp32", None)])
+def test_precisions_and_memory_proportion_in_the_ipu_config(sdk, precision, partials):
+    """Graphcore's TF2 ResNet50 (vision/cnns/tensorflow2/ipu_config.py): partialsType and
+    availableMemoryProportion as convolution and matmul Poplar options, stochastic
+    rounding (esr: StochasticRoundingBehaviour from SDK 2.5, a bool before), fp16 weights."""
+    spec = models.get("small_cnn")
+    plan = _tf_plan(spec, precision=precision, available_memory_proportion=0.15)
+    exe = hal.compile(spec, "tensorflow:ipu", hal.init_weights(spec), TrainConfig(precision=precision), plan=plan)
+    cfg = sdk.configured
+    for key in ("convolutions.poplar_options", "matmuls.poplar_options"):
+        assert cfg[key].get("partialsType") == partials
+        assert cfg[key]["availableMemoryProportion"] == "0.15"
+    on = SI.StochasticRoundingBehaviour.ON if sdk.sdk >= (2, 5) else True
+    off = SI.StochasticRoundingBehaviour.OFF if sdk.sdk >= (2, 5) else False
+    assert cfg["floating_point_behaviour.esr"] == (on if partials else off)
+    assert exe.dtype == ("float16" if partials else "float32")
+    assert exe.graph.model.optimizer.loss_scale == (IT.LOSS_SCALE if partials else 1.0)
+    with pytest.raises(TargetError, match="tensorflow:ipu only"):
+        hal.compile(spec, "tensorflow:cpu", hal.init_weights(spec), TrainConfig(precision="16.16"))
+
+
+@standin_only
+@pytest.mark.parametrize("sdk", [(3, 0)], indirect=True, ids=["sdk3.0"])
+def test_replicas_need_replication_options(sdk):
+    """IPU Keras returns the LAST replica's metrics unless set_replication_options (SDK >= 3.1)
+    asks for the MEAN hal's loss is; before it hal refuses replicas."""
+    spec = models.get("resnet18", num_classes=10, input_size=32)
+    plan = _tf_plan(spec, ipus=2, replicas=2, grad_accum=4, micro_batch=2)
+    with pytest.raises(UnsupportedError, match="last replica"):
+        hal.compile(spec, "tensorflow:ipu", config=TrainConfig(grad_accum=4), plan=plan)
+    assert set(SI.ReplicatedMetricReductionMethod.__members__) == {"NONE", "LIST", "SUM", "MEAN"}
+    with pytest.raises(ValueError):
+        SI.ReplicatedMetricReductionMethod.parse("MIN")
+
+
 # ---------------------------------------------------------------------------
 # the translation
 # ---------------------------------------------------------------------------
@@ -357,7 +232,7 @@ def test_single_ipu_with_gradient_accumulation(sdk):
     assert sdk.named("configure_ipu_system") == [{"auto_select_ipus": 1}]
     assert sdk.named("set_pipeline_stage_assignment") == [] and sdk.named("set_pipelining_options") == []
     (ga,) = sdk.named("set_gradient_accumulation_options")
-    assert ga == {"gradient_accumulation_steps_per_replica": 2, "reduction": GradientAccumulationReductionMethod.MEAN}
+    assert ga == {"gradient_accumulation_steps_per_replica": 2, "reduction": SI.GradientAccumulationReductionMethod.MEAN}
     assert sdk.named("set_asynchronous_callbacks") == [{"asynchronous": True}]
     assert sdk.named("compile")[-1] == {"steps_per_execution": 2}  # one weight update (G steps) per execution
     assert sdk.named("set_replication_options") == []  # one replica
@@ -366,7 +241,7 @@ def test_single_ipu_with_gradient_accumulation(sdk):
 @standin_only
 def test_pipeline_stages_from_the_plan(sdk):
     spec = models.get("resnet18", num_classes=10, input_size=32)
-    plan = planner.plan(spec, ipus=2, grad_accum=4, device_iterations=2, micro_batch=2, optimizer=SGD(momentum=0.9))
+    plan = _tf_plan(spec, ipus=2, grad_accum=4, device_iterations=2, micro_batch=2, optimizer=SGD(momentum=0.9))
     config = TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9), grad_accum=4)
     exe = hal.compile(spec, "tensorflow:ipu", config=config, plan=plan)
     assert str(exe.target) == "tensorflow:ipu:2"
@@ -380,7 +255,7 @@ def test_pipeline_stages_from_the_plan(sdk):
     assert set(stages.values()) == {0, 1}
     (po,) = sdk.named("set_pipelining_options")
     assert po["gradient_accumulation_steps_per_replica"] == 4
-    assert po["reduction"] == GradientAccumulationReductionMethod.MEAN
+    assert po["reduction"] == SI.GradientAccumulationReductionMethod.MEAN
     assert sdk.named("set_gradient_accumulation_options") == []
     assert sdk.named("compile")[-1] == {"steps_per_execution": 4 * 2}  # D weight updates of G micro-batches
 
@@ -388,13 +263,14 @@ def test_pipeline_stages_from_the_plan(sdk):
 @standin_only
 def test_replicas_and_ipu_counts(sdk):
     spec = models.get("resnet18", num_classes=10, input_size=32)
-    plan = planner.plan(spec, ipus=3, replicas=2, grad_accum=6, micro_batch=2, optimizer=SGD())
+    plan = _tf_plan(spec, ipus=3, replicas=2, grad_accum=6, micro_batch=2, optimizer=SGD())
     exe = hal.compile(spec, "tensorflow:ipu", plan=plan)  # the config defaults to the plan's G and precision
     assert exe.config.grad_accum == 6
     # IPU Keras gives each replica a power of two of IPUs: 3 stages -> 4 IPUs, x 2 replicas
     assert sdk.named("configure_ipu_system")[-1] == {"auto_select_ipus": 8}
     assert str(exe.target) == "tensorflow:ipu:8"
-    assert sdk.named("set_replication_options") == [{"replicated_metric_reduction_method": "MEAN"}]
+    assert sdk.named("set_replication_options") == [
+        {"replicated_metric_reduction_method": SI.ReplicatedMetricReductionMethod.MEAN}]
     assert exe.graph.model.optimizer.grad_scale == 0.5  # IPU TF sums gradients over replicas; hal means them
     with pytest.raises(ConfigError, match="power of two"):
         hal.compile(spec, "tensorflow:ipu:6", config=TrainConfig(grad_accum=6), plan=plan)
@@ -556,7 +432,7 @@ def test_new_ops_through_the_ipu_path(sdk):
     losses = np.array([exe.train_step(x, y)])
     assert trajectory_error(losses, exe.weights(), steps["fp64"], spec)[1] <= tolerance(floor)
 
-    plan = planner.plan(spec, ipus=2, grad_accum=4, micro_batch=1, optimizer=config.optimizer)
+    plan = _tf_plan(spec, ipus=2, grad_accum=4, micro_batch=1, optimizer=config.optimizer)
     hal.compile(spec, "tensorflow:ipu", w, replace(config, grad_accum=4), plan=plan)
     stages = sdk.named("set_pipeline_stage_assignment")[-1]["stages"]
     for s in plan.stages:
@@ -587,7 +463,7 @@ def test_without_the_sdk_it_says_why(monkeypatch):
 
 def test_documented_signatures_match_the_stand_in():
     """The stand-in's extension methods take exactly the keywords the SDK 3.x docs list."""
-    ext = make_extensions(Record())
+    ext = SI.make_extensions(SI.Record())
     params = lambda f: [p for p in inspect.signature(f).parameters if p != "self"]  # noqa: E731
     assert params(ext["set_pipelining_options"]) == [
         "gradient_accumulation_steps_per_replica", "device_mapping", "accumulate_outfeed",
