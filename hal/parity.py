@@ -59,7 +59,8 @@ from hal.worker import describe, run_inline, run_isolated
 
 FACTOR = 16.0
 ILL_CONDITIONED = 0.1  # a tolerance above this cannot tell a bug from rounding: the check is skipped
-UNIT_ROUNDOFF = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11}
+UNIT_ROUNDOFF = {"fp64": 2.0**-53, "fp32": 2.0**-24, "bf16": 2.0**-8, "fp16": 2.0**-11,
+                 "16.16": 2.0**-11, "16.32": 2.0**-11}  # Graphcore's precisions compute in fp16
 CHECKS = ("forward", "forward_train", "grads", "trajectory")
 REFERENCE_AUTODIFF = "torch:cpu"
 PARITY_RESIDUAL_GAMMA = 0.2
