@@ -425,8 +425,13 @@ class IPUExecutable(TensorFlowExecutable):
         multiplied by the static loss scale (16-bit precisions)."""
         if steps_per_execution == self._spe:
             return
-        loss, scale = self.per_sample_loss, self.loss_scale
-        scaled = loss if scale == 1.0 else (lambda y, p: loss(y, p) * scale)
+        tf, loss, scale = _tf(), self.per_sample_loss, self.loss_scale
+        labels = self.config.loss == "cross_entropy"
+
+        def scaled(y: Any, p: Any) -> Any:
+            y = tf.reshape(y, tf.shape(p)[:1]) if labels else y  # Keras 2's fit hands class labels as (n, 1)
+            return loss(y, p) * scale if scale != 1.0 else loss(y, p)
+
         self.graph.model.compile(optimizer=self._optimizer, loss=scaled, steps_per_execution=steps_per_execution)
         self._spe = steps_per_execution
 

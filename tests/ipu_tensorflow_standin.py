@@ -305,10 +305,8 @@ def _calls(model: Any) -> list[Any]:
 
 def _parents(layer: Any) -> list[Any]:
     node = layer._inbound_nodes[0]
-    if hasattr(node, "parent_nodes"):  # Keras 3
-        return [p.operation for p in node.parent_nodes]
-    inbound = node.inbound_layers  # Keras 2
-    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]
+    inbound = node.inbound_layers if hasattr(node, "inbound_layers") else [p.operation for p in node.parent_nodes]
+    return list(inbound) if isinstance(inbound, (list, tuple)) else [inbound]  # Keras 2 / Keras 3
 
 
 def _pipelined(model: Any) -> bool:
