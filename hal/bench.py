@@ -71,7 +71,7 @@ class Measurement:
     first_call_cpu_s: float | None = None
     cpu_times_s: list[float] = field(default_factory=list)
     joules: list[float] = field(default_factory=list)  # per timed call, where a counter can be read
-    energy_note: str = ""  # the counter read, or why energy is not measured (hal.energy)
+    energy_note: str = ""  # the counter read (``joules`` filled) or why energy is not measured (hal.energy)
 
     @property
     def median_s(self) -> float:
@@ -156,8 +156,9 @@ class BenchReport:
 
     def energy_notes(self) -> list[str]:
         """Each distinct account of the energy columns: the counter read, or why they are n/a."""
-        notes = (m.energy_note for r in self.rows for m in (r.hal, r.native) if m is not None and m.energy_note)
-        return [f"energy: {n}" for n in dict.fromkeys(notes)]
+        notes = (f"energy{'' if m.joules else ' n/a'}: {m.energy_note}"
+                 for r in self.rows for m in (r.hal, r.native) if m is not None and m.energy_note)
+        return list(dict.fromkeys(notes))
 
     HEADER = ["target", "mode", "hal samples/s", "native samples/s", "hal/native", "hal/native CPU",
               "hal first call s", "native first call s", "hal b1 latency ms", "hal peak MB", "native peak MB", "hal J/sample", "native J/sample", "note"]
@@ -508,7 +509,7 @@ def _measure(
     out = {
         k: Measurement(k, first[k][0], [t[0] for t in times[k]], len(x), peak_mem_mb=peak[k],
                        first_call_cpu_s=first[k][1], cpu_times_s=[t[1] for t in times[k]], joules=joules[k],
-                       energy_note=energy_note if counter else f"n/a: {energy_note}")
+                       energy_note=energy_note)
         for k in fns
     }
     if infer:

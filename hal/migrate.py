@@ -38,6 +38,7 @@ import numpy as np
 
 from hal import migrate_report
 from hal.backend import Target
+from hal.bench import NO_BASELINE
 from hal.errors import ConfigError, HalError
 from hal.spec import ModelSpec
 
@@ -155,6 +156,23 @@ def _module_source(module: str) -> str | None:
     return Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else None
 
 
+def _baseline_note(framework: str, spec: ModelSpec) -> str:
+    """The bench note of ``spec``'s native twin on ``framework`` (run in a worker: it imports the framework)."""
+    from hal.bench import load_native
+
+    return load_native(framework, spec, "cpu")[1]
+
+
+def _native_note(framework: str, spec: ModelSpec) -> str:
+    """What the native baseline of ``spec`` on ``framework`` is, or why there is none."""
+    from hal.worker import run_isolated
+
+    try:
+        return run_isolated(_baseline_note, framework, spec, label=f"native {framework} baseline")
+    except HalError as exc:
+        return f"{NO_BASELINE}: {exc}"
+
+
 def hal_snippet(model: str, target: str, training: bool = True) -> str:
     """The hal code that replaces a stack's native code for ``model`` on ``target``."""
     lines = ["import hal", "from hal.models import get", "", f"spec = get({model!r})",
@@ -171,17 +189,18 @@ def effort(spec: ModelSpec, target: Target, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     framework = "torch" if target.backend == "poptorch" else target.backend
     module = MODULES.get(framework)
-    source = _module_source(module) if module else None
+    note = _native_note(framework, spec) if module else f"no native module for {framework} in hal.native"
+    source = _module_source(module) if module and not note.startswith(NO_BASELINE) else None
     if source is not None:
         counted = code_effort(source)
         out["native"] = {
-            "what": f"{module} (bench/native/): the hand-written models of that framework and the eval/train loop",
+            "what": f"{module} (bench/native/: its hand-written models and eval/train loop), {note}",
             "lines": figure(counted["lines"], "lines", MEASURED, f"counted in {module}"),
             "framework_apis": figure(len(counted["apis"]), "APIs", MEASURED, f"distinct framework APIs in {module}"),
             "apis": counted["apis"],
         }
     else:
-        out["native"] = {"what": f"no native baseline for {framework} in hal.native"}
+        out["native"] = {"what": note}
     if kind == "ipu" and target.backend in IPU_SDK_CODE:
         backend_module, aliases = IPU_SDK_CODE[target.backend]
         counted = code_effort(_module_source(backend_module) or "", aliases)
@@ -294,9 +313,9 @@ class MigrationReport:
             bits = [f"{name}: {'available' if t['available'] else 'not here'}",
                     f"unsupported nodes {len(t['coverage']['unsupported'])}"]
             if sps and sps["value"] is not None:
-                bits.append(f"inference {sps['value']:,.1f} samples/s ({sps['kind']})")
+                bits.append(f"inference {sps['value']:,.1f} samples/s ({_label(sps)})")
             if lat and lat["value"] is not None:
-                bits.append(f"batch-1 latency {lat['value']:.3g} ms ({lat['kind']})")
+                bits.append(f"batch-1 latency {lat['value']:.3g} ms ({_label(lat)})")
             if energy and energy["value"] is not None:
                 bits.append(f"{energy['value']:.3g} J/sample ({energy['kind']})")
             out.append("  " + ", ".join(bits))
@@ -321,6 +340,11 @@ class MigrationReport:
         atomic_write(paths[1], migrate_report.markdown(blocks, {p.name for p in self.plots.values()}).encode())
         atomic_write(paths[2], migrate_report.html_page(blocks, out, f"hal migrate {self.data['model']}").encode())
         return paths + list(self.plots.values())
+
+
+def _label(fig: dict[str, Any]) -> str:
+    """A figure's kind, and that it is a bound when it is one."""
+    return f"{fig['kind']}, {fig['source'].split(' (')[0]}" if "bound" in fig["source"] else fig["kind"]
 
 
 def _json_default(value: Any) -> Any:
@@ -516,7 +540,7 @@ def measure(spec: ModelSpec, targets: Sequence[str], settings: Settings,
             say: Callable[[str], None]) -> dict[str, Any]:
     """Per available target, ``(performance, energy)`` measured with :func:`hal.bench.run_bench`
     (energy estimated from rated power where no counter can be read); ``"env"``: the bench's."""
-    from hal.bench import _cpu_name, run_bench
+    from hal.bench import run_bench
     from hal.energy import board_power, cpu_power, estimate
 
     if not targets:
@@ -542,12 +566,12 @@ def measure(spec: ModelSpec, targets: Sequence[str], settings: Settings,
             try:
                 target = Target.parse(row.target)
                 watts, why = (board_power(settings.gpu, settings.watts) if device_kind(target) == "gpu"
-                              else cpu_power(_cpu_name()))
+                              else cpu_power(report.env["machine"]))
             except HalError as exc:
                 energy[row.mode] = {"error": f"{m.energy_note}; no estimate: {exc}"}
                 continue
             e = estimate(watts, m.median_s, m.batch, why)
-            jps, kind, source = e.joules_per_sample, ESTIMATE, f"{e.source}; not measured: {m.energy_note[5:]}"
+            jps, kind, source = e.joules_per_sample, ESTIMATE, f"{e.source}; not measured: {m.energy_note}"
         energy[row.mode] = {"joules_per_sample": figure(jps, "J/sample", kind, source),
                             "samples_per_joule": figure(1 / jps if jps else None, "samples/J", kind, source)}
     return out
@@ -617,8 +641,9 @@ def _device_roofline(spec: ModelSpec, device: Any, training: bool, batch: int) -
 
 
 def ipu_sweeps(spec: ModelSpec, settings: Settings, framework: str) -> dict[str, Any]:
-    """Estimated training throughput of the IPU plan against gradient accumulation, against
-    pipeline stages (the bubble) and across IPU generations (GC2, Mk2 GC200, Bow)."""
+    """Estimated training throughput on ``settings.ipu`` against gradient accumulation (per
+    number of pipeline stages: the bubble), against pipeline stages at G ~ 16, and of the
+    plan across IPU generations (GC2, Mk2 GC200, Bow)."""
     from hal.ipu import DEFAULT_SCHEDULE, pipeline_rule
 
     base = _ipu_plan(spec, settings, settings.ipu, True, framework)
@@ -637,16 +662,16 @@ def ipu_sweeps(spec: ModelSpec, settings: Settings, framework: str) -> dict[str,
         """The smallest gradient accumulation >= ``at_least`` the framework accepts for ``s`` stages."""
         return pipeline_rule(framework, DEFAULT_SCHEDULE[framework], s, training=True).smallest(at_least=at_least)
 
-    grad_accum = [point(_ipu_plan(spec, settings, gen, True, framework, ipus=stages, grad_accum=g))
-                  for gen in IPU_GENERATIONS
-                  for g in sorted({accepted(stages, g) for g in (1, 4, 8, 16, 32, 64)})]
-    by_stages = []
+    grad_accum, by_stages = [], []
     for s in (1, 2, 4, 8):
         try:
             by_stages.append(point(_ipu_plan(spec, settings, settings.ipu, True, framework, ipus=s,
                                              grad_accum=accepted(s, 16))))
         except ConfigError:  # the model has fewer possible stages
             break
+        if s in (1, 2, 4, stages):
+            grad_accum += [point(_ipu_plan(spec, settings, settings.ipu, True, framework, ipus=s, grad_accum=g))
+                           for g in sorted({accepted(s, g) for g in (1, 4, 8, 16, 32, 64)})]
     g = base.batch.grad_accum
     generations = [point(_ipu_plan(spec, settings, gen, True, framework, ipus=stages, grad_accum=g))
                    for gen in IPU_GENERATIONS]

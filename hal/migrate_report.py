@@ -112,16 +112,16 @@ def _grad_accum(plt: Any, data: dict[str, Any]) -> Any:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for gen in dict.fromkeys(p["ipu"] for p in pts):
-        ps = [p for p in pts if p["ipu"] == gen]
-        ax.plot([p["grad_accum"] for p in ps], [p["samples_per_s"]["value"] for p in ps], "s--", label=gen,
-                fillstyle="none")
+    for s in dict.fromkeys(p["stages"] for p in pts):
+        ps = [p for p in pts if p["stages"] == s]
+        ax.plot([p["grad_accum"] for p in ps], [p["samples_per_s"]["value"] for p in ps], "s--",
+                label=f"{s} stage(s)" + ("" if all(p["fits"] for p in ps) else " (does not fit)"), fillstyle="none")
     base = data["ipu_sweeps"]["base"]
     ax.set_xscale("log", base=2)
     ax.set_xlabel("gradient accumulation G")
     ax.set_ylabel("training samples/s (estimate)")
-    ax.set_title(f"{data['model']}: {base['stages']} pipeline stage(s), micro-batch {base['micro_batch']}, "
-                 f"{base['precision']} (estimates)", fontsize=8)
+    ax.set_title(f"{data['model']} on {base['ipu']}: micro-batch {base['micro_batch']}, {base['precision']} "
+                 "(estimates)", fontsize=8)
     ax.legend(fontsize=7)
     return fig
 
