@@ -321,11 +321,17 @@ def _modules() -> dict[type[S.Op], type]:
             super().__init__()
             self.groups = op.groups
             self.native = len(in_shapes[0]) > 1  # F.channel_shuffle needs spatial dims
+            self.differentiable = torch.__version__ >= (2, 5)  # F.channel_shuffle's derivative: torch 2.5
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.native and x.device.type in ("cpu", "cuda"):  # torch's kernel, CPU/CUDA only: keeps channels_last
-                return F.channel_shuffle(x, self.groups)
+                if self.differentiable:
+                    return F.channel_shuffle(x, self.groups)
+                return _over_channels(self._shuffle_last, x)  # before: the permutation, keeping channels_last too
             return x.unflatten(1, (self.groups, -1)).transpose(1, 2).flatten(1, 2)  # elsewhere (PopTorch's IPU)
+
+        def _shuffle_last(self, x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (self.groups, -1)).transpose(-1, -2).flatten(-2)
 
     class ChannelSlice(nn.Module):
         def __init__(self, op: S.ChannelSlice, in_shapes: list[S.Shape]) -> None:
@@ -484,6 +490,41 @@ def make_optimizer(params: Any, config: TrainConfig) -> "torch.optim.Optimizer":
     return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, foreach=True)
 
 
+# -- torch-version differences (hal supports torch 2.0 on, the torch that PopTorch 3.3/3.4 pins) -------------------
+
+
+def _cuda_grad_scaler() -> Any:
+    """A new CUDA ``GradScaler``: ``torch.amp.GradScaler("cuda")`` from torch 2.3, ``torch.cuda.amp``'s before."""
+    import torch
+
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
+def _foreach_copy_(dst: list["torch.Tensor"], src: list["torch.Tensor"]) -> None:
+    """``d.copy_(s)`` for each pair, fused as ``torch._foreach_copy_`` (torch 2.1) where torch has it."""
+    import torch
+
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def _flag_non_finite(grads: list["torch.Tensor"], found_inf: "torch.Tensor", one: "torch.Tensor") -> None:
+    """Add 1 to ``found_inf`` if a gradient holds an inf or a NaN, without a host sync: GradScaler's own check
+    with scale ``one``. Its CPU kernel came with torch 2.3; before that the CPU gets the same exact test as one
+    ``isfinite`` per gradient."""
+    import torch
+
+    if grads[0].is_cuda or torch.__version__ >= (2, 3):
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+    else:
+        found_inf += ~torch.stack([g.isfinite().all() for g in grads]).all()
+
+
 class TorchExecutable(Executable):
     """A spec on one torch device; ``options`` as declared by :meth:`TorchBackend.options`."""
 
@@ -510,7 +551,7 @@ class TorchExecutable(Executable):
         self._saved_stats = [t.clone() for t in self.stats]  # their snapshot before a checked step
         self._found_inf, self._one = torch.zeros(1, device=self.device), torch.ones(1, device=self.device)
         self.optimizer = make_optimizer(self.params.values(), config) if self.params else None
-        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.scaler = _cuda_grad_scaler() if config.precision == "fp16" else None
         self.loss = F.cross_entropy if config.loss == "cross_entropy" else F.mse_loss
         self._infer: Any = None  # fused inference copy, rebuilt when weights change
         self.train_module: nn.Module = self.module  # what the training forward calls (a DDP wrapper in a replica)
@@ -591,12 +632,9 @@ class TorchExecutable(Executable):
 
     def _finite(self, loss: "torch.Tensor") -> bool:
         """Whether the loss and (unless GradScaler owns them) every gradient are finite: one host sync."""
-        import torch
-
         self._found_inf.zero_()
         if not self.scaler:
-            grads = [p.grad for p in self.params.values()]
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+            _flag_non_finite([p.grad for p in self.params.values()], self._found_inf, self._one)
         return bool(loss.isfinite() & (self._found_inf == 0))
 
     def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
@@ -607,11 +645,11 @@ class TorchExecutable(Executable):
         losses = []
         for i, (x, y) in enumerate(zip(xs_t, ys_t)):
             if check and self.stats:
-                torch._foreach_copy_(self._saved_stats, self.stats)
+                _foreach_copy_(self._saved_stats, self.stats)
             loss = self._accumulate(x, y, update_stats=True)
             if check and not self._finite(loss):
                 if self.stats:
-                    torch._foreach_copy_(self.stats, self._saved_stats)
+                    _foreach_copy_(self.stats, self._saved_stats)
                 self.optimizer.zero_grad(set_to_none=True)
                 out = np.full(len(xs), np.nan)
                 out[: i + 1] = [float(v) for v in losses + [loss]]
