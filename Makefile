@@ -1,6 +1,8 @@
 # `make demo`: set up .venv and run the main job (parity and speed of ResNet50 on every backend here).
 # `make test`: set up .venv if needed and run the test suite (long checks: `make test-slow`).
 # Both install the out-of-tree ONNX Runtime backend (plugins/hal-onnxruntime) as a plug-in would be installed.
+# `make test-torch20`: the torch backend's tests and the conformance suite (numpy, torch:cpu) on torch 2.0.1 (the torch
+# that PopTorch 3.3/3.4 pins), in a venv of its own (.venv-torch20); prints how long the set-up and the tests took.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -13,7 +15,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PLUGIN := plugins/hal-onnxruntime
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow test-torch20 bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,26 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests $(PLUGIN)/tests
+
+# The oldest torch hal supports. Only torch, numpy and the test tools (no jax, no tensorflow: their tests skip);
+# numpy<2 because torch 2.0 was built against numpy 1 (with numpy 2 its tensor<->array conversions fail).
+VENV20  := .venv-torch20
+BIN20   := $(VENV20)/bin
+TORCH20 ?= torch==2.0.1 "numpy<2"
+STAMP20 := $(VENV20)/.installed
+
+$(STAMP20): pyproject.toml
+	@start=$$(date +%s); set -e; \
+	test -x $(BIN20)/python || $(PYTHON) -m venv $(VENV20); \
+	$(BIN20)/python -m pip install --quiet --upgrade pip; \
+	$(BIN20)/python -m pip install --quiet -e ".[torch]" $(TORCH20) "pytest>=8" "hypothesis>=6.100"; \
+	touch $@; echo "$(VENV20) set up in $$(( $$(date +%s) - start )) s"
+
+test-torch20: $(STAMP20)
+	@start=$$(date +%s); \
+	$(BIN20)/python -c "import torch; print('torch', torch.__version__)"; \
+	$(BIN20)/python -m pytest -q tests/test_torch_backend.py tests/test_conformance.py; rc=$$?; \
+	echo "test-torch20: tests ran in $$(( $$(date +%s) - start )) s"; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/hal bench resnet50 --batch 16
