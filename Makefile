@@ -21,10 +21,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Last, Keras 2 (tf_keras, matching TensorFlow's minor version) for the tests of the IPU TensorFlow paths, which use
+# TF 2.x's Keras 2 API; --no-deps because it asks for `tensorflow`, which would pull the CUDA build over tensorflow-cpu.
 $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install --quiet -e $(PLUGIN)
+	$(BIN)/python -m pip install --quiet --no-deps "tf_keras~=$$($(BIN)/python -c 'import tensorflow as t; print(t.__version__.rsplit(".", 1)[0])').0"
 	touch $@
 
 demo: $(STAMP)
@@ -60,4 +63,4 @@ bench: $(STAMP)
 	$(BIN)/hal bench resnet50 --batch 16
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache $(PLUGIN)/build $(PLUGIN)/*.egg-info
+	rm -rf $(VENV) $(VENV20) build *.egg-info .pytest_cache $(PLUGIN)/build $(PLUGIN)/*.egg-info
