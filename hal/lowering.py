@@ -14,17 +14,21 @@ backends cannot disagree on them:
 - which BatchNorms fold into the convolution before them, and the folding formula;
 - optimizer step scalars (learning rate from the schedule, Adam's bias
   corrections, AdamW's decay) in float64, as ``torch.optim`` computes them;
-- precision -> compute and master dtype.
+- precision: compute and master dtype, which ops compute in low precision, loss scaling.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from hal.spec import AvgPool, BatchNorm, Conv, ConvTranspose, MaxPool, ModelSpec, Padding, Shape, Upsample, pool_out, same_padding
+from hal.spec import (
+    AvgPool, BatchNorm, Conv, ConvTranspose, Dense, GroupNorm, InstanceNorm, LayerNorm, MaxPool, ModelSpec, Padding, Shape,
+    Upsample, pool_out, same_padding,
+)
 from hal.training import SGD, AdamW, TrainConfig
 
 # ---------------------------------------------------------------------------
@@ -258,6 +262,38 @@ def scalar_table(config: TrainConfig, first_step: int, steps: int) -> np.ndarray
 # ---------------------------------------------------------------------------
 # precision
 # ---------------------------------------------------------------------------
+#
+# Mixed precision ("bf16", "fp16"), one meaning on every backend:
+#
+# - Master weights, gradients as the optimizer sees them, optimizer state,
+#   BatchNorm running statistics and the step scalars are fp32 (MASTER_DTYPE).
+# - LOW_PRECISION_OPS (convolutions, transposed convolutions, dense layers)
+#   cast their input, weight and bias to the compute dtype and return the
+#   compute dtype (accumulating in fp32 where the kernel does): the ops of
+#   torch.autocast's lower-precision list (CPU and CUDA) that a CNN has, and
+#   what a Keras "mixed_*" policy computes in low precision.
+# - FP32_OPS (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) compute their
+#   statistics and the normalisation in fp32 with fp32 parameters, and return
+#   their input's dtype (torch's mixed-type batch_norm; Keras casts norms to fp32).
+# - Every other op computes in the compute dtype on values of the compute
+#   dtype (activations, pooling, Add/Mul/Concat, Scale/PReLU with their
+#   parameters cast down): the input is cast to the compute dtype on entry
+#   (Keras's and Flax's rule; torch.autocast leaves the input, and an fp32
+#   operand that meets a low-precision one, in fp32 until the next
+#   LOW_PRECISION_OP: it rounds less, never more).
+# - The output is cast to fp32 before the loss; loss, softmax and gradients of
+#   the loss are fp32 (torch.autocast's fp32 list; Keras's float32 output).
+# - fp16 (not bf16) scales the loss dynamically with torch.amp.GradScaler's rule
+#   and constants (LOSS_SCALE, next_loss_scale): the gradients of
+#   ``loss * scale`` are unscaled in fp32; a step whose unscaled gradients hold
+#   an inf or a nan is *skipped* (no change to the weights or the optimizer
+#   state, Adam's bias-correction count included; BatchNorm running statistics
+#   keep its forward's update; the executable's step counter, hence the
+#   schedule, advances: a torch loop calling ``scheduler.step()`` every
+#   iteration) and the scale is multiplied by ``backoff``; after ``interval``
+#   consecutive clean steps it is multiplied by ``growth``. Such a skip is the
+#   scaler's rule, not a failure: ``check_finite`` raises NonFiniteError under
+#   fp16 only for a non-finite *loss*. The scale lives as long as the executable.
 
 COMPUTE_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16",
                  "16.16": "float16", "16.32": "float16"}
@@ -267,3 +303,46 @@ MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32", "fp16":
 # vision/cnns/pytorch/utils/argparser.py); partial sums are a separate choice (a plan's half_partials).
 IPU_PRECISIONS = ("16.16", "16.32")
 PARTIALS_DTYPE = {"16.16": "float16", "16.32": "float32"}  # deprecated: being replaced by Plan.half_partials
+
+LOW_PRECISION_OPS = (Conv, ConvTranspose, Dense)
+FP32_OPS = (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)
+MIXED_PRECISIONS = ("bf16", "fp16")  # fp32 master weights, compute in COMPUTE_DTYPE (rules above)
+LOSS_SCALED = ("fp16",)  # dynamic loss scaling (bf16 has fp32's exponent range)
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """``torch.amp.GradScaler``'s defaults: ``init_scale``, ``growth_factor``,
+    ``backoff_factor``, ``growth_interval``."""
+
+    init: float = 2.0**16
+    growth: float = 2.0
+    backoff: float = 0.5
+    interval: int = 2000
+
+
+LOSS_SCALE = LossScale()
+
+
+def next_loss_scale(scale: float, clean_steps: int, found_inf: bool, rule: LossScale = LOSS_SCALE) -> tuple[float, int]:
+    """``(scale, clean_steps)`` after a step (GradScaler's ``_amp_update_scale_``): on an
+    inf/nan gradient the scale is multiplied by ``backoff`` and the count of consecutive
+    clean steps reset; otherwise the count grows, and at ``interval`` the scale is
+    multiplied by ``growth`` and the count reset."""
+    if found_inf:
+        return scale * rule.backoff, 0
+    if clean_steps + 1 == rule.interval:
+        return scale * rule.growth, 0
+    return scale, clean_steps + 1
+
+
+def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` (``float16``, ``bfloat16`` or wider; nearest, ties to even),
+    as float32. numpy has no bfloat16: its rounding is done on float32's bits."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype != "bfloat16":
+        with np.errstate(over="ignore"):  # beyond the dtype's range: inf, as the cast on a device
+            return x.astype(dtype).astype(np.float32)
+    bits = x.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.where(np.isnan(x), x, rounded.view(np.float32))
