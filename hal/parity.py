@@ -18,7 +18,12 @@ float32 rounding floor of a straightforward implementation; at least one unit
 roundoff). Frameworks legitimately round more than direct summation — blocked
 and Winograd convolutions, reordered reductions, fused kernels — so a target
 may sit up to ``FACTOR`` times above the floor (16 = four bits of slack). Other
-precisions scale the floor by their unit roundoff relative to float32's.
+precisions scale the floor by their unit roundoff relative to float32's, except
+mixed precision (``bf16``, ``fp16``), whose floors are measured in that precision:
+the forward's is a float64 run of the numpy reference rounded where
+:mod:`hal.lowering`'s precision rules round (:func:`mixed_forward`), the
+gradients' and trajectory's a plain eager PyTorch run under ``torch.autocast``
+(and ``GradScaler`` for fp16); their tolerance is ``FACTOR`` times that floor.
 
 ``grads`` and ``trajectory`` have floors of their own, because training can
 amplify rounding far beyond the forward's (training-mode BatchNorm over
@@ -50,6 +55,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from hal.backend import Backend, Target, Weights
+from hal.lowering import COMPUTE_DTYPE, FP32_OPS, MIXED_PRECISIONS, free_after, round_to
 from hal.errors import BackendUnavailable, ConfigError, HalError
 from hal.registry import compile, get_backend, resolve
 from hal.spec import Dropout, ModelSpec
@@ -91,6 +97,7 @@ class ParityReport:
     input_shape: tuple[int, ...]
     floor: dict[str, float]
     results: list[CheckResult] = field(default_factory=list)
+    precision: str = "fp32"  # the targets' precision; floors are measured in floor_precision(precision)
 
     @property
     def passed(self) -> bool:
@@ -111,7 +118,7 @@ class ParityReport:
         ]
         head = (
             f"parity: {self.model}, batch {self.batch}, input {self.input_shape}; "
-            f"float32 floor (normalised max err): "
+            f"{FLOOR_NAMES[floor_precision(self.precision)]} floor (normalised max err): "
             + ", ".join(f"{k} {v:.2e}" for k, v in self.floor.items())
         )
         return head + "\n" + render(["target", "check", "max abs err", "max rel err", "tolerance", "result", "note"], rows)
@@ -153,10 +160,42 @@ def tensors_error(a: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) ->
     return err, err / scale if scale > 0 else err, worst
 
 
-def tolerance(floor: float, precision: str = "fp32", factor: float = FACTOR) -> float:
-    """Tolerance for a target computing in ``precision``, from the measured float32 floor."""
-    floor = max(floor, UNIT_ROUNDOFF["fp32"])
-    return factor * floor * UNIT_ROUNDOFF[precision] / UNIT_ROUNDOFF["fp32"]
+def tolerance(floor: float, precision: str = "fp32", factor: float = FACTOR, measured_in: str = "fp32") -> float:
+    """Tolerance for a target computing in ``precision``, from a floor measured in ``measured_in``
+    (at least its unit roundoff), scaled by the two precisions' unit roundoffs."""
+    floor = max(floor, UNIT_ROUNDOFF[measured_in])
+    return factor * floor * UNIT_ROUNDOFF[precision] / UNIT_ROUNDOFF[measured_in]
+
+
+FLOOR_NAMES = {"fp32": "float32", "bf16": "bf16 mixed", "fp16": "fp16 mixed"}
+
+
+def floor_precision(precision: str) -> str:
+    """The precision a floor for targets in ``precision`` is measured in: mixed precisions their own, others fp32."""
+    return precision if precision in MIXED_PRECISIONS else "fp32"
+
+
+def mixed_forward(spec: ModelSpec, weights: Weights, x: np.ndarray, training: bool, precision: str) -> np.ndarray:
+    """The forward of ``spec`` in mixed ``precision`` as :mod:`hal.lowering`'s rules define it, computed
+    straightforwardly: the numpy reference's ops in float64 on values rounded to the compute dtype (the input
+    on entry, every op's output, the parameters of all but ``FP32_OPS``); the output as float32. Its error
+    against float64 is the mixed-precision rounding floor."""
+    from hal.backends.numpy import run_node
+
+    low = COMPUTE_DTYPE[precision]
+    params: dict[str, dict[str, np.ndarray]] = {n.name: {} for n in spec.nodes}
+    for k, v in weights.items():
+        node, _, name = k.rpartition(".")
+        master = np.asarray(v, np.float32)
+        params[node][name] = (master if isinstance(spec.node(node).op, FP32_OPS) else round_to(master, low)).astype(
+            np.float64)
+    values = {spec.input.name: round_to(x, low).astype(np.float64)}
+    for node, free in zip(spec.nodes[1:], free_after(spec)[1:]):
+        y = run_node(node, [values[k] for k in node.inputs], params[node.name], training)
+        values[node.name] = round_to(y, low).astype(np.float64)
+        for k in free:
+            del values[k]
+    return values[spec.output].astype(np.float32)
 
 
 def make_batch(spec: ModelSpec, batch: int, loss: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -202,9 +241,9 @@ def run_parity(
     run = run_isolated if isolate else run_inline
     weights = check_weights(spec, weights) if weights is not None else init_weights(spec, seed, PARITY_RESIDUAL_GAMMA)
     x, y = make_batch(spec, batch, config.loss, seed)
-    report = ParityReport(spec.name, batch, spec.input_shape, {})
+    report = ParityReport(spec.name, batch, spec.input_shape, {}, precision=config.precision)
 
-    # float64 reference and the float32 floor, per forward mode
+    # float64 reference and the float32 (or mixed-precision) floor, per forward mode
     ref: dict[str, np.ndarray] = {}
     train_ok = not any(isinstance(n.op, Dropout) and n.op.rate > 0 for n in spec.nodes)
     modes = [("forward", False)] + ([("forward_train", True)] if train_ok else [])
@@ -213,15 +252,19 @@ def run_parity(
             continue
         say(f"reference {check}")
         ref[check] = NumpyExecutable(spec, weights, replace(config, precision="fp64")).predict(x, training)
-        f32 = NumpyExecutable(spec, weights, replace(config, precision="fp32")).predict(x, training)
-        report.floor[check] = max(normalised_error(f32, ref[check])[1], UNIT_ROUNDOFF["fp32"])
+        if config.precision in MIXED_PRECISIONS:
+            low = mixed_forward(spec, weights, x, training, config.precision)
+        else:
+            low = NumpyExecutable(spec, weights, replace(config, precision="fp32")).predict(x, training)
+        report.floor[check] = max(normalised_error(low, ref[check])[1], UNIT_ROUNDOFF[floor_precision(config.precision)])
 
     auto: dict[str, Any] = {}  # the float64 autodiff reference, computed once, when first needed
     trajectory_steps = steps if "trajectory" in checks else 0
 
     def autodiff_reference() -> dict[str, Any]:
         if not auto:
-            say(f"autodiff reference ({REFERENCE_AUTODIFF}): float64, and plain float32 for the floor")
+            say(f"autodiff reference ({REFERENCE_AUTODIFF}): float64, and plain "
+                f"{FLOOR_NAMES[floor_precision(config.precision)]} for the floor")
             try:
                 clean, floor = run(_autodiff_reference, spec, weights, config, x, y, trajectory_steps,
                                    label=f"float64 autodiff reference ({REFERENCE_AUTODIFF})")
@@ -377,7 +420,8 @@ def _compare(
     floor: Mapping[str, float], auto: Mapping[str, Any], spec: ModelSpec, steps: int,
 ) -> CheckResult:
     """The row of one check from what the target computed."""
-    tol = tolerance(floor[check], config.precision)
+    measured_in = floor_precision(config.precision)
+    tol = tolerance(floor[check], config.precision, measured_in=measured_in)
     if check in ("forward", "forward_train"):
         e_abs, e_rel = normalised_error(value, ref[check])
         return CheckResult(target, check, e_abs, e_rel, tol, e_rel <= tol)
@@ -387,7 +431,8 @@ def _compare(
         e_abs, rel, note = trajectory_error(*value, auto["clean"], spec)
         note = f"{steps} steps {type(config.optimizer).__name__}; {note}"
     if tol > ILL_CONDITIONED:
-        return CheckResult(target, check, e_abs, rel, tol, None, f"ill-conditioned, float32 rounding alone moves it "
+        return CheckResult(target, check, e_abs, rel, tol, None, f"ill-conditioned, {FLOOR_NAMES[measured_in]} "
+                           "rounding alone moves it "
                            f"{floor[check]:.0e}: use a larger batch or smaller steps; {note}")
     return CheckResult(target, check, e_abs, rel, tol, rel <= tol, note)
 
@@ -396,14 +441,15 @@ def _autodiff_reference(
     spec: ModelSpec, weights: Weights, config: TrainConfig, x: np.ndarray, y: np.ndarray, steps: int
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The float64 autodiff run and the floors of ``grads`` (and ``trajectory`` when
-    ``steps``): the error of a plain float32 run against it (run in a worker)."""
+    ``steps``): the error of a plain float32 run (mixed precision: a plain run in it) against it
+    (run in a worker)."""
+    measured_in = floor_precision(config.precision)
     clean = _autodiff(spec, weights, config, x, y, steps, "fp64")
-    plain = _autodiff(spec, weights, config, x, y, steps, "fp32")
-    floor = {"grads": max(grads_error(plain["loss"], plain["grads"], clean)[1], UNIT_ROUNDOFF["fp32"])}
+    plain = _autodiff(spec, weights, config, x, y, steps, measured_in)
+    least = UNIT_ROUNDOFF[measured_in]
+    floor = {"grads": max(grads_error(plain["loss"], plain["grads"], clean)[1], least)}
     if steps:
-        floor["trajectory"] = max(
-            trajectory_error(plain["losses"], plain["weights"], clean, spec)[1], UNIT_ROUNDOFF["fp32"]
-        )
+        floor["trajectory"] = max(trajectory_error(plain["losses"], plain["weights"], clean, spec)[1], least)
     return clean, floor
 
 
