@@ -109,7 +109,7 @@ import numpy as np
 
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
-from hal.errors import InputError, UnsupportedError
+from hal.errors import InputError, TargetError, UnsupportedError
 from hal.lowering import (
     COMPUTE_DTYPE,
     MASTER_DTYPE,
@@ -125,7 +125,7 @@ from hal.lowering import (
     scalar_table,
     step_scalar_names,
 )
-from hal.training import SGD, Adam, AdamW, TrainConfig
+from hal.training import SGD, Adam, AdamW, DataParallel, TrainConfig
 
 if TYPE_CHECKING:  # jax is imported lazily: listing backends must not import it
     import jax
@@ -160,6 +160,7 @@ def _flax() -> dict[str, Any]:
         momentum: float
         dtype: Any
         param_dtype: Any
+        axis_name: Any = None  # synchronised over this mapped axis (data-parallel sync BatchNorm)
 
         @nn.compact
         def __call__(self, x: Any, train: bool, update_stats: bool) -> Any:
@@ -173,7 +174,11 @@ def _flax() -> dict[str, Any]:
                 axes = tuple(range(x.ndim - 1))
                 n = x.size // c
                 mean = jnp.mean(xs, axes)
+                if self.axis_name is not None:  # equal shards: the mean of the replicas' means
+                    mean = lax.pmean(mean, self.axis_name)
                 sq = jnp.sum(jnp.square(xs - mean), axes)  # two-pass: no E[x^2] - E[x]^2 cancellation
+                if self.axis_name is not None:
+                    sq, n = lax.psum(sq, self.axis_name), n * lax.psum(1, self.axis_name)
                 var = sq / n
                 if update_stats and not self.is_initializing():
                     m = self.momentum
@@ -329,6 +334,7 @@ def _flax() -> dict[str, Any]:
         precision: Any
         folded: frozenset = frozenset()
         depthwise_taps: bool = False  # DepthwiseConv for depthwise convolutions (XLA:CPU)
+        bn_axis_name: Any = None  # training-mode BatchNorm statistics synchronised over this mapped axis
 
         @nn.compact
         def __call__(self, x: Any, train: bool = False, update_stats: bool = False) -> Any:
@@ -359,7 +365,7 @@ def _flax() -> dict[str, Any]:
                     )(xs[0])
                 elif isinstance(op, S.BatchNorm):
                     y = xs[0] if name in self.folded else BatchNorm(
-                        op.eps, op.momentum, name=name, **types
+                        op.eps, op.momentum, axis_name=self.bn_axis_name, name=name, **types
                     )(xs[0], train, update_stats)
                 elif isinstance(op, S.GroupNorm):
                     y = nn.GroupNorm(
@@ -426,15 +432,17 @@ def _flax() -> dict[str, Any]:
 
 def flax_module(
     spec: S.ModelSpec, precision: str = "fp32", matmul: str = "highest", folded: frozenset = frozenset(),
-    depthwise_taps: bool = False,
+    depthwise_taps: bool = False, bn_axis_name: str | None = None,
 ) -> Any:
     """The linen module of ``spec``: ``apply({"params", "batch_stats"}, x_nchw, train, update_stats)``;
-    ``depthwise_taps`` lowers depthwise convolutions as sums of taps (faster on XLA:CPU)."""
+    ``depthwise_taps`` lowers depthwise convolutions as sums of taps (faster on XLA:CPU);
+    ``bn_axis_name`` synchronises training-mode BatchNorm statistics over a mapped axis."""
     from jax import lax
 
     prec = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": None}[matmul]
     return _flax()["SpecNet"](
-        spec, COMPUTE_DTYPE[precision], MASTER_DTYPE[precision], prec, frozenset(folded), depthwise_taps
+        spec, COMPUTE_DTYPE[precision], MASTER_DTYPE[precision], prec, frozenset(folded), depthwise_taps,
+        bn_axis_name,
     )
 
 
@@ -617,29 +625,32 @@ _PROGRAMS: dict[tuple, Any] = {}
 _PROGRAMS_MAX = 32
 
 
-def programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool = False) -> Any:
+def programs(
+    spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool = False, mesh: Any = None
+) -> Any:
     """The jitted programs of ``(spec, config, matmul, depthwise_taps)``, built once per process.
 
     The learning rate and schedule are traced arguments, so executables that differ
     only there (or in weights or device) share one set of jitted functions, hence
     one XLA compile per argument shape (``jax.jit`` caches compiled code per function
     object, shapes and devices): the parity harness, a notebook or a sweep compiles
-    the same model many times.
+    the same model many times. With a ``mesh`` (data parallelism, :class:`JaxDataParallelExecutable`)
+    the training programs are data-parallel over its axis ``"data"``.
     """
     from dataclasses import replace
 
     key = (
         spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0),
-        config.check_finite, matmul, depthwise_taps,
+        config.check_finite, matmul, depthwise_taps, mesh, mesh is not None and config.data_parallel.sync_batchnorm,
     )
     if key not in _PROGRAMS:
         while len(_PROGRAMS) >= _PROGRAMS_MAX:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = _build_programs(spec, config, matmul, depthwise_taps)
+        _PROGRAMS[key] = _build_programs(spec, config, matmul, depthwise_taps, mesh)
     return _PROGRAMS[key]
 
 
-def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool) -> Any:
+def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool, mesh: Any) -> Any:
     """The jitted train step, run_steps scan, gradients, training-mode forward,
     BatchNorm folding and folded inference of one spec and config (traced on first call)."""
     import types
@@ -650,6 +661,10 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
     from jax import lax
 
     net = flax_module(spec, config.precision, matmul, depthwise_taps=depthwise_taps)
+    if mesh is not None and config.data_parallel.sync_batchnorm:
+        train_net = flax_module(spec, config.precision, matmul, depthwise_taps=depthwise_taps, bn_axis_name=DATA_AXIS)
+    else:
+        train_net = net
     fold = foldable_batchnorms(spec)
     net_infer = flax_module(spec, config.precision, matmul, frozenset(fold), depthwise_taps)
     tx = optimizer(config)
@@ -670,20 +685,24 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
         rngs = {"dropout": key} if dropout else None
         v = {"params": params, "batch_stats": stats}
         if update:
-            out, new = net.apply(v, x, True, True, mutable=["batch_stats"], rngs=rngs)
+            out, new = train_net.apply(v, x, True, True, mutable=["batch_stats"], rngs=rngs)
             stats = new.get("batch_stats", stats)
         else:
-            out = net.apply(v, x, True, False, rngs=rngs)
+            out = train_net.apply(v, x, True, False, rngs=rngs)
         return loss_value(out, y) / g, stats  # grads of loss/G summed over micro-batches, as torch
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def loss_grads(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool) -> Any:
         """Mean loss and mean gradient over the G micro-batches; BatchNorm
-        statistics of each micro-batch, running statistics updated sequentially."""
+        statistics of each micro-batch, running statistics updated sequentially. Data-parallel:
+        this replica's micro-batches, then :func:`replica_mean`."""
+        first = 0  # the index of the first micro-batch among all replicas' (dropout keys)
+        if mesh is not None:  # this replica's own gradients (replica_mean reduces them), not shard_map's implicit sum
+            first, params = lax.axis_index(DATA_AXIS) * g, lax.pcast(params, DATA_AXIS, to="varying")
         if g == 1:
-            (loss, stats), grads = grad_fn(params, stats, x, y, jax.random.fold_in(key, 0), update)
-            return loss, grads, stats
+            (loss, stats), grads = grad_fn(params, stats, x, y, jax.random.fold_in(key, first), update)
+            return replica_mean(loss, grads, stats, mesh, config)
         xs, ys = x.reshape(g, -1, *x.shape[1:]), y.reshape(g, -1, *y.shape[1:])
 
         def body(carry: Any, inp: Any) -> Any:
@@ -693,8 +712,8 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
             return (stats, jax.tree.map(jnp.add, gsum, grads), lsum + loss), None
 
         init = (stats, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), master))
-        (stats, grads, loss), _ = lax.scan(body, init, (xs, ys, jnp.arange(g)))
-        return loss, grads, stats
+        (stats, grads, loss), _ = lax.scan(body, init, (xs, ys, first + jnp.arange(g)))
+        return replica_mean(loss, grads, stats, mesh, config)
 
     def step(state: Any, x: Any, y: Any, scalars: Any, t: Any, ok: Any) -> Any:
         """One optimizer step from ``state = (params, stats, opt_state)`` with the step's
@@ -751,6 +770,8 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
     def infer(variables: Any, x: Any) -> Any:
         return net_infer.apply(variables, x).astype(master)
 
+    if mesh is not None:
+        train_step, run_steps, grads_only = data_parallel(mesh, train_step, run_steps, grads_only)
     return types.SimpleNamespace(
         net=net, net_infer=net_infer, tx=tx, key=base_key,
         train=jax.jit(train_step, donate_argnums=(0, 1, 2)),  # parameters, statistics, optimizer state
@@ -771,6 +792,8 @@ class JaxExecutable(Executable):
     """Parameters, BatchNorm statistics and optimizer state as device pytrees, updated
     by the shared jitted :func:`programs` (donated: the old buffers are reused)."""
 
+    mesh: Any = None  # the data-parallel mesh (JaxDataParallelExecutable)
+
     def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str) -> None:
         import jax
 
@@ -784,10 +807,10 @@ class JaxExecutable(Executable):
         self._calls = 0  # counter for dropout keys of predict(training=True)
         self._infer_vars: Any = None  # folded inference variables, rebuilt when weights change
         with self._scope():
-            self.programs = programs(spec, config, matmul, depthwise_taps=self.device.platform == "cpu")
+            self.programs = programs(spec, config, matmul, depthwise_taps=self.device.platform == "cpu", mesh=self.mesh)
             self._key = self.programs.key
             self._load_weights(weights)
-            self.opt_state = jax.device_put(self.programs.tx.init(self.params), self.device)
+            self.opt_state = self._put_tree(self.programs.tx.init(self.params))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -809,13 +832,21 @@ class JaxExecutable(Executable):
                     ) from None
                 raise
 
-    def _put(self, a: np.ndarray, dtype: Any = None) -> Any:
+    def _put_tree(self, tree: Any) -> Any:
+        """Arrays (a pytree) where the parameters live."""
         import jax
 
-        return jax.device_put(np.ascontiguousarray(a, dtype=dtype or self.master), self.device)
+        return jax.device_put(tree, self.device)
 
-    def _put_y(self, y: np.ndarray) -> Any:
-        return self._put(y, np.int32) if self.config.loss == "cross_entropy" else self._put(y)
+    def _put(self, a: np.ndarray, dtype: Any = None) -> Any:
+        return self._put_tree(np.ascontiguousarray(a, dtype=dtype or self.master))
+
+    def _put_batch(self, a: np.ndarray, dtype: Any = None, stacked: bool = False) -> Any:
+        """A training batch (``stacked``: batches stacked on a leading axis); data parallelism shards it."""
+        return self._put(a, dtype)
+
+    def _put_y(self, y: np.ndarray, stacked: bool = False) -> Any:
+        return self._put_batch(y, np.int32 if self.config.loss == "cross_entropy" else None, stacked)
 
     def _variables(self) -> Any:
         if self._infer_vars is None:
@@ -841,7 +872,7 @@ class JaxExecutable(Executable):
 
         with self._scope():
             key = jax.random.fold_in(self._key, self.step)
-            loss, grads = self.programs.grads(self.params, self.stats, self._put(x), self._put_y(y), key)
+            loss, grads = self.programs.grads(self.params, self.stats, self._put_batch(x), self._put_y(y), key)
             return float(loss), to_canonical(self.spec, jax.device_get(grads))
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
@@ -850,7 +881,7 @@ class JaxExecutable(Executable):
         with self._scope():
             scalars = self._put(scalar_table(self.config, self.step, 1)[0])
             self.params, self.stats, self.opt_state, loss, ok = self.programs.train(
-                self.params, self.stats, self.opt_state, self._put(x), self._put_y(y), scalars,
+                self.params, self.stats, self.opt_state, self._put_batch(x), self._put_y(y), scalars,
                 np.asarray(self.step, np.int32),
             )
             self._infer_vars = None  # built from donated buffers
@@ -866,7 +897,8 @@ class JaxExecutable(Executable):
             table = self._put(scalar_table(self.config, self.step, n))
             ts = np.arange(self.step, self.step + n, dtype=np.int32)
             self.params, self.stats, self.opt_state, losses, applied = self.programs.run(
-                self.params, self.stats, self.opt_state, self._put(xs), self._put_y(ys), table, ts
+                self.params, self.stats, self.opt_state, self._put_batch(xs, stacked=True), self._put_y(ys, True),
+                table, ts,
             )
             self._infer_vars = None
             losses, applied = jax.device_get((losses, applied))
@@ -881,11 +913,141 @@ class JaxExecutable(Executable):
         return to_canonical(self.spec, params, stats)
 
     def _load_weights(self, weights: Weights) -> None:
+        with self._scope():
+            params, stats = self._put_tree(to_flax(self.spec, weights, self.master))
+        self.params, self.stats, self._infer_vars = params, stats, None
+
+
+# ---------------------------------------------------------------------------
+# data parallelism: one SPMD program over a device mesh (hal.training.DataParallel)
+# ---------------------------------------------------------------------------
+
+DATA_AXIS = "data"
+
+
+def prepare_data_parallel(dp: DataParallel) -> None:
+    """What JAX must be told before it initialises: ``dp.replicas`` CPU devices
+    (``jax_num_cpu_devices``, the option behind XLA's ``--xla_force_host_platform_device_count``)
+    and, with several hosts, ``jax.distributed.initialize(coordinator, hosts, host_rank)``.
+    Called too late (JAX already running), it changes nothing: :func:`data_mesh` then says
+    what is missing and how to get it."""
+    import jax
+
+    if dp.hosts > 1 and not jax.distributed.is_initialized():
+        host, port = dp.coordinator_address()
+        try:
+            jax.distributed.initialize(f"{host}:{port}", dp.hosts, dp.host_rank)
+        except RuntimeError:  # JAX already initialised its backends
+            pass
+    if dp.replicas > 1 and jax.config.jax_num_cpu_devices < dp.replicas:
+        try:
+            jax.config.update("jax_num_cpu_devices", dp.replicas)
+        except RuntimeError:
+            pass
+
+
+def data_mesh(device: str, dp: DataParallel) -> "jax.sharding.Mesh":
+    """The 1-d mesh (axis ``"data"``) of every host's ``dp.replicas`` devices of ``device``'s
+    platform, from ``device``'s index on; global replica ``host_rank * replicas + r`` is host
+    ``host_rank``'s ``r``-th device. Raises :class:`TargetError` naming the fix if JAX has too
+    few devices or processes."""
+    import jax
+    from jax.sharding import Mesh
+
+    platform, _, index = device.partition(":")
+    first = int(index or 0)
+    if jax.process_count() != dp.hosts:
+        raise TargetError(
+            f"jax:{device}: DataParallel(hosts={dp.hosts}) needs jax.distributed initialised with {dp.hosts} "
+            f"processes, JAX runs {jax.process_count()}: compile the first data-parallel executable of the process "
+            "before anything else uses JAX (hal.compile initialises jax.distributed from DataParallel.coordinator), "
+            "or call jax.distributed.initialize yourself first"
+        )
+    local = sorted(jax.local_devices(backend=platform), key=lambda d: d.id)[first:first + dp.replicas]
+    if len(local) < dp.replicas:
+        fix = (
+            f"start the process with XLA_FLAGS=--xla_force_host_platform_device_count={first + dp.replicas} "
+            f"(or jax.config.update('jax_num_cpu_devices', {first + dp.replicas}) right after importing jax), "
+            "before JAX runs anything; `hal train`/`hal parity` do this in their worker processes"
+            if platform == "cpu" else f"use at most {len(local)} replicas"
+        )
+        raise TargetError(
+            f"jax:{device}: DataParallel(replicas={dp.replicas}) needs {dp.replicas} {platform} devices from "
+            f"index {first}, this process has {len(local)}: {fix}"
+        )
+    hosts = [sorted((d for d in jax.devices(platform) if d.process_index == h), key=lambda d: d.id)
+             for h in range(dp.hosts)]
+    return Mesh(np.array([d for devices in hosts for d in devices[first:first + dp.replicas]]), (DATA_AXIS,))
+
+
+def replica_mean(loss: Any, grads: Any, stats: Any, mesh: Any, config: TrainConfig) -> tuple[Any, Any, Any]:
+    """Inside a data-parallel step (identity without a ``mesh``): the loss and gradients
+    averaged over the replicas (``lax.pmean``), the BatchNorm running statistics replica 0's
+    (a ``psum`` of the statistics masked to replica 0: exact); synchronised BatchNorm keeps
+    equal statistics on every replica already."""
+    if mesh is None:
+        return loss, grads, stats
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    loss, grads = lax.pmean((loss, grads), DATA_AXIS)
+    if not config.data_parallel.sync_batchnorm:
+        first = lax.axis_index(DATA_AXIS) == 0
+        stats = jax.tree.map(lambda s: lax.psum(jnp.where(first, s, jnp.zeros_like(s)), DATA_AXIS), stats)
+    return loss, grads, stats
+
+
+def data_parallel(mesh: Any, train_step: Callable, run_steps: Callable, grads_only: Callable) -> tuple[Callable, ...]:
+    """:func:`_build_programs`'s step functions as SPMD programs over ``mesh`` (``jax.shard_map``):
+    batches split over axis ``"data"`` (run_steps' stacked batches on their second axis),
+    parameters, statistics, optimizer state, scalars and results replicated."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    rep, batch, steps = P(), P(DATA_AXIS), P(None, DATA_AXIS)
+    return (
+        jax.shard_map(train_step, mesh=mesh, in_specs=(rep, rep, rep, batch, batch, rep, rep), out_specs=rep),
+        jax.shard_map(run_steps, mesh=mesh, in_specs=(rep, rep, rep, steps, steps, rep, rep), out_specs=rep),
+        jax.shard_map(grads_only, mesh=mesh, in_specs=(rep, rep, batch, batch, rep), out_specs=rep),
+    )
+
+
+class JaxDataParallelExecutable(JaxExecutable):
+    """Data-parallel training (``config.data_parallel``, rules in :mod:`hal.training`) on a
+    :func:`data_mesh`: each step is one SPMD program (:func:`data_parallel`) in which every
+    replica runs the single-device step on its rows of the host batch (its ``grad_accum``
+    micro-batches, its BatchNorm statistics, or all replicas' with ``sync_batchnorm``:
+    ``BatchNorm(axis_name="data")``), then :func:`replica_mean`, then the same optimizer
+    update. Several hosts: ``jax.distributed`` (:func:`prepare_data_parallel`), each host
+    passing its own batch (``jax.make_array_from_process_local_data``). ``predict`` runs
+    the single-device program replicated, ``weights()`` are replica 0's."""
+
+    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str) -> None:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        prepare_data_parallel(config.data_parallel)
+        self.mesh = data_mesh(device, config.data_parallel)
+        self._replicated = NamedSharding(self.mesh, P())
+        self._batch = NamedSharding(self.mesh, P(DATA_AXIS)), NamedSharding(self.mesh, P(None, DATA_AXIS))
+        super().__init__(spec, weights, device, config, matmul)
+
+    def _put_tree(self, tree: Any) -> Any:
         import jax
 
-        with self._scope():
-            params, stats = jax.device_put(to_flax(self.spec, weights, self.master), self.device)
-        self.params, self.stats, self._infer_vars = params, stats, None
+        def put(a: Any) -> Any:
+            if isinstance(a, jax.Array):  # e.g. optimizer state made from replicated parameters
+                return jax.device_put(a, self._replicated)
+            return jax.make_array_from_process_local_data(self._replicated, np.asarray(a))
+
+        return jax.tree.map(put, tree)
+
+    def _put_batch(self, a: np.ndarray, dtype: Any = None, stacked: bool = False) -> Any:
+        import jax
+
+        a = np.ascontiguousarray(a, dtype=dtype or self.master)
+        return jax.make_array_from_process_local_data(self._batch[stacked], a)
 
 
 def _jax_device(device: str) -> "jax.Device":
@@ -938,13 +1100,18 @@ class JaxBackend(Backend):
 
     @classmethod
     def resolve_device(cls, device: str) -> str:
-        if device in ("cpu:0",):
-            device = "cpu"
+        if device in ("cpu", "cpu:0"):  # always there: resolved without starting JAX, which data parallelism
+            return "cpu"  # must configure first (prepare_data_parallel)
         return super().resolve_device(device)
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(precisions=PRECISIONS)
+        return Capabilities(precisions=PRECISIONS, data_parallel=True, sync_batchnorm=True)
+
+    @classmethod
+    def prepare_data_parallel(cls, dp: DataParallel) -> None:
+        """Before JAX initialises: :func:`prepare_data_parallel`."""
+        prepare_data_parallel(dp)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
@@ -969,4 +1136,5 @@ class JaxBackend(Backend):
         cls, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, options: Mapping[str, Any],
         plan: Any,
     ) -> Executable:
-        return JaxExecutable(spec, weights, device, config, options["matmul_precision"])
+        exe = JaxDataParallelExecutable if config.data_parallel.enabled else JaxExecutable
+        return exe(spec, weights, device, config, options["matmul_precision"])

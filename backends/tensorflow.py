@@ -95,6 +95,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
@@ -103,7 +104,7 @@ import numpy as np
 
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights
-from hal.errors import BackendUnavailable, HalError, TargetError
+from hal.errors import BackendUnavailable, ConfigError, HalError, TargetError, UnsupportedError
 from hal.lowering import (
     COMPUTE_DTYPE,
     adaptive_windows,
@@ -117,7 +118,7 @@ from hal.lowering import (
     scalar_table,
     step_scalar_names,
 )
-from hal.training import SGD, AdamW, TrainConfig
+from hal.training import SGD, AdamW, DataParallel, TrainConfig
 
 if TYPE_CHECKING:
     from hal.ipu import Plan
@@ -211,16 +212,19 @@ def _raw(v: Any) -> Any:
 StatsSink = Callable[[Any, Any, Any], None]  # (BatchNorm layer, batch mean, unbiased batch variance)
 
 
-class _Mode:
+class _Mode(threading.local):
     """Trace-time switch read by BatchNorm layers in training mode: where their
-    batch statistics go (``None``: nowhere, the forward changes no state).
+    batch statistics go (``None``: nowhere, the forward changes no state), and
+    ``moments``, which computes them across replicas (synchronised BatchNorm).
 
     It is set inside each traced Python function (never between calls), so any
-    retrace of that function sees the same value.
+    retrace of that function sees the same value. Per thread: ``MirroredStrategy``
+    traces each replica in its own thread.
     """
 
     def __init__(self) -> None:
         self.sink: StatsSink | None = None
+        self.moments: Callable[[Any, list[int]], tuple[Any, Any, Any]] | None = None
 
     @contextlib.contextmanager
     def reporting(self, sink: StatsSink | None) -> Iterator[None]:
@@ -359,14 +363,17 @@ def _layer_classes() -> dict[Any, type]:
 
         def call(self, x: Any, training: Any = None) -> Any:
             op = self.op
-            if not training:
+            if training and self.mode.moments is not None:  # synchronised over replicas
+                mean, var, unbiased = self.mode.moments(x, self.axes)
+                y = self._normalise(x, mean, var)
+            elif not training:
                 if self.fused:
                     return tf.raw_ops.FusedBatchNormV3(
                         x=x, scale=self.gamma, offset=self.beta, mean=self.running_mean, variance=self.running_var,
                         epsilon=op.eps, data_format="NHWC" if x.shape.rank == 4 else "NDHWC", is_training=False,
                     )[0]
                 return self._normalise(x, self.running_mean, self.running_var)
-            if self.fused:
+            elif self.fused:
                 y, mean, unbiased = tf.raw_ops.FusedBatchNormV3(
                     x=x, scale=self.gamma, offset=self.beta,
                     mean=tf.zeros([0], x.dtype), variance=tf.zeros([0], x.dtype),
@@ -1007,6 +1014,144 @@ class TensorFlowExecutable(Executable):
 
 
 # ---------------------------------------------------------------------------
+# data parallelism: tf.distribute (hal.training.DataParallel)
+# ---------------------------------------------------------------------------
+
+_STRATEGIES: dict[tuple[str, DataParallel], Any] = {}
+
+
+def prepare_data_parallel(dp: DataParallel) -> None:
+    """What TensorFlow must be told before its runtime initialises: ``dp.replicas`` logical
+    CPU devices (``tf.config.set_logical_device_configuration``) and, with several hosts,
+    the ``MultiWorkerMirroredStrategy`` of ``TF_CONFIG`` (created now: TensorFlow allows it
+    only at program start). Called too late, it changes nothing:
+    :func:`data_parallel_strategy` then says what is missing."""
+    tf = _tf()
+    if dp.hosts > 1 and ("cpu", dp) not in _STRATEGIES:
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        workers = resolver.cluster_spec().as_dict().get("worker", [])
+        if len(workers) != dp.hosts or resolver.task_type != "worker" or resolver.task_id != dp.host_rank:
+            raise ConfigError(
+                f"tensorflow: DataParallel(hosts={dp.hosts}, host_rank={dp.host_rank}) needs TF_CONFIG naming "
+                f"{dp.hosts} workers with this one as task {{'type': 'worker', 'index': {dp.host_rank}}}, got "
+                f"{len(workers)} workers, task {resolver.task_type!r} {resolver.task_id!r} (TF_CONFIG="
+                f"{os.environ.get('TF_CONFIG', '')!r})"
+            )
+        try:
+            _STRATEGIES["cpu", dp] = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        except RuntimeError:  # the runtime is running already
+            pass
+    cpus = tf.config.list_physical_devices("CPU")
+    if dp.replicas > 1 and cpus:
+        try:
+            tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * dp.replicas)
+        except RuntimeError:  # the runtime is running already
+            pass
+
+
+def data_parallel_strategy(device: str, dp: DataParallel) -> Any:
+    """The ``tf.distribute`` strategy of ``dp`` on ``device``'s kind: ``MirroredStrategy`` over
+    ``dp.replicas`` (logical) devices from ``device``'s index on; with several hosts the
+    ``MultiWorkerMirroredStrategy`` made by :func:`prepare_data_parallel`, whose replicas are
+    each worker's one CPU or all its GPUs (TensorFlow's rule). Raises :class:`TargetError` naming
+    the fix when there are too few devices."""
+    tf = _tf()
+    kind, _, index = device.partition(":")
+    first = int(index or 0)
+    if dp.hosts > 1:
+        strategy = _STRATEGIES.get(("cpu", dp))
+        if strategy is None:
+            raise TargetError(
+                f"tensorflow:{device}: DataParallel(hosts={dp.hosts}) needs its MultiWorkerMirroredStrategy created "
+                "before TensorFlow runs anything: make the data-parallel hal.compile the first TensorFlow use of the "
+                "process (hal train does)"
+            )
+        if strategy.num_replicas_in_sync != dp.world:
+            raise TargetError(
+                f"tensorflow:{device}: MultiWorkerMirroredStrategy runs {strategy.num_replicas_in_sync} replicas "
+                f"({strategy.num_replicas_in_sync // dp.hosts} per worker: one CPU, or every GPU), DataParallel asks "
+                f"{dp.replicas} per host: use replicas={strategy.num_replicas_in_sync // dp.hosts}"
+            )
+        return strategy
+    devices = tf.config.list_logical_devices(kind.upper())[first:first + dp.replicas]
+    if len(devices) < dp.replicas:
+        fix = ("configure the logical CPU devices before TensorFlow's runtime starts: make the data-parallel "
+               "hal.compile the first TensorFlow use of the process (hal train and hal parity run it in a fresh "
+               "worker process)") if kind == "cpu" else f"use at most {len(devices)} replicas"
+        raise TargetError(
+            f"tensorflow:{device}: DataParallel(replicas={dp.replicas}) needs {dp.replicas} {kind} devices from "
+            f"index {first}, TensorFlow has {len(devices)}: {fix}"
+        )
+    # Reductions through merge_call, which lines the replicas up: with MirroredStrategy's default
+    # collective all-reduce, synchronised BatchNorm's reductions (forward and gradient) were measured
+    # to abort intermittently with a collective shape mismatch between replicas (TensorFlow 2.21, CPU).
+    return tf.distribute.MirroredStrategy([d.name for d in devices],
+                                          cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def _synchronised_moments(x: Any, axes: list[int]) -> tuple[Any, Any, Any]:
+    """Batch mean, biased and unbiased variance of ``x`` over ``axes`` and every replica
+    (two-pass: the global mean, then the sum of squared deviations), via the replica
+    context's all_reduce."""
+    tf = _tf()
+    ctx, add = tf.distribute.get_replica_context(), tf.distribute.ReduceOp.SUM
+    total, count = ctx.all_reduce(add, [tf.reduce_sum(x, axes), tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)])
+    mean = total / count
+    sq = ctx.all_reduce(add, tf.reduce_sum(tf.square(x - mean), axes))
+    return mean, sq / count, sq / (count - 1.0)
+
+
+class TensorFlowDataParallelExecutable(TensorFlowExecutable):
+    """Data-parallel training (``config.data_parallel``, rules in :mod:`hal.training`) with
+    ``tf.distribute``: variables and optimizer slots are mirrored (created in the strategy's
+    scope); inside each step ``strategy.run`` gives every replica its rows of the host batch,
+    on which it runs the single-device forward/backward (its ``grad_accum`` micro-batches, its
+    BatchNorm statistics, or all replicas' with ``sync_batchnorm``); the replica context's
+    ``all_reduce`` averages loss and gradients and hands every replica replica 0's running
+    statistics; the single-device update then assigns the same values to every mirror.
+    ``predict`` and ``weights()`` use the primary (replica 0's) copies."""
+
+    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig,
+                 xla: bool | None = None) -> None:
+        if config.data_parallel.sync_batchnorm and config.grad_accum > 1:
+            raise UnsupportedError(
+                f"tensorflow:{device}: synchronised BatchNorm with grad_accum {config.grad_accum} is not supported: "
+                "MirroredStrategy cannot all-reduce (merge_call) inside the micro-batch loop (a tf.while_loop); "
+                "use grad_accum 1 or DataParallel(sync_batchnorm=False)"
+            )
+        prepare_data_parallel(config.data_parallel)
+        self.strategy = data_parallel_strategy(device, config.data_parallel)
+        super().__init__(spec, weights, device, config, xla)
+
+    def _placement(self) -> Any:
+        return self.strategy.scope()
+
+    def _grads(self, x: Any, y: Any) -> tuple[Any, list[Any], list[tuple[Any, Any]]]:
+        per_replica = self.strategy.run(self._replica_grads, args=(x, y))
+        return _tf().nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], per_replica)
+
+    def _replica_grads(self, x: Any, y: Any) -> tuple[Any, list[Any], list[tuple[Any, Any]]]:
+        """One replica's part of :meth:`_grads`: its rows, then the cross-replica reductions."""
+        tf = _tf()
+        dp, ctx = self.config.data_parallel, tf.distribute.get_replica_context()
+        replica, b = ctx.replica_id_in_sync_group, tf.shape(x)[0] // dp.replicas
+        start = (replica % dp.replicas) * b  # rows of this host's batch
+        mode = self.graph.mode
+        mode.moments = _synchronised_moments if dp.sync_batchnorm else None
+        try:
+            loss, grads, running = super()._grads(x[start:start + b], y[start:start + b])
+        finally:
+            mode.moments = None
+        loss, *grads = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [loss, *grads])
+        if not dp.sync_batchnorm:  # replica 0's running statistics everywhere (they are equal when synchronised)
+            first = tf.equal(replica, 0)
+            running = ctx.all_reduce(
+                tf.distribute.ReduceOp.SUM, [[tf.where(first, s, tf.zeros_like(s)) for s in r] for r in running]
+            )
+        return loss, grads, [tuple(r) for r in running]
+
+
+# ---------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------
 
@@ -1070,7 +1215,13 @@ class TensorFlowBackend(Backend):
     def capabilities(cls) -> Capabilities:
         ipu = _ipu_module().importable()
         precisions = PRECISIONS + (_ipu_module().IPU_ONLY_PRECISIONS if ipu else ())
-        return Capabilities(precisions=precisions, pipelining=ipu, replication=ipu)
+        return Capabilities(precisions=precisions, pipelining=ipu, replication=ipu, data_parallel=True,
+                            sync_batchnorm=True)
+
+    @classmethod
+    def prepare_data_parallel(cls, dp: DataParallel) -> None:
+        """Before TensorFlow's runtime starts: :func:`prepare_data_parallel`."""
+        prepare_data_parallel(dp)
 
     @classmethod
     def options(cls) -> dict[str, Option]:
@@ -1087,4 +1238,5 @@ class TensorFlowBackend(Backend):
             raise TargetError(f"an IPU plan needs an IPU target (tensorflow:ipu[:N]), got tensorflow:{device}")
         if config.precision not in PRECISIONS:
             raise TargetError(f"precision {config.precision!r} runs on tensorflow:ipu only, not tensorflow:{device}")
-        return TensorFlowExecutable(spec, weights, device, config, xla=options["xla"])
+        exe = TensorFlowDataParallelExecutable if config.data_parallel.enabled else TensorFlowExecutable
+        return exe(spec, weights, device, config, xla=options["xla"])
