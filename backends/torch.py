@@ -57,6 +57,8 @@ from hal.backend import (
 from hal.errors import UnsupportedError
 from hal.lowering import (
     COMPUTE_DTYPE,
+    LOSS_SCALE,
+    LOSS_SCALED,
     MASTER_DTYPE,
     avg_pool_divisor,
     fold_batchnorm,
@@ -493,13 +495,16 @@ def make_optimizer(params: Any, config: TrainConfig) -> "torch.optim.Optimizer":
 # -- torch-version differences (hal supports torch 2.0 on, the torch that PopTorch 3.3/3.4 pins) -------------------
 
 
-def _cuda_grad_scaler() -> Any:
-    """A new CUDA ``GradScaler``: ``torch.amp.GradScaler("cuda")`` from torch 2.3, ``torch.cuda.amp``'s before."""
+def _grad_scaler(device_type: str) -> Any:
+    """A new ``GradScaler`` for ``device_type`` with :data:`hal.lowering.LOSS_SCALE`'s constants:
+    ``torch.amp.GradScaler(device_type)`` from torch 2.3 (CPU and CUDA), ``torch.cuda.amp``'s (CUDA only) before."""
     import torch
 
+    rule = {"init_scale": LOSS_SCALE.init, "growth_factor": LOSS_SCALE.growth, "backoff_factor": LOSS_SCALE.backoff,
+            "growth_interval": LOSS_SCALE.interval}
     if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()
+        return torch.amp.GradScaler(device_type, **rule)
+    return torch.cuda.amp.GradScaler(**rule)
 
 
 def _foreach_copy_(dst: list["torch.Tensor"], src: list["torch.Tensor"]) -> None:
@@ -536,8 +541,11 @@ class TorchExecutable(Executable):
 
         super().__init__(spec, Target("torch", device), config)
         self.device = torch.device(device)
-        if config.precision == "fp16" and self.device.type != "cuda":
-            raise UnsupportedError(f"torch:{device}: fp16 mixed precision needs CUDA; use bf16 on the CPU")
+        if config.precision in LOSS_SCALED and self.device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+            raise UnsupportedError(
+                f"torch:{device}: {config.precision} mixed precision off CUDA needs torch >= 2.3 "
+                f"(torch.amp.GradScaler on the CPU), this is torch {torch.__version__}; use bf16"
+            )
         master, compute = MASTER_DTYPE[config.precision], COMPUTE_DTYPE[config.precision]
         self.dtype, self.np_dtype = getattr(torch, master), np.dtype(master)
         self.autocast = getattr(torch, compute) if compute != master else None
@@ -551,7 +559,7 @@ class TorchExecutable(Executable):
         self._saved_stats = [t.clone() for t in self.stats]  # their snapshot before a checked step
         self._found_inf, self._one = torch.zeros(1, device=self.device), torch.ones(1, device=self.device)
         self.optimizer = make_optimizer(self.params.values(), config) if self.params else None
-        self.scaler = _cuda_grad_scaler() if config.precision == "fp16" else None
+        self.scaler = _grad_scaler(self.device.type) if config.precision in LOSS_SCALED else None
         self.loss = F.cross_entropy if config.loss == "cross_entropy" else F.mse_loss
         self._infer: Any = None  # fused inference copy, rebuilt when weights change
         self.train_module: nn.Module = self.module  # what the training forward calls (a DDP wrapper in a replica)
