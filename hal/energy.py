@@ -44,6 +44,10 @@ BOARD_POWER_W: dict[str, tuple[float, str]] = {
     "h100-sxm": (700.0, "NVIDIA H100 datasheet, SXM5 max TDP"),
     # Graphcore C2 PCIe card: two GC2 IPUs, 300 W per card (Graphcore C2 product brief).
     "gc2": (150.0, "Graphcore C2 card, 300 W for two GC2 IPUs"),
+    # eeNews Europe, "Graphcore details power for Bow AI unit" (2022): a Bow-2000 (four Bow IPUs) averages
+    # 1.25 kW, an IPU-M2000 (four GC200) 1.5 kW. Per IPU a quarter of the 1U machine (gateway and fans included).
+    "bow": (1250.0 / 4, "Bow-2000 machine, 1.25 kW average for four IPUs (eeNews Europe, 2022)"),
+    "gc200": (1500.0 / 4, "IPU-M2000 machine, 1.5 kW for four GC200 IPUs (eeNews Europe, 2022)"),
 }
 # A CPU's model name rarely says which part it is (a VM reports "AMD EPYC"): per core,
 # a reference server part of the vendor, spelled out in the estimate's note.

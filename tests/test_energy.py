@@ -115,8 +115,9 @@ def test_estimates() -> None:
     assert (e.kind, e.joules_per_sample, e.samples_per_joule) == ("estimate", 8.0, 0.125)
     assert energy.board_power("a100-80gb") == (400.0, "NVIDIA A100 datasheet, SXM4 max TDP")
     assert energy.board_power("bow", {"bow": 250.0})[0] == 250.0
-    with pytest.raises(ConfigError, match="--watts bow=W"):
-        energy.board_power("bow")
+    assert energy.board_power("bow")[0] == 1250.0 / 4  # a quarter of a Bow-2000's published 1.25 kW
+    with pytest.raises(ConfigError, match="--watts tpu-v4=W"):
+        energy.board_power("tpu-v4")
     watts, why = energy.cpu_power("AMD EPYC 7B13", cores=2)
     assert watts == pytest.approx(2 * 280 / 64) and "2 core(s)" in why
     with pytest.raises(ConfigError):
