@@ -9,7 +9,8 @@ padding :func:`hal.lowering.conv_transpose_padding`, flipped kernel);
 ``Dense -> nn.Dense`` on the last axis, so also at every position;
 ``LayerNorm/InstanceNorm -> nn.LayerNorm`` over channels or positions and
 ``GroupNorm -> nn.GroupNorm``, both two-pass (``use_fast_variance=False``);
-``MaxPool/AvgPool -> nn.max_pool/nn.avg_pool`` with :func:`hal.lowering.pool_padding`,
+``MaxPool/AvgPool -> nn.max_pool/nn.avg_pool`` with :func:`hal.lowering.pool_padding`
+(the max pool's gradient written as a sum over kernel taps, torch's first-maximum rule),
 the divisor :func:`hal.lowering.avg_pool_divisor` where it is not ``prod(kernel)``;
 ``Pad -> jnp.pad`` (numpy's ``reflect`` and ``edge`` are torch's reflect and
 replicate); ``StochasticDepth -> nn.Dropout`` broadcast over each sample or the
@@ -66,13 +67,20 @@ Non-finite steps (``config.check_finite``, the default): the step computes
 ``ok = isfinite(loss) & all(isfinite(grads))`` inside the program and selects the
 new or the old parameters, BatchNorm statistics and optimizer state with
 ``jnp.where`` (elementwise, fused by XLA into the update); ``run_steps`` carries
-the flag through its ``lax.scan``, so no step after a failed one is applied. The
-number of applied steps comes back with the losses: no extra host sync.
+the flag through its ``lax.scan`` (on the CPU, a loop of steps stops at the first
+one not applied), so no step after a failed one is applied. The number of applied
+steps comes back with the losses: no extra host sync.
 
 Speed: the training step (forward, backward, optimizer update, BatchNorm
 statistics, gradient accumulation as a ``lax.scan`` over micro-batches) is one
 jitted XLA program with parameters, statistics and optimizer state donated;
-``run_steps`` is a ``lax.scan`` of that step over stacked batches; inference runs
+``run_steps`` is a ``lax.scan`` of that step over stacked batches, except on the
+CPU, where it calls the jitted step once per batch: XLA:CPU rewrites convolutions
+that Eigen cannot run as they are (every weight gradient) into its canonical
+NHWC/HWIO form only in the entry computation (``ConvCanonicalization``,
+xla/service/cpu/conv_canonicalization.cc), so inside a scan's while loop they
+fall back to a naive loop nest, 9-14x slower per step on the conductivity CNN
+(bench/results/jax_speed); inference runs
 a copy with every BatchNorm that only reads a convolution folded into it,
 rebuilt (by a small jitted function) only when the weights change. ``jax.jit``
 caches one executable per batch shape, and executables of the same spec and
@@ -280,6 +288,40 @@ def _flax() -> dict[str, Any]:
             return nn.avg_pool(x, op.kernel, op.stride, padding)
         return nn.pool(x, 0.0, lax.add, op.kernel, op.stride, padding) / along(divisor, 1, x.ndim, x.dtype)
 
+    def max_pool(x: Any, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[tuple[int, int], ...]) -> Any:
+        """``nn.max_pool`` (padding is -inf) whose gradient goes to the first maximum of each
+        window in row-major order, torch's rule, written as a sum over kernel taps of strided
+        pads. JAX differentiates ``nn.max_pool`` into a ``select_and_scatter``, which XLA:CPU
+        expands into a variadic reduce-window over index iotas and a scatter: on the
+        conductivity CNN's training step that was 40% of the CPU time (bench/results/jax_speed)."""
+
+        @jax.custom_vjp
+        def pool(x: Any) -> Any:
+            return nn.max_pool(x, kernel, stride, padding)
+
+        def forward(x: Any) -> Any:
+            y = pool(x)
+            return y, (x, y)
+
+        def backward(res: Any, g: Any) -> Any:
+            x, y = res
+            pads = [(0, 0), *padding, (0, 0)]
+            xp = jnp.pad(x, pads, constant_values=-jnp.inf)
+            real = np.pad(np.ones(x.shape[1:-1], bool), padding)[None, ..., None]  # a window's padding never wins
+            found, dxp = jnp.zeros(y.shape, bool), jnp.zeros(xp.shape, g.dtype)
+            for tap in itertools.product(*map(range, kernel)):
+                limit = [t + (o - 1) * s + 1 for t, o, s in zip(tap, y.shape[1:-1], stride)]
+                at = (slice(None), *(slice(t, end, s) for t, end, s in zip(tap, limit, stride)), slice(None))
+                first = (xp[at] == y) & real[at] & ~found
+                found = found | first
+                spread = [(0, 0, 0), *((t, n - end, s - 1) for t, end, n, s in zip(tap, limit, xp.shape[1:-1], stride)),
+                          (0, 0, 0)]
+                dxp = dxp + lax.pad(jnp.where(first, g, jnp.zeros((), g.dtype)), jnp.zeros((), g.dtype), spread)
+            return (dxp[tuple(slice(a, a + n) for (a, _), n in zip(pads, x.shape))],)
+
+        pool.defvjp(forward, backward)
+        return pool(x)
+
     def adaptive_pool(x: Any, op: S.AdaptiveAvgPool | S.AdaptiveMaxPool) -> Any:
         """Flax's pool where every output size divides its input size (uniform windows);
         otherwise one axis at a time (a box window's mean or max is the mean or max along
@@ -288,7 +330,7 @@ def _flax() -> dict[str, Any]:
         is_max, spatial = isinstance(op, S.AdaptiveMaxPool), x.shape[1:-1]
         if all(n % o == 0 for n, o in zip(spatial, op.output_size)):
             k = tuple(n // o for n, o in zip(spatial, op.output_size))
-            return (nn.max_pool if is_max else nn.avg_pool)(x, k, k)
+            return max_pool(x, k, k, ((0, 0),) * len(k)) if is_max else nn.avg_pool(x, k, k)
         for axis, (n, o) in enumerate(zip(spatial, op.output_size), start=1):
             windows = adaptive_windows(n, o)
             longest = max(b - a for a, b in windows)
@@ -383,7 +425,7 @@ def _flax() -> dict[str, Any]:
                 elif isinstance(op, S.PReLU):
                     y = PReLU(op.num_parameters, self.param_dtype, name=name)(xs[0])
                 elif isinstance(op, S.MaxPool):  # pads with -inf
-                    y = nn.max_pool(xs[0], op.kernel, op.stride, pool_padding(xs[0].shape[1:-1], op))
+                    y = max_pool(xs[0], op.kernel, op.stride, pool_padding(xs[0].shape[1:-1], op))
                 elif isinstance(op, S.AvgPool):
                     y = avg_pool(xs[0], op)
                 elif isinstance(op, (S.AdaptiveAvgPool, S.AdaptiveMaxPool)):
@@ -892,6 +934,8 @@ class JaxExecutable(Executable):
     def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
         import jax
 
+        if self.device.platform == "cpu":  # a loop of jitted steps: XLA:CPU runs the scan's convolutions slowly
+            return super()._run_steps(xs, ys)
         n = len(xs)
         with self._scope():
             table = self._put(scalar_table(self.config, self.step, n))
