@@ -481,3 +481,38 @@ def test_resnet18_full_parity_harness() -> None:
     spec = hal.models.get("resnet18", num_classes=10, input_size=32)
     report = hal.testing.assert_parity(spec, "jax:cpu", batch=4, steps=3)
     print(report.table())
+
+
+# ---------------------------------------------------------------------------
+# max pool gradient (taps, not select_and_scatter) against torch
+# ---------------------------------------------------------------------------
+
+
+@needs_torch
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode, size", [
+    (2, 2, 0, False, 8), (3, 2, 1, False, 9), (3, 2, 1, True, 10), (3, 1, 1, False, 7), (2, 2, 0, True, 7),
+])
+def test_max_pool_gradient_goes_to_the_first_maximum_like_torch(
+    kernel: int, stride: int, padding: int, ceil_mode: bool, size: int
+) -> None:
+    """Integer inputs tie in most windows: every tie must send the whole gradient to the first
+    maximum in row-major order (torch's rule), as ``F.max_pool2d``'s float64 backward does."""
+    import jax
+    import torch
+
+    from hal.backends.jax import flax_module
+
+    rng = np.random.default_rng(kernel * 100 + size)
+    x = rng.integers(-2, 3, (2, 3, size, size)).astype(np.float64)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
+    g = rng.standard_normal(tuple(yt.shape))
+    yt.backward(torch.tensor(g))
+    b = hal.SpecBuilder("max_pool")
+    spec = b.build(b.max_pool(b.input((3, size, size)), kernel, stride, padding=padding, ceil_mode=ceil_mode))
+    net = flax_module(spec, "fp64")
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda v: net.apply({}, v), x)
+        (gx,) = vjp(g)
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
+    np.testing.assert_allclose(np.asarray(gx), xt.grad.numpy(), rtol=0, atol=EXACT)
