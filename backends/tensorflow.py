@@ -106,7 +106,9 @@ from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights
 from hal.errors import BackendUnavailable, ConfigError, HalError, TargetError, UnsupportedError
 from hal.lowering import (
-    COMPUTE_DTYPE,
+    FP32_OPS,
+    MASTER_DTYPE,
+    MIXED_PRECISIONS,
     adaptive_windows,
     avg_pool_divisor,
     conv_transpose_padding,
@@ -128,7 +130,8 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install 'hal-cnn[tensorflow]'"
 DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-macos", "intel-tensorflow")
-PRECISIONS = ("fp32", "fp64")
+PRECISIONS = ("fp32", "fp64", "bf16")
+MIXED_POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}  # Keras's: float32 variables, low-precision compute
 CHANNELS_LAST = "hal_to_channels_last"
 CHANNELS_FIRST = "hal_to_channels_first"
 
@@ -496,7 +499,7 @@ def _layer_classes() -> dict[Any, type]:
             self.scale = None  # VALID over tf.pad divides by prod(kernel): rescale to the spec's divisor
             if self.pad is not None:
                 scale = math.prod(op.kernel) / avg_pool_divisor(spatial, op)
-                self.scale = None if np.all(scale == 1.0) else scale[..., None].astype(self.dtype)  # (*out, 1)
+                self.scale = None if np.all(scale == 1.0) else scale[..., None].astype(self.compute_dtype)  # (*out, 1)
 
         def call(self, x: Any) -> Any:
             if self.pad is not None:
@@ -524,7 +527,7 @@ def _layer_classes() -> dict[Any, type]:
             if self.is_max:
                 longest = max(b - a for a, b in windows)
                 return np.array([[min(a + j, b - 1) for j in range(longest)] for a, b in windows])
-            table = np.zeros((out, n), self.dtype)
+            table = np.zeros((out, n), self.compute_dtype)
             for i, (a, b) in enumerate(windows):
                 table[i, a:b] = 1.0 / (b - a)
             return table
@@ -583,7 +586,7 @@ def _layer_classes() -> dict[Any, type]:
                         self.axes.append((axis, index))
                 elif op.size[dim] != n:
                     i0, i1, w0, w1 = linear_indices(op, dim, n)
-                    self.axes.append((axis, i0, i1, *(w.reshape(shape).astype(self.dtype) for w in (w0, w1))))
+                    self.axes.append((axis, i0, i1, *(w.reshape(shape).astype(self.compute_dtype) for w in (w0, w1))))
 
         def call(self, x: Any) -> Any:
             for axis, *rule in self.axes:
@@ -704,10 +707,15 @@ class KerasGraph:
     )  # canonical name -> (tf.Variable, canonical->tf, tf->canonical)
 
 
-def build_keras_model(spec: S.ModelSpec, dtype: str = "float32", batch_size: int | None = None) -> KerasGraph:
+def build_keras_model(
+    spec: S.ModelSpec, dtype: str = "float32", batch_size: int | None = None, mixed: str | None = None
+) -> KerasGraph:
     """The spec as a Keras functional model: channels-first input of per-sample
     shape ``spec.input_shape`` (``batch_size`` fixes the batch dim, as the IPU
-    needs), one layer per node (named after it), NHWC in between."""
+    needs), one layer per node (named after it), NHWC in between. ``mixed`` (a
+    Keras mixed policy name) gives every layer but the normalisations
+    (:data:`hal.lowering.FP32_OPS`, which keep ``dtype``) that policy: Keras casts
+    their inputs and variables to its compute dtype (:mod:`hal.lowering`'s precision rules)."""
     keras = _keras()
     classes = _layer_classes()
     mode = _Mode()
@@ -715,11 +723,12 @@ def build_keras_model(spec: S.ModelSpec, dtype: str = "float32", batch_size: int
     names = {n.name: _layer_name(n.name, taken) for n in spec.nodes}
     rank = len(spec.input_shape) + 1
     inp = keras.Input(shape=spec.input_shape, batch_size=batch_size, dtype=dtype, name=names[spec.input.name])
-    to_last = classes["transpose"]([0, *range(2, rank), 1], _layer_name(CHANNELS_LAST, taken), dtype)
+    to_last = classes["transpose"]([0, *range(2, rank), 1], _layer_name(CHANNELS_LAST, taken), mixed or dtype)
     values = {spec.input.name: to_last(inp)}
     layers: dict[str, Any] = {}
     for node in spec.nodes[1:]:
-        layer = classes[type(node.op)](node.op, spec.in_shapes(node), names[node.name], dtype, mode)
+        layer_dtype = dtype if mixed is None or isinstance(node.op, FP32_OPS) else mixed
+        layer = classes[type(node.op)](node.op, spec.in_shapes(node), names[node.name], layer_dtype, mode)
         args = [values[i] for i in node.inputs]
         values[node.name] = layer(args if len(args) > 1 else args[0])
         layers[node.name] = layer
@@ -862,10 +871,10 @@ class TensorFlowExecutable(Executable):
         tf = _tf()
         self.device, self.xla = device, xla
         self.tf_device = "/CPU:0" if device == "cpu" else f"/{device.upper()}"
-        self.dtype = COMPUTE_DTYPE[config.precision]
+        self.dtype = MASTER_DTYPE[config.precision]  # variables, loss, gradients, optimizer state
         self.np_dtype = np.dtype(self.dtype)
         with self._placement():
-            self.graph = build_keras_model(spec, self.dtype)
+            self.graph = build_keras_model(spec, self.dtype, mixed=MIXED_POLICY.get(config.precision))
             self.train_names = spec.trainable()
             self.train_vars = [self.graph.variables[k][0] for k in self.train_names]
             self.slots = [
@@ -907,8 +916,9 @@ class TensorFlowExecutable(Executable):
     # -- traced bodies (Python; run inside tf.function) ------------------------------
 
     def _forward(self, x: Any, training: bool) -> Any:
+        tf = _tf()
         with self.graph.mode.reporting(None):
-            return self.graph.model(x, training=training)
+            return tf.cast(self.graph.model(x, training=training), self.dtype)
 
     def _grads(self, x: Any, y: Any) -> tuple[Any, list[Any], list[tuple[Any, Any]]]:
         """Mean loss, mean gradients and the BatchNorm running statistics after G
@@ -923,7 +933,8 @@ class TensorFlowExecutable(Executable):
             stats: dict[int, tuple[Any, Any]] = {}
             with self.graph.mode.reporting(lambda layer, mean, var: stats.__setitem__(id(layer), (mean, var))):
                 with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(self.per_sample_loss(ym, self.graph.model(xm, training=True)))
+                    out = tf.cast(self.graph.model(xm, training=True), self.dtype)  # the loss in fp32 (mixed precision)
+                    loss = tf.reduce_mean(self.per_sample_loss(ym, out))
                     scaled = loss / g if g > 1 else loss  # as torch: backward of loss / G per micro-batch
                 grads = tape.gradient(scaled, self.train_vars)
             running = [layer.updated(*stats[id(layer)], r) if id(layer) in stats else r
@@ -1011,6 +1022,14 @@ class TensorFlowExecutable(Executable):
         with self._placement():
             for k, (v, _, _) in self.graph.variables.items():
                 v.assign(new[k])
+
+
+def _precision_reason(precision: str, where: str) -> str:
+    """Why ``where`` (``tensorflow`` or a target) refuses ``precision``."""
+    if precision in MIXED_PRECISIONS:  # fp16
+        return (f"{where}: {precision} mixed precision needs dynamic loss scaling "
+                "(hal.lowering.LOSS_SCALE), which the tensorflow backend does not implement; use bf16")
+    return f"precision {precision!r} runs on tensorflow:ipu only, not {where}"
 
 
 # ---------------------------------------------------------------------------
@@ -1219,6 +1238,13 @@ class TensorFlowBackend(Backend):
                             sync_batchnorm=True)
 
     @classmethod
+    def unsupported(cls, spec: S.ModelSpec, config: TrainConfig | None = None) -> dict[str, str]:
+        out = super().unsupported(spec, config)
+        if "config" in out and config is not None:
+            out["config"] = _precision_reason(config.precision, "tensorflow")
+        return out
+
+    @classmethod
     def prepare_data_parallel(cls, dp: DataParallel) -> None:
         """Before TensorFlow's runtime starts: :func:`prepare_data_parallel`."""
         prepare_data_parallel(dp)
@@ -1237,6 +1263,6 @@ class TensorFlowBackend(Backend):
         if plan is not None:
             raise TargetError(f"an IPU plan needs an IPU target (tensorflow:ipu[:N]), got tensorflow:{device}")
         if config.precision not in PRECISIONS:
-            raise TargetError(f"precision {config.precision!r} runs on tensorflow:ipu only, not tensorflow:{device}")
+            raise TargetError(_precision_reason(config.precision, f"tensorflow:{device}"))
         exe = TensorFlowDataParallelExecutable if config.data_parallel.enabled else TensorFlowExecutable
         return exe(spec, weights, device, config, xla=options["xla"])
