@@ -409,7 +409,7 @@ def _watts(text: str) -> tuple[str, float]:
 def _migrate_settings(args: argparse.Namespace) -> Any:
     from hal.migrate import Settings
 
-    return Settings(batch=args.batch, repeats=args.repeats, warmup=args.warmup, ipu=args.ipu,
+    return Settings(batch=args.batch, batches=args.batches, repeats=args.repeats, warmup=args.warmup, ipu=args.ipu,
                     micro_batch=args.micro_batch, ipu_precision=args.ipu_precision, gpu=args.gpu,
                     watts=dict(args.watts or ()))
 
@@ -722,8 +722,19 @@ def _fractions(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """Distinct comma-separated batch sizes >= 1."""
+    sizes = tuple(map(_int(1), text.split(",")))
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"expected distinct batch sizes, got {text!r}")
+    return sizes
+
+
 def _migrate_args(p: argparse.ArgumentParser) -> None:
     """Options the migration report shares between ``migrate`` and ``compare --report``."""
+    p.add_argument("--batches", type=_batch_sizes, default=(1, 4, 16), metavar="B,B,...",
+                   help="inference batches to time or estimate; the best is set beside batch-1 latency "
+                        "(default 1,4,16)")
     p.add_argument("--ipu", default="bow", choices=("gc2", "gc200", "bow"), help="IPU generation to plan for")
     p.add_argument("--micro-batch", type=_int(1), default=4, help="IPU micro-batch of the plan (default 4)")
     p.add_argument("--ipu-precision", default="fp16", choices=sorted(IPU_PRECISIONS),
@@ -745,7 +756,7 @@ def _add_migrate(sub: Any) -> None:
     p.add_argument("--from", dest="source", type=_target, required=True, help="the stack the model runs on now")
     p.add_argument("--to", dest="dest", type=_target, required=True, help="the stack to move it to")
     p.add_argument("--out", default=str(DEFAULT_OUT / "migrate"), help="folder for the report")
-    p.add_argument("--batch", type=_int(1), default=8, help="bench batch (default 8)")
+    p.add_argument("--batch", type=_int(1), default=8, help="training bench batch (default 8)")
     p.add_argument("--repeats", type=_int(1), default=3)
     p.add_argument("--warmup", type=_int(0), default=1)
     _migrate_args(p)
