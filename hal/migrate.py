@@ -18,9 +18,16 @@ source files) is the same on any machine.
 
 Effort is counted, not asserted (:func:`code_effort`): the non-blank code lines
 and the distinct framework APIs (dotted names rooted at a framework import, e.g.
-``torch.nn.Conv2d``) of the native baseline a user of that stack writes
-(``hal.native``, bench/native/), of the SDK calls hal makes for an IPU target
+``torch.nn.Conv2d``) of the native baseline a user of that stack writes for this
+model (``hal.native``, bench/native/: only the functions that run when it is built,
+predicts and trains one step, found by :func:`trace_reached`, with their classes and
+the imports and constants they name), of the SDK calls hal makes for an IPU target
 (its backend module), and of the hal code that replaces them.
+
+Performance: inference is timed (or estimated) at each of ``Settings.batches`` and
+reported at the best one beside the latency at batch 1, the study's trade-off. IPU
+inference estimates are the planner's roofline upper bound: hal calibrates training
+only (:data:`NO_INFERENCE_CALIBRATION`).
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ import ast
 import importlib.util
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -100,6 +108,10 @@ IPU_SDK_CODE: dict[str, tuple[str, dict[str, str]]] = {
     "poptorch": ("hal.backends.poptorch", {"poptorch": "poptorch"}),
     "tensorflow": ("hal.backends.ipu_tensorflow", {"ipu": "tensorflow.python.ipu"}),
 }
+# Why an IPU inference figure is a bound: hal.ipu.expected_throughput calibrates training plans only.
+NO_INFERENCE_CALIBRATION = (
+    "no calibrated estimate: hal calibrates IPU training on Graphcore's published ResNet50 figures "
+    "(hal.ipu.CALIBRATION) and carries no published IPU inference figure to calibrate against")
 FRAMEWORK_MODULES = ("torch", "torchvision", "jax", "flax", "optax", "tensorflow", "keras", "poptorch", "onnxruntime")
 
 
@@ -115,11 +127,15 @@ def figure(value: float | None, unit: str, kind: str, source: str) -> dict[str, 
 # ---------------------------------------------------------------------------
 
 
-def code_effort(source: str, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+def code_effort(source: str, aliases: Mapping[str, str] | None = None,
+                reached: Collection[int] | None = None) -> dict[str, Any]:
     """Non-blank code lines (docstrings and comments excluded) and the distinct framework
     APIs of Python ``source``: the longest dotted names rooted at a name bound to a
     framework module (``import torch.nn as nn``; ``from torch import nn``) or at one of
-    ``aliases`` (name -> module, for modules bound at run time)."""
+    ``aliases`` (name -> module, for modules bound at run time).
+
+    With ``reached`` (the first lines of the functions that ran, :func:`trace_reached`),
+    only the code for that run is counted (:func:`_reached_parts`); else the whole module."""
     tree = ast.parse(source)
     bound = dict(aliases or {})
     for node in ast.walk(tree):
@@ -130,9 +146,11 @@ def code_effort(source: str, aliases: Mapping[str, str] | None = None) -> dict[s
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in FRAMEWORK_MODULES:
             for a in node.names:
                 bound[a.asname or a.name] = f"{node.module}.{a.name}"
+    nodes, kept = (_reached_parts(tree, reached) if reached is not None
+                   else ([tree], set(range(1, len(source.splitlines()) + 1))))
     inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     apis = set()
-    for node in ast.walk(tree):
+    for node in (n for part in nodes for n in ast.walk(part)):
         if isinstance(node, (ast.Attribute, ast.Name)) and id(node) not in inner:
             parts = []
             while isinstance(node, ast.Attribute):
@@ -147,8 +165,77 @@ def code_effort(source: str, aliases: Mapping[str, str] | None = None) -> dict[s
                 getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
             docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
     lines = [i for i, text in enumerate(source.splitlines(), 1)
-             if text.strip() and not text.strip().startswith("#") and i not in docstrings]
+             if i in kept and text.strip() and not text.strip().startswith("#") and i not in docstrings]
     return {"lines": len(lines), "apis": sorted(apis)}
+
+
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_BINDINGS = (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign)
+
+
+def _first_line(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> int:
+    """A definition's first line, as its code object's ``co_firstlineno`` (the first decorator's)."""
+    return min([d.lineno for d in node.decorator_list] + [node.lineno])
+
+
+def _span(node: ast.AST) -> set[int]:
+    return set(range(_first_line(node) if isinstance(node, (*_DEFS, ast.ClassDef)) else node.lineno,
+                     node.end_lineno + 1))
+
+
+def _reached_parts(tree: ast.Module, reached: Collection[int]) -> tuple[list[ast.AST], set[int]]:
+    """The parts of a module one run needs, as ``(nodes, their lines)``: the top-level functions
+    and methods whose first line is in ``reached`` (nested functions count with the function
+    that defines them), the header and non-function statements of the classes of those methods,
+    and the module-level imports and assignments that these parts name, transitively."""
+    nodes: list[ast.AST] = []
+    lines: set[int] = set()
+    for node in tree.body:
+        if isinstance(node, _DEFS) and _first_line(node) in reached:
+            nodes.append(node)
+            lines |= _span(node)
+        elif isinstance(node, ast.ClassDef):
+            methods = [n for n in node.body if isinstance(n, _DEFS) and _first_line(n) in reached]
+            if methods:
+                body = [n for n in node.body if not isinstance(n, _DEFS)]
+                nodes += [*node.decorator_list, *node.bases, *node.keywords, *body, *methods]
+                lines |= set(range(_first_line(node), node.body[0].lineno))  # decorators and the class line
+                lines |= set().union(*map(_span, body + methods))
+    bindings = [n for n in tree.body if isinstance(n, _BINDINGS)]
+    while True:
+        used = {n.id for part in nodes for n in ast.walk(part) if isinstance(n, ast.Name)}
+        new = [b for b in bindings if b not in nodes and _bound_names(b) & used]
+        if not new:
+            return nodes, lines
+        nodes += new
+        lines |= set().union(*map(_span, new))
+
+
+def _bound_names(node: ast.AST) -> set[str]:
+    """The names a module-level import or assignment binds."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {a.asname or a.name.split(".")[0] for a in node.names}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def trace_reached(path: str | os.PathLike, run: Callable[[], Any]) -> set[int]:
+    """The first lines of the functions defined in file ``path`` whose code runs during ``run()``
+    (Python's trace hook on function calls, this thread only)."""
+    path = os.fspath(path)
+    first: set[int] = set()
+
+    def on_call(frame: Any, event: str, arg: Any) -> None:
+        if frame.f_code.co_filename == path:
+            first.add(frame.f_code.co_firstlineno)
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        run()
+    finally:
+        sys.settrace(previous)
+    return first
 
 
 def _module_source(module: str) -> str | None:
@@ -156,21 +243,35 @@ def _module_source(module: str) -> str | None:
     return Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else None
 
 
-def _baseline_note(framework: str, spec: ModelSpec) -> str:
-    """The bench note of ``spec``'s native twin on ``framework`` (run in a worker: it imports the framework)."""
+def _native_run(framework: str, spec: ModelSpec) -> tuple[str, list[int]]:
+    """Run in a worker (it imports the framework): the bench note of ``spec``'s native baseline
+    on ``framework`` and the first lines of the functions of its module that run to build it,
+    predict a batch and take one training step (none without a baseline)."""
     from hal.bench import load_native
+    from hal.native import MODULES
+    from hal.parity import make_batch
 
-    return load_native(framework, spec, "cpu")[1]
+    box: dict[str, str] = {}
+
+    def build_and_run() -> None:
+        native, box["note"] = load_native(framework, spec, "cpu")
+        if native is not None:
+            x, y = make_batch(spec, 2, "cross_entropy", seed=0)
+            native.predict(x)
+            native.train_step(x, y)
+
+    reached = trace_reached(importlib.import_module(MODULES[framework]).__file__, build_and_run)
+    return box["note"], [] if box["note"].startswith(NO_BASELINE) else sorted(reached)
 
 
-def _native_note(framework: str, spec: ModelSpec) -> str:
-    """What the native baseline of ``spec`` on ``framework`` is, or why there is none."""
+def _native_baseline(framework: str, spec: ModelSpec) -> tuple[str, list[int]]:
+    """:func:`_native_run` in a worker process; a failure is the note (no baseline)."""
     from hal.worker import run_isolated
 
     try:
-        return run_isolated(_baseline_note, framework, spec, label=f"native {framework} baseline")
+        return run_isolated(_native_run, framework, spec, label=f"native {framework} baseline")
     except HalError as exc:
-        return f"{NO_BASELINE}: {exc}"
+        return f"{NO_BASELINE}: {exc}", []
 
 
 def hal_snippet(model: str, target: str, training: bool = True) -> str:
@@ -189,14 +290,17 @@ def effort(spec: ModelSpec, target: Target, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     framework = "torch" if target.backend == "poptorch" else target.backend
     module = MODULES.get(framework)
-    note = _native_note(framework, spec) if module else f"no native module for {framework} in hal.native"
-    source = _module_source(module) if module and not note.startswith(NO_BASELINE) else None
+    note, reached = (_native_baseline(framework, spec) if module
+                     else (f"no native module for {framework} in hal.native", []))
+    source = _module_source(module) if reached else None
     if source is not None:
-        counted = code_effort(source)
+        counted = code_effort(source, reached=reached)
+        where = f"the code of {module} that builds, runs and trains {spec.name}"
         out["native"] = {
-            "what": f"{module} (bench/native/: its hand-written models and eval/train loop), {note}",
-            "lines": figure(counted["lines"], "lines", MEASURED, f"counted in {module}"),
-            "framework_apis": figure(len(counted["apis"]), "APIs", MEASURED, f"distinct framework APIs in {module}"),
+            "what": f"{where} (bench/native/: the functions reached from its build, their classes, the imports "
+                    f"and constants they use), {note}",
+            "lines": figure(counted["lines"], "lines", MEASURED, f"counted in {where}"),
+            "framework_apis": figure(len(counted["apis"]), "APIs", MEASURED, f"distinct framework APIs in {where}"),
             "apis": counted["apis"],
         }
     else:
@@ -281,9 +385,12 @@ def coverage(spec: ModelSpec, target: Target) -> dict[str, Any]:
 
 @dataclass
 class Settings:
-    """What the report measures and plans; defaults sized for a 2-core CPU."""
+    """What the report measures and plans; defaults sized for a 2-core CPU. ``batch``: the
+    training batch; ``batches``: the inference batches timed (or estimated), the best one (highest
+    samples/s) set beside the latency at batch 1; ``micro_batch``: the IPU training plan's."""
 
     batch: int = 8
+    batches: tuple[int, ...] = (1, 4, 16)
     repeats: int = 3
     warmup: int = 1
     parity_batch: int = 2
@@ -313,7 +420,7 @@ class MigrationReport:
             bits = [f"{name}: {'available' if t['available'] else 'not here'}",
                     f"unsupported nodes {len(t['coverage']['unsupported'])}"]
             if sps and sps["value"] is not None:
-                bits.append(f"inference {sps['value']:,.1f} samples/s ({_label(sps)})")
+                bits.append(f"inference {sps['value']:,.1f} samples/s at batch {perf['batch']} ({_label(sps)})")
             if lat and lat["value"] is not None:
                 bits.append(f"batch-1 latency {lat['value']:.3g} ms ({_label(lat)})")
             if energy and energy["value"] is not None:
@@ -369,13 +476,20 @@ def run_migrate(
     against each other, bench in worker processes, energy where a counter can be read);
     the others get the planner's estimates. A target that fails is reported, not raised.
     """
-    from hal.parity import check_common, check_names
+    from hal.parity import check_common, check_int, check_names
 
     check_common("migrate", spec, None)
     targets = check_names("migrate", "targets", targets)
     if len(set(targets)) != len(targets):
         raise ConfigError(f"migrate: a target is given twice in {targets}")
     settings = settings or Settings()
+    check_int("migrate", "batch", settings.batch, 1)
+    if isinstance(settings.batches, str) or not isinstance(settings.batches, Sequence) or not settings.batches:
+        raise ConfigError(f"migrate: batches must be a non-empty list of batch sizes, got {settings.batches!r}")
+    for b in settings.batches:
+        check_int("migrate", "batches", b, 1)
+    if len(set(settings.batches)) != len(settings.batches):
+        raise ConfigError(f"migrate: a batch size is given twice in batches {list(settings.batches)}")
     say = progress or (lambda _msg: None)
     parsed = [Target.parse(t) for t in targets]
     data: dict[str, Any] = {
@@ -484,7 +598,7 @@ def _expected(p: Any) -> tuple[float | None, str]:
     """The planner's calibrated expected throughput of a plan (training plans have one)."""
     est = p.expected
     if est is None:
-        return None, "the planner calibrates training plans only"
+        return None, NO_INFERENCE_CALIBRATION
     return float(est.samples_per_second), f"calibrated estimate: {est.basis}; {est.calibration}"
 
 
@@ -538,98 +652,160 @@ def numerics(spec: ModelSpec, targets: Sequence[str], settings: Settings,
 
 def measure(spec: ModelSpec, targets: Sequence[str], settings: Settings,
             say: Callable[[str], None]) -> dict[str, Any]:
-    """Per available target, ``(performance, energy)`` measured with :func:`hal.bench.run_bench`
-    (energy estimated from rated power where no counter can be read); ``"env"``: the bench's."""
+    """Per available target, ``(performance, energy)`` measured with :func:`hal.bench.run_bench`:
+    training at ``settings.batch``; inference at each of ``settings.batches``, the best batch
+    (highest samples/s) giving the target's inference figures and the latency at batch 1 beside
+    them. Energy is estimated from rated power where no counter can be read. ``"env"``: the
+    bench's environment, with the load average before the first run and after the last."""
     from hal.bench import run_bench
-    from hal.energy import board_power, cpu_power, estimate
 
     if not targets:
         return {}
-    report = run_bench(spec, list(targets), batch=settings.batch, repeats=settings.repeats, warmup=settings.warmup,
-                       modes=settings.modes, native=False, progress=say)
-    out: dict[str, Any] = {"env": report.env}
-    for row in report.rows:
-        perf, energy = out.setdefault(row.target, ({}, {}))
-        m = row.hal
-        if m is None:
-            perf[row.mode] = {"error": row.note}
-            continue
-        src = f"hal.bench, batch {m.batch}, median of {settings.repeats}"
-        perf[row.mode] = {"batch": m.batch,
-                          "samples_per_s": figure(m.samples_per_s, "samples/s", MEASURED, src),
-                          "first_call_s": figure(m.first_call_s, "s", MEASURED, "compile and first call")}
-        if m.latency_b1_ms is not None:
-            perf[row.mode]["latency_b1_ms"] = figure(m.latency_b1_ms, "ms", MEASURED, "hal.bench, batch 1, median")
-        if m.joules_per_sample is not None:
-            jps, kind, source = m.joules_per_sample, MEASURED, m.energy_note
-        else:
-            try:
-                target = Target.parse(row.target)
-                watts, why = (board_power(settings.gpu, settings.watts) if device_kind(target) == "gpu"
-                              else cpu_power(report.env["machine"]))
-            except HalError as exc:
-                energy[row.mode] = {"error": f"{m.energy_note}; no estimate: {exc}"}
+    runs = ([("inference", b) for b in settings.batches] if "inference" in settings.modes else []) + (
+        [("training", settings.batch)] if "training" in settings.modes else [])
+    rows: dict[str, dict[str, list[tuple[Any, dict[str, Any]]]]] = {}
+    env: dict[str, Any] = {}
+    for mode, batch in runs:
+        say(f"bench: {mode}, batch {batch}")
+        report = run_bench(spec, list(targets), batch=batch, repeats=settings.repeats, warmup=settings.warmup,
+                           modes=(mode,), native=False, progress=say)
+        env = {**report.env, "load_avg_start": env.get("load_avg_start", report.env.get("load_avg_start"))}
+        for row in report.rows:
+            rows.setdefault(row.target, {}).setdefault(mode, []).append((row, report.env))
+    out: dict[str, Any] = {"env": env}
+    for target, by_mode in rows.items():
+        perf, energy = out[target] = ({}, {})
+        for mode, runs_of_mode in by_mode.items():
+            measured = [_measured(row, settings, row_env) for row, row_env in runs_of_mode]
+            ok = [m for m in measured if "error" not in m[0]]
+            if not ok:
+                perf[mode] = {"error": "; ".join(p["error"] for p, _ in measured)}
                 continue
-            e = estimate(watts, m.median_s, m.batch, why)
-            jps, kind, source = e.joules_per_sample, ESTIMATE, f"{e.source}; not measured: {m.energy_note}"
-        energy[row.mode] = {"joules_per_sample": figure(jps, "J/sample", kind, source),
-                            "samples_per_joule": figure(1 / jps if jps else None, "samples/J", kind, source)}
+            perf[mode], energy[mode] = max(ok, key=lambda m: m[0]["samples_per_s"]["value"])
+            if mode == "inference":
+                perf[mode]["sweep"] = [{"batch": b, "error": p["error"]} if "error" in p
+                                       else {"batch": b, "samples_per_s": p["samples_per_s"]}
+                                       for b, (p, _) in zip(settings.batches, measured)]
+                latency = next(row.hal.latency_b1_ms for row, _ in runs_of_mode if row.hal)  # timed in every run
+                if latency is not None:
+                    perf[mode]["latency_b1_ms"] = figure(latency, "ms", MEASURED, "hal.bench, batch 1, median")
     return out
+
+
+def _measured(row: Any, settings: Settings, env: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One bench row as ``(performance, energy)`` figures (``{"error": ...}`` where it failed)."""
+    from hal.energy import board_power, cpu_power, estimate
+
+    m = row.hal
+    if m is None:
+        return {"error": row.note}, {}
+    src = f"hal.bench, batch {m.batch}, median of {settings.repeats}"
+    perf = {"batch": m.batch, "samples_per_s": figure(m.samples_per_s, "samples/s", MEASURED, src),
+            "first_call_s": figure(m.first_call_s, "s", MEASURED, "compile and first call")}
+    if m.joules_per_sample is not None:
+        jps, kind, source = m.joules_per_sample, MEASURED, m.energy_note
+    else:
+        try:
+            watts, why = (board_power(settings.gpu, settings.watts) if device_kind(Target.parse(row.target)) == "gpu"
+                          else cpu_power(env["machine"]))
+        except HalError as exc:
+            return perf, {"error": f"{m.energy_note}; no estimate: {exc}"}
+        e = estimate(watts, m.median_s, m.batch, why)
+        jps, kind, source = e.joules_per_sample, ESTIMATE, f"{e.source}; not measured: {m.energy_note}"
+    return perf, {"joules_per_sample": figure(jps, "J/sample", kind, source),
+                  "samples_per_joule": figure(1 / jps if jps else None, "samples/J", kind, source)}
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One estimated configuration: its batch (the micro-batch on IPUs), expected samples/s and
+    why, its roofline bound, the chips it uses and whether it fits their memory."""
+
+    batch: int
+    samples_per_s: float
+    basis: str
+    bound: float
+    bound_name: str
+    chips: int
+    fits: bool = True
+
+
+def _rank(p: _Point) -> tuple[float, int]:
+    """Highest samples/s first; on a tie the smaller batch (the same throughput, lower latency)."""
+    return p.samples_per_s, -p.batch
+
+
+def _ipu_point(p: Any) -> _Point:
+    """An IPU plan as a point: the calibrated estimate where the planner has one (training),
+    else the roofline bound, labelled an upper bound."""
+    sps, basis = _expected(p)
+    bound = p.roofline[0].samples_per_second
+    if sps is None:
+        sps, basis = bound, f"roofline upper bound ({p.roofline[0].name}): {basis}"
+    return _Point(p.batch.micro_batch, sps, basis, bound, p.roofline[0].name,
+                  p.ipus_per_replica * p.batch.replicas, p.fits)
 
 
 def estimate_target(spec: ModelSpec, target: Target, kind: str,
                     settings: Settings) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-    """Performance and energy estimates of a target that is not available here, and its IPU plan."""
+    """Performance and energy estimates of a target that is not available here, and its IPU
+    plan: training at the report's batch (the micro-batch on IPUs), inference at each of
+    ``settings.batches`` (best: the highest estimate that fits, the smaller batch on a tie),
+    latency at batch 1."""
     from hal.energy import board_power
     from hal.hardware import get_device
 
-    perf: dict[str, Any] = {}
-    energy: dict[str, Any] = {}
+    batches = {"training": (settings.micro_batch if kind == "ipu" else settings.batch,),
+               "inference": settings.batches}
+    points: dict[str, list[_Point]] = {}
     plan_dict = None
     if kind == "ipu":
         framework = _ipu_framework([target])
         try:
-            plans = {mode: _ipu_plan(spec, settings, settings.ipu, mode == "training", framework)
-                     for mode in settings.modes}
+            plans = {mode: [_ipu_plan(spec, settings, settings.ipu, mode == "training", framework, micro_batch=b)
+                            for b in batches[mode]] for mode in settings.modes}
             one = _ipu_plan(spec, settings, settings.ipu, False, framework, micro_batch=1)
         except HalError as exc:
             return {"error": str(exc)}, {"error": str(exc)}, None
-        plan_dict = plans.get("training", next(iter(plans.values()))).to_dict()
-        chips = {mode: p.ipus_per_replica * p.batch.replicas for mode, p in plans.items()}
-        device_key = settings.ipu
-        bound = {mode: (p.roofline[0].samples_per_second, p.roofline[0].name) for mode, p in plans.items()}
-        calibrated = {mode: _expected(p) for mode, p in plans.items()}
-        latency = one.roofline[0].seconds * 1e3
-        where = f"{plans[settings.modes[0]].ipus_per_replica} x {get_device(settings.ipu).name}"
+        plan_dict = (plans.get("training") or plans[settings.modes[0]])[0].to_dict()
+        points = {mode: [_ipu_point(p) for p in ps] for mode, ps in plans.items()}
+        device_key, latency = settings.ipu, one.roofline[0].seconds * 1e3
+        where = f"{one.ipus_per_replica} x {get_device(settings.ipu).name}"
     else:
         dev = get_device(settings.gpu) if kind == "gpu" else get_device("cpu")
-        device_key, chips = dev.key, {mode: 1 for mode in settings.modes}
-        bound, calibrated = {}, {}
         for mode in settings.modes:
-            r = _device_roofline(spec, dev, mode == "training", settings.batch)
-            bound[mode] = (r.samples_per_second, f"{dev.name}, batch {settings.batch}, fp32 peak")
-            calibrated[mode] = (None, "no calibrated estimate for this device")
-        latency = _device_roofline(spec, dev, False, 1).seconds * 1e3
+            for b in batches[mode]:
+                r = _device_roofline(spec, dev, mode == "training", b)
+                name = f"{dev.name}, batch {b}, fp32 peak"
+                points.setdefault(mode, []).append(
+                    _Point(b, r.samples_per_second, f"roofline upper bound ({name}): no calibrated estimate for "
+                           "this device", r.samples_per_second, name, 1))
+        device_key, latency = dev.key, _device_roofline(spec, dev, False, 1).seconds * 1e3
         where = dev.name
-    for mode in settings.modes:
-        sps, basis = calibrated[mode]
-        kind_src = basis if sps is not None else f"roofline upper bound ({bound[mode][1]}): {basis}"
-        value = sps if sps is not None else bound[mode][0]
-        perf[mode] = {"samples_per_s": figure(value, "samples/s", ESTIMATE, kind_src),
-                      "roofline_bound": figure(bound[mode][0], "samples/s", ESTIMATE, bound[mode][1])}
+    perf: dict[str, Any] = {}
+    energy: dict[str, Any] = {}
+    for mode, pts in points.items():
+        best = max((p for p in pts if p.fits), default=None, key=_rank) or max(pts, key=_rank)
+        perf[mode] = {"batch": best.batch, "fits": best.fits,
+                      "samples_per_s": figure(best.samples_per_s, "samples/s", ESTIMATE, best.basis),
+                      "roofline_bound": figure(best.bound, "samples/s", ESTIMATE, best.bound_name)}
+        if mode == "inference":
+            perf[mode]["sweep"] = [{"batch": p.batch, "fits": p.fits,
+                                    "samples_per_s": figure(p.samples_per_s, "samples/s", ESTIMATE, p.basis)}
+                                   for p in pts]
+            perf[mode]["latency_b1_ms"] = figure(latency, "ms", ESTIMATE, f"roofline lower bound of one sample on "
+                                                                          f"{where}")
         try:
             watts, why = board_power(device_key, settings.watts)
         except HalError as exc:
             energy[mode] = {"error": f"not measured (not available here); no estimate: {exc}"}
             continue
-        watts *= chips[mode]
-        jps = watts / value
-        source = f"estimate: {watts:.0f} W ({chips[mode]} chip(s), {why}) / estimated samples/s; not available here"
+        watts *= best.chips
+        jps = watts / best.samples_per_s
+        source = (f"estimate: {watts:.0f} W ({best.chips} chip(s), {why}) / estimated samples/s at batch "
+                  f"{best.batch}; not available here")
         energy[mode] = {"joules_per_sample": figure(jps, "J/sample", ESTIMATE, source),
                         "samples_per_joule": figure(1 / jps, "samples/J", ESTIMATE, source)}
-    if "inference" in perf:
-        perf["inference"]["latency_b1_ms"] = figure(latency, "ms", ESTIMATE,
-                                                    f"roofline lower bound of one sample on {where}")
     return perf, energy, plan_dict
 
 

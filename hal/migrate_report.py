@@ -61,25 +61,36 @@ def _marker(kind: str) -> dict[str, Any]:
     return {"marker": "o"} if kind == "measured" else {"marker": "s", "facecolors": "none"}
 
 
+def _bound(fig: dict[str, Any]) -> str:
+    """``estimate, upper bound`` for a roofline bound, else the figure's kind."""
+    return f"{fig['kind']}, {'lower' if 'lower bound' in fig['source'] else 'upper'} bound" \
+        if "bound" in fig["source"].split(":")[0] else fig["kind"]
+
+
 def _latency_throughput(plt: Any, data: dict[str, Any]) -> Any:
+    """Each target's latency at batch 1 against its inference throughput at its best batch."""
     points = []
     for name, t in data["per_target"].items():
         perf = t["performance"].get("inference", {})
         lat, sps = perf.get("latency_b1_ms"), perf.get("samples_per_s")
         if lat and sps and lat["value"] and sps["value"]:
-            points.append((name, lat, sps))
+            points.append((name, perf["batch"], lat, sps))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, lat, sps in points:
-        ax.scatter(lat["value"], sps["value"], edgecolors="C0", **_marker(sps["kind"]))
-        ax.annotate(f"{name} ({sps['kind']})", (lat["value"], sps["value"]), fontsize=7, xytext=(4, 4),
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (name, batch, lat, sps) in enumerate(points):
+        ax.scatter(lat["value"], sps["value"], edgecolors=f"C{i}", **_marker(sps["kind"]))
+        rate = format(sps["value"], ",.0f" if sps["value"] >= 100 else ".3g")
+        ax.annotate(f"{name}\nbatch-1 latency {lat['value']:.3g} ms ({_bound(lat)})\nbest {rate} samples/s at "
+                    f"batch {batch} ({_bound(sps)})", (lat["value"], sps["value"]), fontsize=6.5, xytext=(5, 3),
                     textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.margins(x=0.6, y=0.4)
     ax.set_xlabel("latency at batch 1, ms (lower is better)")
-    ax.set_ylabel("inference samples/s at the report's batch")
-    ax.set_title(f"{data['model']}: latency vs throughput (circles measured, squares estimates)", fontsize=8)
+    ax.set_ylabel("inference samples/s at the best batch (higher is better)")
+    ax.set_title(f"{data['model']}: latency at batch 1 vs best throughput (circles measured, squares estimates)",
+                 fontsize=8)
     return fig
 
 
@@ -191,8 +202,10 @@ def blocks(data: dict[str, Any]) -> list[Block]:
         out += [("h", 3, n), ("ul", t["changes"])]
     out += [("h", 2, "Effort (counted)"),
             ("p", "Non-blank code lines (docstrings and comments excluded) and distinct framework APIs (dotted names "
-                  "rooted at a framework import), counted from the native baselines (bench/native/), from the IPU "
-                  "SDK calls hal's backend makes, and from the hal code that replaces them.")]
+                  "rooted at a framework import), counted in the native baseline (bench/native/: only the functions "
+                  "that run to build this model, predict and train one step, their classes and the imports and "
+                  "constants they use), in the IPU SDK calls hal's backend makes, and in the hal code that replaces "
+                  "them.")]
     rows = []
     for n, e in data["effort"].items():
         nat, sdk, hal = e["native"], e.get("ipu_sdk"), e["hal"]
@@ -242,12 +255,21 @@ def _performance_blocks(data: dict[str, Any]) -> list[Block]:
     for n, t in data["per_target"].items():
         for mode, p in t["performance"].items():
             if "error" in p:
-                rows.append([n, mode, "-", "-", "-", p["error"]])
+                rows.append([n, mode, "-", "-", "-", "-", p["error"]])
                 continue
-            rows.append([n, mode, _v(p.get("samples_per_s"), ",.1f"), _v(p.get("latency_b1_ms"), ".3g"),
+            rows.append([n, mode, p["batch"], _v(p.get("samples_per_s"), ",.1f"), _v(p.get("latency_b1_ms"), ".3g"),
                          _v(p.get("roofline_bound"), ",.0f"), p["samples_per_s"]["source"]])
-    out.append(("table", ["target", "mode", "samples/s", "batch-1 latency ms", "roofline bound samples/s", "how"],
-                rows))
+    out.append(("p", "Training at the report's batch (the micro-batch on IPUs); inference at the best of the batches "
+                     f"{', '.join(map(str, data['settings']['batches']))} (highest samples/s; on IPUs the best that "
+                     "fits), with the latency at batch 1 beside it."))
+    out.append(("table", ["target", "mode", "batch", "samples/s", "batch-1 latency ms", "roofline bound samples/s",
+                          "how"], rows))
+    sweep_rows = [[n, s["batch"], "error: " + s["error"] if "error" in s else _v(s["samples_per_s"], ",.1f")
+                   + ("" if s.get("fits", True) else " (does not fit)")]
+                  for n, t in data["per_target"].items()
+                  for s in t["performance"].get("inference", {}).get("sweep", [])]
+    if sweep_rows:
+        out += [("p", "Inference throughput per batch:"), ("table", ["target", "batch", "samples/s"], sweep_rows)]
     env = data.get("env")
     if env:
         out.append(("p", "Measured on: " + ", ".join(f"{k} {v}" for k, v in env.items())
