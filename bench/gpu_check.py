@@ -44,7 +44,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
+
+if TYPE_CHECKING:
+    from hal.backend import Option
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "bench" / "results" / "gpu"
@@ -77,7 +80,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
@@ -88,14 +91,17 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def _precisions(text: str) -> list[str]:
-    from hal.training import PRECISIONS
+def _some_of(what: str, choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """Comma-separated names among ``choices``."""
 
-    names = _names(text)
-    bad = [n for n in names if n not in PRECISIONS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown precision {', '.join(bad)}; choose from {', '.join(PRECISIONS)}")
-    return names
+    def parse(text: str) -> list[str]:
+        names = _names(text)
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -113,6 +119,10 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``bench/gpu_check.sh`` (and of this script)."""
+    from hal.bench import MODES
+    from hal.training import PRECISIONS
+
+    precisions = _some_of("precision", PRECISIONS)
     ap = _Parser(prog="bench/gpu_check.sh", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="print the planned commands and exit")
     ap.add_argument("--budget", type=_positive(float), default=BUDGET_S,
@@ -127,17 +137,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--input-size", type=_positive(int), help="square input size (default: the model's)")
     ap.add_argument("--batch", type=_positive(int), default=256)
-    ap.add_argument("--precisions", type=_precisions, default=["bf16", "fp16", "fp32"],
+    ap.add_argument("--precisions", type=precisions, default=["bf16", "fp16", "fp32"],
                     help="one bench per precision, in this order (default bf16,fp16,fp32)")
     ap.add_argument("--repeats", type=_positive(int), default=10)
     ap.add_argument("--warmup", type=_positive(int), default=3)
-    ap.add_argument("--compile-precisions", type=_precisions, default=["bf16"],
+    ap.add_argument("--compile-precisions", type=precisions, default=["bf16"],
                     help="precisions at which a compile option of the torch backend is timed (default bf16)")
-    ap.add_argument("--compile-modes", type=_names, default=["training"])
+    ap.add_argument("--compile-modes", type=_some_of("mode", MODES), default=["training"],
+                    help="modes timed with a compile option (default training)")
     ap.add_argument("--summarize", type=Path, metavar="DIR",
                     help="rebuild summary.md/summary.json of a results folder, run nothing")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the probe step's own process
-    ap.add_argument("--check-install", action="store_true", help=argparse.SUPPRESS)  # used by gpu_check.sh
     return ap
 
 
@@ -175,7 +185,7 @@ def _cli_value(value: Any) -> str:
     return str(value).lower() if value is None or isinstance(value, bool) else str(value)
 
 
-def compile_options(options: dict[str, Any]) -> list[tuple[str, Any]]:
+def compile_options(options: Mapping[str, Option]) -> list[tuple[str, Any]]:
     """The (option, value) pairs to time for compilation: every non-default value of each option of
     ``options`` (a backend's ``Backend.options()``) whose name contains ``compile``, where the values
     can be known (a choices list, or a bool)."""
@@ -726,6 +736,29 @@ def check_install() -> int:
     return 0
 
 
+def stage(dest: Path) -> None:
+    """Make hal importable without pip, for ``PYTHONPATH=dest``: ``dest`` mirrors the package layout of
+    ``pyproject.toml`` (``hal.backends`` is ``backends/``...) with symlinks into this checkout, and a
+    ``dist-info`` registers hal's entry points (its backends, the ``hal`` command)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shutil.rmtree(dest, ignore_errors=True)
+    for package, source in sorted(project["tool"]["setuptools"]["package-dir"].items()):  # parents first
+        folder = dest.joinpath(*package.split("."))
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in (ROOT / source).iterdir():
+            if item.name != "__pycache__" and not (folder / item.name).exists():
+                (folder / item.name).symlink_to(item)
+    meta = project["project"]
+    info = dest / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n")
+    groups = {"console_scripts": meta.get("scripts", {}), **meta.get("entry-points", {})}
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) + "\n" for group, eps in groups.items()))
+
+
 def _verdict_line(summary: dict[str, Any], results: Path) -> str:
     v = summary["verdict"]
     if v["passed"]:
@@ -735,10 +768,14 @@ def _verdict_line(summary: dict[str, Any], results: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check (see the module docstring); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--check-install"]:  # gpu_check.sh's set-up, before hal may be importable
+        return check_install()
+    if len(argv) == 2 and argv[0] == "--stage":
+        stage(Path(argv[1]))
+        return 0
     try:
         args = parser().parse_args(argv)
-        if args.check_install:
-            return check_install()
         if args.probe:
             print(json.dumps(probe(), indent=2, default=str))
             return 0

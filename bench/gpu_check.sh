@@ -5,9 +5,10 @@
 # `bench/gpu_check.sh --help`; `--dry-run` prints the planned commands.
 #
 # Works offline: hal is installed without its dependencies and without build isolation (the
-# frameworks must already be installed). PYTHON picks the interpreter (default: .venv/bin/python
-# if there is one, else python3). Exit status: 0 passed, 1 a parity or benchmark failure, 2 a
-# wrong use or a failed set-up.
+# frameworks must already be installed); where pip cannot install it, hal is staged on PYTHONPATH
+# (symlinks into this checkout and its entry points). PYTHON picks the interpreter (default:
+# .venv/bin/python if there is one, else python3). Exit status: 0 passed, 1 a parity or benchmark
+# failure, 2 a wrong use or a failed set-up.
 set -euo pipefail
 export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}  # the time budget counts from here
 cd "$(dirname "$0")/.."
@@ -17,9 +18,13 @@ fi
 
 if ! "$PYTHON" bench/gpu_check.py --check-install 2>/dev/null; then
   echo "gpu_check: installing hal from $(pwd) (pip install --no-deps --no-build-isolation -e .)" >&2
-  "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . \
-    || "$PYTHON" -m pip install --quiet --user --no-deps --no-build-isolation -e . \
-    || { echo "gpu_check: error: could not install hal with $PYTHON" >&2; exit 2; }
+  if ! "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . \
+      && ! "$PYTHON" -m pip install --quiet --user --no-deps --no-build-isolation -e . 2>/dev/null; then
+    site="${TMPDIR:-/tmp}/hal-gpu-check-site"
+    echo "gpu_check: pip could not install hal; staging it in $site (PYTHONPATH)" >&2
+    "$PYTHON" bench/gpu_check.py --stage "$site" || { echo "gpu_check: error: could not stage hal" >&2; exit 2; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   "$PYTHON" bench/gpu_check.py --check-install || { echo "gpu_check: error: hal set-up failed" >&2; exit 2; }
 fi
 # NVML (nvidia-ml-py) measures the GPU's energy (hal.energy); without it the energy columns say n/a and why.
