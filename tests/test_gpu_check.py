@@ -334,15 +334,15 @@ def test_staged_hal_imports_from_this_checkout_with_its_entry_points(tmp_path: P
     backends' entry points."""
     site = tmp_path / "site"
     assert gc.main(["--stage", str(site)]) == 0
-    code = ("import json, hal.backends.torch, hal.native.torch, hal.testing.conformance\n"
+    code = ("import json, hal.backends.torch, hal.native, hal.testing\n"
             "from importlib.metadata import entry_points\n"
             "ep = next(e for e in entry_points(group='hal.backends') if e.name == 'torch')\n"
-            "print(json.dumps([hal.backends.torch.__file__, hal.native.torch.__file__, str(ep.dist._path), ep.value]))")
+            "print(json.dumps([hal.backends.torch.__file__, hal.native.__file__, str(ep.dist._path), ep.value]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr
     backend, native, dist, value = json.loads(out.stdout)
     assert Path(backend).parent == site / "hal" / "backends"  # the staged copy, not the installed one
     assert Path(backend).resolve() == ROOT / "backends" / "torch.py"
-    assert Path(native).resolve() == ROOT / "bench" / "native" / "torch.py"
+    assert Path(native).resolve() == ROOT / "bench" / "native" / "__init__.py"
     assert Path(dist).parent == site and value == "hal.backends.torch:TorchBackend"
