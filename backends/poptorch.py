@@ -694,6 +694,8 @@ class PopTorchBackend(Backend):
 
     @classmethod
     def capabilities(cls) -> Capabilities:
+        # replicas only through a plan (replicationFactor, inside the IPU graph; hal.compile gives the config the
+        # plan's count): no data_parallel, which would mean running a DataParallel config without one
         return Capabilities(precisions=PRECISIONS, training=True, pipelining=True, replication=True)
 
     @classmethod

@@ -6,6 +6,7 @@ Loading an entry point imports only the backend module, never its framework.
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from hal.backend import Backend, Executable, Target
 from hal.errors import BackendUnavailable, ConfigError, HalError, TargetError, UnsupportedError
 from hal.spec import ModelSpec
-from hal.training import TrainConfig
+from hal.training import DataParallel, TrainConfig
 from hal.weights import check_weights, init_weights
 
 if TYPE_CHECKING:
@@ -114,9 +115,9 @@ def compile(
     """Compile ``spec`` for ``target``: the one place where everything is checked.
 
     ``weights`` default to ``init_weights(spec, seed)``; ``config`` to
-    ``TrainConfig()`` (with a ``plan``: its precision and gradient accumulation).
-    ``options`` are the backend's own (``Backend.options()``: name, default,
-    meaning); ``plan`` is a :class:`hal.ipu.Plan` for a pipelining backend.
+    ``TrainConfig()`` (with a ``plan``: its precision, gradient accumulation and
+    replicas). ``options`` are the backend's own (``Backend.options()``: name,
+    default, meaning); ``plan`` is a :class:`hal.ipu.Plan` for a pipelining backend.
     """
     from hal.ipu import Plan
 
@@ -134,7 +135,9 @@ def compile(
         config = TrainConfig(precision=plan.precision, grad_accum=plan.batch.grad_accum) if plan else TrainConfig()
     elif not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a hal.TrainConfig, got {type(config).__name__}")
-    _check_data_parallel(cls, t, config)
+    if plan is not None:
+        config = _plan_replicas(t, config, plan)
+    _check_data_parallel(cls, t, config, plan is not None)
     bad = cls.unsupported(spec, config)
     if bad:
         listed = "; ".join(f"{k}: {v}" for k, v in bad.items())
@@ -144,10 +147,41 @@ def compile(
     return cls.compile(spec, w, t.device, config, opts, plan)
 
 
-def _check_data_parallel(cls: type[Backend], target: Target, config: TrainConfig) -> None:
-    """Refuse a data-parallel config the backend cannot run."""
+def _plan_replicas(target: Target, config: TrainConfig, plan: "Plan") -> TrainConfig:
+    """``config`` with the data parallelism an IPU plan runs: ``plan.batch.replicas`` replicas, which the IPU
+    replicates inside its graph (PopTorch ``replicationFactor``, IPU TensorFlow's IPUConfig), on this host.
+
+    A config with one replica (the default) takes the plan's; one with several must have the plan's count.
+    The rules of :mod:`hal.training` then hold for the host batch (divisible by replicas x grad_accum,
+    BatchNorm over each replica's micro-batch)."""
+    dp, replicas = config.data_parallel, plan.batch.replicas
+    if dp.hosts > 1:
+        raise UnsupportedError(
+            f"{target}: hal runs an IPU plan on one host (replicas={replicas} on its IPUs), got hosts={dp.hosts}: "
+            "multi-host IPU runs go through Graphcore's PopRun, which hal does not launch"
+        )
+    if dp.sync_batchnorm:
+        raise UnsupportedError(f"{target}: hal's IPU backends keep BatchNorm statistics per replica: use "
+                               "DataParallel(sync_batchnorm=False) with an IPU plan")
+    if dp.enabled and dp.replicas != replicas:
+        raise ConfigError(
+            f"{target}: the plan runs {replicas} replica(s) but the training config says "
+            f"DataParallel(replicas={dp.replicas}): make them equal (or leave the config's data_parallel at its "
+            "default: the plan's replicas are taken)"
+        )
+    return replace(config, data_parallel=DataParallel(replicas))
+
+
+def _check_data_parallel(cls: type[Backend], target: Target, config: TrainConfig, planned: bool) -> None:
+    """Refuse a data-parallel config the backend cannot run. With an IPU plan (``planned``) the IPU
+    replicates inside its graph, which ``hal.compile`` already required of the backend."""
     dp, caps = config.data_parallel, cls.capabilities()
-    if dp.enabled and not caps.data_parallel:
+    if dp.enabled and not planned and caps.replication and not caps.data_parallel:
+        raise UnsupportedError(
+            f"{target} replicates inside the IPU graph, as an IPU plan says: pass "
+            f"plan=hal.ipu.plan(spec, replicas={dp.replicas}, ...) to hal.compile"
+        )
+    if dp.enabled and not planned and not caps.data_parallel:
         raise UnsupportedError(
             f"{target} does not do data-parallel training (replicas={dp.replicas}, hosts={dp.hosts}): "
             "use a backend whose capabilities().data_parallel is set (torch, jax, tensorflow), or one replica"
