@@ -9,8 +9,8 @@ a proxy: it starts this host's ``replicas`` processes, hands replica ``r`` rows
 all replicas by the engine, so every replica holds the same ones). The engine
 does the collectives; nothing here reduces a tensor.
 
-Processes are started as :mod:`hal.worker` starts its workers (spawned, not
-forked; the parent's ``sys.path``; Python's faulthandler on), and their failures
+Replicas are :mod:`hal.worker` processes (:func:`hal.worker.spawn`: spawned, not
+forked, the parent's ``sys.path``, Python's faulthandler on), and their failures
 read the same way:
 
 * a replica that dies (signal, out-of-memory kill, ``os._exit``) or raises ends
@@ -33,14 +33,10 @@ from __future__ import annotations
 import os
 import pickle
 import shlex
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-import traceback
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -49,11 +45,11 @@ from typing import IO, Any, Callable, NoReturn, Sequence
 import numpy as np
 
 from hal.backend import Executable, Target, Weights
-from hal.errors import ConfigError, HalError, WorkerError
+from hal.errors import ConfigError, WorkerError
 from hal.spec import ModelSpec
 from hal.training import TrainConfig
-from hal.worker import STDERR_TAIL, _crash_summary, _exit_reason, _exit_with_parent, _portable_registry, \
-    _unpickle_error, describe
+from hal.worker import ErrorPayload, become_worker, death_error, error_from_payload, error_payload, exit_worker, \
+    portable_registry, spawn
 
 Factory = Callable[..., Executable]
 _DEATH_WAIT_S = 2.0  # how long a failure waits for a replica's death to show, to name the replica that died
@@ -104,10 +100,10 @@ class ReplicaGroup:
         self._replicas: list[_Replica] = []
         self._closed = False
         self._finalizer = weakref.finalize(self, _stop_all, self._replicas)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env = {}
         if "OMP_NUM_THREADS" not in os.environ:  # the replicas share this host's cores
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // dp.replicas))
-        registry = _portable_registry()
+        registry = portable_registry()
         try:
             for local in range(dp.replicas):
                 rank = dp.host_rank * dp.replicas + local
@@ -124,17 +120,14 @@ class ReplicaGroup:
         fds = [*os.pipe(), *os.pipe(), *os.pipe()]  # requests, results, lifeline: (read, write) each
         req_r, req_w, res_r, res_w, life_r, life_w = fds
         err = tempfile.TemporaryFile(prefix=f"hal-replica{rank}-", suffix=".stderr")
-        code = f"from hal.distributed import _serve_replica; _serve_replica({req_r}, {res_w}, {life_r})"
         try:
-            proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", code], stdin=subprocess.DEVNULL,
-                                    stderr=err, pass_fds=(req_r, res_w, life_r), env=env)
-        except OSError as exc:
-            for fd in fds:
+            proc = spawn(f"from hal.distributed import _serve_replica; _serve_replica({req_r}, {res_w}, {life_r})",
+                         (req_r, res_w, life_r), err, f"{self.label}: could not start replica {rank}", env)
+        except WorkerError:
+            for fd in (req_w, res_r, life_w):
                 os.close(fd)
             err.close()
-            raise WorkerError(f"{self.label}: could not start replica {rank}: {exc}") from exc
-        for fd in (req_r, res_w, life_r):
-            os.close(fd)
+            raise
         return _Replica(rank, proc, Connection(req_w, readable=False), Connection(res_r, writable=False), life_w, err)
 
     @property
@@ -171,13 +164,13 @@ class ReplicaGroup:
                 answers[pending.pop(conn)] = payload
         return [answers[i] for i in local]
 
-    def _fail(self, local: int, error: tuple[bytes | None, str, str] | None) -> NoReturn:
+    def _fail(self, local: int, error: ErrorPayload | None) -> NoReturn:
         """Stop every replica and raise: the replica that died (preferred: a peer's error is often
         only the engine noticing the death) or else the error a replica sent."""
         deadline = time.monotonic() + _DEATH_WAIT_S
         dead = None
-        while dead is None and time.monotonic() < deadline:
-            dead = next((r for r in self._replicas if r.proc.poll() is not None), None)
+        while dead is None and time.monotonic() < deadline:  # a replica that sent its error exits with status 0
+            dead = next((r for r in self._replicas if r.proc.poll() not in (None, 0)), None)
             if dead is None:
                 time.sleep(0.02)
         rep = dead or self._replicas[local]
@@ -190,19 +183,10 @@ class ReplicaGroup:
         stderr = rep.stderr.read().decode(errors="replace")
         self.close(kill=True)
         if dead is not None or error is None:
-            summary = _crash_summary(stderr)
-            exc = WorkerError(
-                f"{self.label}: replica {rep.rank} of {self.world} (process {rep.proc.pid}) died "
-                f"({_exit_reason(rep.proc.returncode)})" + (f": {summary}" if summary else "")
-                + f"; the run is stopped and this host's {len(self._replicas)} replica processes ended"
-            )
-            exc.worker_stderr = stderr[-STDERR_TAIL:]  # type: ignore[attr-defined]
-            raise exc
-        blob, text, tb = error
-        exc = _unpickle_error(blob) or WorkerError(
-            f"{self.label}: replica {self._replicas[local].rank} of {self.world} failed: {text}")
-        exc.worker_traceback = tb  # type: ignore[attr-defined]
-        raise exc
+            raise death_error(f"{self.label}: replica {rep.rank} of {self.world} (process {rep.proc.pid})",
+                              rep.proc.returncode, stderr,
+                              f"; the run is stopped and this host's {len(self._replicas)} replica processes ended")
+        raise error_from_payload(error, f"{self.label}: replica {rep.rank} of {self.world} failed", WorkerError)
 
     def close(self, kill: bool = False) -> None:
         """End the replicas: close their pipes, wait a moment for them to exit, then kill them
@@ -293,14 +277,9 @@ def launch(factory: Factory, spec: ModelSpec, target: Target, config: TrainConfi
 def _serve_replica(req_fd: int, res_fd: int, life_fd: int) -> None:
     """A replica's entry point: build the executable, then answer ``(method, args)`` requests until the
     request pipe closes; exit at once if the lifeline closes (the parent is gone)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when replicas stop
-    threading.Thread(target=_exit_with_parent, args=(Connection(life_fd, writable=False),),
-                     name="hal-replica-watchdog", daemon=True).start()
     requests, send = Connection(req_fd, writable=False), Connection(res_fd, readable=False)
     registered, factory, kwargs = pickle.loads(requests.recv_bytes())
-    from hal.registry import _registered
-
-    _registered.update(registered)
+    become_worker(Connection(life_fd, writable=False), registered)
     try:
         exe = factory(**kwargs)
         send.send(("ok", None))
@@ -315,18 +294,5 @@ def _serve_replica(req_fd: int, res_fd: int, life_fd: int) -> None:
             else:
                 send.send(("ok", getattr(exe, method)(*args)))
     except Exception as exc:
-        send.send(("error", _error_payload(exc)))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # no framework teardown (it can hang on a process group whose peers are gone)
-
-
-def _error_payload(exc: Exception) -> tuple[bytes | None, str, str]:
-    """``(pickled (class, args, attributes) of a HalError or None, one-line account, traceback)``."""
-    blob = None
-    if isinstance(exc, HalError):
-        try:
-            blob = pickle.dumps((type(exc), exc.args, dict(vars(exc))))
-        except Exception:  # an attribute that does not pickle: the message will do
-            pass
-    return blob, describe(exc), traceback.format_exc()
+        send.send(("error", error_payload(exc)))
+    exit_worker()  # no framework teardown: it can hang on a process group whose peers are gone

@@ -26,6 +26,12 @@ dies; an interrupted parent terminates it.
 
 :func:`run_inline` has the same contract in the current process, for callers
 that choose not to pay for a process start.
+
+Processes that serve more than one call (:mod:`hal.distributed`'s replicas) are
+built from the same parts: :func:`spawn` starts one, :func:`become_worker` and
+:func:`exit_worker` bracket its life, :func:`error_payload` packs an exception
+that :func:`error_from_payload` raises again in the parent, and
+:func:`death_error` says how a process died.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ import tempfile
 import threading
 import traceback
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, TypeVar
+from typing import IO, Any, Callable, Mapping, NoReturn, Sequence, TypeVar
 
 from hal.errors import HalError, WorkerError
 
 T = TypeVar("T")
+ErrorPayload = tuple[bytes | None, str, str]  # an exception as a worker sends it: see error_payload
 STDERR_TAIL = 4000  # characters of a dead worker's stderr kept on its WorkerError
 _EXIT_GRACE_S = 10.0  # seconds a worker may take to exit before it is terminated
 
@@ -82,24 +89,19 @@ def run_isolated(
     callable that relays each message to ``progress`` in this process.
     """
     try:
-        request = pickle.dumps((_portable_registry(), fn, args, kwargs, progress is not None), pickle.HIGHEST_PROTOCOL)
+        request = pickle.dumps((portable_registry(), fn, args, kwargs, progress is not None), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise WorkerError(_prefix(label, f"could not start a worker process: {describe(exc)}")) from exc
     req_r, req_w = os.pipe()  # request; the worker exits when this closes (parent done or dead)
     res_r, res_w = os.pipe()  # progress messages and the result
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # import what the parent imports
     with tempfile.TemporaryFile(prefix="hal-worker-", suffix=".stderr") as err_file:
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-X", "faulthandler", "-c", f"from hal.worker import _serve; _serve({req_r}, {res_w})"],
-                stdin=subprocess.DEVNULL, stderr=err_file, pass_fds=(req_r, res_w), env=env,
-            )
-        except OSError as exc:
-            for fd in (req_r, req_w, res_r, res_w):
-                os.close(fd)
-            raise WorkerError(_prefix(label, f"could not start a worker process: {exc}")) from exc
-        os.close(req_r)
-        os.close(res_w)
+            proc = spawn(f"from hal.worker import _serve; _serve({req_r}, {res_w})", (req_r, res_w), err_file,
+                         _prefix(label, "could not start a worker process"))
+        except WorkerError:
+            os.close(req_w)
+            os.close(res_r)
+            raise
         requests, results = Connection(req_w, readable=False), Connection(res_r, writable=False)
         finished = False
         try:
@@ -112,28 +114,42 @@ def run_isolated(
         err_file.seek(0)
         stderr = err_file.read().decode(errors="replace")
     if message is None:
-        summary = _crash_summary(stderr)
-        err = WorkerError(_prefix(label, f"the worker process died ({_exit_reason(proc.returncode)})")
-                          + (f": {summary}" if summary else ""))
-        err.worker_stderr = stderr[-STDERR_TAIL:]  # type: ignore[attr-defined]
-        raise err
+        raise death_error(_prefix(label, "the worker process"), proc.returncode, stderr)
     if stderr:  # warnings and logs of a worker that ended normally are not lost
         sys.stderr.write(stderr)
     kind, payload = message
     if kind == "ok":
         return payload
-    blob, text, tb = payload
-    err = _unpickle_error(blob) or HalError(_prefix(label, text))
-    err.worker_traceback = tb  # type: ignore[attr-defined]
-    raise err
+    raise error_from_payload(payload, label)
 
 
 def _prefix(label: str, text: str) -> str:
     return f"{label}: {text}" if label else text
 
 
-def _portable_registry() -> dict[str, type]:
-    """The hand-registered backends whose classes pickle (by reference: importable by name)."""
+def spawn(
+    entry: str, child_fds: Sequence[int], stderr: IO[bytes], failure: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen:
+    """Start a worker process running ``python -X faulthandler -c entry``.
+
+    Spawned, not forked, with this process's ``sys.path`` as its ``PYTHONPATH`` and ``env`` added to
+    this process's environment; stdin closed, stderr to ``stderr``. ``child_fds`` (the pipe ends the
+    worker uses) are passed to it and closed here. Raises :class:`WorkerError` (``failure``: the cause)
+    if the process cannot start."""
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **(env or {}))
+    try:
+        return subprocess.Popen([sys.executable, "-X", "faulthandler", "-c", entry], stdin=subprocess.DEVNULL,
+                                stderr=stderr, pass_fds=tuple(child_fds), env=full_env)
+    except OSError as exc:
+        raise WorkerError(f"{failure}: {exc}") from exc
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+
+
+def portable_registry() -> dict[str, type]:
+    """The hand-registered backends whose classes pickle (by reference: importable by name), for
+    :func:`become_worker` in a worker."""
     from hal.registry import _registered
 
     out = {}
@@ -144,6 +160,69 @@ def _portable_registry() -> dict[str, type]:
             continue
         out[name] = cls
     return out
+
+
+def become_worker(lifeline: Connection, registered: Mapping[str, type]) -> None:
+    """In a worker's entry point, once its request is read: ignore Ctrl-C (the parent decides when
+    workers stop), exit at once when the parent closes ``lifeline`` (it is gone, or done with the
+    worker), and register the parent's :func:`portable_registry` backends."""
+    from hal.registry import _registered
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), name="hal-worker-watchdog", daemon=True).start()
+    _registered.update(registered)
+
+
+def exit_worker() -> NoReturn:
+    """End a worker: flush its output and exit without the interpreter's teardown (slow, and a
+    framework's can crash after the work is done or hang on peers that are gone)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def error_payload(exc: Exception) -> ErrorPayload:
+    """``exc`` as a worker sends it (call in its ``except`` block): the pickled ``(class, args,
+    attributes)`` of a :class:`HalError` (None for other exceptions or if it does not pickle), a
+    one-line account (:func:`describe`) and the traceback."""
+    blob = None
+    if isinstance(exc, HalError):
+        try:
+            blob = pickle.dumps((type(exc), exc.args, dict(vars(exc))))
+        except Exception:  # an attribute that does not pickle: the message will do
+            pass
+    return blob, describe(exc), traceback.format_exc()
+
+
+def error_from_payload(payload: ErrorPayload, context: str = "", cls: type[HalError] = HalError) -> HalError:
+    """The exception an :func:`error_payload` stands for, to raise in the parent: the worker's
+    :class:`HalError` rebuilt as (class, args, attributes) without calling its ``__init__``
+    (``NonFiniteError(message, step)`` takes other arguments than its args), else ``cls`` with the
+    one-line account after ``context``. The worker's traceback is on it as ``worker_traceback``."""
+    blob, text, tb = payload
+    err = None
+    if blob is not None:
+        try:
+            error_cls, args, state = pickle.loads(blob)
+        except Exception:  # its class cannot be imported here: the message will do
+            pass
+        else:
+            err = error_cls.__new__(error_cls, *args)
+            err.args = args
+            vars(err).update(state)
+    if err is None:
+        err = cls(_prefix(context, text))
+    err.worker_traceback = tb  # type: ignore[attr-defined]
+    return err
+
+
+def death_error(what: str, returncode: int | None, stderr: str, consequence: str = "") -> WorkerError:
+    """``WorkerError("<what> died (<signal or exit status>): <crash summary><consequence>")`` for a worker
+    that is gone, with the tail of its ``stderr`` on it as ``worker_stderr``."""
+    summary = _crash_summary(stderr)
+    err = WorkerError(f"{what} died ({_exit_reason(returncode)})" + (f": {summary}" if summary else "") + consequence)
+    err.worker_stderr = stderr[-STDERR_TAIL:]  # type: ignore[attr-defined]
+    return err
 
 
 def _exchange(
@@ -198,49 +277,22 @@ def _crash_summary(stderr: str) -> str:
     return lines[fatal] + (f", in {frame}" if frame.startswith("File ") else "")
 
 
-def _unpickle_error(blob: bytes | None) -> HalError | None:
-    """The worker's HalError, rebuilt as (class, args, attributes) without calling its
-    ``__init__`` (``NonFiniteError(message, step)`` takes other arguments than its args)."""
-    if blob is None:
-        return None
-    try:
-        cls, args, state = pickle.loads(blob)
-    except Exception:  # its class cannot be imported here: the message will do
-        return None
-    exc = cls.__new__(cls, *args)
-    exc.args = args
-    vars(exc).update(state)
-    return exc
-
-
 def _serve(req_fd: int, res_fd: int) -> None:
-    """The worker's entry point: read the request, call ``fn``, send ``("ok", result)`` or
-    ``("error", ...)``, and exit without the interpreter's teardown."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the worker stops
+    """:func:`run_isolated`'s worker: read the request, call ``fn``, send ``("ok", result)`` or
+    ``("error", payload)``, exit."""
     requests, send = Connection(req_fd, writable=False), Connection(res_fd, readable=False)
     registered, fn, args, kwargs, relay = pickle.loads(requests.recv_bytes())
-    threading.Thread(target=_exit_with_parent, args=(requests,), name="hal-worker-watchdog", daemon=True).start()
-    from hal.registry import _registered
-
-    _registered.update(registered)
+    become_worker(requests, registered)  # the request pipe is the lifeline: the parent closes it when done
     if relay:
         kwargs["progress"] = lambda message: send.send(("progress", str(message)))
     try:
         send.send(("ok", fn(*args, **kwargs)))
     except Exception as exc:
-        blob = None
-        if isinstance(exc, HalError):
-            try:
-                blob = pickle.dumps((type(exc), exc.args, dict(vars(exc))))
-            except Exception:  # an attribute that does not pickle: the message will do
-                pass
-        send.send(("error", (blob, describe(exc), traceback.format_exc())))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip framework teardown at interpreter exit: slow, and it can crash after the work is done
+        send.send(("error", error_payload(exc)))
+    exit_worker()
 
 
-def _exit_with_parent(requests: Connection) -> None:
-    """Exit when the parent closes the request pipe: it is gone (killed, crashed) or done with us."""
-    wait([requests])
+def _exit_with_parent(lifeline: Connection) -> None:
+    """Exit when the parent closes ``lifeline``: it is gone (killed, crashed) or done with us."""
+    wait([lifeline])
     os._exit(1)

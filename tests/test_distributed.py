@@ -6,6 +6,7 @@ BatchNorm; for crashes, the processes themselves (signals, /proc)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,13 +19,16 @@ import numpy as np
 import pytest
 
 import hal
-from hal.distributed import free_port, host_commands
+from hal import ipu
+from hal.backend import Target
+from hal.distributed import free_port, host_commands, launch
 from hal.errors import ConfigError, InputError, UnsupportedError, WorkerError
 from hal.models.small_cnn import small_cnn
 from hal.parity import _dp_expected, make_batch, run_dp_parity, tensors_error, tolerance
 from hal.training import SGD, AdamW, DataParallel, TrainConfig
 
-pytest.importorskip("torch")
+# find_spec, not importorskip: replicas import this module for _refusing_replica, and need no torch for it
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
 
 SPEC = small_cnn(input_size=8)
 DP2 = DataParallel(replicas=2)
@@ -67,17 +71,6 @@ def test_replica0_rule_is_not_the_single_device_statistics() -> None:
         2, sync_batchnorm=True), grad_accum=2), xs, ys, "fp64")["weights"]  # one device, grad_accum 2, all stats
     stats = [k for k in w if "running" in k]
     assert tensors_error({k: rule[k] for k in stats}, {k: single[k] for k in stats})[1] > 1000 * tolerance(1e-7)
-
-
-def test_batch_must_divide_replicas_times_grad_accum() -> None:
-    with hal.compile(SPEC, "torch:cpu", config=TrainConfig(grad_accum=2, data_parallel=DP2)) as exe:
-        x, y = make_batch(SPEC, 6, "cross_entropy")
-        with pytest.raises(InputError, match="batch 6 is not divisible by replicas 2 \\* grad_accum 2"):
-            exe.train_step(x, y)
-        x, y = make_batch(SPEC, 8, "cross_entropy")
-        assert np.isfinite(exe.train_step(x, y)) and exe.step == 1  # the group survives a refused batch
-        pids = exe.replica_pids
-    assert _gone(pids)
 
 
 def test_backend_without_data_parallelism_refuses() -> None:
@@ -145,16 +138,81 @@ def test_killed_caller_takes_its_replicas_along() -> None:
     assert _gone(pids)
 
 
-def test_killed_replica_in_process_raises_and_closes() -> None:
-    exe = hal.compile(SPEC, "torch:cpu", config=TrainConfig(data_parallel=DP2))
-    x, y = make_batch(SPEC, 8, "cross_entropy")
+def test_one_replica_group_refuses_trains_and_dies_cleanly() -> None:
+    """One launch, in order: a batch that does not divide is refused in the caller and the group survives it;
+    a step trains; a replica killed mid-call ends the call within seconds naming it, no replica is left, and
+    the proxy is closed."""
+    exe = hal.compile(SPEC, "torch:cpu", config=TrainConfig(grad_accum=2, data_parallel=DP2))
     pids = exe.replica_pids
+    x, y = make_batch(SPEC, 6, "cross_entropy")
+    with pytest.raises(InputError, match="batch 6 is not divisible by replicas 2 \\* grad_accum 2"):
+        exe.train_step(x, y)
+    x, y = make_batch(SPEC, 8, "cross_entropy")
+    assert np.isfinite(exe.train_step(x, y)) and exe.step == 1
     threading.Timer(0.5, os.kill, (pids[0], signal.SIGKILL)).start()
     with pytest.raises(WorkerError, match="replica 0 of 2 .* died \\(killed by SIGKILL"):
         exe.run_steps(np.stack([x] * 10_000), np.stack([y] * 10_000))
     assert _gone(pids)
     with pytest.raises(WorkerError, match="shut down"):
         exe.weights()
+
+
+def _refusing_replica(rank: int, **_: object) -> None:
+    """A replica factory that fails as a backend would, with a hal error."""
+    raise ConfigError(f"replica {rank} refuses")
+
+
+def test_a_replicas_own_error_is_raised_as_itself() -> None:
+    """A replica that raises and then exits normally is not reported as a dead process: its error wins."""
+    with pytest.raises(ConfigError, match="^replica [01] refuses$") as info:
+        launch(_refusing_replica, SPEC, Target("torch", "cpu"), TrainConfig(data_parallel=DP2))
+    assert "raise ConfigError" in info.value.worker_traceback
+
+
+class _Replicating(hal.Backend):
+    """PopTorch's capabilities (replication inside the IPU graph, through a plan only); compile hands back the
+    config hal.compile settled on, so that no SDK is needed."""
+
+    name = "replicating"
+
+    @classmethod
+    def availability(cls) -> hal.Availability:
+        return hal.Availability(True)
+
+    @classmethod
+    def devices(cls) -> list[str]:
+        return ["ipu-model"]
+
+    @classmethod
+    def capabilities(cls) -> hal.Capabilities:
+        return hal.Capabilities(precisions=("fp32",), pipelining=True, replication=True)
+
+    @classmethod
+    def compile(cls, spec, weights, device, config, options, plan):  # type: ignore[no-untyped-def]
+        return config
+
+
+def test_an_ipu_plan_replicates_inside_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a plan the config takes the plan's replicas (a default config, or none); a config with other
+    replicas, several hosts or synchronised BatchNorm is refused; without a plan, a backend that replicates
+    only through one refuses a data-parallel config, saying how to plan it."""
+    from hal.registry import _registered
+
+    monkeypatch.setitem(_registered, _Replicating.name, _Replicating)
+    plan = ipu.plan(SPEC, ipus=1, micro_batch=2, replicas=2, grad_accum=2, devices=[])
+    target = "replicating:ipu-model"
+    assert hal.compile(SPEC, target, plan=plan).data_parallel == DP2
+    config = hal.compile(SPEC, target, config=TrainConfig(grad_accum=2), plan=plan)
+    assert config.data_parallel == DP2 and config.grad_accum == 2
+    assert hal.compile(SPEC, target, config=TrainConfig(data_parallel=DP2), plan=plan).data_parallel == DP2
+    with pytest.raises(ConfigError, match="the plan runs 2 replica\\(s\\) but .*DataParallel\\(replicas=4\\)"):
+        hal.compile(SPEC, target, config=TrainConfig(data_parallel=DataParallel(replicas=4)), plan=plan)
+    with pytest.raises(UnsupportedError, match="hosts=2: .*PopRun"):
+        hal.compile(SPEC, target, config=TrainConfig(data_parallel=DataParallel(2, 2, coordinator="h:1")), plan=plan)
+    with pytest.raises(UnsupportedError, match="per replica"):
+        hal.compile(SPEC, target, config=TrainConfig(data_parallel=DataParallel(2, sync_batchnorm=True)), plan=plan)
+    with pytest.raises(UnsupportedError, match="replicates inside the IPU graph.*plan=hal.ipu.plan\\(spec, replicas=2"):
+        hal.compile(SPEC, target, config=TrainConfig(data_parallel=DP2))
 
 
 _HOST = textwrap.dedent("""
