@@ -17,7 +17,7 @@ from hal.errors import (
 )
 from hal.registry import available_targets, backend_names, compile, get_backend, register_backend
 from hal.spec import ModelSpec, Node, SpecBuilder
-from hal.training import SGD, Adam, AdamW, Constant, Cosine, StepDecay, TrainConfig
+from hal.training import SGD, Adam, AdamW, Constant, Cosine, DataParallel, StepDecay, TrainConfig
 from hal.weights import check_weights, init_weights, load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -39,7 +39,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Adam", "AdamW", "Availability", "Backend", "BackendUnavailable", "Capabilities", "ConfigError",
-    "Constant", "Cosine", "Executable", "HalError", "InputError", "ModelSpec", "Node", "NonFiniteError", "SGD", "SpecBuilder",
+    "Constant", "Cosine", "DataParallel", "Executable", "HalError", "InputError", "ModelSpec", "Node", "NonFiniteError", "SGD", "SpecBuilder",
     "SpecError", "StepDecay", "Target", "TargetError", "TrainConfig", "UnsupportedError", "WeightsError",
     "available_targets", "backend_names", "check_weights", "compile", "from_onnx", "from_torch", "get_backend",
     "init_weights", "load_weights", "register_backend", "save_weights", "to_onnx",
