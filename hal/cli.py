@@ -294,11 +294,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
         targets = args.targets or [t for t in _default_targets(False)
                                    if get_backend(t.partition(":")[0]).capabilities().data_parallel]
-        report = run_dp_parity(spec, targets, replicas=args.replicas, batch=args.batch, steps=args.steps,
+        report = run_dp_parity(spec, targets, replicas=args.replicas, batch=args.batch, steps=args.steps or 5,
                                seed=args.seed, weights=weights, progress=progress)
     else:
         report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks,
-                            steps=args.steps, config=_config(args), seed=args.seed, weights=weights,
+                            steps=args.steps or 3, config=_config(args), seed=args.seed, weights=weights,
                             progress=progress)
     progress.done()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
@@ -850,7 +850,7 @@ def parser() -> argparse.ArgumentParser:
     _common(p, batch=4)
     p.add_argument("--checks", type=_names_in(CHECKS), default=list(CHECKS),
                    help=f"comma-separated: {','.join(CHECKS)} (default: all)")
-    p.add_argument("--steps", type=_int(1), default=3, help="trajectory length")
+    p.add_argument("--steps", type=_int(1), help="trajectory length (default 3; 5 with --replicas)")
     p.add_argument("--weights", help="a hal .safetensors file to test with (default: seeded init, see hal.parity)")
     p.set_defaults(fn=cmd_parity)
 
