@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import hal
-from hal.errors import HalError, TargetError, UnsupportedError
+from hal.errors import HalError, NonFiniteError, TargetError, UnsupportedError
 from hal.parity import tensors_error
 from hal.registry import get_backend
 from hal.training import SGD, AdamW, DataParallel, TrainConfig
@@ -92,10 +92,26 @@ def _sync(target: str) -> dict[str, float]:
             "weights": tensors_error(dp.weights(), one.weights())[1]}
 
 
+def _non_finite(target: str) -> dict[str, float]:
+    """A non-finite value in replica 1's rows only: the step is skipped on every replica."""
+    spec = tiny_bn()
+    w = hal.init_weights(spec, 0)
+    xs, ys = batches(spec, 1)
+    xs[0, -1, 0, 0, 0] = np.nan
+    dp = hal.compile(spec, target, w, TrainConfig(optimizer=OPTIMIZERS[0], precision="fp64",
+                                                  data_parallel=DataParallel(replicas=2)))
+    try:
+        dp.train_step(xs[0], ys[0])
+    except NonFiniteError as exc:
+        return {"step": exc.step, "changed": tensors_error(dp.weights(), w)[0]}
+    return {"step": -1.0, "changed": tensors_error(dp.weights(), w)[0]}
+
+
 def _checks(target: str) -> dict[str, dict[str, float]]:
     """(worker) Every check of one target in one process (the framework starts once)."""
     out = {type(o).__name__: _equivalence(target, o) for o in OPTIMIZERS}
     out["sync"] = _sync(target)
+    out["non_finite"] = _non_finite(target)
     return out
 
 
@@ -116,3 +132,96 @@ def test_two_replicas_equal_one_device_with_grad_accum_two(errors: dict, optimiz
 
 def test_sync_batchnorm_equals_one_device(errors: dict) -> None:
     assert errors["sync"]["losses"] < EXACT and errors["sync"]["weights"] < EXACT, errors["sync"]
+
+
+def test_a_non_finite_step_is_skipped_on_every_replica(errors: dict) -> None:
+    assert errors["non_finite"] == {"step": 0, "changed": 0.0}
+
+
+def _started_too_early() -> dict[str, str]:
+    """(worker) Both frameworks start with one CPU device, then a data-parallel compile."""
+    import jax
+
+    from hal.backends.tensorflow import _tf
+
+    jax.devices()
+    _tf().config.list_logical_devices()  # starts TensorFlow's runtime
+    spec, out = tiny_bn(), {}
+    for config in (TrainConfig(data_parallel=DataParallel(replicas=2)),
+                   TrainConfig(grad_accum=2, data_parallel=DataParallel(replicas=2, sync_batchnorm=True))):
+        for target in ("jax:cpu", "tensorflow:cpu"):
+            try:
+                hal.compile(spec, target, config=config)
+            except (TargetError, UnsupportedError) as exc:
+                out[f"{target} sync={config.data_parallel.sync_batchnorm}"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def test_too_few_devices_and_unsupported_configs_are_refused_with_the_fix() -> None:
+    if not (available("jax") and available("tensorflow")):
+        pytest.skip("needs jax and tensorflow")
+    out = run_isolated(_started_too_early)
+    assert len(out) == 4, out  # jax has sync BatchNorm with grad_accum 2, but not the devices either
+    assert "TargetError" in out["jax:cpu sync=False"] and "--xla_force_host_platform_device_count=2" in out[
+        "jax:cpu sync=False"]
+    assert "TargetError" in out["tensorflow:cpu sync=False"] and "TensorFlow has 1" in out["tensorflow:cpu sync=False"]
+    assert "UnsupportedError" in out["tensorflow:cpu sync=True"] and "grad_accum 2" in out["tensorflow:cpu sync=True"]
+
+
+def _host(target: str, rank: int, coordinator: str, replicas: int, tf_ports: tuple[int, ...] = ()) -> tuple:
+    """(worker) Host ``rank`` of 2 on loopback: its half of each global batch, 3 steps (TF_CONFIG for TensorFlow)."""
+    if tf_ports:
+        import json
+        import os
+
+        os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in tf_ports]},
+                                              "task": {"type": "worker", "index": rank}})
+    spec = tiny_bn()
+    xs, ys = batches(spec, 3)
+    dp = DataParallel(replicas=replicas, hosts=2, host_rank=rank, coordinator=coordinator)
+    exe = hal.compile(spec, target, hal.init_weights(spec, 0),
+                      TrainConfig(optimizer=OPTIMIZERS[0], precision="fp64", data_parallel=dp))
+    rows = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    return exe.run_steps(xs[:, rows], ys[:, rows]), exe.weights()
+
+
+def _one_device(target: str, grad_accum: int) -> tuple:
+    spec = tiny_bn()
+    xs, ys = batches(spec, 3)
+    exe = hal.compile(spec, target, hal.init_weights(spec, 0),
+                      TrainConfig(optimizer=OPTIMIZERS[0], precision="fp64", grad_accum=grad_accum))
+    return exe.run_steps(xs, ys), exe.weights()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework, replicas", [("jax", 2), ("tensorflow", 1)])  # TF: one CPU per worker
+def test_two_hosts_on_loopback_equal_one_device(framework: str, replicas: int) -> None:
+    """Two processes as two hosts (jax.distributed; MultiWorkerMirroredStrategy with TF_CONFIG) each get their
+    half of every batch: both end where one device with grad_accum 2 * replicas does."""
+    import threading
+
+    from hal.distributed import free_port
+
+    if not available(framework):
+        pytest.skip(f"{framework} is not installed")
+    ports = (free_port(), free_port())
+    target, results, errors = f"{framework}:cpu", {}, []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = run_isolated(_host, target, rank, f"127.0.0.1:{ports[0]}", replicas,
+                                         ports if framework == "tensorflow" else (), label=f"host {rank}")
+        except HalError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    ref_losses, ref = run_isolated(_one_device, target, 2 * replicas)
+    params = tiny_bn().trainable()
+    for losses, weights in results.values():
+        assert np.max(np.abs(losses - ref_losses)) < EXACT
+        assert tensors_error({k: weights[k] for k in params}, {k: ref[k] for k in params})[1] < EXACT
