@@ -414,7 +414,7 @@ def report_text(report: dict[str, Any]) -> str:
     src = "cache" if d["from_cache"] else f"built in {d['seconds']:.1f} s, {d['rate']:.1f} samples/s"
     lines = [f"{m['spec']} ({m['params']:,} params), "
              f"{_setting(d['dims'], d['kind'], d['samples'], d['size'], t['transform'])}; dataset {src}; "
-             f"{t['epochs']} epochs x {t['steps_per_epoch']} steps of {t['batch']}; "
+             f"{t['epochs']} epochs x {t['steps_per_epoch']} steps of {t['batch']}{_replicas(report)}; "
              f"load average {env['load_average_start']:.1f}",
              render(*report_table(report))]
     lines += [f"{target}: {why}" for target, why in report["failed"].items()]
@@ -442,7 +442,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- Dataset: seed {d['seed']}, splits {d['splits']}, {d['zero_fraction']:.1%} non-percolating (y = 0); "
         f"{built}.",
         f"- Model: `{m['spec']}`, width {m['width']}, {m['params']:,} parameters.",
-        f"- Training: {t['epochs']} epochs x {t['steps_per_epoch']} steps of {t['batch']}, {t['optimizer']}, "
+        f"- Training: {t['epochs']} epochs x {t['steps_per_epoch']} steps of {t['batch']}{_replicas(report)}, "
+        f"{t['optimizer']}, "
         f"peak lr {t['lr']}, {t['schedule']}, MSE on the standardised {t['transform']} target; "
         f"{_calls(env['steps_per_call'])}.",
         f"- Machine: {env['cpus']} CPUs, threads {env['threads']}, load average {env['load_average_start']:.1f} "
@@ -451,6 +452,19 @@ def report_markdown(report: dict[str, Any]) -> str:
         *(f"- {target} failed: {why}" for target, why in report["failed"].items()),
     ]
     return "\n\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n"
+
+
+def _replicas(report: dict[str, Any]) -> str:
+    """How a data-parallel run split each global batch, and its rate per replica ("" on one replica)."""
+    dp, batch = report["training"]["data_parallel"], report["training"]["batch"]
+    world = dp["replicas"] * dp["hosts"]
+    if world == 1:
+        return ""
+    hosts = f" x {dp['hosts']} hosts" if dp["hosts"] > 1 else ""
+    sync = ", synchronised BatchNorm" if dp["sync_batchnorm"] else ""
+    rates = ", ".join(f"{r['target']} {r['samples_per_s'] / world:.1f}" for r in report["results"])
+    return (f" over {dp['replicas']} replicas{hosts} ({batch // world} samples each{sync}"
+            + (f"; samples/s per replica: {rates}" if rates else "") + ")")
 
 
 def _calls(steps_per_call: int) -> str:
