@@ -354,12 +354,13 @@ def _layer_classes() -> dict[Any, type]:
             return tf.nn.bias_add(y, self.bias) if self.bias is not None else y
 
     class BatchNorm(Layer):
-        def __init__(self, *args: Any) -> None:
+        def __init__(self, *args: Any, statistics_as_gradients: bool = False) -> None:
             super().__init__(*args)
             c = self.in_shapes[0][0]
             self.gamma, self.beta = self.weight("gamma", (c,)), self.weight("beta", (c,))
-            self.running_mean = self.weight("running_mean", (c,), trainable=False)
-            self.running_var = self.weight("running_var", (c,), trainable=False)
+            self.statistics_as_gradients = statistics_as_gradients  # trainable, so that the tape watches them
+            self.running_mean = self.weight("running_mean", (c,), trainable=statistics_as_gradients)
+            self.running_var = self.weight("running_var", (c,), trainable=statistics_as_gradients)
             rank = len(self.in_shapes[0]) + 1
             self.axes = [0, *range(1, rank - 1)]
             self.fused = rank in (4, 5) and self.dtype == "float32"
@@ -389,9 +390,23 @@ def _layer_classes() -> dict[Any, type]:
                 y = self._normalise(x, mean, var)
                 n = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
                 unbiased = var * n / (n - 1.0)
+            if self.statistics_as_gradients:
+                return self._statistics_as_gradients(y, tf.stop_gradient(mean), tf.stop_gradient(unbiased))
             if self.mode.sink is not None:
                 self.mode.sink(self, tf.stop_gradient(mean), tf.stop_gradient(unbiased))
             return y
+
+        def _statistics_as_gradients(self, y: Any, mean: Any, unbiased: Any) -> Any:
+            """``y``, whose backward hands ``running_mean`` and ``running_var`` this
+            batch's mean and unbiased variance as their gradients: the optimizer, not
+            the forward, updates the running statistics (``tensorflow:ipu`` pipelines)."""
+
+            @tf.custom_gradient
+            def through(y: Any, running_mean: Any, running_var: Any) -> Any:
+                return tf.identity(y), lambda dy: (dy, tf.cast(mean, running_mean.dtype),
+                                                   tf.cast(unbiased, running_var.dtype))
+
+            return through(y, tf.convert_to_tensor(self.running_mean), tf.convert_to_tensor(self.running_var))
 
         def updated(self, mean: Any, unbiased: Any, running: tuple[Any, Any]) -> tuple[Any, Any]:
             """Running ``(mean, var)`` after a batch with these statistics (PyTorch's momentum)."""
@@ -708,14 +723,18 @@ class KerasGraph:
 
 
 def build_keras_model(
-    spec: S.ModelSpec, dtype: str = "float32", batch_size: int | None = None, mixed: str | None = None
+    spec: S.ModelSpec, dtype: str = "float32", batch_size: int | None = None, mixed: str | None = None,
+    statistics_as_gradients: bool = False,
 ) -> KerasGraph:
     """The spec as a Keras functional model: channels-first input of per-sample
     shape ``spec.input_shape`` (``batch_size`` fixes the batch dim, as the IPU
     needs), one layer per node (named after it), NHWC in between. ``mixed`` (a
     Keras mixed policy name) gives every layer but the normalisations
     (:data:`hal.lowering.FP32_OPS`, which keep ``dtype``) that policy: Keras casts
-    their inputs and variables to its compute dtype (:mod:`hal.lowering`'s precision rules)."""
+    their inputs and variables to its compute dtype (:mod:`hal.lowering`'s precision rules).
+    ``statistics_as_gradients``: BatchNorm running statistics are trainable Keras
+    variables whose gradient is the batch statistic, for an optimizer to apply
+    (``tensorflow:ipu`` pipelines); they stay out of ``spec.trainable()``."""
     keras = _keras()
     classes = _layer_classes()
     mode = _Mode()
@@ -728,7 +747,8 @@ def build_keras_model(
     layers: dict[str, Any] = {}
     for node in spec.nodes[1:]:
         layer_dtype = dtype if mixed is None or isinstance(node.op, FP32_OPS) else mixed
-        layer = classes[type(node.op)](node.op, spec.in_shapes(node), names[node.name], layer_dtype, mode)
+        extra = {"statistics_as_gradients": statistics_as_gradients} if isinstance(node.op, S.BatchNorm) else {}
+        layer = classes[type(node.op)](node.op, spec.in_shapes(node), names[node.name], layer_dtype, mode, **extra)
         args = [values[i] for i in node.inputs]
         values[node.name] = layer(args if len(args) > 1 else args[0])
         layers[node.name] = layer
