@@ -26,6 +26,7 @@ from hal.backend import Executable, Target, Weights
 from hal.backends.tensorflow import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
+    MIXED_POLICY,
     KerasGraph,
     TensorFlowExecutable,
     _keras,
@@ -37,14 +38,17 @@ from hal.backends.tensorflow import (
     torch_update,
 )
 from hal.errors import BackendUnavailable, ConfigError, HalError, InputError, UnsupportedError
-from hal.lowering import COMPUTE_DTYPE, PARTIALS_DTYPE
+from hal.lowering import IPU_PRECISIONS, MASTER_DTYPE
 from hal.training import SGD, AdamW, Constant, Cosine, StepDecay, TrainConfig
 
 if TYPE_CHECKING:
     from hal.ipu import Plan
 
-IPU_ONLY_PRECISIONS = ("16.16", "16.32")  # Graphcore's: fp16 weights, fp16/fp32 partials
+IPU_ONLY_PRECISIONS = IPU_PRECISIONS  # Graphcore's "<compute>.<master weights>": tensorflow:ipu's only
 PRECISIONS = ("fp32", *IPU_ONLY_PRECISIONS)
+# "16.32" keeps fp32 master weights under Keras's mixed_float16 policy, as Graphcore's TF2 ResNet50 does
+# (graphcore/examples vision/cnns/tensorflow2/precision.py: "16.16" is the float16 policy, "16.32" mixed_float16).
+_MIXED = {"16.32": MIXED_POLICY["fp16"]}
 # Static loss scale of the 16-bit precisions: Graphcore's TF2 ResNet50 configurations train "16.16" and
 # "16.32" with loss-scaling 128 (graphcore/examples vision/cnns/tensorflow2/configs.yml).
 LOSS_SCALE = 128.0
@@ -133,6 +137,19 @@ def check_plan(plan: "Plan", config: TrainConfig) -> None:
                                device_mapping=plan.device_mapping)
 
 
+def _check_optimizer_state(config: TrainConfig) -> None:
+    """Optimizer state is kept in the master weights' dtype (Keras slots take their
+    variable's dtype, as in Graphcore's TF2 optimizers): fp16 in "16.16". Adam's
+    ``eps`` must then be an fp16 number, or an update whose second moment
+    underflowed (``(1 - beta2) g^2`` below fp16's 6e-8) divides by zero."""
+    o = config.optimizer
+    if config.precision == "16.16" and not isinstance(o, SGD) and np.float16(o.eps) == 0:
+        raise UnsupportedError(
+            f"tensorflow:ipu: precision '16.16' keeps {type(o).__name__}'s state in fp16, where eps={o.eps:g} "
+            "rounds to 0 (fp16's smallest number is 6e-8), so an update whose second moment underflows divides by "
+            "zero: use precision '16.32' (fp32 master weights and optimizer state), an eps >= 6e-8, or SGD")
+
+
 def _stage_assignment(model: Any, graph: KerasGraph, stage_of: Mapping[str, int], stages: int) -> list[Any]:
     """Set ``pipeline_stage`` on each of ``model.get_pipeline_stage_assignment()``
     (one per layer invocation, input layers excluded, in post order): a node's
@@ -183,7 +200,7 @@ def _keras_torch_optimizer() -> type:
     and undoes the static loss scale.
 
     ``stats`` pairs BatchNorm running-statistic variables (pipelined models, see
-    :func:`_statistics_through_gradients`) with their decay per update: their "gradient" is the mean
+    :func:`_running_statistics`) with their decay per update: their "gradient" is the mean
     batch statistic of the update's micro-batches, applied as ``r = d r + (1 - d) s``.
     """
     if _KERAS_OPT:
@@ -326,7 +343,9 @@ class IPUExecutable(TensorFlowExecutable):
                                 callback reading each step's running-mean loss
     R > 1 metrics               ``model.set_replication_options(
                                 replicated_metric_reduction_method="MEAN")``
-                                (SDK >= 3.2; earlier SDKs report replica 0)
+                                (SDK >= 3.1; earlier SDKs have no such option
+                                and report the last replica's value, as NONE
+                                does: hal refuses R > 1 there)
     ==========================  ==================================================
 
     ``fit`` applies ``model.optimizer`` (a Keras optimizer running the canonical
@@ -338,6 +357,22 @@ class IPUExecutable(TensorFlowExecutable):
     ``loss_and_grads`` run hal's traced bodies through ``strategy.run`` on a
     ``tf.function`` (not pipelined: IPU Keras ignores stage assignments outside
     ``fit``/``evaluate``/``predict``). The IPU computes in float32 (no float64).
+
+    Precisions (Graphcore's "<compute>.<master weights>", graphcore/examples
+    ``vision/cnns/tensorflow2/precision.py``): "16.16" builds the model in fp16
+    (Keras's ``float16``: weights, BatchNorm, optimizer state and updates in fp16);
+    "16.32" under ``mixed_float16``: fp32 master weights and optimizer state, fp16
+    convolutions, dense layers and activations, BatchNorm in fp32 (hal.lowering's
+    rules). Optimizer state takes the weights' dtype, as Keras slots do in
+    Graphcore's TF2 optimizers; gradients reach the optimizer in that dtype too. Both
+    scale the loss by :data:`LOSS_SCALE` (static; unscaled in the optimizer, as
+    Graphcore's ``loss_scale_optimizer.py``), compute the loss in fp32, and turn on
+    stochastic rounding; partial sums are fp16 only with ``plan.half_partials``.
+    Against an fp32 run: the forward and gradients carry fp16 rounding (unit
+    roundoff 2^-11, :data:`hal.parity.UNIT_ROUNDOFF`); in "16.16" an update smaller
+    than half an fp16 ulp of its weight (2^-11 relative) is lost with
+    round-to-nearest, and kept only in expectation with the IPU's stochastic
+    rounding; "16.32" keeps it in the fp32 master weight.
 
     Non-finite steps (``config.check_finite``): ``fit`` runs many steps in one
     execution and commits BatchNorm statistics in the forward, so the check is
@@ -370,15 +405,18 @@ class IPUExecutable(TensorFlowExecutable):
             )
         Executable.__init__(self, spec, Target("tensorflow", f"ipu:{self.num_ipus}"), config)
         self.device, self.tf_device = "ipu", "/device:IPU:0"
-        self.dtype = COMPUTE_DTYPE[config.precision]
+        _check_optimizer_state(config)
+        self.dtype = MASTER_DTYPE[config.precision]  # variables, hence optimizer state (Keras slots)
         self.np_dtype = np.dtype(self.dtype)
-        self.loss_scale = LOSS_SCALE if config.precision in PARTIALS_DTYPE else 1.0
+        self._scale = LOSS_SCALE if config.precision in IPU_PRECISIONS else 1.0
+        self.loss_scale_vars = None  # tensorflow.py's dynamic (fp16) loss scaling: none here, the scale is static
 
         _configure_ipu_system(ipu, plan, self.num_ipus)
         self.strategy = ipu.ipu_strategy.IPUStrategy()
         g = config.grad_accum
         with self.strategy.scope():
-            self.graph = build_keras_model(spec, self.dtype)
+            self.graph = build_keras_model(spec, self.dtype, mixed=_MIXED.get(config.precision),
+                                           statistics_as_gradients=self.stages > 1)
             model = self.graph.model
             missing = [m for m in ("get_pipeline_stage_assignment", "set_pipelining_options",
                                    "set_gradient_accumulation_options") if not hasattr(model, m)]
@@ -393,8 +431,7 @@ class IPUExecutable(TensorFlowExecutable):
             self.batch_norms = [layer for layer in self.graph.layers.values() if isinstance(layer.op, S.BatchNorm)]
             stats: list[tuple[Any, float]] = []
             if self.stages > 1:
-                stats = _statistics_through_gradients(self.batch_norms, g)
-                self.graph.mode.sink = _record_stats
+                stats = _running_statistics(self.batch_norms, g)
                 stage_of = {n: s.index for s in plan.stages for n in s.nodes}
                 model.set_pipeline_stage_assignment(_stage_assignment(model, self.graph, stage_of, self.stages))
                 model.set_pipelining_options(gradient_accumulation_steps_per_replica=g,
@@ -413,11 +450,16 @@ class IPUExecutable(TensorFlowExecutable):
             self.per_sample_loss = _loss(config)
             self._spe = 0
             self._optimizer = _keras_torch_optimizer()(
-                config, grad_scale=1.0 / self.replicas, loss_scale=self.loss_scale, stats=stats)
+                config, grad_scale=1.0 / self.replicas, loss_scale=self._scale, stats=stats)
             self._compile_keras(g * self.iterations)
         self._fns: dict[str, Any] = {}
         self._state: list[tuple[Any, np.ndarray]] | None = None  # variables after the last run_steps call
         self._load_weights(weights)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The static loss scale of "16.16"/"16.32" (:data:`LOSS_SCALE`); otherwise ``None``."""
+        return self._scale if self._scale != 1.0 else None
 
     def _compile_keras(self, steps_per_execution: int) -> None:
         """``model.compile`` for ``steps_per_execution``; one optimizer for the
@@ -425,10 +467,11 @@ class IPUExecutable(TensorFlowExecutable):
         multiplied by the static loss scale (16-bit precisions)."""
         if steps_per_execution == self._spe:
             return
-        tf, loss, scale = _tf(), self.per_sample_loss, self.loss_scale
+        tf, loss, scale = _tf(), self.per_sample_loss, self._scale
         labels = self.config.loss == "cross_entropy"
 
         def scaled(y: Any, p: Any) -> Any:
+            p = tf.cast(p, tf.float32)  # the loss in fp32 (hal.lowering's precision rules)
             y = tf.reshape(y, tf.shape(p)[:1]) if labels else y  # Keras 2's fit hands class labels as (n, 1)
             return loss(y, p) * scale if scale != 1.0 else loss(y, p)
 
@@ -463,7 +506,7 @@ class IPUExecutable(TensorFlowExecutable):
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
         with self.strategy.scope():
             out = self.graph.model.predict(self._dataset(x, micro=micro), steps=self._spe, verbose=0)
-        return np.asarray(out)[: len(x) - pad]
+        return np.asarray(out, self.np_dtype)[: len(x) - pad]  # "16.32": fp16 activations, fp32 results
 
     _train_step = Executable._train_step  # one step is run_steps on a stack of one: fit, not the CPU step
 
@@ -513,7 +556,7 @@ class IPUExecutable(TensorFlowExecutable):
             self.graph.model.fit(data, epochs=1, steps_per_epoch=steps * g, callbacks=[Losses()], shuffle=False,
                                  verbose=0)
         self.step += steps
-        return _step_losses(seen, steps, g) / self.loss_scale
+        return _step_losses(seen, steps, g) / self._scale
 
     def _variables(self) -> list[Any]:
         opt = self._optimizer.variables
@@ -547,8 +590,9 @@ def _configure_ipu_system(ipu: Any, plan: "Plan", num_ipus: int) -> None:
       Poplar option of convolutions and matmuls, as Graphcore's TF2 ResNet50 does
       (graphcore/examples ``vision/cnns/tensorflow2/ipu_config.py``); per stage when
       the IPUs differ (:func:`_pipeline_options`);
-    * "16.16"/"16.32": ``partialsType`` ``half``/``float`` for convolutions and
-      matmuls and stochastic rounding on (``floating_point_behaviour.esr``: a
+    * "16.16"/"16.32": ``partialsType`` ``half`` if ``plan.half_partials`` else
+      ``float`` (Poplar's default, set explicitly) for convolutions and matmuls, and
+      stochastic rounding on (``floating_point_behaviour.esr``: a
       ``StochasticRoundingBehaviour`` from SDK 2.5, a bool before).
     """
     cfg = ipu.config.IPUConfig()
@@ -558,9 +602,9 @@ def _configure_ipu_system(ipu: Any, plan: "Plan", num_ipus: int) -> None:
     for options in (cfg.convolutions.poplar_options, cfg.matmuls.poplar_options):
         if len(amp) == 1:
             options["availableMemoryProportion"] = str(next(iter(amp)))
-        if plan.precision in PARTIALS_DTYPE:
-            options["partialsType"] = "half" if PARTIALS_DTYPE[plan.precision] == "float16" else "float"
-    if plan.precision in PARTIALS_DTYPE:
+        if plan.precision in IPU_PRECISIONS:
+            options["partialsType"] = "half" if plan.half_partials else "float"
+    if plan.precision in IPU_PRECISIONS:
         behaviour = getattr(ipu.config, "StochasticRoundingBehaviour", None)
         cfg.floating_point_behaviour.esr = behaviour.ON if behaviour is not None else True
     cfg.configure_ipu_system()
@@ -592,71 +636,40 @@ def _assign_stats(layer: Any, mean: Any, unbiased: Any) -> None:
     layer.running_var.assign(new_var)
 
 
-_BATCH_STATS: dict[int, tuple[Any, Any]] = {}  # id(BatchNorm layer) -> statistics of the call being traced
-
-
-def _record_stats(layer: Any, mean: Any, unbiased: Any) -> None:
-    """BatchNorm statistics inside a pipelined ``fit``: kept for :func:`_statistics_through_gradients`."""
-    _BATCH_STATS[id(layer)] = (mean, unbiased)
-
-
-def _statistics_through_gradients(batch_norms: list[Any], grad_accum: int) -> list[tuple[Any, float]]:
-    """Route BatchNorm running statistics of a pipelined model through the gradient path.
+def _running_statistics(batch_norms: list[Any], grad_accum: int) -> list[tuple[Any, float]]:
+    """BatchNorm running statistics of a pipelined model, each with its decay per weight update.
 
     A pipeline stage cannot update state per micro-batch: IPU Keras warns that
     ``BatchNormalization`` moving statistics "are not properly updated when
     training" pipelined models, and its test calls the result undefined
     (graphcore/keras ``keras/ipu/extensions/extensions_base.py``,
-    ``keras/ipu/pipeline_test.py``). Graphcore's TF2 ResNet50 instead returns each
-    micro-batch's statistics as the *gradient* of trainable moving-statistic
-    variables, which the pipeline accumulates and reduces like any gradient and the
-    optimizer applies once per weight update (graphcore/examples
-    ``vision/cnns/tensorflow2/normalization/batch_norm.py``). hal does the same:
-    each BatchNorm layer's output passes through an identity whose gradient for
-    ``running_mean``/``running_var`` is the micro-batch mean and unbiased variance;
-    those variables become trainable, and the optimizer applies
-    ``r = d r + (1 - d) s`` with ``s`` the mean over the update's G micro-batches
-    (and replicas) and ``d = (1 - momentum)^G``: the weight the old statistic keeps
-    after G canonical per-micro-batch updates. So with G = 1 (and one replica) it
-    is hal's canonical BatchNorm exactly; with G > 1 the G statistics are weighted
-    equally instead of geometrically (momentum ``m``: ``m (1 - m)^(G-1-i)`` for
-    micro-batch ``i``), and with replicas all replicas' statistics count, not
-    replica 0's only. Returns the variables and their decay ``d``.
+    ``keras/ipu/pipeline_test.py`` ``testKerasBatchNormalizationLayerWarns``).
+    Graphcore's TF2 ResNet50 instead hands each micro-batch's statistics to
+    *trainable* moving-statistic variables as gradients, which the pipeline
+    accumulates like any gradient and the optimizer applies once per weight update
+    (graphcore/examples ``vision/cnns/tensorflow2/normalization/batch_norm.py``).
+    hal does the same: the model is built with ``statistics_as_gradients``
+    (:func:`hal.backends.tensorflow.build_keras_model`), the gradient of
+    ``running_mean``/``running_var`` is the micro-batch mean and unbiased variance,
+    and :func:`_keras_torch_optimizer` applies ``r = d r + (1 - d) s``, ``s`` the
+    mean over the update's G micro-batches (and R replicas), ``d = (1 - m)^G``
+    (``m``: the op's momentum), with no weight decay and no optimizer state.
+
+    Against hal's canonical BatchNorm (:mod:`hal.training`: one update
+    ``r = (1 - m) r + m s_i`` per micro-batch ``i``, replica 0's statistics): at
+    G = 1 on one replica it is the same update. At G > 1 the old statistic keeps
+    the same weight ``(1 - m)^G``, but the G statistics share ``1 - d`` equally
+    where the canonical rule weights micro-batch ``i`` by ``m (1 - m)^(G-1-i)``:
+    equal when the micro-batch statistics are, otherwise off by at most
+    ``(1 - d) max |s_i - s_j|``. With R > 1 replicas every replica's statistics
+    count, not replica 0's only. (Graphcore's ResNet50 applies ``d = 1 - m`` per
+    weight update, i.e. its momentum counts weight updates, not micro-batches.)
     """
-    tf = _tf()
     stats: list[tuple[Any, float]] = []
     for layer in batch_norms:
         decay = (1.0 - layer.op.momentum) ** grad_accum
-        for v in (layer.running_mean, layer.running_var):
-            _make_trainable(layer, v)
-            stats.append((v, decay))
-        call = layer.call
-
-        def call_through(x: Any, training: Any = None, _call: Callable[..., Any] = call, _layer: Any = layer) -> Any:
-            y = _call(x, training=training)
-            batch = _BATCH_STATS.pop(id(_layer), None)
-            if batch is None:  # inference, or a forward-only trace: no statistics
-                return y
-
-            @tf.custom_gradient
-            def through(y: Any, running_mean: Any, running_var: Any) -> Any:
-                return tf.identity(y), lambda dy: (dy, tf.cast(batch[0], running_mean.dtype),
-                                                   tf.cast(batch[1], running_var.dtype))
-
-            return through(y, _raw(_layer.running_mean), _raw(_layer.running_var))
-
-        object.__setattr__(layer, "call", call_through)  # untracked by Keras
+        stats += [(layer.running_mean, decay), (layer.running_var, decay)]
     return stats
-
-
-def _make_trainable(layer: Any, variable: Any) -> None:
-    """Make a non-trainable weight of ``layer`` trainable (Keras 3: the variable's
-    flag; Keras 2: move it between the lists ``add_weight`` filled)."""
-    if not isinstance(variable, _tf().Variable):
-        variable.trainable = True
-        return
-    layer._non_trainable_weights.remove(variable)
-    layer._trainable_weights.append(variable)
 
 
 def _step_losses(seen: list[tuple[int, float]], steps: int, g: int) -> np.ndarray:

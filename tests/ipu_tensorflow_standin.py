@@ -34,8 +34,9 @@ github.com/graphcore/keras, same branches):
   the real SDK (keras ``pipeline_test.py`` ``testKerasBatchNormalizationLayerWarns``:
   "the moving statistics need to be updated per-batch, but the pipeline only
   allows updates after it flushes, so the behaviour is undefined"); the stand-in
-  makes it an error: a pipelined ``fit`` that assigns a non-trainable model
-  variable raises.
+  makes it an error: a pipelined ``fit`` that writes a non-trainable model
+  variable (``assign``/``assign_add``/``assign_sub``, Keras 3's and Keras 2's
+  BatchNormalization paths included) raises.
 
 ``compile``/``fit``/``predict`` stay real Keras (3, or 2 from ``tf_keras`` with
 ``TF_USE_LEGACY_KERAS=1``) on the CPU: pipelining, gradient accumulation and
@@ -52,7 +53,6 @@ import types
 from typing import Any, Callable
 
 import tensorflow as tf
-from tensorflow.python.ops import resource_variable_ops
 
 SDK = (3, 4)  # the default SDK the stand-in models
 
@@ -431,25 +431,40 @@ def _raw(v: Any) -> Any:
     return v if isinstance(v, tf.Variable) else v.value
 
 
+_WRITES = ("assign", "assign_add", "assign_sub")
+
+
 @contextlib.contextmanager
 def _no_forward_state(model: Any):  # type: ignore[no-untyped-def]
-    """Inside a pipelined ``fit``: assigning a non-trainable model variable is an error."""
+    """Inside a pipelined ``fit``: writing a non-trainable model variable is an error.
+
+    Every variable class in the MRO that defines a write method gets the trap: TF's
+    ``ResourceVariable`` has its own ``assign`` (a dispatch wrapper), so patching
+    ``BaseResourceVariable`` alone misses Keras 3's writes (``KerasVariable.assign``
+    -> ``ResourceVariable.assign``) and Keras 2's (``assign_sub`` in
+    ``BatchNormalization``'s moving averages)."""
     frozen = {id(_raw(v)): v.name for v in model.non_trainable_variables}
-    original = resource_variable_ops.BaseResourceVariable.assign
+    classes = {c for v in model.non_trainable_variables for c in type(_raw(v)).__mro__}
+    saved = [(c, name, c.__dict__[name]) for c in classes for name in _WRITES if name in c.__dict__]
 
-    def assign(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if id(self) in frozen:
-            raise RuntimeError(
-                f"stand-in: {frozen[id(self)]!r} is assigned inside a pipeline stage; the SDK's pipeline only "
-                "updates state after it flushes, so such updates are undefined (graphcore/keras "
-                "ipu/pipeline_test.py testKerasBatchNormalizationLayerWarns)")
-        return original(self, *args, **kwargs)
+    def trap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def write(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if id(self) in frozen:
+                raise RuntimeError(
+                    f"stand-in: {frozen[id(self)]!r} is assigned inside a pipeline stage; the SDK's pipeline only "
+                    "updates state after it flushes, so such updates are undefined (graphcore/keras "
+                    "ipu/pipeline_test.py testKerasBatchNormalizationLayerWarns)")
+            return original(self, *args, **kwargs)
 
-    resource_variable_ops.BaseResourceVariable.assign = assign
+        return write
+
+    for c, name, original in saved:
+        setattr(c, name, trap(original))
     try:
         yield
     finally:
-        resource_variable_ops.BaseResourceVariable.assign = original
+        for c, name, original in saved:
+            setattr(c, name, original)
 
 
 def install(sdk: tuple[int, int] = SDK) -> tuple[Record, Callable[[], None]]:
