@@ -100,9 +100,16 @@ passes, not on CPU), ``high`` or ``default`` to trade precision for speed;
 
 Precisions: ``fp32``; ``fp64`` (``jax.enable_x64`` is switched on only around
 this executable's own compiles and calls, never globally; not on TPU); ``bf16``
-mixed (bf16 convolutions/matmuls, float32 master weights, BatchNorm statistics,
-loss and optimizer). ``fp16`` is refused: it needs dynamic loss scaling, which
-this backend does not implement (use bf16).
+and ``fp16`` mixed (hal.lowering's precision rules: low-precision
+convolutions/matmuls, float32 master weights, BatchNorm statistics, loss and
+optimizer). fp16 scales the loss dynamically inside the jitted step (GradScaler's
+rule, :data:`hal.lowering.LOSS_SCALE`): the :class:`LossScaleState` travels with
+the optimizer state (through ``run_steps``' ``lax.scan`` carry), a step with an
+inf/nan gradient selects the old parameters and optimizer state with
+``jnp.where`` and backs the scale off; ``check_finite`` then fails a step only
+for a non-finite loss. Adam's bias corrections follow the count of applied
+updates in the program (:func:`adam_scalars_at`), the schedule the step counter,
+as torch's ``GradScaler.step`` and ``scheduler.step()`` do.
 """
 
 from __future__ import annotations
@@ -111,7 +118,7 @@ import contextlib
 import functools
 import itertools
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -120,7 +127,10 @@ from hal.backend import Availability, Backend, Capabilities, Executable, Option,
 from hal.errors import InputError, TargetError, UnsupportedError
 from hal.lowering import (
     COMPUTE_DTYPE,
+    LOSS_SCALE,
+    LOSS_SCALED,
     MASTER_DTYPE,
+    LossScale,
     adaptive_windows,
     avg_pool_divisor,
     conv_transpose_padding,
@@ -138,7 +148,7 @@ from hal.training import SGD, Adam, AdamW, DataParallel, TrainConfig
 if TYPE_CHECKING:  # jax is imported lazily: listing backends must not import it
     import jax
 
-PRECISIONS = ("fp32", "fp64", "bf16")
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
 MATMUL_PRECISIONS = ("highest", "high", "default")
 INSTALL_HINT = "pip install 'hal-cnn[jax]'"
 
@@ -660,6 +670,49 @@ def optimizer(config: TrainConfig) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# fp16: dynamic loss scaling (hal.lowering.LOSS_SCALE), inside the step
+# ---------------------------------------------------------------------------
+
+
+class LossScaleState(NamedTuple):
+    """fp16's loss scale, carried beside the optimizer state: the ``scale``, the count of
+    consecutive ``clean`` steps, and ``count``, the optimizer updates applied (Adam's
+    ``t - 1``: torch's ``state["step"]`` does not advance on a step GradScaler skips)."""
+
+    scale: Any
+    clean: Any
+    count: Any
+
+
+def initial_loss_scale() -> LossScaleState:
+    return LossScaleState(np.asarray(LOSS_SCALE.init, np.float32), np.asarray(0, np.int32), np.asarray(0, np.int32))
+
+
+def update_loss_scale(s: LossScaleState, found_inf: Any, rule: LossScale = LOSS_SCALE) -> LossScaleState:
+    """:func:`hal.lowering.next_loss_scale` (``GradScaler.update``) in the program; ``count``
+    advances unless ``found_inf``."""
+    import jax.numpy as jnp
+
+    clean = s.clean + 1
+    grow = ~found_inf & (clean == rule.interval)
+    scale = jnp.where(found_inf, s.scale * rule.backoff, jnp.where(grow, s.scale * rule.growth, s.scale))
+    return LossScaleState(scale, jnp.where(found_inf | grow, 0, clean), s.count + jnp.where(found_inf, 0, 1))
+
+
+def adam_scalars_at(hyper: Mapping[str, Any], count: Any, betas: tuple[float, float]) -> dict[str, Any]:
+    """``hyper`` with Adam's ``step_size`` and ``bc2_sqrt`` (:func:`hal.lowering.step_scalars`) at
+    torch's ``t = count + 1`` of a traced ``count``: ``1 - b**t = -expm1(t * log(b))`` in float32
+    (within a few float32 ulps of torch's float64 value; optax's ``1 - b**t`` in float32 loses
+    ~3e-5 relative at ``b = 0.999, t = 1``)."""
+    import jax.numpy as jnp
+
+    t = (count + 1).astype(jnp.float32)
+    with np.errstate(divide="ignore"):  # b = 0: log is -inf, 1 - b**t is 1
+        log_b1, log_b2 = np.log(np.float64(betas[0])), np.log(np.float64(betas[1]))
+    return {**hyper, "step_size": hyper["lr"] / -jnp.expm1(t * log_b1), "bc2_sqrt": jnp.sqrt(-jnp.expm1(t * log_b2))}
+
+
+# ---------------------------------------------------------------------------
 # the compiled programs, shared by executables of the same spec and config
 # ---------------------------------------------------------------------------
 
@@ -712,6 +765,7 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
     tx = optimizer(config)
     names = step_scalar_names(config)
     g, master = config.grad_accum, np.dtype(MASTER_DTYPE[config.precision])
+    loss_scaled = config.precision in LOSS_SCALED
     cross_entropy = config.loss == "cross_entropy"
     dropout = any(isinstance(n.op, S.Dropout) and n.op.rate > 0 or isinstance(n.op, S.StochasticDepth) and n.op.p > 0
                   for n in spec.nodes)
@@ -723,7 +777,7 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
             return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
         return jnp.mean(jnp.square(out - y))
 
-    def micro_loss(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool) -> Any:
+    def micro_loss(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool, scale: Any) -> Any:
         rngs = {"dropout": key} if dropout else None
         v = {"params": params, "batch_stats": stats}
         if update:
@@ -731,45 +785,69 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
             stats = new.get("batch_stats", stats)
         else:
             out = train_net.apply(v, x, True, False, rngs=rngs)
-        return loss_value(out, y) / g, stats  # grads of loss/G summed over micro-batches, as torch
+        loss = loss_value(out, y) / g  # grads of loss/G summed over micro-batches, as torch
+        return (loss if scale is None else loss * scale), stats  # fp16: the gradients of loss * scale
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def loss_grads(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool) -> Any:
+    def unscaled(loss: Any, grads: Any, stats: Any, scale: Any) -> tuple[Any, Any, Any]:
+        """fp16: loss and gradients times ``1 / scale`` in float32 (GradScaler's unscale; exact, a power of 2)."""
+        if scale is None:
+            return loss, grads, stats
+        inv = 1.0 / scale
+        return loss * inv, jax.tree.map(lambda d: d * inv, grads), stats
+
+    def loss_grads(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool, scale: Any = None) -> Any:
         """Mean loss and mean gradient over the G micro-batches; BatchNorm
         statistics of each micro-batch, running statistics updated sequentially. Data-parallel:
-        this replica's micro-batches, then :func:`replica_mean`."""
+        this replica's micro-batches, then :func:`replica_mean`. fp16: ``scale`` is the loss scale."""
         first = 0  # the index of the first micro-batch among all replicas' (dropout keys)
         if mesh is not None:  # this replica's own gradients (replica_mean reduces them), not shard_map's implicit sum
             first, params = lax.axis_index(DATA_AXIS) * g, lax.pcast(params, DATA_AXIS, to="varying")
         if g == 1:
-            (loss, stats), grads = grad_fn(params, stats, x, y, jax.random.fold_in(key, first), update)
-            return replica_mean(loss, grads, stats, mesh, config)
+            (loss, stats), grads = grad_fn(params, stats, x, y, jax.random.fold_in(key, first), update, scale)
+            return unscaled(*replica_mean(loss, grads, stats, mesh, config), scale)
         xs, ys = x.reshape(g, -1, *x.shape[1:]), y.reshape(g, -1, *y.shape[1:])
 
         def body(carry: Any, inp: Any) -> Any:
             stats, gsum, lsum = carry
             xi, yi, i = inp
-            (loss, stats), grads = grad_fn(params, stats, xi, yi, jax.random.fold_in(key, i), update)
+            (loss, stats), grads = grad_fn(params, stats, xi, yi, jax.random.fold_in(key, i), update, scale)
             return (stats, jax.tree.map(jnp.add, gsum, grads), lsum + loss), None
 
         init = (stats, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), master))
         (stats, grads, loss), _ = lax.scan(body, init, (xs, ys, first + jnp.arange(g)))
-        return replica_mean(loss, grads, stats, mesh, config)
+        return unscaled(*replica_mean(loss, grads, stats, mesh, config), scale)
+
+    def all_finite(tree: Any) -> Any:
+        return jnp.all(jnp.stack([jnp.isfinite(v).all() for v in jax.tree.leaves(tree)]))
 
     def step(state: Any, x: Any, y: Any, scalars: Any, t: Any, ok: Any) -> Any:
         """One optimizer step from ``state = (params, stats, opt_state)`` with the step's
         scalar row and index ``t``. ``ok``: every earlier step of the call was applied.
         Returns the state after it (the old one if it is not applied), its loss, and
-        whether it was applied."""
+        whether it was applied. fp16: ``opt_state`` is ``(optimizer state, LossScaleState)``;
+        an inf/nan gradient leaves parameters and optimizer state as they were (GradScaler's
+        skip: the BatchNorm statistics keep the forward's update) and is not a failure."""
         params, stats, opt_state = state
-        loss, grads, stats = loss_grads(params, stats, x, y, jax.random.fold_in(base_key, t), True)
-        updates, opt_state = tx.update(grads, opt_state, params, hyper=dict(zip(names, scalars)))
-        new = (optax.apply_updates(params, updates), stats, opt_state)
+        hyper, scale = dict(zip(names, scalars)), None
+        if loss_scaled:
+            opt_state, ls = opt_state
+            scale = ls.scale
+            if isinstance(config.optimizer, Adam):
+                hyper = adam_scalars_at(hyper, ls.count, config.optimizer.betas)
+        loss, grads, stats = loss_grads(params, stats, x, y, jax.random.fold_in(base_key, t), True, scale)
+        updates, new_opt = tx.update(grads, opt_state, params, hyper=hyper)
+        new_params = optax.apply_updates(params, updates)
+        if loss_scaled:
+            found_inf = ~all_finite(grads)
+            new_params, new_opt = jax.tree.map(
+                lambda a, b: jnp.where(found_inf, b, a), (new_params, new_opt), (params, opt_state))
+            new_opt = (new_opt, update_loss_scale(ls, found_inf))
+        new = (new_params, stats, new_opt)
         if not config.check_finite:
             return new, loss, ok
-        finite = [jnp.isfinite(loss)] + [jnp.isfinite(v).all() for v in jax.tree.leaves(grads)]
-        ok = ok & jnp.all(jnp.stack(finite))
+        ok = ok & (jnp.isfinite(loss) if loss_scaled else jnp.isfinite(loss) & all_finite(grads))
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), loss, ok
 
     def train_step(params: Any, stats: Any, opt_state: Any, x: Any, y: Any, scalars: Any, t: Any) -> Any:
@@ -789,9 +867,12 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
         ((params, stats, opt_state), _), (losses, applied) = lax.scan(body, init, (xs, ys, table, ts))
         return params, stats, opt_state, losses, applied.sum()
 
-    def grads_only(params: Any, stats: Any, x: Any, y: Any, key: Any) -> Any:
-        loss, grads, _ = loss_grads(params, stats, x, y, key, False)
+    def grads_only(params: Any, stats: Any, x: Any, y: Any, key: Any, scale: Any) -> Any:
+        loss, grads, _ = loss_grads(params, stats, x, y, key, False, scale)
         return loss, grads
+
+    def init_opt_state(params: Any) -> Any:
+        return (tx.init(params), initial_loss_scale()) if loss_scaled else tx.init(params)
 
     def forward_train(params: Any, stats: Any, x: Any, key: Any) -> Any:
         rngs = {"dropout": key} if dropout else None
@@ -815,7 +896,7 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
     if mesh is not None:
         train_step, run_steps, grads_only = data_parallel(mesh, train_step, run_steps, grads_only)
     return types.SimpleNamespace(
-        net=net, net_infer=net_infer, tx=tx, key=base_key,
+        net=net, net_infer=net_infer, tx=tx, key=base_key, init_opt_state=init_opt_state,
         train=jax.jit(train_step, donate_argnums=(0, 1, 2)),  # parameters, statistics, optimizer state
         run=jax.jit(run_steps, donate_argnums=(0, 1, 2)),
         grads=jax.jit(grads_only),
@@ -852,7 +933,7 @@ class JaxExecutable(Executable):
             self.programs = programs(spec, config, matmul, depthwise_taps=self.device.platform == "cpu", mesh=self.mesh)
             self._key = self.programs.key
             self._load_weights(weights)
-            self.opt_state = self._put_tree(self.programs.tx.init(self.params))
+            self.opt_state = self._put_tree(self.programs.init_opt_state(self.params))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -890,6 +971,15 @@ class JaxExecutable(Executable):
     def _put_y(self, y: np.ndarray, stacked: bool = False) -> Any:
         return self._put_batch(y, np.int32 if self.config.loss == "cross_entropy" else None, stacked)
 
+    def _loss_scale_array(self) -> Any:
+        return self.opt_state[1].scale if self.config.precision in LOSS_SCALED else None
+
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the current dynamic loss scale (:data:`hal.lowering.LOSS_SCALE`); otherwise ``None``."""
+        scale = self._loss_scale_array()
+        return None if scale is None else float(scale)
+
     def _variables(self) -> Any:
         if self._infer_vars is None:
             self._infer_vars = self.programs.fold(self.params, self.stats)
@@ -914,7 +1004,9 @@ class JaxExecutable(Executable):
 
         with self._scope():
             key = jax.random.fold_in(self._key, self.step)
-            loss, grads = self.programs.grads(self.params, self.stats, self._put_batch(x), self._put_y(y), key)
+            loss, grads = self.programs.grads(
+                self.params, self.stats, self._put_batch(x), self._put_y(y), key, self._loss_scale_array()
+            )
             return float(loss), to_canonical(self.spec, jax.device_get(grads))
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, bool]:
@@ -1053,7 +1145,7 @@ def data_parallel(mesh: Any, train_step: Callable, run_steps: Callable, grads_on
     return (
         jax.shard_map(train_step, mesh=mesh, in_specs=(rep, rep, rep, batch, batch, rep, rep), out_specs=rep),
         jax.shard_map(run_steps, mesh=mesh, in_specs=(rep, rep, rep, steps, steps, rep, rep), out_specs=rep),
-        jax.shard_map(grads_only, mesh=mesh, in_specs=(rep, rep, batch, batch, rep), out_specs=rep),
+        jax.shard_map(grads_only, mesh=mesh, in_specs=(rep, rep, batch, batch, rep, rep), out_specs=rep),
     )
 
 
@@ -1103,11 +1195,6 @@ def _jax_device(device: str) -> "jax.Device":
 
 
 def _precision_reason(precision: str) -> str:
-    if precision == "fp16":
-        return (
-            "fp16 mixed precision needs dynamic loss scaling, which the jax backend does not implement; "
-            "use bf16 (same speed on GPU/TPU, no loss scaling)"
-        )
     return f"jax supports precisions {PRECISIONS}, not {precision!r}"
 
 
