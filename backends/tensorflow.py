@@ -69,6 +69,15 @@ Canonical rules, not TensorFlow's defaults:
   assigned under one ``tf.cond`` on "loss and every gradient finite", and the
   ``run_steps`` loop stops at the first step not applied. The only extra work is
   one ``is_finite`` reduction over the gradients; no extra host sync.
+* **Mixed precision** (``bf16``, ``fp16``; :mod:`hal.lowering`'s rules): Keras's
+  ``mixed_bfloat16``/``mixed_float16`` policy on every layer but the
+  normalisations; float32 variables, loss, gradients and optimizer state. fp16
+  scales the loss dynamically inside the ``tf.function`` with GradScaler's rule
+  and constants (:data:`hal.lowering.LOSS_SCALE`, not Keras's
+  ``LossScaleOptimizer``, whose scale grows every 2000 steps from 2**15): the
+  scale lives in ``tf.Variable`` s, a step with an inf/nan gradient assigns no
+  weight or slot (a ``tf.cond``) and backs the scale off, and ``check_finite``
+  fails a step only for a non-finite loss.
 
 **XLA** (option ``xla``). Each compiled function is a ``tf.function``;
 ``jit_compile`` is chosen per device and mode (``XLA``) from measurements:
@@ -107,8 +116,10 @@ from hal.backend import Availability, Backend, Capabilities, Executable, Option,
 from hal.errors import BackendUnavailable, ConfigError, HalError, TargetError, UnsupportedError
 from hal.lowering import (
     FP32_OPS,
+    LOSS_SCALE,
+    LOSS_SCALED,
+    LossScale,
     MASTER_DTYPE,
-    MIXED_PRECISIONS,
     adaptive_windows,
     avg_pool_divisor,
     conv_transpose_padding,
@@ -120,7 +131,7 @@ from hal.lowering import (
     scalar_table,
     step_scalar_names,
 )
-from hal.training import SGD, AdamW, DataParallel, TrainConfig
+from hal.training import SGD, Adam, AdamW, DataParallel, TrainConfig
 
 if TYPE_CHECKING:
     from hal.ipu import Plan
@@ -130,7 +141,7 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install 'hal-cnn[tensorflow]'"
 DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-macos", "intel-tensorflow")
-PRECISIONS = ("fp32", "fp64", "bf16")
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
 MIXED_POLICY = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}  # Keras's: float32 variables, low-precision compute
 CHANNELS_LAST = "hal_to_channels_last"
 CHANNELS_FIRST = "hal_to_channels_first"
@@ -867,6 +878,15 @@ def torch_update(o: Any, p: Any, g: Any, slots: Mapping[str, Any], h: Mapping[st
     return [m.assign(m_new), v.assign(v_new), p.assign(p_val - h["step_size"] * (m_new / denom))]
 
 
+def update_loss_scale(scale: Any, clean: Any, found_inf: Any, rule: LossScale = LOSS_SCALE) -> tuple[Any, Any]:
+    """:func:`hal.lowering.next_loss_scale` on tensors: ``(scale, clean steps)`` after a step."""
+    tf = _tf()
+    grown = clean + 1
+    grow = tf.logical_not(found_inf) & tf.equal(grown, rule.interval)
+    new = tf.where(found_inf, scale * rule.backoff, tf.where(grow, scale * rule.growth, scale))
+    return new, tf.where(found_inf | grow, tf.zeros_like(grown), grown)
+
+
 def slot_names(config: TrainConfig) -> tuple[str, ...]:
     """The optimizer state kept per trainable variable (``torch.optim``'s names)."""
     o = config.optimizer
@@ -901,6 +921,12 @@ class TensorFlowExecutable(Executable):
                 {s: tf.Variable(tf.zeros_like(v), trainable=False, name=s) for s in slot_names(config)}
                 for v in self.train_vars
             ]
+            # fp16: GradScaler's (scale, consecutive clean steps, optimizer updates applied = Adam's t - 1)
+            self.loss_scale_vars = (
+                tf.Variable(LOSS_SCALE.init, dtype=tf.float32, trainable=False, name="loss_scale"),
+                tf.Variable(0, dtype=tf.int32, trainable=False, name="loss_scale_clean_steps"),
+                tf.Variable(0, dtype=tf.int32, trainable=False, name="optimizer_updates"),
+            ) if config.precision in LOSS_SCALED else None
         self.batch_norms = [layer for layer in self.graph.layers.values() if isinstance(layer.op, S.BatchNorm)]
         self.per_sample_loss = _loss(config)
         self.scalar_names = step_scalar_names(config)
@@ -956,7 +982,10 @@ class TensorFlowExecutable(Executable):
                     out = tf.cast(self.graph.model(xm, training=True), self.dtype)  # the loss in fp32 (mixed precision)
                     loss = tf.reduce_mean(self.per_sample_loss(ym, out))
                     scaled = loss / g if g > 1 else loss  # as torch: backward of loss / G per micro-batch
-                grads = tape.gradient(scaled, self.train_vars)
+                    target = scaled if self.loss_scale_vars is None else scaled * self.loss_scale_vars[0]
+                grads = tape.gradient(target, self.train_vars)
+                if self.loss_scale_vars is not None:  # fp16: the gradients of loss * scale, times 1 / scale
+                    grads = [None if d is None else d * (1.0 / self.loss_scale_vars[0]) for d in grads]
             running = [layer.updated(*stats[id(layer)], r) if id(layer) in stats else r
                        for layer, r in zip(self.batch_norms, running)]
             return scaled, [tf.zeros_like(v) if d is None else d for v, d in zip(self.train_vars, grads)], running
@@ -977,14 +1006,18 @@ class TensorFlowExecutable(Executable):
     def _step(self, x: Any, y: Any, scalars: Any) -> tuple[Any, Any]:
         """One optimizer step: ``(loss, applied)``. With ``check_finite`` every
         assignment (weights, slots, running statistics) sits under one ``tf.cond``
-        on a finite loss and finite gradients."""
+        on a finite loss and finite gradients (fp16: a finite loss; an inf/nan
+        gradient is :meth:`_loss_scaled_update`'s skip, not a failure)."""
         tf = _tf()
         loss, grads, running = self._grads(x, y)
         h = {k: tf.cast(scalars[i], self.dtype) for i, k in enumerate(self.scalar_names)}
 
+        def update() -> list[Any]:
+            return [op for v, d, slots in zip(self.train_vars, grads, self.slots)
+                    for op in torch_update(self.config.optimizer, v, d, slots, h)]
+
         def commit() -> Any:
-            ops = [op for v, d, slots in zip(self.train_vars, grads, self.slots)
-                   for op in torch_update(self.config.optimizer, v, d, slots, h)]
+            ops = update() if self.loss_scale_vars is None else self._loss_scaled_update(grads, h, update)
             for layer, (mean, var) in zip(self.batch_norms, running):
                 ops += [layer.running_mean.assign(mean), layer.running_var.assign(var)]
             with tf.control_dependencies(ops):
@@ -992,8 +1025,39 @@ class TensorFlowExecutable(Executable):
 
         if not self.config.check_finite:
             return loss, commit()
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in (loss, *grads)])
+        checked = (loss,) if self.loss_scale_vars is not None else (loss, *grads)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in checked])
         return loss, tf.cond(finite, commit, lambda: tf.constant(False))
+
+    def _loss_scaled_update(self, grads: list[Any], h: dict[str, Any], update: Callable[[], list[Any]]) -> list[Any]:
+        """fp16 (GradScaler's rule, :func:`hal.lowering.next_loss_scale`): the ``update`` ops
+        run only if every gradient is finite, then the scale backs off or grows. Adam's
+        ``step_size``/``bc2_sqrt`` in ``h`` are replaced by their values at torch's ``t`` = updates
+        applied + 1 (a skipped step does not count; ``1 - b**t = -expm1(t * log(b))`` in float32,
+        a few ulps from torch's float64); the schedule's ``lr`` stays the step counter's."""
+        tf = _tf()
+        scale, clean, count = self.loss_scale_vars
+        o = self.config.optimizer
+        if isinstance(o, Adam):  # read before the update below assigns the count
+            t = tf.cast(count + 1, self.dtype)
+            with np.errstate(divide="ignore"):  # b = 0: log is -inf, 1 - b**t is 1
+                log_b1, log_b2 = np.log(np.float64(o.betas[0])), np.log(np.float64(o.betas[1]))
+            h.update(step_size=h["lr"] / -tf.math.expm1(t * log_b1), bc2_sqrt=tf.sqrt(-tf.math.expm1(t * log_b2)))
+        found_inf = tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in grads]))
+
+        def applied() -> Any:
+            with tf.control_dependencies(update()):
+                return tf.constant(True)
+
+        done = tf.cond(found_inf, lambda: tf.constant(False), applied)
+        new_scale, new_clean = update_loss_scale(scale, clean, found_inf)
+        with tf.control_dependencies([done]):
+            return [scale.assign(new_scale), clean.assign(new_clean), count.assign_add(tf.cast(done, tf.int32))]
+
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the current dynamic loss scale (:data:`hal.lowering.LOSS_SCALE`); otherwise ``None``."""
+        return None if self.loss_scale_vars is None else float(self.loss_scale_vars[0].numpy())
 
     def _steps(self, xs: Any, ys: Any, scalars: Any) -> tuple[Any, Any]:
         """Steps over stacked batches until one is not applied: ``(losses, applied)``,
@@ -1046,9 +1110,6 @@ class TensorFlowExecutable(Executable):
 
 def _precision_reason(precision: str, where: str) -> str:
     """Why ``where`` (``tensorflow`` or a target) refuses ``precision``."""
-    if precision in MIXED_PRECISIONS:  # fp16
-        return (f"{where}: {precision} mixed precision needs dynamic loss scaling "
-                "(hal.lowering.LOSS_SCALE), which the tensorflow backend does not implement; use bf16")
     return f"precision {precision!r} runs on tensorflow:ipu only, not {where}"
 
 
