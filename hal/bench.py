@@ -20,9 +20,11 @@ unless ``isolate=False``: frameworks do not share a process or compete for its
 threads, and a crash or an out-of-memory is a row with its reason.
 
 Native baselines are the ``hal.native`` package (the repository's
-``bench/native/``): per framework, ``build(model, num_classes, device, input_shape)`` returns
+``bench/native/``): per framework, ``build(model, num_classes, device, input_shape, precision)`` returns
 an object with ``predict(x)`` and ``train_step(x, y)`` (numpy in and out, like
 hal), or raises ``hal.native.NoBaseline`` when there is no native twin of that model.
+The twin trains and infers in the config's precision (bf16/fp16 as that framework's
+mixed precision), so a ratio compares like with like.
 A baseline counts only with the spec's trainable parameter count (another width,
 depth or input channel count under a zoo name has none); the row's note names it
 and says how it differs from hal's model, or why there is none.
@@ -328,15 +330,17 @@ def peak_growth_mb(fn: Callable[[], Any]) -> float | None:
 NO_BASELINE = "no native baseline"
 
 
-def load_native(backend: str, spec: ModelSpec, device: str) -> tuple[Any | None, str]:
-    """The native twin of zoo model ``spec`` on ``backend`` from :mod:`hal.native` (imports its
-    framework), or None, and the bench row's note: what the twin is and how it differs from
-    hal's model, or why there is none."""
+def load_native(backend: str, spec: ModelSpec, device: str, precision: str = "fp32") -> tuple[Any | None, str]:
+    """The native twin of zoo model ``spec`` on ``backend`` in ``precision`` from :mod:`hal.native`
+    (imports its framework), or None, and the bench row's note: what the twin is and how it
+    differs from hal's model, or why there is none."""
     module = NATIVE_MODULES.get(backend)
     if module is None:
         return None, f"{NO_BASELINE} for {backend}"
     try:
-        native = importlib.import_module(module).build(spec.name, spec.output_shape[0], device, spec.input_shape)
+        native = importlib.import_module(module).build(
+            spec.name, spec.output_shape[0], device, spec.input_shape, precision
+        )
     except NoBaseline as exc:
         return None, f"{NO_BASELINE}: {exc}"
     if native.num_params != spec.num_params:
@@ -476,7 +480,7 @@ def _measure(
         exe.predict(x) if infer else exe.train_step(x, y)
 
     def native_first() -> None:
-        nat, box["note"] = load_native(resolved.backend, spec, resolved.device)
+        nat, box["note"] = load_native(resolved.backend, spec, resolved.device, config.precision)
         box["native"] = nat
         if nat is not None:
             nat.predict(x) if infer else nat.train_step(x, y)

@@ -36,6 +36,17 @@ ships it, not numerically hal's model; they are a speed reference:
   fixes ``drop_path_rate=0``; torchvision 0.1 to 0.5): training does a little
   less work.
 
+``bf16``/``fp16``: Keras's mixed-precision recipe, the ``mixed_bfloat16`` /
+``mixed_float16`` dtype policy while the model is built (float32 variables,
+low-precision compute, BatchNormalization in float32) and a float32 ``linear``
+activation on the logits, as the Keras guide does; fp16 trains through
+``keras.optimizers.LossScaleOptimizer`` with GradScaler's constants
+(``initial_scale=2**16``: Keras's default is 2**15; ``dynamic_growth_steps=2000``).
+Its rule is GradScaler's (halve on an inf/nan gradient and skip the update, double
+after 2000 clean steps) except that a skipped step does not advance the optimizer's
+``iterations``, so a learning-rate schedule stands still where torch's and hal's
+advance; the constant-LR SGD timed here is unaffected.
+
 The bench feeds hal and the native model the same channels-first batch; the
 native model's first layer is a ``Permute`` to NHWC, the same in-graph
 transpose hal does, so neither side pays a host-side transpose.
@@ -55,6 +66,7 @@ from tensorflow.keras import layers  # noqa: E402
 
 from hal.native import NoBaseline  # noqa: E402
 
+POLICY = {"fp32": None, "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}  # precision -> Keras dtype policy
 BLOCKS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
 
@@ -133,16 +145,26 @@ def application(model: str, num_classes: int, input_shape: tuple[int, ...]) -> k
 
 class Native:
     """The usual Keras predict and train step, numpy in and out like hal; ``note`` names the
-    model in the bench row."""
+    model in the bench row; ``precision`` ``bf16``/``fp16`` builds it under Keras's mixed policy."""
 
-    def __init__(self, make: Callable[[], keras.Model], device: str = "cpu", note: str = "") -> None:
+    def __init__(self, make: Callable[[], keras.Model], device: str = "cpu", note: str = "",
+                 precision: str = "fp32") -> None:
         self.device = "/CPU:0" if device == "cpu" else f"/{device.upper()}"
+        policy = POLICY[precision]
+        optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
+        if precision == "fp16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0**16, dynamic_growth_steps=2000)
         with tf.device(self.device):
-            self.model = make()
-            self.model.compile(
-                optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            )
+            previous = keras.mixed_precision.global_policy()
+            keras.mixed_precision.set_global_policy(policy or previous)  # layers take the policy when built
+            try:
+                self.model = make()
+                if policy:  # float32 logits (the Keras mixed-precision guide)
+                    out = layers.Activation("linear", dtype="float32")(self.model.output)
+                    self.model = keras.Model(self.model.input, out)
+            finally:
+                keras.mixed_precision.set_global_policy(previous)
+            self.model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         self.num_params = sum(int(np.prod(w.shape)) for w in self.model.trainable_weights)
         self.note = note
 
@@ -155,18 +177,21 @@ class Native:
             return float(np.asarray(self.model.train_on_batch(x, y)).reshape(-1)[0])
 
 
-def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native:
-    """The native twin of a hal zoo model: the hand-written ResNets (any input size), else
-    ``keras.applications``' model (:data:`APPLICATIONS`); :class:`NoBaseline` for the others."""
+def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...], precision: str = "fp32") -> Native:
+    """The native twin of a hal zoo model in ``precision``: the hand-written ResNets (any input
+    size), else ``keras.applications``' model (:data:`APPLICATIONS`); :class:`NoBaseline` for the others."""
     if not device.startswith(("cpu", "gpu")):
         raise NoBaseline(f"the Keras baselines run on cpu or gpu, not {device}")
+    if precision not in POLICY:
+        raise NoBaseline(f"the Keras baselines run {', '.join(POLICY)}, not {precision}")
+    mixed = f" ({POLICY[precision]}{', LossScaleOptimizer' if precision == 'fp16' else ''})" if POLICY[precision] else ""
     depth = {f"resnet{d}": d for d in BLOCKS}.get(model)
     if depth:
-        return Native(lambda: resnet(depth, num_classes, None), device, "hand-written Keras ResNet")
+        return Native(lambda: resnet(depth, num_classes, None), device, f"hand-written Keras ResNet{mixed}", precision)
     if model not in APPLICATIONS:
         raise NoBaseline(f"keras.applications has no {model}")
     if len(input_shape) != 3:
         raise NoBaseline(f"keras.applications.{APPLICATIONS[model][0]} takes (C, H, W) images, not {input_shape}")
     name, differences = APPLICATIONS[model]
     return Native(lambda: application(model, num_classes, input_shape), device,
-                  f"keras.applications.{name} (not hal's numbers: {differences})")
+                  f"keras.applications.{name}{mixed} (not hal's numbers: {differences})", precision)

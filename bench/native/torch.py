@@ -11,6 +11,9 @@ and each baseline computes hal's function. The usual eval loop (``eval()``,
 user tuning for speed does (measured on 2 CPU cores, batch 16, 224x224: 1.5x the
 samples/s of NCHW for ``mobilenet_v2`` and ``efficientnet_b0`` in inference and
 training, 1.35x/1.2x for ``resnet50``; it is also cuDNN's preferred layout).
+``bf16``/``fp16``: the usual AMP recipe, ``torch.autocast`` around the forward and
+the loss, and for fp16 ``torch.amp.GradScaler`` with its defaults (hal's
+``LOSS_SCALE`` constants).
 Without torchvision, the models other than the hand-written ones have no baseline.
 """
 
@@ -23,6 +26,7 @@ from torch import nn
 
 from hal.native import NoBaseline
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> autocast dtype
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
@@ -128,10 +132,16 @@ class SmallCNN(nn.Module):
 
 class Native:
     """The usual eval loop and SGD-momentum training step, numpy in and out like hal;
-    ``note`` names the model in the bench row. ``channels_last`` is for 2-d models."""
+    ``note`` names the model in the bench row. ``channels_last`` is for 2-d models;
+    ``precision`` ``bf16``/``fp16`` runs both under autocast (fp16 with a GradScaler)."""
 
-    def __init__(self, model: nn.Module, device: str = "cpu", note: str = "", channels_last: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, device: str = "cpu", note: str = "", channels_last: bool = False,
+        precision: str = "fp32",
+    ) -> None:
         self.device = torch.device(device)
+        self.autocast = AUTOCAST[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -141,17 +151,26 @@ class Native:
     def _x(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(self.device).contiguous(memory_format=self.memory_format)
 
+    def _amp(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         self.model.eval()
-        with torch.inference_mode():
-            return self.model(self._x(x)).cpu().numpy()
+        with torch.inference_mode(), self._amp():
+            return self.model(self._x(x)).float().cpu().numpy()
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self._x(x)), torch.from_numpy(y).to(self.device))
-        loss.backward()
-        self.optimizer.step()
+        with self._amp():
+            loss = F.cross_entropy(self.model(self._x(x)), torch.from_numpy(y).to(self.device))
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss.item()
 
 
@@ -167,9 +186,11 @@ def torchvision_model(model: str, num_classes: int) -> nn.Module:
     return models.get_model(model, weights=None, num_classes=num_classes)
 
 
-def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...]) -> Native:
-    """The native twin of a hal zoo model: the hand-written ResNets and ``small_cnn``,
+def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...], precision: str = "fp32") -> Native:
+    """The native twin of a hal zoo model in ``precision``: the hand-written ResNets and ``small_cnn``,
     else torchvision's model of that name (:class:`NoBaseline` if there is none)."""
+    if precision not in AUTOCAST:
+        raise NoBaseline(f"the torch baselines run {', '.join(AUTOCAST)}, not {precision}")
     depth = {f"resnet{d}": d for d in LAYERS}.get(model)
     if depth:
         net, note = ResNet(depth, num_classes), "hand-written torch ResNet"
@@ -180,4 +201,6 @@ def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...
     else:
         net, note = torchvision_model(model, num_classes), f"torchvision.models.{model}"
     channels_last = len(input_shape) == 3  # a 2-d model
-    return Native(net, device, f"{note} (channels_last)" if channels_last else note, channels_last)
+    how = [*(["channels_last"] if channels_last else []), *([f"{precision} autocast"] if AUTOCAST[precision] else []),
+           *(["GradScaler"] if precision == "fp16" else [])]
+    return Native(net, device, f"{note} ({', '.join(how)})" if how else note, channels_last, precision)
