@@ -1166,7 +1166,8 @@ class JaxDataParallelExecutable(JaxExecutable):
         prepare_data_parallel(config.data_parallel)
         self.mesh = data_mesh(device, config.data_parallel)
         self._replicated = NamedSharding(self.mesh, P())
-        self._batch = NamedSharding(self.mesh, P(DATA_AXIS)), NamedSharding(self.mesh, P(None, DATA_AXIS))
+        self._batch = NamedSharding(self.mesh, P(DATA_AXIS))
+        self._stacked = NamedSharding(self.mesh, P(None, DATA_AXIS))  # run_steps' batches
         super().__init__(spec, weights, device, config, matmul)
 
     def _put_tree(self, tree: Any) -> Any:
@@ -1183,7 +1184,7 @@ class JaxDataParallelExecutable(JaxExecutable):
         import jax
 
         a = np.ascontiguousarray(a, dtype=dtype or self.master)
-        return jax.make_array_from_process_local_data(self._batch[stacked], a)
+        return jax.make_array_from_process_local_data(self._stacked if stacked else self._batch, a)
 
 
 def _jax_device(device: str) -> "jax.Device":

@@ -1117,7 +1117,7 @@ def _precision_reason(precision: str, where: str) -> str:
 # data parallelism: tf.distribute (hal.training.DataParallel)
 # ---------------------------------------------------------------------------
 
-_STRATEGIES: dict[tuple[str, DataParallel], Any] = {}
+_STRATEGIES: dict[DataParallel, Any] = {}  # MultiWorkerMirroredStrategy, made at program start
 
 
 def prepare_data_parallel(dp: DataParallel) -> None:
@@ -1127,7 +1127,7 @@ def prepare_data_parallel(dp: DataParallel) -> None:
     only at program start). Called too late, it changes nothing:
     :func:`data_parallel_strategy` then says what is missing."""
     tf = _tf()
-    if dp.hosts > 1 and ("cpu", dp) not in _STRATEGIES:
+    if dp.hosts > 1 and dp not in _STRATEGIES:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         workers = resolver.cluster_spec().as_dict().get("worker", [])
         if len(workers) != dp.hosts or resolver.task_type != "worker" or resolver.task_id != dp.host_rank:
@@ -1138,7 +1138,7 @@ def prepare_data_parallel(dp: DataParallel) -> None:
                 f"{os.environ.get('TF_CONFIG', '')!r})"
             )
         try:
-            _STRATEGIES["cpu", dp] = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+            _STRATEGIES[dp] = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         except RuntimeError:  # the runtime is running already
             pass
     cpus = tf.config.list_physical_devices("CPU")
@@ -1159,7 +1159,7 @@ def data_parallel_strategy(device: str, dp: DataParallel) -> Any:
     kind, _, index = device.partition(":")
     first = int(index or 0)
     if dp.hosts > 1:
-        strategy = _STRATEGIES.get(("cpu", dp))
+        strategy = _STRATEGIES.get(dp)
         if strategy is None:
             raise TargetError(
                 f"tensorflow:{device}: DataParallel(hosts={dp.hosts}) needs its MultiWorkerMirroredStrategy created "
