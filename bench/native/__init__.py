@@ -1,11 +1,12 @@
 """Native models, the baselines ``hal bench`` times hal against (installed as ``hal.native``).
 
-One module per framework: ``torch`` (PyTorch: hand-written ResNet and ``small_cnn``,
-torchvision's models for the rest of the zoo), ``flax`` (JAX: a hand-written Flax
+One module per framework: ``torch`` (PyTorch: torchvision's models, a hand-written
+``small_cnn``), ``flax`` (JAX: a hand-written Flax
 linen ResNet + Optax), ``keras`` (TensorFlow: a hand-written Keras ResNet,
 ``keras.applications`` where Keras ships the architecture). Each is what a user of
 that framework would write or pick, with no hal in it, and has
-``build(model, num_classes, device, input_shape)`` returning an object with
+``build(model, num_classes, device, input_shape, precision="fp32")`` (``bf16``/``fp16``:
+that framework's usual mixed-precision recipe) returning an object with
 ``predict(x)`` and ``train_step(x, y)`` (numpy in and out, channels-first batches,
 like hal), ``num_params`` (its trainable parameter count) and ``note`` (what it is
 and, where it is not numerically hal's model, how it differs), or raising

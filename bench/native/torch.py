@@ -1,8 +1,8 @@
 """The PyTorch baselines that ``hal bench`` times hal's ``torch`` backend against in the
-same run: a plainly hand-written ResNet (torchvision's layout) and ``small_cnn``, and
-torchvision's own model for every other zoo name torchvision has (``mobilenet_v2``,
-``efficientnet_b0``, ``densenet121``...), built with ``weights=None`` and the spec's
-``num_classes``.
+same run: torchvision's own model for every zoo name torchvision has (``resnet50``,
+``mobilenet_v2``, ``efficientnet_b0``, ``densenet121``...), built with ``weights=None``
+and the spec's ``num_classes``; a plainly hand-written ``small_cnn``, and a hand-written
+ResNet (torchvision's layout) where torchvision is not installed.
 
 Nothing here uses hal: it is what a PyTorch user would write. The ``state_dict``
 names are torchvision's, hence hal's canonical names: hal's weights load unchanged
@@ -187,13 +187,16 @@ def torchvision_model(model: str, num_classes: int) -> nn.Module:
 
 
 def build(model: str, num_classes: int, device: str, input_shape: tuple[int, ...], precision: str = "fp32") -> Native:
-    """The native twin of a hal zoo model in ``precision``: the hand-written ResNets and ``small_cnn``,
-    else torchvision's model of that name (:class:`NoBaseline` if there is none)."""
+    """The native twin of a hal zoo model in ``precision``: torchvision's model of that name, the
+    hand-written ``small_cnn``, or without torchvision the hand-written ResNets (:class:`NoBaseline` if none)."""
     if precision not in AUTOCAST:
         raise NoBaseline(f"the torch baselines run {', '.join(AUTOCAST)}, not {precision}")
     depth = {f"resnet{d}": d for d in LAYERS}.get(model)
     if depth:
-        net, note = ResNet(depth, num_classes), "hand-written torch ResNet"
+        try:  # torchvision's own ResNet where torchvision imports; the hand-written twin otherwise
+            net, note = torchvision_model(model, num_classes), f"torchvision.models.{model}"
+        except NoBaseline:
+            net, note = ResNet(depth, num_classes), "hand-written torch ResNet (torchvision's layout)"
     elif model == "small_cnn":
         if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
             raise NoBaseline(f"the hand-written small_cnn takes square (C, H, H) inputs, not {input_shape}")
