@@ -22,6 +22,16 @@ is plain eager NCHW PyTorch, the float64 autodiff reference of the parity harnes
 Either way the optimizer uses torch's ``foreach`` kernels and ``run_steps``
 copies its batches to the device once per call.
 
+Option ``compile`` (default ``"none"``) puts ``torch.compile`` (inductor) around the
+module that ``predict`` runs and the one the training forward runs; the backward is
+compiled with it (AOTAutograd). Everything around those calls stays eager, so the
+semantics are eager torch's: gradient accumulation, the loss in master precision,
+the non-finite check and its rollback (the compiled forward writes the BatchNorm
+running statistics back into the same buffers), the optimizer. The folded inference
+copy is refolded in place after a weight change, so a compiled copy stays valid.
+Each new shape, precision or mode (training, statistics updated or not) compiles on
+its first call; on the CPU inductor needs a C++ compiler.
+
 Non-finite steps (``config.check_finite``): after the backward of a step,
 ``torch.amp.GradScaler``'s own check (``torch._amp_foreach_non_finite_check_and_unscale_``
 with scale 1: one read of every gradient, exact where a norm could overflow) and
@@ -448,19 +458,36 @@ def _graph_class() -> type:
 
         def fused(self) -> "TorchGraph":
             """An inference copy with every foldable BatchNorm (:func:`hal.lowering.foldable_batchnorms`)
-            folded into its convolution's weight and bias, by :func:`hal.lowering.fold_batchnorm`'s formula."""
+            folded into its convolution's weight and bias, by :func:`hal.lowering.fold_batchnorm`'s formula;
+            :meth:`refold` brings it up to date with this graph's weights."""
             g = copy.deepcopy(self)
             folds = foldable_batchnorms(self.spec)
-            with torch.no_grad():
-                for i, (name, bn, ins, free) in enumerate(g._plan):
-                    if name not in folds:
-                        continue
+            for i, (name, _, ins, free) in enumerate(g._plan):
+                if name in folds:
                     conv = g.get_submodule(folds[name])
+                    if conv.bias is None:
+                        conv.bias = nn.Parameter(conv.weight.new_empty(conv.weight.shape[0]))
+                    g._plan[i] = (name, nn.Identity(), ins, free)
+            self.refold(g)
+            return g.eval()
+
+        def refold(self, fused: "TorchGraph") -> None:
+            """Copy this graph's weights into its :meth:`fused` copy, folding the BatchNorms again: in place,
+            so that a ``torch.compile`` of the copy stays valid."""
+            folds = foldable_batchnorms(self.spec)
+            convs = set(folds.values())
+            mine = self.state_dict()
+            with torch.no_grad():
+                for k, v in fused.state_dict().items():
+                    if k.rpartition(".")[0] not in convs:
+                        v.copy_(mine[k])
+                for bn_name, conv_name in folds.items():
+                    conv, bn, out = (self.get_submodule(conv_name), self.get_submodule(bn_name),
+                                     fused.get_submodule(conv_name))
                     w, b = fold_batchnorm(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
                                           bn.running_var, bn.op.eps)
-                    conv.weight, conv.bias = nn.Parameter(w), nn.Parameter(b)
-                    g._plan[i] = (name, nn.Identity(), ins, free)
-            return g.eval()
+                    out.weight.copy_(w)
+                    out.bias.copy_(b)
 
     return TorchGraph
 
@@ -493,6 +520,26 @@ def make_optimizer(params: Any, config: TrainConfig) -> "torch.optim.Optimizer":
 
 
 # -- torch-version differences (hal supports torch 2.0 on, the torch that PopTorch 3.3/3.4 pins) -------------------
+
+
+COMPILE_MODES = ("none", "inductor", "max-autotune", "reduce-overhead")
+
+
+def _check_torch_compile(mode: str, device_type: str, target: str) -> None:
+    """Refuse a ``compile`` mode this torch, Python or device cannot run, saying why (torch 2.0's
+    ``torch.compile`` does not run on Python 3.11+; CUDA graphs are CUDA's)."""
+    import torch
+    import torch._dynamo
+
+    if mode == "reduce-overhead" and device_type != "cuda":
+        raise UnsupportedError(f"{target}: compile='reduce-overhead' is CUDA graphs, CUDA only; use 'inductor'")
+    try:
+        torch._dynamo.eval_frame.check_if_dynamo_supported()
+    except RuntimeError as exc:
+        raise UnsupportedError(
+            f"{target}: option compile={mode!r} needs torch.compile, which torch {torch.__version__} cannot run "
+            f"here ({exc}); use compile='none'"
+        ) from None
 
 
 def _grad_scaler(device_type: str) -> Any:
@@ -550,6 +597,9 @@ class TorchExecutable(Executable):
         self.dtype, self.np_dtype = getattr(torch, master), np.dtype(master)
         self.autocast = getattr(torch, compute) if compute != master else None
         self.fast = options["fast"]
+        self.compile_mode = options["compile"]
+        if self.compile_mode != "none":
+            _check_torch_compile(self.compile_mode, self.device.type, f"torch:{device}")
         self.channels_last = self.fast and len(spec.input_shape) == 3  # 2-d: measured faster on CPU (oneDNN) and CUDA
         self.module = build_module(spec, weights, master).to(self.device)
         if self.channels_last:
@@ -561,7 +611,9 @@ class TorchExecutable(Executable):
         self.optimizer = make_optimizer(self.params.values(), config) if self.params else None
         self.scaler = _grad_scaler(self.device.type) if config.precision in LOSS_SCALED else None
         self.loss = F.cross_entropy if config.loss == "cross_entropy" else F.mse_loss
-        self._infer: Any = None  # fused inference copy, rebuilt when weights change
+        self._infer: Any = None  # what predict runs; None: the weights changed since
+        self._fused: nn.Module | None = None  # the BatchNorm-folded copy (fast), refolded in place
+        self._compiled: dict[str, nn.Module] = {}  # torch.compile wrappers: "infer", "train"
         self.train_module: nn.Module = self.module  # what the training forward calls (a DDP wrapper in a replica)
 
     # -- I/O boundary -----------------------------------------------------------
@@ -605,7 +657,9 @@ class TorchExecutable(Executable):
                 out = self._run(self.module, self._x(x))
         else:
             if self._infer is None:
-                self._infer = self.module.fused() if self.fast else self.module.eval()
+                self._infer = self._inference_module()
+            if not self.fast:
+                self.module.eval()
             with torch.inference_mode():
                 out = self._run(self._infer, self._x(x))
         return out.cpu().numpy() if out.dtype == torch.float64 else out.float().cpu().numpy()
@@ -622,7 +676,7 @@ class TorchExecutable(Executable):
         total = None
         for i, (xm, ym) in enumerate(zip(x.chunk(g), y.chunk(g))):
             with self._grad_sync(i == g - 1):
-                loss = self.loss(self._run(self.train_module, xm).to(self.dtype), ym) / g  # in master precision
+                loss = self.loss(self._run(self._compile("train", self.train_module), xm).to(self.dtype), ym) / g
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total  # type: ignore[return-value]
@@ -630,6 +684,29 @@ class TorchExecutable(Executable):
     def _grad_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """The context of one micro-batch's forward and backward (data-parallel replicas reduce on the last)."""
         return contextlib.nullcontext()
+
+    def _inference_module(self) -> "nn.Module":
+        """What ``predict`` runs, current with the weights: the module itself, or with ``fast`` its BatchNorm-folded
+        copy, made once and refolded in place after a weight change (a compiled copy stays valid)."""
+        if not self.fast:
+            return self._compile("infer", self.module)
+        if self._fused is None:
+            self._fused = self.module.fused()
+        else:
+            self.module.refold(self._fused)
+        return self._compile("infer", self._fused)
+
+    def _compile(self, role: str, module: "nn.Module") -> "nn.Module":
+        """``module`` under ``torch.compile`` in the ``compile`` option's mode (as is for ``"none"``), wrapped once
+        per role: torch compiles on the first call of each shape, precision and mode (training, BatchNorm
+        statistics updated or not), and the executable's semantics stay those of eager torch around it."""
+        import torch
+
+        if self.compile_mode == "none":
+            return module
+        if role not in self._compiled:
+            self._compiled[role] = torch.compile(module, mode=None if self.compile_mode == "inductor" else self.compile_mode)
+        return self._compiled[role]
 
     def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
         loss = self._accumulate(self._x(x), self._y(y), update_stats=False)
@@ -714,6 +791,14 @@ class TorchBackend(Backend):
                 True,
                 "channels_last for 2-d models and BatchNorm folded into convolutions for inference; "
                 "False: plain eager NCHW PyTorch (the parity harness's float64 autodiff reference)",
+            ),
+            "compile": Option(
+                "none",
+                "torch.compile the inference and the training forward/backward (loss, gradient accumulation, "
+                "the non-finite check and the optimizer stay eager): 'inductor' (its default mode), "
+                "'max-autotune' (inductor tunes its kernels; CUDA graphs on CUDA), 'reduce-overhead' (CUDA graphs, "
+                "CUDA only); the first call of each shape compiles. 'none': eager",
+                choices=COMPILE_MODES,
             ),
         }
 

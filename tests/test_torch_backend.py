@@ -616,3 +616,72 @@ def test_random_graphs_match_reference_in_fp64(graph):
         assert normalised_error(got, ref)[1] < 1e-10, training
 
 
+
+
+# ---------------------------------------------------------------------------
+# option compile: torch.compile
+# ---------------------------------------------------------------------------
+
+
+def test_folded_copy_is_refolded_in_place_after_a_weight_change(make_weights):
+    """predict keeps one BatchNorm-folded copy (what a torch.compile of it needs) and refolds it after a training
+    step and a load: its output follows the new weights, as the float64 reference says."""
+    from hal import models
+
+    spec = models.get("small_cnn")
+    exe = hal.compile(spec, "torch:cpu", make_weights(spec, 0, np.float32), TrainConfig(optimizer=SGD(lr=0.5)))
+    x = np.random.default_rng(0).standard_normal((4, *spec.input_shape)).astype(np.float32)
+    exe.predict(x)
+    folded = exe._fused
+    for change in (lambda: exe.train_step(x, np.arange(4)), lambda: exe.load_weights(make_weights(spec, 1, np.float32))):
+        before = exe.predict(x)
+        change()
+        ref, floor = _floor(spec, exe.weights(), x, False)
+        got = exe.predict(x)
+        assert_near_reference(got, ref, floor)
+        assert normalised_error(before, ref)[1] > 100 * tolerance(floor)  # the change shows
+        assert exe._fused is folded
+
+
+def test_compile_refuses_what_cannot_run_here():
+    with pytest.raises(hal.errors.UnsupportedError, match="reduce-overhead.*CUDA only"):
+        hal.compile(hal.models.get("small_cnn"), "torch:cpu", options={"compile": "reduce-overhead"})
+    with pytest.raises(hal.errors.ConfigError, match="must be one of"):
+        hal.compile(hal.models.get("small_cnn"), "torch:cpu", options={"compile": "eager"})
+
+
+@pytest.mark.skipif(torch.__version__ >= (2, 1), reason="torch 2.0's torch.compile and Python >= 3.11")
+def test_compile_refused_on_torch_2_0_with_python_3_11():
+    import sys
+
+    if sys.version_info < (3, 11):
+        pytest.skip("torch 2.0 compiles on Python < 3.11")
+    with pytest.raises(hal.errors.UnsupportedError, match="needs torch.compile, which torch 2.0"):
+        hal.compile(hal.models.get("small_cnn"), "torch:cpu", options={"compile": "inductor"})
+
+
+COMPILED_CASES = (  # a representative subset of the conformance suite: ops, backward, optimizers, state, rollback
+    "op/conv2d_stride2_asym_pad", "op/maxpool2d_asym_pad", "op/batchnorm2d", "grad/conv2d_stride2_asym_pad",
+    "train/sgd_momentum", "train/adamw", "train/grad_accum2_batchnorm", "precision/bf16_forward",
+    "state/predict_sees_new_weights", "state/run_steps_equals_train_step", "error/nonfinite_step",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COMPILED_CASES)
+def test_conformance_with_torch_compile(case):
+    """The conformance cases above pass on torch:cpu with compile='inductor' (inductor compiles each on the CPU
+    with the C++ compiler: tens of seconds per case on a loaded 2-core machine)."""
+    import hal.testing.conformance as conformance
+
+    class Compiled(conformance._Session):  # until run_conformance/check_case take options
+        def compile(self, spec, weights, config):
+            return hal.compile(spec, self.target, weights, config, options={"compile": "inductor"})
+
+    from torch._dynamo.utils import counters
+
+    (selected,) = conformance.conformance_cases("torch:cpu", include=f"^{case}$")
+    graphs = counters["stats"]["unique_graphs"]
+    row = conformance._run_case(Compiled("torch:cpu"), selected)
+    assert row.status == conformance.PASS, row.note
+    assert counters["stats"]["unique_graphs"] > graphs  # torch.compile ran: the case did not pass in eager
