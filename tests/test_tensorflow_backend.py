@@ -267,10 +267,11 @@ def test_batchnorm_over_one_value_is_refused():
     assert exe.predict(np.zeros((1, 2, 1, 1), np.float32)).shape == (1, 2)  # inference is fine
 
 
-def test_unsupported_precision(small):
+def test_graphcore_precisions_are_refused_off_the_ipu(small):
     spec, w = small
-    with pytest.raises(hal.UnsupportedError, match="precision"):
-        hal.compile(spec, TARGET, w, TrainConfig(precision="bf16"))
+    for precision in ("16.16", "16.32"):
+        with pytest.raises(hal.UnsupportedError, match="precision"):
+            hal.compile(spec, TARGET, w, TrainConfig(precision=precision))
 
 
 def test_ipu_without_the_sdk_says_why(small):
