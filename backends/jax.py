@@ -80,7 +80,10 @@ that Eigen cannot run as they are (every weight gradient) into its canonical
 NHWC/HWIO form only in the entry computation (``ConvCanonicalization``,
 xla/service/cpu/conv_canonicalization.cc), so inside a scan's while loop they
 fall back to a naive loop nest, 9-14x slower per step on the conductivity CNN
-(bench/results/jax_speed); inference runs
+(bench/results/jax_speed). For the same reason the micro-batch scan is unrolled
+on the CPU up to :data:`CPU_UNROLL_ACCUM_MAX` micro-batches, each one ordered
+after the previous one's gradients (so the temporary memory stays that of one
+micro-batch); inference runs
 a copy with every BatchNorm that only reads a convolution folded into it,
 rebuilt (by a small jitted function) only when the weights change. ``jax.jit``
 caches one executable per batch shape, and executables of the same spec and
@@ -718,12 +721,18 @@ def adam_scalars_at(hyper: Mapping[str, Any], count: Any, betas: tuple[float, fl
 
 _PROGRAMS: dict[tuple, Any] = {}
 _PROGRAMS_MAX = 32
+CPU_UNROLL_ACCUM_MAX = 8
+"""On the CPU, gradient accumulation over at most this many micro-batches is unrolled
+(the module docstring's ``ConvCanonicalization`` note: a scan's weight gradients run as
+naive loops); compile time grows with the count, so beyond it the micro-batches stay a
+``lax.scan`` (bench/results/jax_speed/README.md: the measurements behind the limit)."""
 
 
 def programs(
-    spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool = False, mesh: Any = None
+    spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool = False, mesh: Any = None,
+    unroll_accum: bool = False,
 ) -> Any:
-    """The jitted programs of ``(spec, config, matmul, depthwise_taps)``, built once per process.
+    """The jitted programs of ``(spec, config, matmul, depthwise_taps, unroll_accum)``, built once per process.
 
     The learning rate and schedule are traced arguments, so executables that differ
     only there (or in weights or device) share one set of jitted functions, hence
@@ -737,17 +746,21 @@ def programs(
     key = (
         spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0),
         config.check_finite, matmul, depthwise_taps, mesh, mesh is not None and config.data_parallel.sync_batchnorm,
+        unroll_accum,
     )
     if key not in _PROGRAMS:
         while len(_PROGRAMS) >= _PROGRAMS_MAX:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = _build_programs(spec, config, matmul, depthwise_taps, mesh)
+        _PROGRAMS[key] = _build_programs(spec, config, matmul, depthwise_taps, mesh, unroll_accum)
     return _PROGRAMS[key]
 
 
-def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool, mesh: Any) -> Any:
+def _build_programs(
+    spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwise_taps: bool, mesh: Any, unroll_accum: bool
+) -> Any:
     """The jitted train step, run_steps scan, gradients, training-mode forward,
-    BatchNorm folding and folded inference of one spec and config (traced on first call)."""
+    BatchNorm folding and folded inference of one spec and config (traced on first call).
+    ``unroll_accum``: the micro-batch scan is unrolled (XLA:CPU, :data:`CPU_UNROLL_ACCUM_MAX`)."""
     import types
 
     import jax
@@ -797,6 +810,13 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
         inv = 1.0 / scale
         return loss * inv, jax.tree.map(lambda d: d * inv, grads), stats
 
+    def after(x: Any, tree: Any) -> Any:
+        """``x``, computed after every array of ``tree``: plus 0 times a finite scalar of each (exact).
+        Unrolled micro-batches need this data dependency: XLA:CPU removes ``optimization_barrier``
+        before it schedules, and it would run their forward passes together (memory growing with G)."""
+        dep = sum(v.ravel()[0] for v in jax.tree.leaves(tree))
+        return x + 0 * jnp.where(jnp.isfinite(dep), dep, 0).astype(x.dtype)
+
     def loss_grads(params: Any, stats: Any, x: Any, y: Any, key: Any, update: bool, scale: Any = None) -> Any:
         """Mean loss and mean gradient over the G micro-batches; BatchNorm
         statistics of each micro-batch, running statistics updated sequentially. Data-parallel:
@@ -812,11 +832,13 @@ def _build_programs(spec: S.ModelSpec, config: TrainConfig, matmul: str, depthwi
         def body(carry: Any, inp: Any) -> Any:
             stats, gsum, lsum = carry
             xi, yi, i = inp
+            if unroll_accum:
+                xi = after(xi, gsum)
             (loss, stats), grads = grad_fn(params, stats, xi, yi, jax.random.fold_in(key, i), update, scale)
             return (stats, jax.tree.map(jnp.add, gsum, grads), lsum + loss), None
 
         init = (stats, jax.tree.map(jnp.zeros_like, params), jnp.zeros((), master))
-        (stats, grads, loss), _ = lax.scan(body, init, (xs, ys, first + jnp.arange(g)))
+        (stats, grads, loss), _ = lax.scan(body, init, (xs, ys, first + jnp.arange(g)), unroll=unroll_accum)
         return unscaled(*replica_mean(loss, grads, stats, mesh, config), scale)
 
     def all_finite(tree: Any) -> Any:
@@ -930,7 +952,9 @@ class JaxExecutable(Executable):
         self._calls = 0  # counter for dropout keys of predict(training=True)
         self._infer_vars: Any = None  # folded inference variables, rebuilt when weights change
         with self._scope():
-            self.programs = programs(spec, config, matmul, depthwise_taps=self.device.platform == "cpu", mesh=self.mesh)
+            cpu = self.device.platform == "cpu"
+            self.programs = programs(spec, config, matmul, depthwise_taps=cpu, mesh=self.mesh,
+                                     unroll_accum=cpu and config.grad_accum <= CPU_UNROLL_ACCUM_MAX)
             self._key = self.programs.key
             self._load_weights(weights)
             self.opt_state = self._put_tree(self.programs.init_opt_state(self.params))

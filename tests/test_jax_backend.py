@@ -12,6 +12,9 @@ tolerances of :mod:`hal.parity` from the measured float32 floor.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -516,3 +519,81 @@ def test_max_pool_gradient_goes_to_the_first_maximum_like_torch(
         (gx,) = vjp(g)
     np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
     np.testing.assert_allclose(np.asarray(gx), xt.grad.numpy(), rtol=0, atol=EXACT)
+
+
+# ---------------------------------------------------------------------------
+# gradient accumulation on the CPU: unrolled micro-batches (ConvCanonicalization is entry-only)
+# ---------------------------------------------------------------------------
+
+
+def train_program(exe: hal.Executable, x: np.ndarray, y: np.ndarray) -> object:
+    """The jitted train step of a jax executable, lowered for ``(x, y)`` (not compiled)."""
+    import jax
+
+    from hal.lowering import scalar_table
+
+    with jax.enable_x64(exe.x64):
+        return exe.programs.train.lower(
+            exe.params, exe.stats, exe.opt_state, x, exe._put_y(y), scalar_table(exe.config, 0, 1)[0], np.int32(0)
+        )
+
+
+@needs_torch
+@pytest.mark.parametrize("unrolled", [True, False])
+def test_grad_accum_float64_is_torch_exactly_unrolled_or_scanned(
+    monkeypatch: pytest.MonkeyPatch, unrolled: bool
+) -> None:
+    """grad_accum 3 on convolutions and BatchNorm, 3 AdamW steps, float64, against torch.optim:
+    the same trajectory whether the micro-batches are unrolled (the CPU default up to
+    ``CPU_UNROLL_ACCUM_MAX``) or a ``lax.scan`` (beyond it); only the unrolled program is
+    free of loops, where XLA:CPU can rewrite the weight-gradient convolutions."""
+    import hal.backends.jax as hal_jax
+
+    monkeypatch.setattr(hal_jax, "CPU_UNROLL_ACCUM_MAX", 8 if unrolled else 1)
+    spec = tiny_bn()
+    cfg = TrainConfig(optimizer=AdamW(lr=0.02, weight_decay=0.05), grad_accum=3, precision="fp64")
+    w = hal.init_weights(spec, seed=12)
+    x, y = make_batch(spec, 6, "cross_entropy", seed=12)
+    xs, ys = steps_of(x, y, 3)
+    jexe, texe = hal.compile(spec, "jax:cpu", w, cfg), hal.compile(spec, "torch:cpu", w, cfg)
+    assert ("stablehlo.while" in train_program(jexe, xs[0], ys[0]).as_text()) is not unrolled
+    jl, tl = jexe.run_steps(xs, ys), texe.run_steps(xs, ys)
+    assert rel(jl, tl) <= EXACT, (jl, tl)
+    assert weights_rel(jexe.weights(), texe.weights()) <= EXACT, tensors_error(jexe.weights(), texe.weights())
+
+
+def test_unrolled_grad_accum_runs_one_micro_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """XLA's temporary memory for 4 unrolled micro-batches is about that of the scan, which holds
+    one micro-batch's activations at a time (unordered, XLA:CPU ran the forward passes together:
+    about 4x)."""
+    import hal.backends.jax as hal_jax
+
+    spec = tiny_bn(size=32)
+    cfg = TrainConfig(optimizer=SGD(lr=0.1, momentum=0.9), grad_accum=4)
+    x, y = make_batch(spec, 32, "cross_entropy", seed=13)
+    temp = {}
+    for limit in (8, 1):
+        monkeypatch.setattr(hal_jax, "CPU_UNROLL_ACCUM_MAX", limit)
+        exe = hal.compile(spec, "jax:cpu", hal.init_weights(spec, seed=13), cfg)
+        temp[limit] = train_program(exe, x, y).compile().memory_analysis().temp_size_in_bytes
+    assert temp[8] <= 1.25 * temp[1], temp
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts XLA's threads in /proc; needs 2+ CPUs to tell 1 thread from the default")
+def test_set_threads_sizes_xla_cpu_intra_op_pool() -> None:
+    """``hal train --threads 1`` leaves XLA:CPU one intra-op (``tf_XLAEigen``) thread: the
+    pool is sized by ``PJRT_NPROC`` (XLA's ``DefaultThreadPoolSize``), not by an XLA flag."""
+    code = (
+        "import os, sys\n"
+        "from hal.models.conductivity.train import _set_threads\n"
+        "_set_threads(1)\n"
+        "import jax.numpy as jnp\n"
+        "(jnp.ones((64, 64)) @ jnp.ones((64, 64))).block_until_ready()\n"
+        "tasks = os.listdir(f'/proc/{os.getpid()}/task')\n"
+        "print(sum(open(f'/proc/{os.getpid()}/task/{t}/comm').read().strip() == 'tf_XLAEigen' for t in tasks))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1", out.stdout
