@@ -23,8 +23,8 @@ same batches in the same order: epoch ``e`` visits the training split in the
 order ``default_rng([seed, e]).permutation``, dropping the last partial batch so
 every step has the same batch shape. By default one ``Executable.run_steps``
 call runs an epoch; ``steps_per_call`` splits it, and 1 calls ``train_step`` per
-step (on jax:cpu ``run_steps`` measured 10-20x slower than ``train_step``, see
-``bench/results/conductivity/README.md``). After each epoch the validation loss
+step (the same speed on every CPU backend: jax:cpu's ``run_steps`` is a loop of
+its jitted step, see ``bench/results/jax_speed``). After each epoch the validation loss
 (the same MSE, BatchNorm in inference mode) is recorded.
 
 Timing: ``train_seconds`` is the wall time of all training calls (compile and
@@ -486,9 +486,13 @@ def _physical_memory() -> int:
 
 
 def _set_threads(n: int) -> None:
-    """Intra-op thread counts for frameworks loaded after this call (torch/OpenMP, TensorFlow, XLA CPU)."""
+    """Intra-op thread counts for frameworks loaded after this call (torch/OpenMP, TensorFlow, XLA CPU).
+
+    XLA:CPU sizes its intra-op pool from ``PJRT_NPROC`` (``DefaultThreadPoolSize``,
+    xla/pjrt/utils.cc); it has no ``intra_op_parallelism_threads`` flag."""
     os.environ["OMP_NUM_THREADS"] = str(n)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(n)
-    flag = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} intra_op_parallelism_threads={n}"
+    os.environ["PJRT_NPROC"] = str(n)
+    flag = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
