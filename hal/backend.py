@@ -19,7 +19,7 @@ import numpy as np
 
 from hal.errors import ConfigError, InputError, NonFiniteError, TargetError, UnsupportedError
 from hal.spec import OPS, BatchNorm, ModelSpec
-from hal.training import TrainConfig
+from hal.training import DataParallel, TrainConfig
 from hal.weights import check_weights
 
 if TYPE_CHECKING:
@@ -134,6 +134,11 @@ class Backend(ABC):
         if config is not None and config.precision not in caps.precisions:
             out["config"] = f"{cls.name} supports precisions {caps.precisions}, not {config.precision!r}"
         return out
+
+    @classmethod
+    def prepare_data_parallel(cls, dp: DataParallel) -> None:
+        """Configure the framework for ``dp`` before any device is resolved (JAX fixes its number of host
+        devices when it starts); called by :func:`hal.registry.resolve`. Nothing to do by default."""
 
     @classmethod
     def resolve_device(cls, device: str) -> str:

@@ -395,7 +395,7 @@ def _run_target(
     seconds include the compile."""
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
-    _, resolved = resolve(target)
+    _, resolved = resolve(target, config.data_parallel)
     exe = compile(spec, resolved, weights, config)
     out: dict[str, tuple[Any, str | None, float]] = {}
     for check in checks:
@@ -589,7 +589,7 @@ def _dp_run(
     spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, xs: np.ndarray, ys: np.ndarray
 ) -> tuple[str, np.ndarray, Weights]:
     """Losses of ``run_steps`` and final weights of a data-parallel run (in a worker)."""
-    _, resolved = resolve(target)
+    _, resolved = resolve(target, config.data_parallel)
     exe = compile(spec, resolved, weights, config)
     try:
         return str(resolved), exe.run_steps(xs, ys), exe.weights()

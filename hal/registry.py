@@ -92,13 +92,16 @@ def describe_targets() -> str:
     return text
 
 
-def resolve(target: str | Target) -> tuple[type[Backend], Target]:
-    """The backend class and the normalised target (device filled in); raises if unusable here."""
+def resolve(target: str | Target, data_parallel: DataParallel | None = None) -> tuple[type[Backend], Target]:
+    """The backend class and the normalised target (device filled in); raises if unusable here. With
+    ``data_parallel``, the backend prepares it first (:meth:`Backend.prepare_data_parallel`)."""
     t = Target.parse(target)
     cls = get_backend(t.backend)
     a = cls.availability()
     if not a.available:
         raise BackendUnavailable(f"target {str(t)!r} is not available: {a.reason}")
+    if data_parallel is not None and data_parallel.enabled:
+        cls.prepare_data_parallel(data_parallel)
     return cls, Target(t.backend, cls.resolve_device(t.device))
 
 
@@ -123,7 +126,9 @@ def compile(
 
     if not isinstance(spec, ModelSpec):
         raise HalError(f"compile expects a hal ModelSpec, got {type(spec).__name__}")
-    cls, t = resolve(target)
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a hal.TrainConfig, got {type(config).__name__}")
+    cls, t = resolve(target, config.data_parallel if config is not None else None)
     if plan is not None:
         if not isinstance(plan, Plan):
             raise ConfigError(f"plan must be a hal.ipu.Plan (from hal.ipu.plan), got {type(plan).__name__}")
@@ -133,8 +138,6 @@ def compile(
             raise ConfigError(f"the plan was made for model {plan.model!r} with another spec than {spec.name!r}")
     if config is None:
         config = TrainConfig(precision=plan.precision, grad_accum=plan.batch.grad_accum) if plan else TrainConfig()
-    elif not isinstance(config, TrainConfig):
-        raise ConfigError(f"config must be a hal.TrainConfig, got {type(config).__name__}")
     if plan is not None:
         config = _plan_replicas(t, config, plan)
     _check_data_parallel(cls, t, config, plan is not None)
