@@ -323,6 +323,8 @@ def run_workload(
     targets = list(targets)
     if not targets:
         raise ConfigError("no target to train on")
+    if threads:  # read when each framework loads: before resolve() below, which loads it (workers inherit it)
+        _set_threads(threads)
     resolved: dict[str, str] = {}
     for t in targets:  # fail before the dataset is built
         cls, target = resolve(t)
@@ -338,8 +340,6 @@ def run_workload(
                           f"alone; this machine has {have / 2**30:,.1f} GiB: use fewer --samples or a smaller --size")
     if importlib.util.find_spec("scipy") is None:
         raise ConfigError("the conductivity dataset's solver needs scipy: pip install 'hal-cnn[science]'")
-    if threads:  # read when each framework loads, which is after this point (worker processes inherit it)
-        _set_threads(threads)
     say = progress or (lambda _msg: None)
     load = os.getloadavg()[0]
     start = time.perf_counter()
