@@ -327,7 +327,7 @@ def run_workload(
         _set_threads(threads)
     resolved: dict[str, str] = {}
     for t in targets:  # fail before the dataset is built
-        cls, target = resolve(t)
+        cls, target = resolve(t, data_parallel)  # a framework that fixes its devices at start learns them here
         if not cls.capabilities().training:
             raise UnsupportedError(f"target {t!r} does not train")
         if str(target) in resolved:
