@@ -49,7 +49,7 @@ import copy
 import functools
 import math
 import operator
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -554,6 +554,21 @@ def _grad_scaler(device_type: str) -> Any:
     return torch.cuda.amp.GradScaler(**rule)
 
 
+@contextlib.contextmanager
+def _cuda_math(tf32: bool) -> Iterator[None]:
+    """cuDNN with its autotuner and ``allow_tf32=tf32``, and cuBLAS matmuls with ``allow_tf32=tf32``, restored after."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = tf32
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=tf32):
+            yield
+    finally:
+        matmul.allow_tf32 = before
+
+
 def _foreach_copy_(dst: list["torch.Tensor"], src: list["torch.Tensor"]) -> None:
     """``d.copy_(s)`` for each pair, fused as ``torch._foreach_copy_`` (torch 2.1) where torch has it."""
     import torch
@@ -597,6 +612,7 @@ class TorchExecutable(Executable):
         self.dtype, self.np_dtype = getattr(torch, master), np.dtype(master)
         self.autocast = getattr(torch, compute) if compute != master else None
         self.fast = options["fast"]
+        self.tf32 = options["tf32"]
         self.compile_mode = options["compile"]
         if self.compile_mode != "none":
             _check_torch_compile(self.compile_mode, self.device.type, f"torch:{device}")
@@ -645,9 +661,18 @@ class TorchExecutable(Executable):
         with self._ctx():
             return module(x)
 
+    def _math(self) -> contextlib.AbstractContextManager:
+        """CUDA's fp32 math for one call: TF32 tensor cores for convolutions and matmuls only with the ``tf32``
+        option (torch's own default turns them on for cuDNN convolutions), cuDNN's autotuner on. No-op off CUDA."""
+        return _cuda_math(self.tf32) if self.device.type == "cuda" else contextlib.nullcontext()
+
     # -- hooks ----------------------------------------------------------------------
 
     def _predict(self, x: np.ndarray, training: bool) -> np.ndarray:
+        with self._math():
+            return self._predict_here(x, training)
+
+    def _predict_here(self, x: np.ndarray, training: bool) -> np.ndarray:
         import torch
 
         if training:
@@ -709,7 +734,8 @@ class TorchExecutable(Executable):
         return self._compiled[role]
 
     def _loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, Weights]:
-        loss = self._accumulate(self._x(x), self._y(y), update_stats=False)
+        with self._math():
+            loss = self._accumulate(self._x(x), self._y(y), update_stats=False)
         scale = float(self.scaler.get_scale()) if self.scaler else 1.0
         grads = {k: (p.grad.float() / scale if scale != 1.0 else p.grad).cpu().numpy() for k, p in self.params.items()}
         self.optimizer.zero_grad(set_to_none=True)
@@ -723,6 +749,10 @@ class TorchExecutable(Executable):
         return bool(loss.isfinite() & (self._found_inf == 0))
 
     def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
+        with self._math():
+            return self._steps(xs, ys)
+
+    def _steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
         import torch
 
         check = self.config.check_finite
@@ -791,6 +821,11 @@ class TorchBackend(Backend):
                 True,
                 "channels_last for 2-d models and BatchNorm folded into convolutions for inference; "
                 "False: plain eager NCHW PyTorch (the parity harness's float64 autodiff reference)",
+            ),
+            "tf32": Option(
+                False,
+                "NVIDIA GPUs: TF32 tensor cores for fp32 convolutions and matmuls (10-bit mantissa: faster, not "
+                "fp32-exact; torch's default turns them on for cuDNN convolutions). False: fp32 as specified",
             ),
             "compile": Option(
                 "none",

@@ -700,3 +700,18 @@ def test_plain_predict_after_a_training_mode_predict_is_in_inference_mode(make_w
     exe.predict(x, training=True)
     ref, floor = _floor(spec, w, x, False)
     assert_near_reference(exe.predict(x), ref, floor)
+
+
+def test_cuda_fp32_math_is_exact_unless_tf32_is_asked_for():
+    """torch turns TF32 on for cuDNN convolutions by default; hal's fp32 on CUDA runs inside _cuda_math, which
+    sets cuDNN's and cuBLAS's TF32 flags from the option and restores them after (checked on the flags)."""
+    torch = pytest.importorskip("torch")
+    from hal.backends.torch import _cuda_math
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    for tf32 in (False, True):
+        with _cuda_math(tf32):
+            assert (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark) == (tf32, tf32, True)
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == before
+    assert hal.get_backend("torch").options()["tf32"].default is False
