@@ -229,13 +229,16 @@ def plan(args: argparse.Namespace, python: str = sys.executable) -> list[Step]:
     model = [args.model] + (["--input-size", str(args.input_size)] if args.input_size else [])
     common = ["--targets", ",".join(args.bench_targets), "--batch", str(args.batch), "--repeats", str(args.repeats),
               "--warmup", str(args.warmup), "--json", "--out", ""]
+    torch_options = get_backend("torch").options() if any(t.startswith("torch") for t in args.bench_targets) else {}
     for p in args.precisions:
+        # fp32: hal with TF32 (as the native model runs under torch's cuDNN default) and without (fp32-exact)
+        tf32 = ["--options", "tf32=true,false"] if p == "fp32" and "tf32" in torch_options else []
         steps.append(Step(f"bench {p}", "bench", [*hal, "bench", *model, "--precision", p, "--modes",
-                                                   "inference,training", *common],
+                                                   "inference,training", *tf32, *common],
                           f"bench-{p}.json", BENCH_ESTIMATE_S, precision=p))
     extras = []
-    if any(t.startswith("torch") for t in args.bench_targets):
-        for name, value in compile_options(get_backend("torch").options()):
+    if torch_options:
+        for name, value in compile_options(torch_options):
             estimate = AUTOTUNE_ESTIMATE_S if "autotune" in str(value) else COMPILE_ESTIMATE_S
             for p in args.compile_precisions:
                 opt = f"{name}={_cli_value(value)}"

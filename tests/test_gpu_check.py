@@ -122,9 +122,9 @@ def test_dry_run_through_the_shell_script_prints_the_commands_and_writes_nothing
     assert out.returncode == 0, out.stderr
     assert "hal.cli conformance torch:cuda:0 --json" in out.stdout
     assert "hal.cli conformance jax:gpu:0 --json" in out.stdout
-    for p in ("bf16", "fp16", "fp32"):
-        assert f"hal.cli bench resnet50 --precision {p} --modes inference,training --targets torch:cuda:0 --batch 256" \
-            in out.stdout
+    for p, options in (("bf16", ""), ("fp16", ""), ("fp32", " --options tf32=true,false")):
+        assert (f"hal.cli bench resnet50 --precision {p} --modes inference,training{options} --targets torch:cuda:0 "
+                "--batch 256") in out.stdout
     assert not (tmp_path / "r").exists()
 
 
