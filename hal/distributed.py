@@ -100,7 +100,7 @@ class ReplicaGroup:
         self._replicas: list[_Replica] = []
         self._closed = False
         self._finalizer = weakref.finalize(self, _stop_all, self._replicas)
-        env = {}
+        env: dict[str, str] = {}
         if "OMP_NUM_THREADS" not in os.environ:  # the replicas share this host's cores
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // dp.replicas))
         registry = portable_registry()
@@ -117,8 +117,7 @@ class ReplicaGroup:
             raise
 
     def _start(self, rank: int, env: dict[str, str]) -> _Replica:
-        fds = [*os.pipe(), *os.pipe(), *os.pipe()]  # requests, results, lifeline: (read, write) each
-        req_r, req_w, res_r, res_w, life_r, life_w = fds
+        req_r, req_w, res_r, res_w, life_r, life_w = *os.pipe(), *os.pipe(), *os.pipe()  # requests, results, lifeline
         err = tempfile.TemporaryFile(prefix=f"hal-replica{rank}-", suffix=".stderr")
         try:
             proc = spawn(f"from hal.distributed import _serve_replica; _serve_replica({req_r}, {res_w}, {life_r})",
