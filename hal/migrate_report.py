@@ -261,7 +261,10 @@ def _performance_blocks(data: dict[str, Any]) -> list[Block]:
                          _v(p.get("roofline_bound"), ",.0f"), p["samples_per_s"]["source"]])
     out.append(("p", "Training at the report's batch (the micro-batch on IPUs); inference at the best of the batches "
                      f"{', '.join(map(str, data['settings']['batches']))} (highest samples/s; on IPUs the best that "
-                     "fits), with the latency at batch 1 beside it."))
+                     "fits), with the latency at batch 1 beside it. A roofline bound counts FLOPs and memory "
+                     "traffic only (no host transfer, launch or synchronisation), so for a small model or batch it "
+                     "is far above the throughput (below the latency) hardware reaches; IPU inference has no "
+                     "calibrated estimate (Graphcore's training figures calibrate training only)."))
     out.append(("table", ["target", "mode", "batch", "samples/s", "batch-1 latency ms", "roofline bound samples/s",
                           "how"], rows))
     sweep_rows = [[n, s["batch"], "error: " + s["error"] if "error" in s else _v(s["samples_per_s"], ",.1f")
