@@ -737,8 +737,8 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
                         "(default 1,4,16)")
     p.add_argument("--ipu", default="bow", choices=("gc2", "gc200", "bow"), help="IPU generation to plan for")
     p.add_argument("--micro-batch", type=_int(1), default=4, help="IPU micro-batch of the plan (default 4)")
-    p.add_argument("--ipu-precision", default="fp16", choices=sorted(IPU_PRECISIONS),
-                   help="IPU plan precision (default fp16)")
+    p.add_argument("--ipu-precision", default="16.16", choices=sorted(IPU_PRECISIONS),
+                   help="IPU plan precision (default 16.16, Graphcore's ResNet50 setting)")
     p.add_argument("--gpu", default="a100-80gb", help="catalog GPU for GPU estimates (default a100-80gb)")
     p.add_argument("--watts", type=_watts, action="append", metavar="DEVICE=W",
                    help="rated power of a catalog device for energy estimates (e.g. bow=300); repeatable")

@@ -75,8 +75,16 @@ KNOWN_DIFFERENCES: dict[str, tuple[str, ...]] = {
         "IPU TensorFlow floating_point_behaviour.esr): results differ from run to run",
         "BatchNorm statistics per micro-batch, not per host batch: with a micro-batch smaller than the GPU's "
         "batch, or gradient accumulation, training-mode normalisation uses fewer samples",
-        "fp16 weights without an fp32 master copy (PopTorch model.half()) and loss scaling",
+        "16.16: fp16 weights without an fp32 master copy (PopTorch model.half()); static loss scaling",
     ),
+}
+# what a Graphcore precision ("<compute>.<master weights>") changes against fp32
+IPU_PRECISION_CHANGES = {
+    "16.16": "fp16 activations, gradients and weights (no fp32 master copy), static loss scaling, stochastic "
+             "rounding (Graphcore's ResNet50 setting); partials fp32 unless the plan has half partials",
+    "16.32": "fp16 activations and gradients on fp32 master weights, static loss scaling; partials fp32 unless "
+             "the plan has half partials",
+    "fp16": "fp16 weights and activations (PopTorch model.half()), loss scaling",
 }
 
 # What a user of each stack writes around the model, beyond the model itself.
@@ -396,7 +404,7 @@ class Settings:
     parity_batch: int = 2
     ipu: str = "bow"
     micro_batch: int = 4
-    ipu_precision: str = "fp16"
+    ipu_precision: str = "16.16"
     gpu: str = DEFAULT_GPU
     watts: dict[str, float] = field(default_factory=dict)
     modes: tuple[str, ...] = ("inference", "training")
@@ -558,9 +566,7 @@ def changes(spec: ModelSpec, target: Target, kind: str, settings: Settings) -> l
         return out + [f"no IPU plan: {exc}"]
     b = p.batch
     out.append(f"batch arithmetic: {b.explain()}")
-    out.append(f"precision {p.precision}: " + ("fp16 weights and activations, fp16 partials, loss scaling "
-                                               "(the study's setting); BatchNorm statistics in fp16"
-                                               if p.precision != "fp32" else "fp32 throughout"))
+    out.append(f"precision {p.precision}: " + (IPU_PRECISION_CHANGES.get(p.precision, "fp32 throughout")))
     if p.ipus_per_replica > 1:
         where = ", ".join(p.boundaries)
         out.append(f"pipeline split over {p.ipus_per_replica} IPUs: stages begin at {where} "

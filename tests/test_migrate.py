@@ -148,14 +148,14 @@ def test_inference_is_reported_at_the_best_batch_beside_batch_1_latency(report: 
     ipu = data["per_target"]["poptorch:ipu"]["performance"]["inference"]
     spec = get("small_cnn")
     for s in ipu["sweep"]:  # no inference calibration: the planner's bound for that micro-batch, said to be one
-        bound = plan(spec, ipu="bow", ipus=1, micro_batch=s["batch"], precision="fp16", training=False)
+        bound = plan(spec, ipu="bow", ipus=1, micro_batch=s["batch"], precision="16.16", training=False)
         assert s["samples_per_s"]["value"] == pytest.approx(bound.roofline[0].samples_per_second)
         assert "upper bound" in s["samples_per_s"]["source"]
     # weights stay in the IPU's SRAM: the bound per sample is the same at every micro-batch, and a tie goes
     # to the smaller batch (the same throughput at a lower latency)
     assert ipu["sweep"][0]["samples_per_s"]["value"] == pytest.approx(ipu["sweep"][1]["samples_per_s"]["value"])
     assert ipu["batch"] == 1
-    one = plan(spec, ipu="bow", ipus=1, micro_batch=1, precision="fp16", training=False)
+    one = plan(spec, ipu="bow", ipus=1, micro_batch=1, precision="16.16", training=False)
     assert ipu["latency_b1_ms"]["value"] == pytest.approx(one.roofline[0].seconds * 1e3)
 
 
