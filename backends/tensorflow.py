@@ -1340,6 +1340,11 @@ class TensorFlowBackend(Backend):
                 options: Mapping[str, Any], plan: "Plan | None") -> Executable:
         """CPUs and GPUs here; ``ipu[:N]`` devices (with an optional plan) in :mod:`hal.backends.ipu_tensorflow`."""
         if device.startswith("ipu"):
+            if plan is None and config.data_parallel.enabled:
+                raise UnsupportedError(
+                    f"tensorflow:{device} replicates through an IPU plan: pass "
+                    "plan=hal.ipu.plan(spec, framework='tensorflow', replicas=N, ...) instead of DataParallel"
+                )
             return _ipu_module().IPUExecutable(spec, weights, device, config, plan)
         if plan is not None:
             raise TargetError(f"an IPU plan needs an IPU target (tensorflow:ipu[:N]), got tensorflow:{device}")

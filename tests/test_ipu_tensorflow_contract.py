@@ -224,6 +224,15 @@ def test_replicas_need_replication_options(sdk):
         SI.ReplicatedMetricReductionMethod.parse("MIN")
 
 
+@standin_only
+def test_data_parallel_without_a_plan_is_refused(sdk):
+    """tensorflow:ipu replicates inside the IPU graph (the plan's replicas); a DataParallel config alone would
+    silently run one replica."""
+    spec = models.get("small_cnn")
+    with pytest.raises(UnsupportedError, match="replicates through an IPU plan"):
+        hal.compile(spec, "tensorflow:ipu", config=TrainConfig(data_parallel=hal.DataParallel(replicas=2)))
+
+
 # ---------------------------------------------------------------------------
 # the translation
 # ---------------------------------------------------------------------------
