@@ -423,9 +423,9 @@ def _compare(
     measured_in = floor_precision(config.precision)
     tol = tolerance(floor[check], config.precision, measured_in=measured_in)
     if check in ("forward", "forward_train"):
-        e_abs, e_rel = normalised_error(value, ref[check])
-        return CheckResult(target, check, e_abs, e_rel, tol, e_rel <= tol)
-    if check == "grads":
+        e_abs, rel = normalised_error(value, ref[check])
+        note = ""
+    elif check == "grads":
         e_abs, rel, note = grads_error(*value, auto["clean"])
     else:
         e_abs, rel, note = trajectory_error(*value, auto["clean"], spec)
@@ -433,7 +433,7 @@ def _compare(
     if tol > ILL_CONDITIONED:
         return CheckResult(target, check, e_abs, rel, tol, None, f"ill-conditioned, {FLOOR_NAMES[measured_in]} "
                            "rounding alone moves it "
-                           f"{floor[check]:.0e}: use a larger batch or smaller steps; {note}")
+                           f"{floor[check]:.0e}: use a larger batch or smaller steps" + (f"; {note}" if note else ""))
     return CheckResult(target, check, e_abs, rel, tol, rel <= tol, note)
 
 
