@@ -597,3 +597,28 @@ def test_set_threads_sizes_xla_cpu_intra_op_pool() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "1", out.stdout
+
+
+@needs_torch
+def test_pointwise_convolutions_are_matrix_products_with_torch_results() -> None:
+    """On the CPU, 1x1 convolutions (strided with bias, plain without) lower to ``dot_general``
+    (``PointwiseConv``), the 3x3 one stays a convolution; forward, training forward, loss and
+    gradients equal torch's in float64, and so does the inference copy with a BatchNorm folded
+    into a 1x1 convolution."""
+    b = hal.SpecBuilder("pointwise")
+    x = b.input((6, 7, 7))
+    x = b.relu(b.conv(x, 8, 1, stride=2, name="down"))
+    x = b.batch_norm(b.conv(x, 5, 1, bias=False, name="proj"), name="bn")
+    x = b.conv(x, 4, 3, padding=1, name="c3")
+    spec = b.build(b.dense(b.global_avg_pool(x), 3, name="fc"))
+    cfg = TrainConfig(precision="fp64")
+    w = hal.init_weights(spec, seed=14)
+    x, y = make_batch(spec, 4, "cross_entropy", seed=14)
+    jexe, texe = hal.compile(spec, "jax:cpu", w, cfg), hal.compile(spec, "torch:cpu", w, cfg)
+    program = train_program(jexe, x, y).as_text()
+    assert program.count("stablehlo.convolution") == 3  # c3: forward, input and weight gradients
+    for training in (False, True):
+        assert rel(jexe.predict(x, training), texe.predict(x, training)) <= EXACT
+    (jl, jg), (tl, tg) = jexe.loss_and_grads(x, y), texe.loss_and_grads(x, y)
+    assert abs(jl - tl) <= EXACT * abs(tl)
+    assert weights_rel(jg, tg) <= EXACT, tensors_error(jg, tg)
