@@ -22,7 +22,7 @@ is plain eager NCHW PyTorch, the float64 autodiff reference of the parity harnes
 Either way the optimizer uses torch's ``foreach`` kernels and ``run_steps``
 copies its batches to the device once per call.
 
-Option ``compile`` (default ``"none"``) puts ``torch.compile`` (inductor) around the
+Option ``compile`` (default None: eager) puts ``torch.compile`` (inductor) around the
 module that ``predict`` runs and the one the training forward runs; the backward is
 compiled with it (AOTAutograd). Everything around those calls stays eager, so the
 semantics are eager torch's: gradient accumulation, the loss in master precision,
@@ -522,7 +522,7 @@ def make_optimizer(params: Any, config: TrainConfig) -> "torch.optim.Optimizer":
 # -- torch-version differences (hal supports torch 2.0 on, the torch that PopTorch 3.3/3.4 pins) -------------------
 
 
-COMPILE_MODES = ("none", "inductor", "max-autotune", "reduce-overhead")
+COMPILE_MODES = (None, "inductor", "max-autotune", "reduce-overhead")
 
 
 def _check_torch_compile(mode: str, device_type: str, target: str) -> None:
@@ -538,7 +538,7 @@ def _check_torch_compile(mode: str, device_type: str, target: str) -> None:
     except RuntimeError as exc:
         raise UnsupportedError(
             f"{target}: option compile={mode!r} needs torch.compile, which torch {torch.__version__} cannot run "
-            f"here ({exc}); use compile='none'"
+            f"here ({exc}); use compile=None"
         ) from None
 
 
@@ -614,7 +614,7 @@ class TorchExecutable(Executable):
         self.fast = options["fast"]
         self.tf32 = options["tf32"]
         self.compile_mode = options["compile"]
-        if self.compile_mode != "none":
+        if self.compile_mode is not None:
             _check_torch_compile(self.compile_mode, self.device.type, f"torch:{device}")
         self.channels_last = self.fast and len(spec.input_shape) == 3  # 2-d: measured faster on CPU (oneDNN) and CUDA
         self.module = build_module(spec, weights, master).to(self.device)
@@ -722,12 +722,12 @@ class TorchExecutable(Executable):
         return self._compile("infer", self._fused)
 
     def _compile(self, role: str, module: "nn.Module") -> "nn.Module":
-        """``module`` under ``torch.compile`` in the ``compile`` option's mode (as is for ``"none"``), wrapped once
+        """``module`` under ``torch.compile`` in the ``compile`` option's mode (as is for None), wrapped once
         per role: torch compiles on the first call of each shape, precision and mode (training, BatchNorm
         statistics updated or not), and the executable's semantics stay those of eager torch around it."""
         import torch
 
-        if self.compile_mode == "none":
+        if self.compile_mode is None:
             return module
         if role not in self._compiled:
             self._compiled[role] = torch.compile(module, mode=None if self.compile_mode == "inductor" else self.compile_mode)
@@ -828,11 +828,11 @@ class TorchBackend(Backend):
                 "fp32-exact; torch's default turns them on for cuDNN convolutions). False: fp32 as specified",
             ),
             "compile": Option(
-                "none",
+                None,
                 "torch.compile the inference and the training forward/backward (loss, gradient accumulation, "
                 "the non-finite check and the optimizer stay eager): 'inductor' (its default mode), "
                 "'max-autotune' (inductor tunes its kernels; CUDA graphs on CUDA), 'reduce-overhead' (CUDA graphs, "
-                "CUDA only); the first call of each shape compiles. 'none': eager",
+                "CUDA only); the first call of each shape compiles. None: eager",
                 choices=COMPILE_MODES,
             ),
         }
