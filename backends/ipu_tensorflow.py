@@ -38,20 +38,16 @@ from hal.backends.tensorflow import (
     torch_update,
 )
 from hal.errors import BackendUnavailable, ConfigError, HalError, InputError, UnsupportedError
-from hal.lowering import IPU_PRECISIONS, MASTER_DTYPE
+from hal.lowering import IPU_PRECISIONS, IPU_STATIC_LOSS_SCALE, MASTER_DTYPE
 from hal.training import SGD, AdamW, Constant, Cosine, StepDecay, TrainConfig
 
 if TYPE_CHECKING:
     from hal.ipu import Plan
 
-IPU_ONLY_PRECISIONS = IPU_PRECISIONS  # Graphcore's "<compute>.<master weights>": tensorflow:ipu's only
-PRECISIONS = ("fp32", *IPU_ONLY_PRECISIONS)
+PRECISIONS = ("fp32", *IPU_PRECISIONS)  # Graphcore's "<compute>.<master weights>" precisions: tensorflow:ipu's only
 # "16.32" keeps fp32 master weights under Keras's mixed_float16 policy, as Graphcore's TF2 ResNet50 does
 # (graphcore/examples vision/cnns/tensorflow2/precision.py: "16.16" is the float16 policy, "16.32" mixed_float16).
 _MIXED = {"16.32": MIXED_POLICY["fp16"]}
-# Static loss scale of the 16-bit precisions: Graphcore's TF2 ResNet50 configurations train "16.16" and
-# "16.32" with loss-scaling 128 (graphcore/examples vision/cnns/tensorflow2/configs.yml).
-LOSS_SCALE = 128.0
 
 IPU_REASON = (
     "IPU TensorFlow ships with Graphcore's Poplar SDK (it is not on PyPI): install the SDK's "
@@ -365,7 +361,7 @@ class IPUExecutable(TensorFlowExecutable):
     convolutions, dense layers and activations, BatchNorm in fp32 (hal.lowering's
     rules). Optimizer state takes the weights' dtype, as Keras slots do in
     Graphcore's TF2 optimizers; gradients reach the optimizer in that dtype too. Both
-    scale the loss by :data:`LOSS_SCALE` (static; unscaled in the optimizer, as
+    scale the loss by :data:`hal.lowering.IPU_STATIC_LOSS_SCALE` (static; unscaled in the optimizer, as
     Graphcore's ``loss_scale_optimizer.py``), compute the loss in fp32, and turn on
     stochastic rounding; partial sums are fp16 only with ``plan.half_partials``.
     Against an fp32 run: the forward and gradients carry fp16 rounding (unit
@@ -408,7 +404,7 @@ class IPUExecutable(TensorFlowExecutable):
         _check_optimizer_state(config)
         self.dtype = MASTER_DTYPE[config.precision]  # variables, hence optimizer state (Keras slots)
         self.np_dtype = np.dtype(self.dtype)
-        self._scale = LOSS_SCALE if config.precision in IPU_PRECISIONS else 1.0
+        self._scale = IPU_STATIC_LOSS_SCALE if config.precision in IPU_PRECISIONS else 1.0
         self.loss_scale_vars = None  # tensorflow.py's dynamic (fp16) loss scaling: none here, the scale is static
 
         _configure_ipu_system(ipu, plan, self.num_ipus)
@@ -458,7 +454,7 @@ class IPUExecutable(TensorFlowExecutable):
 
     @property
     def loss_scale(self) -> float | None:
-        """The static loss scale of "16.16"/"16.32" (:data:`LOSS_SCALE`); otherwise ``None``."""
+        """The static loss scale of "16.16"/"16.32" (:data:`hal.lowering.IPU_STATIC_LOSS_SCALE`); otherwise ``None``."""
         return self._scale if self._scale != 1.0 else None
 
     def _compile_keras(self, steps_per_execution: int) -> None:

@@ -110,7 +110,7 @@ def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, op: ConvT
     """Each input pixel scatters ``w * x`` to ``i * stride + j * dilation`` (per kernel
     offset ``j``, within its group); the full output is then cropped by ``padding``
     and extended by ``output_padding``."""
-    n, nd, g = x.shape[0], len(op.kernel), op.groups
+    n, g = x.shape[0], op.groups
     spatial = x.shape[2:]
     full = [(m - 1) * s + d * (k - 1) + 1 + q
             for m, k, s, d, q in zip(spatial, op.kernel, op.stride, op.dilation, op.output_padding)]

@@ -132,7 +132,7 @@ from hal import ipu as ipu_plan
 from hal import spec as S
 from hal.backend import Availability, Backend, Capabilities, Executable, Option, Target, Weights, package_availability
 from hal.errors import ConfigError, InputError, UnsupportedError
-from hal.lowering import IPU_PRECISIONS, MASTER_DTYPE
+from hal.lowering import IPU_PRECISIONS, IPU_STATIC_LOSS_SCALE, MASTER_DTYPE
 from hal.training import SGD, AdamW, Constant, TrainConfig
 
 if TYPE_CHECKING:
@@ -140,8 +140,6 @@ if TYPE_CHECKING:
 
 SDK_HINT = "it ships with Graphcore's Poplar SDK; install its wheel"
 PRECISIONS = ("fp32", "16.16")
-# graphcore/examples vision/cnns/pytorch/train/configs.yml, resnet50 (16.16): loss_scaling 128
-LOSS_SCALING = 128.0
 # popart::RecomputationType (willow/include/popart/sessionoptions.hpp): None, Standard, NormOnly, Pipeline, RecomputeAll
 RECOMPUTE_NONE, RECOMPUTE_PIPELINE, RECOMPUTE_ALL = 0, 3, 4
 NESTEROV_SINCE = (3, 0)
@@ -268,7 +266,7 @@ def make_optimizer(params: Any, config: TrainConfig, lr: float) -> Any:
     SGD uses the separate-accumulator variant, "mathematically identical to PyTorch";
     Adam keeps coupled L2 weight decay, AdamW the decoupled one with bias correction;
     accumulators and optimizer state are fp32 in every precision; 16.16 and 16.32 scale
-    the loss by :data:`LOSS_SCALING`.
+    the loss by :data:`hal.lowering.IPU_STATIC_LOSS_SCALE`.
     """
     import torch
 
@@ -290,8 +288,8 @@ def make_optimizer(params: Any, config: TrainConfig, lr: float) -> Any:
 
 
 def loss_scaling(precision: str) -> float:
-    """The static loss scale of ``precision``: :data:`LOSS_SCALING` in 16.16 and 16.32, else 1."""
-    return LOSS_SCALING if precision in IPU_PRECISIONS else 1.0
+    """The static loss scale of ``precision``: :data:`hal.lowering.IPU_STATIC_LOSS_SCALE` in 16.16 and 16.32, else 1."""
+    return IPU_STATIC_LOSS_SCALE if precision in IPU_PRECISIONS else 1.0
 
 
 def _with_loss(graph: "torch.nn.Module", loss: str) -> "torch.nn.Module":

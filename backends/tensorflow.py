@@ -116,6 +116,7 @@ from hal.backend import Availability, Backend, Capabilities, Executable, Option,
 from hal.errors import BackendUnavailable, ConfigError, HalError, TargetError, UnsupportedError
 from hal.lowering import (
     FP32_OPS,
+    IPU_PRECISIONS,
     LOSS_SCALE,
     LOSS_SCALED,
     LossScale,
@@ -1314,7 +1315,7 @@ class TensorFlowBackend(Backend):
     @classmethod
     def capabilities(cls) -> Capabilities:
         ipu = _ipu_module().importable()
-        precisions = PRECISIONS + (_ipu_module().IPU_ONLY_PRECISIONS if ipu else ())
+        precisions = PRECISIONS + (IPU_PRECISIONS if ipu else ())
         return Capabilities(precisions=precisions, pipelining=ipu, replication=ipu, data_parallel=True,
                             sync_batchnorm=True)
 

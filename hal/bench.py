@@ -54,7 +54,7 @@ from hal.parity import available_backend, check_common, check_int, check_names, 
 from hal.registry import check_options, compile, get_backend, resolve
 from hal.spec import ModelSpec
 from hal.training import SGD, TrainConfig
-from hal.weights import init_weights
+from hal.weights import atomic_savefig, init_weights
 from hal.worker import run_inline, run_isolated
 
 MODES = ("inference", "training")
@@ -205,7 +205,7 @@ class BenchReport:
         ax.set_title(f"{self.model}, batch {self.batch} — {self.env.get('machine', '')}", fontsize=9)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        atomic_savefig(fig, path)
         plt.close(fig)
         return path
 

@@ -20,7 +20,8 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from hal.bench import MODES, check_writable
 from hal.errors import ConfigError, HalError
-from hal.ipu import DEFAULT_HEADROOM, MIB, PRECISIONS as IPU_PRECISIONS
+from hal.hardware import MiB
+from hal.ipu import DEFAULT_HEADROOM, PRECISIONS as IPU_PRECISIONS
 from hal.parity import CHECKS
 from hal.training import PRECISIONS, SGD, Adam, AdamW, Optimizer
 
@@ -562,10 +563,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _split_line(who: str, p: Any) -> str:
     worst = max(p.ipu_memory, key=lambda m: m.memory.total / m.usable_bytes)
+    expected = f"; expected {p.expected.samples_per_second:,.0f} samples/s (estimate)" if p.expected else ""
     return (f"{who}: stages end at {', '.join(p.cuts)}; balance {p.balance()[0]:.2f}; tightest IPU {worst.ipu} "
-            f"{worst.memory.total / MIB:,.1f}/{worst.usable_bytes / MIB:,.0f} MiB; "
-            f"{'fits' if p.fits else 'does not fit'}; expected {p.expected.samples_per_second:,.0f} samples/s "
-            "(estimate)" if p.expected else "")
+            f"{worst.memory.total / MiB:,.1f}/{worst.usable_bytes / MiB:,.0f} MiB; "
+            f"{'fits' if p.fits else 'does not fit'}{expected}")
 
 
 def _plan_hint(spec: Any, args: argparse.Namespace) -> str:
@@ -588,7 +589,7 @@ def _plan_hint(spec: Any, args: argparse.Namespace) -> str:
             continue
         if p.fits:
             worst = max(m.memory.total for m in p.ipu_memory)
-            return f"hint: it fits with {flags} (largest IPU {worst / MIB:,.1f} MiB, balance {p.balance()[0]:.2f})."
+            return f"hint: it fits with {flags} (largest IPU {worst / MiB:,.1f} MiB, balance {p.balance()[0]:.2f})."
     return "hint: no standard change fits: try more IPUs per replica (--ipus) or a smaller --micro-batch."
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from hal.errors import ConfigError
+from hal.errors import ConfigError, HalError
 
 POWERCAP = Path("/sys/class/powercap")
 _PACKAGE_ZONE = re.compile(r"^intel-rapl:\d+$")  # packages; intel-rapl:N:M are their sub-zones (core, dram)
@@ -122,7 +122,7 @@ class PowercapCounter:
         return self._total_uj / 1e6
 
 
-class EnergyUnavailable(Exception):
+class EnergyUnavailable(HalError):
     """No energy counter can be read for a device; the message says why."""
 
 
@@ -190,9 +190,10 @@ def cpu_power(cpu_name: str, cores: int | None = None) -> tuple[float, str]:
     named ``cpu_name``, from its vendor's reference part's TDP per core."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    vendor = next((v for v in CPU_REFERENCE_W_PER_CORE if v in cpu_name.lower()), "amd")
-    per_core, ref = CPU_REFERENCE_W_PER_CORE[vendor]
-    return per_core * cores, f"{cores} core(s) x {per_core:.2f} W, the TDP per core of {ref}"
+    vendor = next((v for v in CPU_REFERENCE_W_PER_CORE if v in cpu_name.lower()), None)
+    per_core, ref = CPU_REFERENCE_W_PER_CORE[vendor or "amd"]
+    guess = "" if vendor else f" (no reference part for {cpu_name!r}: the AMD one stands in)"
+    return per_core * cores, f"{cores} core(s) x {per_core:.2f} W, the TDP per core of {ref}{guess}"
 
 
 def estimate(watts: float, seconds: float, samples: int, source: str) -> Energy:

@@ -104,7 +104,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 from hal.errors import ConfigError
-from hal.hardware import Device, all_devices, get_ipu
+from hal.hardware import Device, MiB, all_devices, get_ipu
 from hal.lowering import COMPUTE_DTYPE, MASTER_DTYPE
 from hal.spec import DTYPE_BYTES, ModelSpec
 from hal.table import render
@@ -118,7 +118,6 @@ POPLAR_DEFAULT_AMP = 0.6  # PopLibs' default availableMemoryProportion
 MIN_AMP = 0.1  # hal never picks less (Graphcore's ResNet50 configs go down to 0.135)
 DEFAULT_EFFICIENCY = 0.97
 TRAIN_FLOPS_FACTOR = 3
-MIB = 2**20  # reports use MiB: an IPU's 1472 tiles x 624 KiB are 897 MiB
 
 _SAVES_INPUT = {"Conv", "Dense", "BatchNorm", "MaxPool"}
 _ACT_SAVES_INPUT = {"leaky_relu", "gelu", "silu"}  # relu, sigmoid, tanh backward read their output
@@ -806,11 +805,11 @@ class Plan:
             worst = max(self.ipu_memory, key=lambda m: m.memory.total / m.usable_bytes)
             return (
                 f"FITS: every IPU is within its usable memory (tightest: IPU {worst.ipu}, "
-                f"{worst.memory.total / MIB:,.1f} of {worst.usable_bytes / MIB:,.0f} MiB)."
+                f"{worst.memory.total / MiB:,.1f} of {worst.usable_bytes / MiB:,.0f} MiB)."
             )
         bad = "; ".join(
-            f"IPU {m.ipu} (stages {', '.join(map(str, m.stages))}) needs {m.memory.total / MIB:,.1f} MiB of "
-            f"{m.usable_bytes / MIB:,.0f} usable, {m.over_by / MIB:,.1f} MiB over"
+            f"IPU {m.ipu} (stages {', '.join(map(str, m.stages))}) needs {m.memory.total / MiB:,.1f} MiB of "
+            f"{m.usable_bytes / MiB:,.0f} usable, {m.over_by / MiB:,.1f} MiB over"
             for m in self.ipu_memory if not m.fits
         )
         return f"DOES NOT FIT: {bad}."
@@ -857,7 +856,7 @@ class Plan:
             f"IPU plan: {self.model} on {self.ipus_per_replica} x {self.ipu.name} per replica, {b.replicas} "
             f"replica(s), {mode}, {self.precision}, {self.optimizer}, " + ", ".join(e for e in extras if e),
             *_wrap(b.explain()),
-            f"  IPU memory {self.ipu.memory_bytes / MIB:,.0f} MiB; usable = memory x (1 - available memory "
+            f"  IPU memory {self.ipu.memory_bytes / MiB:,.0f} MiB; usable = memory x (1 - available memory "
             f"proportion - {self.headroom:.0%} for code and exchange).",
             "",
         ]
@@ -868,15 +867,15 @@ class Plan:
             m = s.memory
             rows.append([
                 str(s.index), str(s.ipu), f"{s.first} .. {s.last} ({len(s.nodes)})", f"{s.flops / 1e9:,.2f}",
-                f"{s.share:.1%}", f"{m.weights / MIB:,.1f}", f"{m.gradients / MIB:,.1f}",
-                f"{m.optimizer / MIB:,.1f}", f"{m.activations / MIB:,.1f}", f"{m.total / MIB:,.1f}",
+                f"{s.share:.1%}", f"{m.weights / MiB:,.1f}", f"{m.gradients / MiB:,.1f}",
+                f"{m.optimizer / MiB:,.1f}", f"{m.activations / MiB:,.1f}", f"{m.total / MiB:,.1f}",
             ])
         lines += render(head, rows, align="rrlrrrrrrr").splitlines()
         lines += [""] + render(
             ["ipu", "stages", "needs MiB", "AMP", "usable MiB", "fits?"],
-            [[str(m.ipu), ",".join(map(str, m.stages)), f"{m.memory.total / MIB:,.1f}",
-              f"{m.available_memory_proportion:.2f}", f"{m.usable_bytes / MIB:,.0f}",
-              "yes" if m.fits else f"NO, +{m.over_by / MIB:,.1f}"] for m in self.ipu_memory],
+            [[str(m.ipu), ",".join(map(str, m.stages)), f"{m.memory.total / MiB:,.1f}",
+              f"{m.available_memory_proportion:.2f}", f"{m.usable_bytes / MiB:,.0f}",
+              "yes" if m.fits else f"NO, +{m.over_by / MiB:,.1f}"] for m in self.ipu_memory],
             align="rlrrrl").splitlines()
         what = "training (3 x forward)" if self.training else "forward"
         lines.append(f"  GFLOP: {what} per micro-batch of {b.micro_batch}; the IPU's activations hold "
@@ -1099,14 +1098,15 @@ def plan(spec: ModelSpec, ipu: str = "bow", ipus: int | None = None, micro_batch
     per IPU (``None``: hal picks per IPU, see the module docstring). ``recompute`` is
     pipeline recomputation; ``recompute_checkpoints`` (one stage) are nodes whose outputs
     are kept while the rest is recomputed. ``half_partials`` accumulates convolution and
-    matmul partial sums in fp16 (fp32 otherwise, Poplar's default). ``devices`` are the roofline's comparison chips
+    matmul partial sums in fp16 (fp32 otherwise, Poplar's default; reported, not in the memory model: Poplar
+    plans partials within the available memory proportion). ``devices`` are the roofline's comparison chips
     (default: the whole catalog and this CPU). The result carries :func:`expected_throughput`.
     """
+    if not isinstance(half_partials, bool):
+        raise ConfigError(f"half_partials must be a bool, got {half_partials!r}")
     p = _plan(spec, ipu, ipus, micro_batch, replicas, grad_accum, device_iterations, precision, optimizer,
               recompute, training, headroom, efficiency, devices, framework, schedule, split, device_mapping,
               available_memory_proportion, recompute_checkpoints)
-    if not isinstance(half_partials, bool):
-        raise ConfigError(f"half_partials must be a bool, got {half_partials!r}")
     p = replace(p, half_partials=half_partials)
     return replace(p, expected=expected_throughput(p)) if p.training else p
 

@@ -302,7 +302,9 @@ MASTER_DTYPE = {"fp32": "float32", "fp64": "float64", "bf16": "float32", "fp16":
 # Graphcore's IPU precisions, "<compute>.<master weights>" (graphcore/examples
 # vision/cnns/pytorch/utils/argparser.py); partial sums are a separate choice (a plan's half_partials).
 IPU_PRECISIONS = ("16.16", "16.32")
-PARTIALS_DTYPE = {"16.16": "float16", "16.32": "float32"}  # deprecated: being replaced by Plan.half_partials
+# Their static loss scale: Graphcore's ResNet50 configurations train both with loss scaling 128
+# (graphcore/examples vision/cnns/pytorch/train/configs.yml, vision/cnns/tensorflow2/configs.yml).
+IPU_STATIC_LOSS_SCALE = 128.0
 
 LOW_PRECISION_OPS = (Conv, ConvTranspose, Dense)
 FP32_OPS = (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)

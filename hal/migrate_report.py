@@ -12,6 +12,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from hal.weights import atomic_savefig
+
 Block = tuple[Any, ...]  # ("h", level, text) | ("p", text) | ("ul", items) | ("table", header, rows) | ("img", file, alt)
 
 
@@ -51,7 +53,7 @@ def plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
             continue
         path = out / f"{name}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        atomic_savefig(fig, path, dpi=110)
         plt.close(fig)
         written[name] = path
     return written

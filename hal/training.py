@@ -222,7 +222,9 @@ class TrainConfig:
     fp16 or fp32, stochastic rounding, static loss scaling; IPU targets only;
     the partials' type is the plan's ``half_partials``). With ``check_finite`` (default) a training step whose
     loss or any gradient is not finite is not applied: it raises
-    :class:`hal.errors.NonFiniteError` naming the step, weights as before it.
+    :class:`hal.errors.NonFiniteError` naming the step, weights as before it. Under ``fp16`` a
+    non-finite gradient with a finite loss is the loss scaler's overflow instead: the step is
+    skipped and the scale halved, as ``torch.amp.GradScaler`` does (:mod:`hal.lowering`).
     ``data_parallel`` spreads each step over replicas (module docstring)."""
 
     loss: str = "cross_entropy"

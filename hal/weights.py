@@ -11,6 +11,7 @@ little-endian bytes, in name order. Any change to the file, one bit included, fa
 from __future__ import annotations
 
 import hashlib
+import io
 import heapq
 import math
 import numbers
@@ -189,6 +190,16 @@ def save_weights(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str,
         atomic_write(path, data)
     except OSError as exc:
         raise WeightsError(f"cannot write weights to {str(path)!r}: {exc}") from exc
+    return path
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG at ``path``, written with :func:`atomic_write`; closes nothing."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
     return path
 
 

@@ -30,6 +30,7 @@ import pytest
 
 import hal
 from hal import ConfigError, InputError, TargetError, TrainConfig, ipu as planner, models
+from hal.lowering import IPU_STATIC_LOSS_SCALE
 from hal.backends import ipu_tensorflow as IT, tensorflow as T
 from hal.errors import NonFiniteError, UnsupportedError
 from hal.parity import normalised_error, tensors_error, tolerance
@@ -205,7 +206,7 @@ def test_precisions_and_memory_proportion_in_the_ipu_config(sdk, precision, half
     conv = exe.graph.layers["conv1"]
     assert conv.compute_dtype == ("float16" if partials else "float32")
     assert exe.graph.layers["bn1"].compute_dtype == master
-    assert exe.graph.model.optimizer.loss_scale == (IT.LOSS_SCALE if partials else 1.0)
+    assert exe.graph.model.optimizer.loss_scale == (IPU_STATIC_LOSS_SCALE if partials else 1.0)
     with pytest.raises(TargetError, match="tensorflow:ipu only"):
         hal.compile(spec, "tensorflow:cpu", hal.init_weights(spec), TrainConfig(precision="16.16"))
 

@@ -36,7 +36,6 @@ is the steady rate without the first call's compile. On a busy 2-core machine
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import math
 import numbers
@@ -58,7 +57,7 @@ from hal.registry import resolve
 from hal.spec import ModelSpec
 from hal.table import markdown, render
 from hal.training import AdamW, Cosine, DataParallel, TrainConfig
-from hal.weights import atomic_write, save_weights
+from hal.weights import atomic_savefig, atomic_write, save_weights
 from hal.worker import describe, run_isolated
 
 TRANSFORMS = ("plain", "sqrt", "log")
@@ -237,13 +236,6 @@ def _check_int(name: str, value: Any, low: int = 1) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _save_png(fig: Any, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buffer.getvalue())
-    return path
-
 
 def parity_plot(results: Sequence[TrainResult], path: Path, title: str) -> Path:
     """Predicted vs true test conductivity, one panel per target."""
@@ -259,7 +251,7 @@ def parity_plot(results: Sequence[TrainResult], path: Path, title: str) -> Path:
                title=f"{r.target}: R² {r.r2:.3f}, MAE {r.mae:.4f}")
         ax.title.set_fontsize(9)
     fig.suptitle(title, fontsize=10)
-    return _save_png(fig, path)
+    return atomic_savefig(fig, path)
 
 
 def loss_plot(results: Sequence[TrainResult], path: Path, title: str) -> Path:
@@ -275,7 +267,7 @@ def loss_plot(results: Sequence[TrainResult], path: Path, title: str) -> Path:
     ax.set(yscale="log", xlabel="epoch", ylabel="MSE (standardised target)", title=title)
     ax.title.set_fontsize(10)
     ax.legend(fontsize=8)
-    return _save_png(fig, path)
+    return atomic_savefig(fig, path)
 
 
 # ---------------------------------------------------------------------------
