@@ -51,7 +51,7 @@ from hal.errors import ConfigError, HalError
 from hal.native import MODULES as NATIVE_MODULES
 from hal.native import NoBaseline
 from hal.parity import available_backend, check_common, check_int, check_names, make_batch
-from hal.registry import check_options, compile, get_backend, resolve
+from hal.registry import check_options, compile, get_backend, options_per_backend, resolve
 from hal.spec import ModelSpec
 from hal.training import SGD, TrainConfig
 from hal.weights import atomic_savefig, init_weights
@@ -439,14 +439,10 @@ def _sweeps(options: Mapping[str, Sequence[Any]] | None, backends: Sequence[type
     for k, values in options.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ConfigError(f"bench: option {k!r} needs a non-empty list of values to sweep, got {values!r}")
-    declared = {k for cls in backends for k in cls.options()}
-    unknown = sorted(str(k) for k in options if k not in declared)
-    if unknown:
-        known = ", ".join(f"{cls.name}: {', '.join(cls.options()) or 'none'}" for cls in backends)
-        raise ConfigError(f"bench: no target takes option {', '.join(unknown)}; options per backend: {known}")
+    per_backend = options_per_backend("bench", backends, list(options))
     out = {}
     for cls in backends:
-        names = [k for k in options if k in cls.options()]
+        names = per_backend[cls.name]
         combos = [dict(zip(names, values)) for values in itertools.product(*(options[k] for k in names))]
         for combo in combos:
             check_options(cls, combo)

@@ -161,6 +161,24 @@ def _sweep(text: str) -> tuple[str, list[Any]]:
     return name.strip(), [_value(v) for v in _names(values)]
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``name=value``: one backend option."""
+    name, values = _sweep(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected name=value (one value), got {text!r}")
+    return name, values[0]
+
+
+def _options(pairs: list[tuple[str, Any]] | None) -> dict[str, Any]:
+    """``--option`` pairs as a mapping; a name given twice is a ConfigError."""
+    out: dict[str, Any] = {}
+    for name, value in pairs or ():
+        if name in out:
+            raise ConfigError(f"argument --option: {name} given twice")
+        out[name] = value
+    return out
+
+
 def _check_writable(folder: str, flag: str) -> None:
     """Create ``folder`` if needed and check that files can be written in it, before long work."""
     try:
@@ -300,7 +318,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     else:
         report = run_parity(spec, args.targets or _default_targets(), batch=args.batch, checks=args.checks,
                             steps=args.steps or 3, config=_config(args), seed=args.seed, weights=weights,
-                            progress=progress)
+                            progress=progress, options=_options(args.option))
     progress.done()
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0 if report.passed else 1
@@ -459,7 +477,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     from hal.testing.conformance import run_conformance
 
     progress = Progress(not args.json)
-    report = run_conformance(args.target, include=args.include, exclude=args.exclude, progress=progress)
+    report = run_conformance(args.target, include=args.include, exclude=args.exclude, progress=progress,
+                             options=_options(args.option))
     progress.done()
     if not report.rows:
         chosen = " and ".join(f"--{k} {v!r}" for k, v in (("include", args.include), ("exclude", args.exclude)) if v)
@@ -853,6 +872,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated: {','.join(CHECKS)} (default: all)")
     p.add_argument("--steps", type=_int(1), help="trajectory length (default 3; 5 with --replicas)")
     p.add_argument("--weights", help="a hal .safetensors file to test with (default: seeded init, see hal.parity)")
+    p.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
+                   help="a backend option (listed by `hal info`) for the targets that declare it, e.g. "
+                   "compile=inductor; repeatable")
     p.set_defaults(fn=cmd_parity)
 
     p = sub.add_parser("bench", help="time targets against the native hand-written model")
@@ -883,6 +905,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=_target, help="e.g. numpy, torch:cpu, or a plug-in's target")
     p.add_argument("--include", type=_regex, help="run only the cases whose name matches this regular expression")
     p.add_argument("--exclude", type=_regex, help="skip the cases whose name matches this regular expression")
+    p.add_argument("--option", type=_option, action="append", metavar="NAME=VALUE",
+                   help="compile the target's executables with this backend option, e.g. compile=inductor; repeatable")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.set_defaults(fn=cmd_conformance)
 

@@ -57,7 +57,7 @@ import numpy as np
 from hal.backend import Backend, Target, Weights
 from hal.lowering import COMPUTE_DTYPE, FP32_OPS, MIXED_PRECISIONS, free_after, round_to
 from hal.errors import BackendUnavailable, ConfigError, HalError
-from hal.registry import compile, get_backend, resolve
+from hal.registry import compile, get_backend, options_per_backend, resolve
 from hal.spec import Dropout, ModelSpec
 from hal.training import SGD, AdamW, DataParallel, TrainConfig
 from hal.weights import check_weights, init_weights
@@ -221,8 +221,11 @@ def run_parity(
     weights: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
     isolate: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> ParityReport:
-    """Compare ``targets`` on ``spec`` (see the module docstring).
+    """Compare ``targets`` on ``spec`` (see the module docstring). ``options`` are backend options
+    (``hal.compile``'s), each given to the targets whose backend declares it; one no target declares is a
+    ConfigError.
 
     Bad arguments raise :class:`~hal.errors.ConfigError`; a failing target never
     raises: each of its checks is a FAIL row with the error. With ``isolate``
@@ -234,6 +237,7 @@ def run_parity(
     from hal.backends.numpy import NumpyExecutable
 
     targets, checks = _check_args(spec, targets, batch, checks, steps, config, seed, progress)
+    per_backend = _options_per_backend(targets, options)
     config = config or TrainConfig(optimizer=SGD(lr=1e-3, momentum=0.9))
     if batch % config.grad_accum:
         raise ConfigError(f"parity: batch {batch} is not divisible by grad_accum {config.grad_accum}")
@@ -297,7 +301,7 @@ def run_parity(
             say(f"{target}: {', '.join(todo)}" + (" (in a worker process)" if isolate else ""))
             try:
                 resolved, outputs = run(_run_target, spec, str(target), weights, config, todo, x, y, trajectory_steps,
-                                        label=str(target), progress=say)
+                                        per_backend.get(cls.name, {}), label=str(target), progress=say)
             except HalError as exc:
                 rows.update({c: CheckResult(str(target), c, passed=False, note=str(exc)) for c in todo})
             else:
@@ -311,6 +315,23 @@ def run_parity(
                     row.target = resolved
         report.results.extend(rows[c] for c in CHECKS if c in rows)
     return report
+
+
+def _options_per_backend(targets: Sequence[str], options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per backend name of ``targets``, the ``options`` it declares; a ConfigError for an option that no
+    target's backend declares (its values are checked by ``hal.compile``)."""
+    if not options:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"parity: options must map an option name to a value, got {type(options).__name__}")
+    backends = {}
+    for name in targets:
+        try:
+            backends[Target.parse(name).backend] = get_backend(Target.parse(name).backend)
+        except HalError:
+            continue  # reported as that target's FAIL row
+    names = options_per_backend("parity", list(backends.values()), list(options))
+    return {b: {k: options[k] for k in ks} for b, ks in names.items()}
 
 
 def _check_args(
@@ -388,7 +409,7 @@ def _not_applicable(check: str, ref: Mapping[str, np.ndarray], cls: type[Backend
 
 def _run_target(
     spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, checks: Sequence[str], x: np.ndarray,
-    y: np.ndarray, steps: int, progress: Callable[[str], None] | None = None,
+    y: np.ndarray, steps: int, options: Mapping[str, Any] | None = None, progress: Callable[[str], None] | None = None,
 ) -> tuple[str, dict[str, tuple[Any, str | None, float]]]:
     """Compile ``target`` once and compute what each check compares (run in a worker):
     ``(resolved target, {check: (value, error or None, seconds)})``; the first check's
@@ -396,7 +417,7 @@ def _run_target(
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
     _, resolved = resolve(target, config.data_parallel)
-    exe = compile(spec, resolved, weights, config)
+    exe = compile(spec, resolved, weights, config, options=options)
     out: dict[str, tuple[Any, str | None, float]] = {}
     for check in checks:
         say(f"{resolved} {check}")
@@ -594,9 +615,7 @@ def _dp_run(
     try:
         return str(resolved), exe.run_steps(xs, ys), exe.weights()
     finally:
-        close = getattr(exe, "close", None)
-        if close is not None:
-            close()
+        exe.close()
 
 
 def _dp_reference(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -191,6 +191,17 @@ def _check_data_parallel(cls: type[Backend], target: Target, config: TrainConfig
         )
     if dp.enabled and dp.sync_batchnorm and not caps.sync_batchnorm:
         raise UnsupportedError(f"{target} has no synchronised BatchNorm: use DataParallel(sync_batchnorm=False)")
+
+
+def options_per_backend(who: str, backends: Sequence[type[Backend]], names: Sequence[str]) -> dict[str, list[str]]:
+    """Per backend name, which of the option ``names`` it declares (for a run over several targets, each taking
+    the options its backend declares); a ConfigError naming ``who`` for a name no backend declares."""
+    declared = {k for cls in backends for k in cls.options()}
+    unknown = sorted(str(k) for k in names if k not in declared)
+    if unknown:
+        known = "; ".join(f"{cls.name}: {', '.join(cls.options()) or 'none'}" for cls in backends)
+        raise ConfigError(f"{who}: no target takes option {', '.join(unknown)}; options per backend: {known}")
+    return {cls.name: [k for k in names if k in cls.options()] for cls in backends}
 
 
 def check_options(cls: type[Backend], options: Mapping[str, Any] | None) -> dict[str, Any]:

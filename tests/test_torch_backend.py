@@ -4,6 +4,8 @@ hand-computed BatchNorm statistics."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -669,23 +671,17 @@ COMPILED_CASES = (  # a representative subset of the conformance suite: ops, bac
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", COMPILED_CASES)
-def test_conformance_with_torch_compile(case):
+def test_conformance_with_torch_compile(case, monkeypatch):
     """The conformance cases above pass on torch:cpu with compile='inductor' (inductor compiles each on the CPU
     with the C++ compiler: tens of seconds per case on a loaded 2-core machine)."""
-    import hal.testing.conformance as conformance
+    from hal.testing.conformance import PASS, run_conformance
 
-    made = []
-
-    class Compiled(conformance._Session):  # until run_conformance/check_case take options
-        def compile(self, spec, weights, config):
-            made.append(hal.compile(spec, self.target, weights, config, options={"compile": "inductor"}))
-            return made[-1]
-
-    (selected,) = conformance.conformance_cases("torch:cpu", include=f"^{case}$")
-    row = conformance._run_case(Compiled("torch:cpu"), selected)
-    assert row.status == conformance.PASS, row.note
-    wrappers = [m for exe in made for m in exe._compiled.values()]  # the case ran through torch.compile
-    assert wrappers and all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in wrappers)
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled.append(a[0]) or real(*a, **k))
+    (row,) = run_conformance("torch:cpu", include=f"^{re.escape(case)}$", options={"compile": "inductor"}).rows
+    assert row.status == PASS, row.note
+    assert compiled  # the case ran through torch.compile
 
 
 def test_plain_predict_after_a_training_mode_predict_is_in_inference_mode(make_weights):

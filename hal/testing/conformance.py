@@ -200,15 +200,17 @@ def _sci(v: float | None) -> str:
 
 
 class _Session:
-    """A resolved target and the executables its read-only cases share."""
+    """A resolved target, the backend options its executables are compiled with, and the executables its
+    read-only cases share."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, options: Mapping[str, Any] | None = None) -> None:
         self.backend, t = resolve(target)
         self.target = str(t)
+        self.options = dict(options or {})
         self._shared: dict[tuple[str, TrainConfig], Executable] = {}
 
     def compile(self, spec: ModelSpec, weights: Weights, config: TrainConfig) -> Executable:
-        return compile(spec, self.target, weights, config)
+        return compile(spec, self.target, weights, config, options=self.options)
 
     def shared(self, spec: ModelSpec, config: TrainConfig) -> Executable:
         """One executable per (spec, config) for cases that only feed it bad inputs."""
@@ -290,11 +292,13 @@ def run_conformance(
     include: Patterns = None,
     exclude: Patterns = None,
     progress: Callable[[str], None] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> ConformanceReport:
-    """Run the suite on ``target`` (see the module docstring). A target that is not
-    available here raises its hal error; a failing case never raises: it is a row."""
+    """Run the suite on ``target`` (see the module docstring), its executables compiled with the backend
+    ``options`` (``hal.compile``'s). A target that is not available here raises its hal error; a failing
+    case never raises: it is a row."""
     cases = conformance_cases(target, include, exclude)
-    session = _Session(target)
+    session = _Session(target, options)
     report = ConformanceReport(session.target)
     t0 = time.perf_counter()
     for case in cases:
@@ -305,15 +309,16 @@ def run_conformance(
     return report
 
 
-_SESSIONS: dict[str, _Session] = {}
+_SESSIONS: dict[tuple[str, str], _Session] = {}
 
 
-def check_case(target: str, case: Case) -> CaseResult:
-    """Run one case under pytest: a FAIL raises ``AssertionError``, UNSUPPORTED and
-    SKIP call ``pytest.skip`` with the reason. Cases of one target share a session."""
-    if target not in _SESSIONS:
-        _SESSIONS[target] = _Session(target)
-    row = _run_case(_SESSIONS[target], case)
+def check_case(target: str, case: Case, options: Mapping[str, Any] | None = None) -> CaseResult:
+    """Run one case under pytest, compiled with the backend ``options``: a FAIL raises ``AssertionError``,
+    UNSUPPORTED and SKIP call ``pytest.skip`` with the reason. Cases of one target and options share a session."""
+    key = (target, repr(sorted((options or {}).items())))
+    if key not in _SESSIONS:
+        _SESSIONS[key] = _Session(target, options)
+    row = _run_case(_SESSIONS[key], case)
     if row.status == FAIL:
         measured = f" (error {row.error:.2e} > tolerance {row.tolerance:.2e})" if row.error is not None else ""
         raise AssertionError(f"{case.name} on {target}{measured}: {row.note}")
