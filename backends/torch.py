@@ -163,7 +163,7 @@ def _modules() -> dict[type[S.Op], type]:
             op = self.op
             if not self.training:
                 return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, op.eps)
-            if self.sync is not None:
+            if self.sync is not None and torch.is_grad_enabled():  # predict(training=True) is replica 0's alone
                 return self.sync(self, x)
             if self.update_stats:  # torch's rule is the canonical one: biased to normalise, unbiased to track
                 return F.batch_norm(
@@ -631,6 +631,11 @@ class TorchExecutable(Executable):
         self._fused: nn.Module | None = None  # the BatchNorm-folded copy (fast), refolded in place
         self._compiled: dict[str, nn.Module] = {}  # torch.compile wrappers: "infer", "train"
         self.train_module: nn.Module = self.module  # what the training forward calls (a DDP wrapper in a replica)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: GradScaler's current scale; otherwise ``None``."""
+        return float(self.scaler.get_scale()) if self.scaler else None
 
     # -- I/O boundary -----------------------------------------------------------
 

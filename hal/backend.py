@@ -220,6 +220,21 @@ class Executable(ABC):
         self._raise_if_not_applied(losses, applied)
         return np.asarray(losses, dtype=np.float64)
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16: the current dynamic loss scale (:data:`hal.lowering.LOSS_SCALE`'s rule); otherwise ``None``."""
+        return None
+
+    def close(self) -> None:
+        """Release what the executable holds beyond memory (data-parallel replica processes); nothing by default.
+        ``with hal.compile(...) as exe:`` closes it at the end of the block."""
+
+    def __enter__(self) -> "Executable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @abstractmethod
     def weights(self) -> Weights:
         """Current weights and buffers, canonical names and layouts, on the host."""

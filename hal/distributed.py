@@ -232,12 +232,6 @@ class DataParallelExecutable(Executable):
         """End the replica processes; the executable cannot be used afterwards."""
         self.group.close()
 
-    def __enter__(self) -> "DataParallelExecutable":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _shards(self, *arrays: np.ndarray, axis: int = 0) -> list[tuple[np.ndarray, ...]]:
         n = self.config.data_parallel.replicas
         return list(zip(*(np.split(a, n, axis=axis) for a in arrays)))

@@ -157,6 +157,20 @@ def test_one_replica_group_refuses_trains_and_dies_cleanly() -> None:
         exe.weights()
 
 
+def test_training_mode_predict_with_synchronised_batchnorm_is_the_single_device_forward() -> None:
+    """predict runs on replica 0 alone: with synchronised BatchNorm its training-mode forward must not wait for an
+    all-reduce the other replicas never join (it hung), and equals one device's on the whole batch."""
+    x, y = make_batch(SPEC, 8, "cross_entropy")
+    one = hal.compile(SPEC, "torch:cpu").predict(x, training=True)
+    with hal.compile(SPEC, "torch:cpu", config=TrainConfig(data_parallel=DataParallel(2, sync_batchnorm=True))) as exe:
+        out: list[np.ndarray] = []
+        call = threading.Thread(target=lambda: out.append(exe.predict(x, training=True)), daemon=True)
+        call.start()
+        call.join(60)
+        assert out, "predict(training=True) did not return within 60 s"
+    assert tensors_error({"y": out[0]}, {"y": one})[1] < 1e-6
+
+
 def _refusing_replica(rank: int, **_: object) -> None:
     """A replica factory that fails as a backend would, with a hal error."""
     raise ConfigError(f"replica {rank} refuses")

@@ -186,33 +186,33 @@ def train_conductivity(
     t_all = scaler.encode(data.y)
     if batch % data_parallel.hosts:
         raise ConfigError(f"batch {batch} is not divisible by hosts {data_parallel.hosts}")
-    exe = hal.compile(spec, target, config=train_config(lr, weight_decay, epochs, steps, data_parallel), seed=seed)
-    host = slice(data_parallel.host_rank * batch // data_parallel.hosts,
-                 (data_parallel.host_rank + 1) * batch // data_parallel.hosts)
-    train_loss, val_loss, seconds = [], [], []
-    x_val, t_val = x[splits["val"]], t_all[splits["val"]]
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(train_idx)[: steps * batch]
-        xs = x[order].reshape(steps, batch, *x.shape[1:])[:, host]
-        ys = t_all[order].reshape(steps, batch, 1)[:, host]
-        start = time.perf_counter()
-        if chunk == 1:
-            losses = np.array([exe.train_step(xb, yb) for xb, yb in zip(xs, ys)])
-        else:
-            losses = np.concatenate([exe.run_steps(xs[i:i + chunk], ys[i:i + chunk]) for i in range(0, steps, chunk)])
-        seconds.append(time.perf_counter() - start)
-        train_loss.append(float(np.mean(losses)))
-        val_loss.append(float(np.mean(np.square(_predict(exe, x_val) - t_val))))
-        if not all(map(math.isfinite, (train_loss[-1], val_loss[-1]))):
-            raise ConfigError(f"{target}: the loss diverged in epoch {epoch + 1} (lr {lr}): try a smaller --lr")
-        if progress:
-            progress(f"{target} epoch {epoch + 1}/{epochs}: train {train_loss[-1]:.4f}, val {val_loss[-1]:.4f} "
-                     f"({seconds[-1]:.1f} s)")
-    test = splits["test"]
-    y_true, y_pred = data.y[test], scaler.decode(_predict(exe, x[test]))
-    weights = exe.weights()
-    if hasattr(exe, "close"):  # data-parallel replica processes
-        exe.close()
+    with hal.compile(spec, target, config=train_config(lr, weight_decay, epochs, steps, data_parallel),
+                     seed=seed) as exe:  # closing ends data-parallel replica processes
+        host = slice(data_parallel.host_rank * batch // data_parallel.hosts,
+                     (data_parallel.host_rank + 1) * batch // data_parallel.hosts)
+        train_loss, val_loss, seconds = [], [], []
+        x_val, t_val = x[splits["val"]], t_all[splits["val"]]
+        for epoch in range(epochs):
+            order = np.random.default_rng([seed, epoch]).permutation(train_idx)[: steps * batch]
+            xs = x[order].reshape(steps, batch, *x.shape[1:])[:, host]
+            ys = t_all[order].reshape(steps, batch, 1)[:, host]
+            start = time.perf_counter()
+            if chunk == 1:
+                losses = np.array([exe.train_step(xb, yb) for xb, yb in zip(xs, ys)])
+            else:
+                losses = np.concatenate([exe.run_steps(xs[i:i + chunk], ys[i:i + chunk])
+                                         for i in range(0, steps, chunk)])
+            seconds.append(time.perf_counter() - start)
+            train_loss.append(float(np.mean(losses)))
+            val_loss.append(float(np.mean(np.square(_predict(exe, x_val) - t_val))))
+            if not all(map(math.isfinite, (train_loss[-1], val_loss[-1]))):
+                raise ConfigError(f"{target}: the loss diverged in epoch {epoch + 1} (lr {lr}): try a smaller --lr")
+            if progress:
+                progress(f"{target} epoch {epoch + 1}/{epochs}: train {train_loss[-1]:.4f}, val {val_loss[-1]:.4f} "
+                         f"({seconds[-1]:.1f} s)")
+        test = splits["test"]
+        y_true, y_pred = data.y[test], scaler.decode(_predict(exe, x[test]))
+        weights = exe.weights()
     later = sum(seconds[1:])
     rate = (epochs - 1) * steps * batch / later if epochs > 1 else steps * batch / seconds[0]
     return TrainResult(
