@@ -311,6 +311,14 @@ def cmd_parity(args: argparse.Namespace) -> int:
         from hal.parity import run_dp_parity
         from hal.registry import get_backend
 
+        ignored = [flag for flag, given in (("--optimizer", args.optimizer != "sgd"), ("--lr", args.lr is not None),
+                                            ("--grad-accum", args.grad_accum != 1), ("--precision", args.precision != "fp32"),
+                                            ("--checks", args.checks != list(CHECKS)), ("--option", bool(args.option)))
+                   if given]
+        if ignored:
+            raise ConfigError(f"hal parity --replicas compares fp32 SGD and AdamW runs of its own; it does not take "
+                              f"{', '.join(ignored)}")
+
         targets = args.targets or [t for t in _default_targets(False)
                                    if get_backend(t.partition(":")[0]).capabilities().data_parallel]
         report = run_dp_parity(spec, targets, replicas=args.replicas, batch=args.batch, steps=args.steps or 5,

@@ -49,6 +49,7 @@ def files(tmp_path, monkeypatch):
 
 MISUSES = [
     # parity
+    (["parity", "small_cnn", "--replicas", "2", "--precision", "bf16"], "does not take --precision"),
     (["parity", "small_cnn", "--targets", ","], "argument --targets: an empty entry in ','"),
     (["parity", "small_cnn", "--targets", "numpy,"], "an empty entry in 'numpy,'"),
     (["parity", "small_cnn", "--targets", "numpy,numpy"], "numpy given twice"),
