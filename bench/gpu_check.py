@@ -367,7 +367,7 @@ def _clear_previous(results: Path) -> None:
 def write_record(results: Path, steps: Sequence[Step], config: dict[str, Any]) -> None:
     """``steps.json``: the run's settings and every step as it stands."""
     data = {"config": config, "steps": [asdict(s) for s in steps]}
-    (results / "steps.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _write(results / "steps.json", json.dumps(data, indent=2, default=str) + "\n")
 
 
 def load_steps(results: Path) -> tuple[dict[str, Any], list[Step]]:
@@ -710,9 +710,16 @@ def markdown(s: dict[str, Any]) -> str:
 def write_summary(results: Path) -> dict[str, Any]:
     """Write ``summary.json`` and ``summary.md`` in ``results``; returns the summary."""
     summary = summarize(results)
-    (results / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (results / "summary.md").write_text(markdown(summary))
+    _write(results / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    _write(results / "summary.md", markdown(summary))
     return summary
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically: an interrupted run leaves the previous file or the new one, never half of one."""
+    from hal.weights import atomic_write
+
+    atomic_write(path, text.encode())
 
 
 # ---------------------------------------------------------------------------
