@@ -64,7 +64,7 @@ from hal.backend import (
     Weights,
     package_availability,
 )
-from hal.errors import UnsupportedError
+from hal.errors import TargetError, UnsupportedError
 from hal.lowering import (
     COMPUTE_DTYPE,
     LOSS_SCALE,
@@ -868,7 +868,7 @@ def _launch_replicas(
     if device.startswith("cuda"):
         first = torch.device(device).index or 0
         if first + dp.replicas > torch.cuda.device_count():
-            raise UnsupportedError(
+            raise TargetError(
                 f"torch:{device}: {dp.replicas} replicas need CUDA devices {first}..{first + dp.replicas - 1}, "
                 f"this host has {torch.cuda.device_count()}"
             )
