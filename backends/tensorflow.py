@@ -1119,6 +1119,7 @@ def _precision_reason(precision: str, where: str) -> str:
 # ---------------------------------------------------------------------------
 
 _STRATEGIES: dict[DataParallel, Any] = {}  # MultiWorkerMirroredStrategy, made at program start
+_STRATEGY_ERRORS: dict[DataParallel, str] = {}  # why one could not be made
 
 
 def prepare_data_parallel(dp: DataParallel) -> None:
@@ -1140,8 +1141,8 @@ def prepare_data_parallel(dp: DataParallel) -> None:
             )
         try:
             _STRATEGIES[dp] = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-        except RuntimeError:  # the runtime is running already
-            pass
+        except RuntimeError as exc:  # the runtime is running already, or the cluster cannot be set up
+            _STRATEGY_ERRORS[dp] = f"{type(exc).__name__}: {exc}"
     cpus = tf.config.list_physical_devices("CPU")
     if dp.replicas > 1 and cpus:
         try:
@@ -1165,7 +1166,8 @@ def data_parallel_strategy(device: str, dp: DataParallel) -> Any:
             raise TargetError(
                 f"tensorflow:{device}: DataParallel(hosts={dp.hosts}) needs its MultiWorkerMirroredStrategy created "
                 "before TensorFlow runs anything: make the data-parallel hal.compile the first TensorFlow use of the "
-                "process (hal train does)"
+                "process (hal train does)" + (f"; creating it failed with {_STRATEGY_ERRORS[dp]}"
+                                              if dp in _STRATEGY_ERRORS else "")
             )
         if strategy.num_replicas_in_sync != dp.world:
             raise TargetError(
