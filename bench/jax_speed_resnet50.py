@@ -7,7 +7,9 @@ one training step each (hal ``train_step`` SGD-momentum; Keras ``train_on_batch`
 SGD-momentum, sparse cross-entropy on logits), round-robin over the variants for
 ``--repeats`` rounds after a warm-up call, so load on a shared machine falls on all
 alike. ``--variants`` adds hal executables with other options (``default`` =
-``matmul_precision='default'``). Reports medians, ratios to Keras, the load
+``matmul_precision='default'``; ``individual`` = XLA compiler option
+``xla_cpu_experimental_ynn_fusion_type=INDIVIDUAL_CONVOLUTION,INDIVIDUAL_DOT``: YNNPACK
+runs each convolution and dot alone, XLA fuses the rest). Reports medians, ratios to Keras, the load
 average, versions and ``XLA_FLAGS`` as JSON (``--out``) and markdown on stdout.
 ``--dump DIR`` writes the optimised HLO of both inference programs there
 (``XLA_FLAGS=--xla_dump_to``) for side-by-side reading.
@@ -31,13 +33,26 @@ from pathlib import Path
 import numpy as np
 
 
+def individual_ynn(programs: object, kinds: str) -> object:
+    """``programs`` with the train and inference programs recompiled with ``xla_cpu_experimental_ynn_fusion_type``."""
+    import types
+
+    import jax
+
+    options = {"xla_cpu_experimental_ynn_fusion_type": kinds}
+    return types.SimpleNamespace(**{
+        **vars(programs), "infer": jax.jit(programs.infer.__wrapped__, compiler_options=options),
+        "train": jax.jit(programs.train.__wrapped__, donate_argnums=(0, 1, 2), compiler_options=options)})
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train", action="store_true", help="also time one training step of each")
-    p.add_argument("--variants", default="", help="comma-separated extra hal variants: default (matmul precision)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated extra hal variants: default (matmul precision), individual (YNN fusions)")
     p.add_argument("--dump", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -63,7 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     spec = get("resnet50", input_size=s)
     hal_exes = {"hal": hal.compile(spec, "jax:cpu", config=config)}
     for v in filter(None, args.variants.split(",")):
-        hal_exes[f"hal[{v}]"] = hal.compile(spec, "jax:cpu", config=config, options={"matmul_precision": v})
+        if v == "individual":
+            hal_exes[f"hal[{v}]"] = e = hal.compile(spec, "jax:cpu", config=config)
+            kinds = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+            e.programs = individual_ynn(e.programs, kinds)
+        else:
+            hal_exes[f"hal[{v}]"] = hal.compile(spec, "jax:cpu", config=config, options={"matmul_precision": v})
     model = keras.applications.ResNet50(weights=None, input_shape=(s, s, 3), classes=1000, classifier_activation=None)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
