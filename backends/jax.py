@@ -85,8 +85,7 @@ on the CPU up to :data:`CPU_UNROLL_ACCUM_MAX` micro-batches, each one ordered
 after the previous one's gradients (so the temporary memory stays that of one
 micro-batch). Also on the CPU, 1x1 convolutions are matrix products
 (``PointwiseConv``: their weight gradients need no layout transposes; ResNet-50
-training 1.24x faster), depthwise ones sums of taps, and the inference program is
-compiled with :data:`CPU_INFER_XLA_OPTIONS`; inference runs
+training 1.24x faster) and depthwise ones sums of taps; inference runs
 a copy with every BatchNorm that only reads a convolution folded into it,
 rebuilt (by a small jitted function) only when the weights change. ``jax.jit``
 caches one executable per batch shape, and executables of the same spec and
@@ -766,29 +765,6 @@ CPU_UNROLL_ACCUM_MAX = 8
 (the module docstring's ``ConvCanonicalization`` note: a scan's weight gradients run as
 naive loops); compile time grows with the count, so beyond it the micro-batches stay a
 ``lax.scan`` (bench/results/jax_speed/README.md: the measurements behind the limit)."""
-CPU_INFER_XLA_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-}
-"""XLA options of the CPU inference program: YNNPACK runs each convolution and dot on its
-own and XLA fuses the elementwise rest, instead of XLA's default YNN graph fusions.
-ResNet-50 inference 1.09-1.18x faster in three loaded runs, even with Keras 3's ResNet50 on
-the JAX backend; the training step is 1.45x slower with it, so it keeps the default
-(bench/results/jax_speed)."""
-
-
-@functools.cache
-def cpu_infer_options() -> dict[str, str]:
-    """:data:`CPU_INFER_XLA_OPTIONS` if this jaxlib's XLA:CPU knows them (they are
-    experimental), else none."""
-    import jax
-
-    try:
-        one = jax.device_put(np.float32(1), jax.devices("cpu")[0])
-        jax.jit(lambda v: v + 1, compiler_options=CPU_INFER_XLA_OPTIONS).lower(one).compile()
-    except Exception:  # noqa: BLE001 - an XLA without the option or one of its values
-        return {}
-    return dict(CPU_INFER_XLA_OPTIONS)
 
 
 def programs(
@@ -990,7 +966,7 @@ def _build_programs(
         grads=jax.jit(grads_only),
         forward_train=jax.jit(forward_train),
         fold=jax.jit(fold_bn),
-        infer=jax.jit(infer, compiler_options=cpu_infer_options() if cpu else None),
+        infer=jax.jit(infer),
     )
 
 

@@ -622,16 +622,3 @@ def test_pointwise_convolutions_are_matrix_products_with_torch_results() -> None
     (jl, jg), (tl, tg) = jexe.loss_and_grads(x, y), texe.loss_and_grads(x, y)
     assert abs(jl - tl) <= EXACT * abs(tl)
     assert weights_rel(jg, tg) <= EXACT, tensors_error(jg, tg)
-
-
-def test_cpu_inference_options_fall_back_where_xla_does_not_know_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The experimental XLA options of the CPU inference program are dropped, not fatal, where
-    this jaxlib's XLA rejects them."""
-    import hal.backends.jax as hal_jax
-
-    monkeypatch.setattr(hal_jax, "CPU_INFER_XLA_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_TYPE"})
-    hal_jax.cpu_infer_options.cache_clear()
-    try:
-        assert hal_jax.cpu_infer_options() == {}
-    finally:
-        hal_jax.cpu_infer_options.cache_clear()
