@@ -137,12 +137,14 @@ from hal.lowering import (
     LOSS_SCALED,
     MASTER_DTYPE,
     LossScale,
+    adam_bias_corrections,
     adaptive_windows,
     avg_pool_divisor,
     conv_transpose_padding,
     fold_batchnorm,
     foldable_batchnorms,
     linear_indices,
+    loss_scale_step,
     nearest_indices,
     nhwc_pad,
     pool_padding,
@@ -736,23 +738,18 @@ def update_loss_scale(s: LossScaleState, found_inf: Any, rule: LossScale = LOSS_
     advances unless ``found_inf``."""
     import jax.numpy as jnp
 
-    clean = s.clean + 1
-    grow = ~found_inf & (clean == rule.interval)
-    scale = jnp.where(found_inf, s.scale * rule.backoff, jnp.where(grow, s.scale * rule.growth, s.scale))
-    return LossScaleState(scale, jnp.where(found_inf | grow, 0, clean), s.count + jnp.where(found_inf, 0, 1))
+    scale, clean = loss_scale_step(s.scale, s.clean, found_inf, jnp.where, rule)
+    return LossScaleState(scale, clean, s.count + jnp.where(found_inf, 0, 1))
 
 
 def adam_scalars_at(hyper: Mapping[str, Any], count: Any, betas: tuple[float, float]) -> dict[str, Any]:
-    """``hyper`` with Adam's ``step_size`` and ``bc2_sqrt`` (:func:`hal.lowering.step_scalars`) at
-    torch's ``t = count + 1`` of a traced ``count``: ``1 - b**t = -expm1(t * log(b))`` in float32
-    (within a few float32 ulps of torch's float64 value; optax's ``1 - b**t`` in float32 loses
-    ~3e-5 relative at ``b = 0.999, t = 1``)."""
+    """``hyper`` with Adam's ``step_size`` and ``bc2_sqrt`` at torch's ``t = count + 1`` of a traced
+    ``count`` (:func:`hal.lowering.adam_bias_corrections`; optax's ``1 - b**t`` in float32 is less exact)."""
     import jax.numpy as jnp
 
     t = (count + 1).astype(jnp.float32)
-    with np.errstate(divide="ignore"):  # b = 0: log is -inf, 1 - b**t is 1
-        log_b1, log_b2 = np.log(np.float64(betas[0])), np.log(np.float64(betas[1]))
-    return {**hyper, "step_size": hyper["lr"] / -jnp.expm1(t * log_b1), "bc2_sqrt": jnp.sqrt(-jnp.expm1(t * log_b2))}
+    step_size, bc2_sqrt = adam_bias_corrections(hyper["lr"], t, betas, jnp.expm1, jnp.sqrt)
+    return {**hyper, "step_size": step_size, "bc2_sqrt": bc2_sqrt}
 
 
 # ---------------------------------------------------------------------------
@@ -983,8 +980,6 @@ class JaxExecutable(Executable):
     mesh: Any = None  # the data-parallel mesh (JaxDataParallelExecutable)
 
     def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str) -> None:
-        import jax
-
         super().__init__(spec, Target("jax", device), config)
         self.device = _jax_device(device)
         if config.precision == "fp64" and self.device.platform == "tpu":
@@ -1126,6 +1121,9 @@ class JaxExecutable(Executable):
 DATA_AXIS = "data"
 
 
+_DISTRIBUTED_ERRORS: dict[DataParallel, str] = {}  # why jax.distributed.initialize failed, per setting
+
+
 def prepare_data_parallel(dp: DataParallel) -> None:
     """What JAX must be told before it initialises: ``dp.replicas`` CPU devices
     (``jax_num_cpu_devices``, the option behind XLA's ``--xla_force_host_platform_device_count``)
@@ -1138,8 +1136,8 @@ def prepare_data_parallel(dp: DataParallel) -> None:
         host, port = dp.coordinator_address()
         try:
             jax.distributed.initialize(f"{host}:{port}", dp.hosts, dp.host_rank)
-        except RuntimeError:  # JAX already initialised its backends
-            pass
+        except RuntimeError as exc:  # JAX already initialised its backends, or the coordinator is unreachable
+            _DISTRIBUTED_ERRORS[dp] = f"{type(exc).__name__}: {exc}"
     if dp.replicas > 1 and jax.config.jax_num_cpu_devices < dp.replicas:
         try:
             jax.config.update("jax_num_cpu_devices", dp.replicas)
@@ -1163,6 +1161,7 @@ def data_mesh(device: str, dp: DataParallel) -> "jax.sharding.Mesh":
             f"processes, JAX runs {jax.process_count()}: compile the first data-parallel executable of the process "
             "before anything else uses JAX (hal.compile initialises jax.distributed from DataParallel.coordinator), "
             "or call jax.distributed.initialize yourself first"
+            + (f"; initialising it failed with {_DISTRIBUTED_ERRORS[dp]}" if dp in _DISTRIBUTED_ERRORS else "")
         )
     local = sorted(jax.local_devices(backend=platform), key=lambda d: d.id)[first:first + dp.replicas]
     if len(local) < dp.replicas:

@@ -119,12 +119,14 @@ from hal.lowering import (
     IPU_PRECISIONS,
     LOSS_SCALE,
     LOSS_SCALED,
-    LossScale,
     MASTER_DTYPE,
+    LossScale,
+    adam_bias_corrections,
     adaptive_windows,
     avg_pool_divisor,
     conv_transpose_padding,
     linear_indices,
+    loss_scale_step,
     nearest_indices,
     nhwc_pad,
     padding_mode,
@@ -881,11 +883,7 @@ def torch_update(o: Any, p: Any, g: Any, slots: Mapping[str, Any], h: Mapping[st
 
 def update_loss_scale(scale: Any, clean: Any, found_inf: Any, rule: LossScale = LOSS_SCALE) -> tuple[Any, Any]:
     """:func:`hal.lowering.next_loss_scale` on tensors: ``(scale, clean steps)`` after a step."""
-    tf = _tf()
-    grown = clean + 1
-    grow = tf.logical_not(found_inf) & tf.equal(grown, rule.interval)
-    new = tf.where(found_inf, scale * rule.backoff, tf.where(grow, scale * rule.growth, scale))
-    return new, tf.where(found_inf | grow, tf.zeros_like(grown), grown)
+    return loss_scale_step(scale, clean, found_inf, _tf().where, rule)
 
 
 def slot_names(config: TrainConfig) -> tuple[str, ...]:
@@ -1040,10 +1038,9 @@ class TensorFlowExecutable(Executable):
         scale, clean, count = self.loss_scale_vars
         o = self.config.optimizer
         if isinstance(o, Adam):  # read before the update below assigns the count
-            t = tf.cast(count + 1, self.dtype)
-            with np.errstate(divide="ignore"):  # b = 0: log is -inf, 1 - b**t is 1
-                log_b1, log_b2 = np.log(np.float64(o.betas[0])), np.log(np.float64(o.betas[1]))
-            h.update(step_size=h["lr"] / -tf.math.expm1(t * log_b1), bc2_sqrt=tf.sqrt(-tf.math.expm1(t * log_b2)))
+            step_size, bc2_sqrt = adam_bias_corrections(h["lr"], tf.cast(count + 1, self.dtype), o.betas,
+                                                        tf.math.expm1, tf.sqrt)
+            h.update(step_size=step_size, bc2_sqrt=bc2_sqrt)
         found_inf = tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in grads]))
 
         def applied() -> Any:

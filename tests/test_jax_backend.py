@@ -101,14 +101,14 @@ def test_availability_devices_capabilities() -> None:
     devices = JaxBackend.devices()
     assert "cpu" in devices
     assert JaxBackend.resolve_device("cpu") == "cpu"
-    assert set(JaxBackend.capabilities().precisions) == {"fp32", "fp64", "bf16"}
+    assert set(JaxBackend.capabilities().precisions) == {"fp32", "fp64", "bf16", "fp16"}
     assert "jax" in hal.backend_names() and str(hal.registry.resolve("jax")[1]) == f"jax:{devices[0]}"
     spec = tiny_bn()
-    why = JaxBackend.unsupported(spec, TrainConfig(precision="fp16"))
-    assert "loss scaling" in why["config"]
+    why = JaxBackend.unsupported(spec, TrainConfig(precision="16.16"))  # Graphcore's: IPU targets only
+    assert "16.16" in why["config"]
     assert JaxBackend.unsupported(spec, TrainConfig()) == {}
-    with pytest.raises(UnsupportedError, match="loss scaling"):
-        hal.compile(spec, "jax:cpu", config=TrainConfig(precision="fp16"))
+    with pytest.raises(UnsupportedError, match="16.16"):
+        hal.compile(spec, "jax:cpu", config=TrainConfig(precision="16.16"))
 
 
 # ---------------------------------------------------------------------------
