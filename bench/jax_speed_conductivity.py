@@ -16,7 +16,6 @@ of them loads (``hal train --threads``'s rule).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _speed import report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,15 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
     }
-    print(f"| target | ms/step (median of {args.repeats}) | x fastest | first call (s) |")
-    print("|---|---|---|---|")
-    for t in targets:
-        print(f"| {t} | {med[t] * 1e3:.1f} | {med[t] / fastest:.2f} | {first[t]:.1f} |")
-    print(f"load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    rows = [(t, f"{med[t] * 1e3:.1f}", f"{med[t] / fastest:.2f}", f"{first[t]:.1f}") for t in targets]
+    return report(result, ("target", f"ms/step (median of {args.repeats})", "x fastest", "first call (s)"), rows,
+                  load_start, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ channels-first batch and transposes it in its program; Keras gets NHWC.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _speed import report
 
 
 def individual_ynn(programs: object, kinds: str) -> object:
@@ -121,15 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cpus": os.cpu_count(),
         "jax_devices": [str(d) for d in jax.devices()],
     }
-    print(f"| program | img/s (median of {args.repeats}) | x Keras | first call (s) |")
-    print("|---|---|---|---|")
-    for k in calls:
-        print(f"| {k} | {n / med[k]:.2f} | {ref[k] / med[k]:.3f} | {first[k]:.1f} |")
-    print(f"load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    rows = [(k, f"{n / med[k]:.2f}", f"{ref[k] / med[k]:.3f}", f"{first[k]:.1f}") for k in calls]
+    return report(result, ("program", f"img/s (median of {args.repeats})", "x Keras", "first call (s)"), rows,
+                  load_start, args.out)
 
 
 if __name__ == "__main__":

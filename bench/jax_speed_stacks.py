@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from _speed import report
 
 
 def jax_variant(exe: object, options: dict[str, str]) -> None:
@@ -133,15 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "PJRT_NPROC", "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")},
         "cpus": os.cpu_count(),
     }
-    print(f"| program | img/s (median of {args.repeats}) | time x fastest | first call (s) |")
-    print("|---|---|---|---|")
-    for k in calls:
-        print(f"| {k} | {args.batch / med[k]:.2f} | {result['x_fastest'][k]:.2f} | {first[k]:.1f} |")
-    print(f"load average {load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    rows = [(k, f"{args.batch / med[k]:.2f}", f"{result['x_fastest'][k]:.2f}", f"{first[k]:.1f}") for k in calls]
+    return report(result, ("program", f"img/s (median of {args.repeats})", "time x fastest", "first call (s)"),
+                  rows, load_start, args.out)
 
 
 if __name__ == "__main__":
