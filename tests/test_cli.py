@@ -182,8 +182,8 @@ def conformance(monkeypatch):
     calls: list[dict[str, Any]] = []
     outcome: dict[str, bool] = {"passed": True}
 
-    def run_conformance(target, include=None, exclude=None, progress=None):
-        calls.append({"target": target, "include": include, "exclude": exclude})
+    def run_conformance(target, include=None, exclude=None, progress=None, options=None):
+        calls.append({"target": target, "include": include, "exclude": exclude, "options": options})
         if include is not None and not re.search(include, "conv2d"):
             return _Report(True)  # every case left out
         progress("conv2d")
@@ -199,16 +199,22 @@ def conformance(monkeypatch):
 def test_conformance_prints_the_table_and_exits_0_when_it_passes(conformance, capsys):
     calls, _ = conformance
     assert main(["conformance", "torch:cpu", "--include", "conv", "--exclude", "3d$"]) == 0
-    assert calls == [{"target": "torch:cpu", "include": "conv", "exclude": "3d$"}]
+    assert calls == [{"target": "torch:cpu", "include": "conv", "exclude": "3d$", "options": {}}]
     out, err = capsys.readouterr()
     assert out == "conv2d: pass\n" and "conv2d" in err  # progress on stderr
+
+
+def test_conformance_passes_backend_options(conformance):
+    calls, _ = conformance
+    assert main(["conformance", "torch:cpu", "--include", "conv", "--option", "compile=inductor"]) == 0
+    assert calls[0]["options"] == {"compile": "inductor"}
 
 
 def test_conformance_exits_1_when_a_case_fails_and_prints_json(conformance, capsys):
     calls, outcome = conformance
     outcome["passed"] = False
     assert main(["conformance", "numpy", "--json"]) == 1
-    assert calls == [{"target": "numpy", "include": None, "exclude": None}]
+    assert calls == [{"target": "numpy", "include": None, "exclude": None, "options": {}}]
     out, err = capsys.readouterr()
     assert json.loads(out) == {"passed": False, "rows": [{"case": "conv2d", "status": "FAIL (conv off by 1e-4)"}]}
     assert err == ""  # --json: no progress
