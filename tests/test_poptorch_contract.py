@@ -523,7 +523,8 @@ def make_standin(version: str = "3.3.0") -> types.ModuleType:
 def standin_sdk(monkeypatch):
     """Installs a stand-in of a given SDK version as ``poptorch``; returns it."""
     if REAL_POPTORCH:
-        pytest.skip("the real poptorch is importable: the IPU Model smoke test runs instead")
+        pytest.skip("the real poptorch is importable, so the stand-in is not installed over it: "
+                    "test_smoke_on_the_ipu_model runs the real SDK instead")
 
     def install(version):
         pt = make_standin(version)

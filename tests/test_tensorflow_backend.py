@@ -276,7 +276,8 @@ def test_graphcore_precisions_are_refused_off_the_ipu(small):
 
 def test_ipu_without_the_sdk_says_why(small):
     if ipu_tensorflow.importable():
-        pytest.skip("Graphcore's TensorFlow is installed here")
+        pytest.skip("Graphcore's TensorFlow is installed here: this checks the error raised without it "
+                    "(the IPU Model smoke test in test_ipu_tensorflow_contract.py runs instead)")
     spec, w = small
     with pytest.raises(TargetError, match="Poplar SDK"):
         hal.compile(spec, "tensorflow:ipu", w)

@@ -5,14 +5,15 @@ hand-computed BatchNorm statistics."""
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
 
 import hal
 from conftest import failing_on_call  # tests/ is on sys.path (pytest's default import mode)
+from hal import models
 from hal.backends.numpy import NumpyExecutable
-
 from hal.parity import FACTOR, normalised_error, tolerance
 from hal.spec import SpecBuilder
 from hal.training import SGD, Adam, AdamW, StepDecay, TrainConfig
@@ -628,8 +629,6 @@ def test_random_graphs_match_reference_in_fp64(graph):
 def test_folded_copy_is_refolded_in_place_after_a_weight_change(make_weights):
     """predict keeps one BatchNorm-folded copy (what a torch.compile of it needs) and refolds it after a training
     step and a load: its output follows the new weights, as the float64 reference says."""
-    from hal import models
-
     spec = models.get("small_cnn")
     exe = hal.compile(spec, "torch:cpu", make_weights(spec, 0, np.float32), TrainConfig(optimizer=SGD(lr=0.5)))
     x = np.random.default_rng(0).standard_normal((4, *spec.input_shape)).astype(np.float32)
@@ -647,19 +646,17 @@ def test_folded_copy_is_refolded_in_place_after_a_weight_change(make_weights):
 
 def test_compile_refuses_what_cannot_run_here():
     with pytest.raises(hal.errors.UnsupportedError, match="reduce-overhead.*CUDA only"):
-        hal.compile(hal.models.get("small_cnn"), "torch:cpu", options={"compile": "reduce-overhead"})
+        hal.compile(models.get("small_cnn"), "torch:cpu", options={"compile": "reduce-overhead"})
     with pytest.raises(hal.errors.ConfigError, match="must be one of"):
-        hal.compile(hal.models.get("small_cnn"), "torch:cpu", options={"compile": "eager"})
+        hal.compile(models.get("small_cnn"), "torch:cpu", options={"compile": "eager"})
 
 
-@pytest.mark.skipif(torch.__version__ >= (2, 1), reason="torch 2.0's torch.compile and Python >= 3.11")
+@pytest.mark.skipif(torch.__version__ >= (2, 1) or sys.version_info < (3, 11),
+                    reason="checks the refusal where torch.compile cannot run (torch 2.0 on Python >= 3.11, "
+                    "make test-torch20); this torch and Python can compile")
 def test_compile_refused_on_torch_2_0_with_python_3_11():
-    import sys
-
-    if sys.version_info < (3, 11):
-        pytest.skip("torch 2.0 compiles on Python < 3.11")
     with pytest.raises(hal.errors.UnsupportedError, match="needs torch.compile, which torch 2.0"):
-        hal.compile(hal.models.get("small_cnn"), "torch:cpu", options={"compile": "inductor"})
+        hal.compile(models.get("small_cnn"), "torch:cpu", options={"compile": "inductor"})
 
 
 COMPILED_CASES = (  # a representative subset of the conformance suite: ops, backward, optimizers, state, rollback
@@ -687,7 +684,6 @@ def test_conformance_with_torch_compile(case, monkeypatch):
 def test_plain_predict_after_a_training_mode_predict_is_in_inference_mode(make_weights):
     """fast=False runs the module itself: a training-mode predict must not leave it in training mode (it did:
     0.05 off on small_cnn, the BatchNorms normalising with the batch's statistics)."""
-    from hal import models
 
     spec = models.get("small_cnn")
     w = make_weights(spec, 0, np.float32)
