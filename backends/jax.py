@@ -85,8 +85,10 @@ on the CPU up to :data:`CPU_UNROLL_ACCUM_MAX` micro-batches, each one ordered
 after the previous one's gradients (so the temporary memory stays that of one
 micro-batch). Also on the CPU, 1x1 convolutions are matrix products
 (``PointwiseConv``: their weight gradients need no layout transposes; ResNet-50
-at 224x224, batch 16, trains 1.27x and infers 1.18x faster) and depthwise ones sums
-of taps; inference runs
+at 224x224, batch 16, trains 1.27x and infers 1.18x faster), depthwise ones sums
+of taps, and so are the forward passes of convolutions with one input channel or
+at most 8 channels (``NarrowConv``: XLA leaves them to Eigen; the conductivity CNN's
+training step takes about 0.9x the time); inference runs
 a copy with every BatchNorm that only reads a convolution folded into it,
 rebuilt (by a small jitted function) only when the weights change. ``jax.jit``
 caches one executable per batch shape, and executables of the same spec and
@@ -215,13 +217,37 @@ def _flax() -> dict[str, Any]:
             a = scale / jnp.sqrt(var + self.eps)
             return (xs * a + (bias - mean * a)).astype(self.dtype)
 
+    def tap_sum(x: Any, kernel: Any, strides: tuple[int, ...], padding: tuple[tuple[int, int], ...],
+                dilation: tuple[int, ...], dtype: Any, depthwise: bool) -> Any:
+        """The convolution of channels-last ``x`` with a ``(*k, I, features)`` kernel as a sum over
+        kernel taps of strided slices times weights, accumulated in at least float32: elementwise,
+        so XLA fuses it into one loop. ``depthwise`` (``I == 1``): output channel ``o`` reads input
+        channel ``o // (features // C)``; otherwise every output channel reads all ``I == C`` inputs."""
+        c, k, features = x.shape[-1], kernel.shape[:-2], kernel.shape[-1]
+        acc = jnp.promote_types(dtype, jnp.float32)
+        x = jnp.pad(x.astype(dtype), [(0, 0), *padding, (0, 0)])
+        if depthwise and 1 < c < features:
+            x = jnp.repeat(x, features // c, axis=-1)
+        out = [(n - d * (kk - 1) - 1) // s + 1 for n, kk, s, d in zip(x.shape[1:-1], k, strides, dilation)]
+        y = jnp.zeros((x.shape[0], *out, features), acc)
+        for tap in itertools.product(*map(range, k)):
+            start = [t * d for t, d in zip(tap, dilation)]
+            limit = [a + (o - 1) * s + 1 for a, o, s in zip(start, out, strides)]
+            window = lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1)).astype(acc)
+            w = kernel[tap].astype(acc)
+            if depthwise:
+                y = y + window * w[0]
+            else:
+                for i in range(c):
+                    y = y + window[..., i:i + 1] * w[i]
+        return y
+
     class DepthwiseConv(nn.Module):
         """A convolution with ``groups == in_channels`` (channel multiplier ``features // C``)
-        as a sum over kernel taps of strided slices times per-channel weights: the function
-        of ``nn.Conv(feature_group_count=C)``, with its parameters, but about 10x faster on
-        XLA:CPU, whose grouped convolution is slow (3x3 over 16x56x56x144: 21 ms against
-        210 ms forward, 104 against 732 ms with gradients, measured on the 2-core dev box).
-        Taps accumulate in at least float32."""
+        as :func:`tap_sum`: the function of ``nn.Conv(feature_group_count=C)``, with its
+        parameters, but about 10x faster on XLA:CPU, whose grouped convolution is slow (3x3
+        over 16x56x56x144: 21 ms against 210 ms forward, 104 against 732 ms with gradients,
+        measured on the 2-core dev box)."""
 
         features: int
         kernel_size: tuple[int, ...]
@@ -234,23 +260,53 @@ def _flax() -> dict[str, Any]:
 
         @nn.compact
         def __call__(self, x: Any) -> Any:
-            c, k = x.shape[-1], self.kernel_size
-            kernel = self.param("kernel", nn.initializers.lecun_normal(), (*k, 1, self.features), self.param_dtype)
-            acc = jnp.promote_types(self.dtype, jnp.float32)
-            x = jnp.pad(x.astype(self.dtype), [(0, 0), *self.padding, (0, 0)])
-            if self.features > c:  # output channel o reads input channel o // multiplier
-                x = jnp.repeat(x, self.features // c, axis=-1)
-            out = [(n - d * (kk - 1) - 1) // s + 1
-                   for n, kk, s, d in zip(x.shape[1:-1], k, self.strides, self.kernel_dilation)]
-            y = jnp.zeros((x.shape[0], *out, self.features), acc)
-            for tap in itertools.product(*map(range, k)):
-                start = [t * d for t, d in zip(tap, self.kernel_dilation)]
-                limit = [a + (o - 1) * s + 1 for a, o, s in zip(start, out, self.strides)]
-                window = lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *self.strides, 1))
-                y = y + window.astype(acc) * kernel[tap][0].astype(acc)
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel_size, 1, self.features),
+                                self.param_dtype)
+            y = tap_sum(x, kernel, self.strides, self.padding, self.kernel_dilation, self.dtype, depthwise=True)
             if self.use_bias:
-                y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(acc)
+                y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
             return y.astype(self.dtype)
+
+    class NarrowConv(nn.Module):
+        """A convolution with few input channels (:func:`narrow`), with ``nn.Conv``'s parameters:
+        the forward pass is :func:`tap_sum` (one fused loop), the gradients are the
+        convolution's. XLA:CPU hands a float32 convolution to YNNPACK only with more than 16
+        input or output channels (``IsConvolutionOpSupportedByYnn``, xla/backends/cpu/ynn_support.cc);
+        narrower ones run on Eigen, whose kernels are slow for so few channels (the
+        conductivity CNN's 64x64 1->8 convolution: 6.5 ms, the tap sum 0.4 ms, batch 32, one
+        thread). The tap sum's own gradient would be a reduction per weight, so the backward
+        pass stays the convolution's (``jax.custom_vjp``)."""
+
+        features: int
+        kernel_size: tuple[int, ...]
+        strides: tuple[int, ...]
+        padding: tuple[tuple[int, int], ...]
+        kernel_dilation: tuple[int, ...]
+        use_bias: bool
+        dtype: Any
+        param_dtype: Any
+        precision: Any
+
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                                (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+            conv = functools.partial(
+                lax.conv_general_dilated, window_strides=self.strides, padding=self.padding,
+                rhs_dilation=self.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision,
+            )
+
+            def forward(x: Any, kernel: Any) -> Any:
+                y = tap_sum(x, kernel, self.strides, self.padding, self.kernel_dilation, self.dtype, depthwise=False)
+                return y.astype(self.dtype)
+
+            f = jax.custom_vjp(forward)
+            f.defvjp(lambda x, kernel: (forward(x, kernel), (x, kernel)),
+                     lambda res, g: jax.vjp(conv, *res)[1](g))
+            y = f(x.astype(self.dtype), kernel.astype(self.dtype))
+            if self.use_bias:
+                y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+            return y
 
     class PointwiseConv(nn.Module):
         """A 1x1 convolution without padding or groups as a matrix product over channels
@@ -338,7 +394,10 @@ def _flax() -> dict[str, Any]:
         window in row-major order, torch's rule, written as a sum over kernel taps of strided
         pads. JAX differentiates ``nn.max_pool`` into a ``select_and_scatter``, which XLA:CPU
         expands into a variadic reduce-window over index iotas and a scatter: on the
-        conductivity CNN's training step that was 40% of the CPU time (bench/results/jax_speed)."""
+        conductivity CNN's training step that was 40% of the CPU time (bench/results/jax_speed).
+        Windows that tile the input (stride == kernel, no padding) take the taps from a reshape
+        of the input instead, and interleave the results back: half the time of the strided
+        pads at 32x64x64x8 (0.9 against 1.8 ms)."""
 
         @jax.custom_vjp
         def pool(x: Any) -> Any:
@@ -350,6 +409,9 @@ def _flax() -> dict[str, Any]:
 
         def backward(res: Any, g: Any) -> Any:
             x, y = res
+            if tuple(stride) == tuple(kernel) and not any(map(any, padding)) and all(
+                    n == o * k for n, o, k in zip(x.shape[1:-1], y.shape[1:-1], kernel)):
+                return (tiled_backward(x, y, g),)
             pads = [(0, 0), *padding, (0, 0)]
             xp = jnp.pad(x, pads, constant_values=-jnp.inf)
             real = np.pad(np.ones(x.shape[1:-1], bool), padding)[None, ..., None]  # a window's padding never wins
@@ -363,6 +425,20 @@ def _flax() -> dict[str, Any]:
                           (0, 0, 0)]
                 dxp = dxp + lax.pad(jnp.where(first, g, jnp.zeros((), g.dtype)), jnp.zeros((), g.dtype), spread)
             return (dxp[tuple(slice(a, a + n) for (a, _), n in zip(pads, x.shape))],)
+
+        def tiled_backward(x: Any, y: Any, g: Any) -> Any:
+            """The backward pass where windows tile ``x``: ``x`` as (N, O1, K1, O2, K2, ..., C) blocks."""
+            n, c, out, nd = x.shape[0], x.shape[-1], y.shape[1:-1], len(kernel)
+            blocks = x.reshape(n, *itertools.chain.from_iterable(zip(out, kernel)), c)
+            found, taps = jnp.zeros(y.shape, bool), []
+            for tap in itertools.product(*map(range, kernel)):
+                at = (slice(None), *itertools.chain.from_iterable((slice(None), t) for t in tap))
+                first = (blocks[at] == y) & ~found
+                found = found | first
+                taps.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+            dx = jnp.stack(taps).reshape(*kernel, *y.shape)
+            order = [nd, *itertools.chain.from_iterable((nd + 1 + i, i) for i in range(nd)), 2 * nd + 1]
+            return dx.transpose(order).reshape(x.shape)
 
         pool.defvjp(forward, backward)
         return pool(x)
@@ -420,9 +496,8 @@ def _flax() -> dict[str, Any]:
         param_dtype: Any
         precision: Any
         folded: frozenset = frozenset()
-        depthwise_taps: bool = False  # DepthwiseConv for depthwise convolutions (XLA:CPU)
+        cpu: bool = False  # XLA:CPU's fast forms: Depthwise-, Pointwise- and NarrowConv
         bn_axis_name: Any = None  # training-mode BatchNorm statistics synchronised over this mapped axis
-        pointwise_dot: bool = False  # PointwiseConv for 1x1 convolutions (XLA:CPU)
 
         @nn.compact
         def __call__(self, x: Any, train: bool = False, update_stats: bool = False) -> Any:
@@ -434,14 +509,19 @@ def _flax() -> dict[str, Any]:
             vals: dict[str, Any] = {spec.input.name: x.astype(self.dtype)}
             for node in spec.nodes[1:]:
                 op, xs, name = node.op, [vals[k] for k in node.inputs], node.name
-                if isinstance(op, S.Conv) and self.depthwise_taps and 1 < op.groups == spec.in_shapes(node)[0][0]:
+                if isinstance(op, S.Conv) and self.cpu and 1 < op.groups == spec.in_shapes(node)[0][0]:
                     y = DepthwiseConv(
                         op.out_channels, op.kernel, op.stride, op.padding, op.dilation,
                         op.bias or name in fold_convs, name=name, **types,
                     )(xs[0])
-                elif isinstance(op, S.Conv) and self.pointwise_dot and pointwise(op):
+                elif isinstance(op, S.Conv) and self.cpu and pointwise(op):
                     y = PointwiseConv(op.out_channels, op.stride, op.bias or name in fold_convs,
                                       precision=self.precision, name=name, **types)(xs[0])
+                elif isinstance(op, S.Conv) and self.cpu and narrow(op, spec.in_shapes(node)[0], self.dtype):
+                    y = NarrowConv(
+                        op.out_channels, op.kernel, op.stride, op.padding, op.dilation,
+                        op.bias or name in fold_convs, precision=self.precision, name=name, **types,
+                    )(xs[0])
                 elif isinstance(op, S.Conv):
                     y = nn.Conv(
                         op.out_channels, op.kernel, op.stride, padding=op.padding, kernel_dilation=op.dilation,
@@ -517,30 +597,41 @@ def _flax() -> dict[str, Any]:
             out = vals[spec.output]
             return jnp.moveaxis(out, -1, 1) if out.ndim > 2 else out
 
-    _FLAX.update(SpecNet=SpecNet)
+    _FLAX.update(SpecNet=SpecNet, NarrowConv=NarrowConv)
     return _FLAX
 
 
 def flax_module(
     spec: S.ModelSpec, precision: str = "fp32", matmul: str = "highest", folded: frozenset = frozenset(),
-    depthwise_taps: bool = False, bn_axis_name: str | None = None, pointwise_dot: bool = False,
+    bn_axis_name: str | None = None, cpu: bool = False,
 ) -> Any:
     """The linen module of ``spec``: ``apply({"params", "batch_stats"}, x_nchw, train, update_stats)``;
-    ``depthwise_taps`` lowers depthwise convolutions as sums of taps and ``pointwise_dot``
-    1x1 convolutions as matrix products (both faster on XLA:CPU);
+    ``cpu`` lowers depthwise convolutions as sums of taps, 1x1 convolutions as matrix products
+    and narrow ones as tap sums (:class:`NarrowConv`; all faster on XLA:CPU);
     ``bn_axis_name`` synchronises training-mode BatchNorm statistics over a mapped axis."""
     from jax import lax
 
     prec = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH, "default": None}[matmul]
     return _flax()["SpecNet"](
-        spec, COMPUTE_DTYPE[precision], MASTER_DTYPE[precision], prec, frozenset(folded), depthwise_taps,
-        bn_axis_name, pointwise_dot,
+        spec, COMPUTE_DTYPE[precision], MASTER_DTYPE[precision], prec, frozenset(folded), cpu, bn_axis_name,
     )
 
 
 def pointwise(op: S.Conv) -> bool:
     """A 1x1 convolution without padding or groups: a matrix product over channels of the strided input."""
     return op.groups == 1 and all(k == 1 for k in op.kernel) and not any(map(any, op.padding))
+
+
+NARROW_MAX_CHANNELS = 8
+
+
+def narrow(op: S.Conv, in_shape: S.Shape, dtype: Any) -> bool:
+    """A float32 2-d convolution without groups that :class:`NarrowConv` runs faster: one input
+    channel, or at most :data:`NARROW_MAX_CHANNELS` input and output channels. Measured on the
+    conductivity CNN (batch 32, one thread): at 8 -> 16 channels the tap sum is already slower
+    than the convolution (3.6 against 1.9 ms at 32x32)."""
+    return (op.groups == 1 and len(op.kernel) == 2 and np.dtype(dtype) == np.float32
+            and (in_shape[0] == 1 or max(in_shape[0], op.out_channels) <= NARROW_MAX_CHANNELS))
 
 
 # ---------------------------------------------------------------------------
@@ -769,8 +860,8 @@ def programs(
     spec: S.ModelSpec, config: TrainConfig, matmul: str, cpu: bool = False, mesh: Any = None
 ) -> Any:
     """The jitted programs of ``(spec, config, matmul, cpu)``, built once per process; ``cpu``:
-    XLA:CPU's lowering choices (depthwise convolutions as taps, 1x1 convolutions as matrix
-    products, micro-batches unrolled up to :data:`CPU_UNROLL_ACCUM_MAX`).
+    XLA:CPU's lowering choices (depthwise and narrow convolutions as taps, 1x1 convolutions
+    as matrix products, micro-batches unrolled up to :data:`CPU_UNROLL_ACCUM_MAX`).
 
     The learning rate and schedule are traced arguments, so executables that differ
     only there (or in weights or device) share one set of jitted functions, hence
@@ -807,14 +898,13 @@ def _build_programs(
     import optax
     from jax import lax
 
-    net = flax_module(spec, config.precision, matmul, depthwise_taps=cpu, pointwise_dot=cpu)
+    net = flax_module(spec, config.precision, matmul, cpu=cpu)
     if mesh is not None and config.data_parallel.sync_batchnorm:
-        train_net = flax_module(spec, config.precision, matmul, depthwise_taps=cpu, bn_axis_name=DATA_AXIS,
-                                pointwise_dot=cpu)
+        train_net = flax_module(spec, config.precision, matmul, bn_axis_name=DATA_AXIS, cpu=cpu)
     else:
         train_net = net
     fold = foldable_batchnorms(spec)
-    net_infer = flax_module(spec, config.precision, matmul, frozenset(fold), depthwise_taps=cpu, pointwise_dot=cpu)
+    net_infer = flax_module(spec, config.precision, matmul, frozenset(fold), cpu=cpu)
     tx = optimizer(config)
     names = step_scalar_names(config)
     g, master = config.grad_accum, np.dtype(MASTER_DTYPE[config.precision])

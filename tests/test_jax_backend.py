@@ -494,6 +494,7 @@ def test_resnet18_full_parity_harness() -> None:
 @needs_torch
 @pytest.mark.parametrize("kernel, stride, padding, ceil_mode, size", [
     (2, 2, 0, False, 8), (3, 2, 1, False, 9), (3, 2, 1, True, 10), (3, 1, 1, False, 7), (2, 2, 0, True, 7),
+    (3, 3, 0, False, 9),  # windows that tile the input: the reshaped form
 ])
 def test_max_pool_gradient_goes_to_the_first_maximum_like_torch(
     kernel: int, stride: int, padding: int, ceil_mode: bool, size: int
@@ -597,6 +598,32 @@ def test_set_threads_sizes_xla_cpu_intra_op_pool() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "1", out.stdout
+
+
+@needs_torch
+def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
+    """On the CPU, float32 convolutions with one input channel, or at most 8 input and output
+    channels, run forward as tap sums (``NarrowConv``) and backward as convolutions; strided,
+    dilated, padded, with and without bias, and folded into the inference copy, they compute
+    what torch computes in float64, within float32 rounding. The 8 -> 16 one stays a convolution."""
+    b = hal.SpecBuilder("narrow")
+    x = b.input((1, 12, 12))
+    x = b.relu(b.batch_norm(b.conv(x, 8, 3, padding=1, bias=False, name="stem"), name="bn"))
+    x = b.relu(b.conv(x, 8, 3, stride=2, padding=2, dilation=2, name="down"))
+    x = b.conv(x, 16, 3, padding=1, name="wide")
+    spec = b.build(b.dense(b.global_avg_pool(x), 3, name="fc"))
+    w = hal.init_weights(spec, seed=15)
+    x, y = make_batch(spec, 4, "cross_entropy", seed=15)
+    jexe = hal.compile(spec, "jax:cpu", w, TrainConfig())
+    texe = hal.compile(spec, "torch:cpu", w, TrainConfig(precision="fp64"))
+    program = train_program(jexe, x.astype(np.float32), y).as_text()
+    assert program.count("stablehlo.convolution") == 1 + 2 + 3  # stem: weight gradient (its input is the
+    # model's); down: both gradients; wide: forward and both gradients
+    for training in (False, True):
+        assert rel(jexe.predict(x, training), texe.predict(x, training)) <= 1e-5
+    (jl, jg), (tl, tg) = jexe.loss_and_grads(x, y), texe.loss_and_grads(x, y)
+    assert abs(jl - tl) <= 1e-5 * abs(tl)
+    assert weights_rel(jg, tg) <= 1e-4, tensors_error(jg, tg)
 
 
 @needs_torch
