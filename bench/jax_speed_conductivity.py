@@ -10,12 +10,15 @@ settings, as JSON (``--out``) and a markdown table on stdout.
 
 Random 0/1 phase grids stand in for the GRF dataset: the speed does not depend on
 the values. ``--threads`` sets the intra-op threads of every framework before any
-of them loads (``hal train --threads``'s rule).
+of them loads (``hal train --threads``'s rule). ``--jax-module NAME=PATH`` also times
+jax:cpu built by another version of the backend module, for an A/B in one process:
+``git show HEAD~1:backends/jax.py > /tmp/old.py``, then ``--jax-module old=/tmp/old.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps-per-call", type=int, default=0,
                    help="0: one run_steps call of --steps; 1: train_step per step")
+    p.add_argument("--jax-module", action="append", default=[], metavar="NAME=PATH",
+                   help="also time jax:cpu from the backend module file PATH, labelled 'jax:cpu NAME'")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -63,15 +68,21 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             exe.run_steps(xs, ys)
 
-    exes, first = {}, {}
+    exes, first = {t: hal.compile(spec, t, config=config, seed=0) for t in targets}, {}
+    for name, path in (m.split("=", 1) for m in args.jax_module):
+        module_name = f"hal.backends._jax_{name}"
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(module_name, path))
+        sys.modules[module_name] = module
+        module.__spec__.loader.exec_module(module)
+        exes[f"jax:cpu {name}"] = module.JaxExecutable(spec, hal.init_weights(spec, seed=0), "cpu", config, "highest")
+    targets = list(exes)
     for t in targets:
-        exes[t] = hal.compile(spec, t, config=config, seed=0)
         start = time.perf_counter()
         call(exes[t])  # compile and warm up
         first[t] = time.perf_counter() - start
     times: dict[str, list[float]] = {t: [] for t in targets}
-    for _ in range(args.repeats):
-        for t in targets:
+    for r in range(args.repeats):
+        for t in targets if r % 2 == 0 else targets[::-1]:  # alternate the order: drift falls on all alike
             start = time.perf_counter()
             call(exes[t])
             times[t].append((time.perf_counter() - start) / n)
