@@ -88,7 +88,9 @@ micro-batch). Also on the CPU, 1x1 convolutions are matrix products
 at 224x224, batch 16, trains 1.27x and infers 1.18x faster), depthwise ones sums
 of taps, and so are the forward passes of convolutions with one input channel or
 at most 8 channels (``NarrowConv``: XLA leaves them to Eigen; the conductivity CNN's
-training step takes about 0.9x the time); inference runs
+training step takes about 0.9x the time); with more than one intra-op thread the
+programs leave convolutions to Eigen, whose kernels use the threads, where XLA's
+YNNPACK ones do not (:data:`CPU_CONVOLUTIONS_ON_EIGEN`); inference runs
 a copy with every BatchNorm that only reads a convolution folded into it,
 rebuilt (by a small jitted function) only when the weights change. ``jax.jit``
 caches one executable per batch shape, and executables of the same spec and
@@ -126,6 +128,7 @@ import contextlib
 import functools
 import itertools
 import math
+import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
@@ -849,6 +852,30 @@ def adam_scalars_at(hyper: Mapping[str, Any], count: Any, betas: tuple[float, fl
 
 _PROGRAMS: dict[tuple, Any] = {}
 _PROGRAMS_MAX = 32
+CPU_CONVOLUTIONS_ON_EIGEN = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+"""XLA:CPU options that leave convolutions to Eigen (matrix products and reductions stay on YNNPACK),
+used with more than one intra-op thread. XLA's YNNPACK convolutions do not use the second thread
+on the 2-core dev box (ResNet-50's 56x56 64->64: 117 ms with one thread, 97 with two), Eigen's do
+(64x64 8->8: 10.6 against 4.1 ms; bench/results/session4/layers-*.md). Two threads, one process,
+interleaved: ResNet-50 at 224x224, batch 16, trains 1.16x and infers 1.23x faster, the conductivity
+CNN trains 1.17x faster. With one thread YNNPACK is faster (ResNet-50 training 1.46x), so it stays."""
+
+
+def xla_cpu_threads() -> int:
+    """The threads XLA:CPU's convolutions may use: 1 with ``--xla_cpu_multi_thread_eigen=false``,
+    else its intra-op pool's size (``PJRT_NPROC``, else ``NPROC``, else the CPUs this process may
+    run on: xla/pjrt/utils.cc ``DefaultThreadPoolSize``)."""
+    if "--xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""):
+        return 1
+    for name in ("PJRT_NPROC", "NPROC"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return max(1, int(value))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 CPU_UNROLL_ACCUM_MAX = 8
 """On the CPU, gradient accumulation over at most this many micro-batches is unrolled
 (the module docstring's ``ConvCanonicalization`` note: a scan's weight gradients run as
@@ -873,24 +900,27 @@ def programs(
     from dataclasses import replace
 
     unroll_accum = cpu and config.grad_accum <= CPU_UNROLL_ACCUM_MAX
+    eigen_convolutions = cpu and xla_cpu_threads() > 1
     key = (
         spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0),
         config.check_finite, matmul, cpu, mesh, mesh is not None and config.data_parallel.sync_batchnorm,
-        unroll_accum,
+        unroll_accum, eigen_convolutions,
     )
     if key not in _PROGRAMS:
         while len(_PROGRAMS) >= _PROGRAMS_MAX:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = _build_programs(spec, config, matmul, cpu, mesh, unroll_accum)
+        _PROGRAMS[key] = _build_programs(spec, config, matmul, cpu, mesh, unroll_accum, eigen_convolutions)
     return _PROGRAMS[key]
 
 
 def _build_programs(
-    spec: S.ModelSpec, config: TrainConfig, matmul: str, cpu: bool, mesh: Any, unroll_accum: bool
+    spec: S.ModelSpec, config: TrainConfig, matmul: str, cpu: bool, mesh: Any, unroll_accum: bool,
+    eigen_convolutions: bool,
 ) -> Any:
     """The jitted train step, run_steps scan, gradients, training-mode forward,
     BatchNorm folding and folded inference of one spec and config (traced on first call).
-    ``unroll_accum``: the micro-batch scan is unrolled (XLA:CPU, :data:`CPU_UNROLL_ACCUM_MAX`)."""
+    ``unroll_accum``: the micro-batch scan is unrolled (XLA:CPU, :data:`CPU_UNROLL_ACCUM_MAX`);
+    ``eigen_convolutions``: compiled with :data:`CPU_CONVOLUTIONS_ON_EIGEN`."""
     import types
 
     import jax
@@ -1047,14 +1077,15 @@ def _build_programs(
 
     if mesh is not None:
         train_step, run_steps, grads_only = data_parallel(mesh, train_step, run_steps, grads_only)
+    jit = functools.partial(jax.jit, compiler_options=CPU_CONVOLUTIONS_ON_EIGEN if eigen_convolutions else None)
     return types.SimpleNamespace(
         net=net, net_infer=net_infer, tx=tx, key=base_key, init_opt_state=init_opt_state,
-        train=jax.jit(train_step, donate_argnums=(0, 1, 2)),  # parameters, statistics, optimizer state
-        run=jax.jit(run_steps, donate_argnums=(0, 1, 2)),
-        grads=jax.jit(grads_only),
-        forward_train=jax.jit(forward_train),
-        fold=jax.jit(fold_bn),
-        infer=jax.jit(infer),
+        train=jit(train_step, donate_argnums=(0, 1, 2)),  # parameters, statistics, optimizer state
+        run=jit(run_steps, donate_argnums=(0, 1, 2)),
+        grads=jit(grads_only),
+        forward_train=jit(forward_train),
+        fold=jit(fold_bn),
+        infer=jit(infer),
     )
 
 

@@ -600,6 +600,39 @@ def test_set_threads_sizes_xla_cpu_intra_op_pool() -> None:
     assert out.stdout.split()[-1] == "1", out.stdout
 
 
+def test_xla_cpu_threads_follow_xla_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hal.backends.jax import xla_cpu_threads
+
+    monkeypatch.delenv("NPROC", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("PJRT_NPROC", "3")
+    assert xla_cpu_threads() == 3
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+    assert xla_cpu_threads() == 1
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("PJRT_NPROC")
+    monkeypatch.setenv("NPROC", "5")
+    assert xla_cpu_threads() == 5
+    monkeypatch.delenv("NPROC")
+    assert xla_cpu_threads() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_convolutions_run_on_eigen_with_more_than_one_thread(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """XLA's YNNPACK convolutions do not use a second thread, Eigen's do: with more than one
+    intra-op thread the CPU programs leave convolutions to Eigen; with one they stay on YNNPACK."""
+    monkeypatch.setenv("PJRT_NPROC", str(threads))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    b = hal.SpecBuilder("wide")
+    spec = b.build(b.conv(b.input((32, 8, 8)), 32, 3, padding=1, name="conv"))
+    w = hal.init_weights(spec, seed=16)
+    exe = hal.compile(spec, "jax:cpu", w)
+    x = np.random.default_rng(16).standard_normal((2, 32, 8, 8)).astype(np.float32)
+    hlo = exe.programs.infer.lower(exe._variables(), x).compile().as_text()
+    assert ("ynn_fusion" in hlo) == (threads == 1)
+    assert rel(exe.predict(x), hal.compile(spec, "numpy", w).predict(x)) <= 1e-5
+
+
 @needs_torch
 def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
     """On the CPU, float32 convolutions with one input channel, or at most 8 input and output
