@@ -245,12 +245,8 @@ def _flax() -> dict[str, Any]:
                     y = y + window[..., i:i + 1] * w[i]
         return y
 
-    class DepthwiseConv(nn.Module):
-        """A convolution with ``groups == in_channels`` (channel multiplier ``features // C``)
-        as :func:`tap_sum`: the function of ``nn.Conv(feature_group_count=C)``, with its
-        parameters, but about 10x faster on XLA:CPU, whose grouped convolution is slow (3x3
-        over 16x56x56x144: 21 ms against 210 ms forward, 104 against 732 ms with gradients,
-        measured on the 2-core dev box)."""
+    class TapConv(nn.Module):
+        """The fields of a convolution that runs (forward) as :func:`tap_sum`: ``nn.Conv``'s."""
 
         features: int
         kernel_size: tuple[int, ...]
@@ -260,6 +256,13 @@ def _flax() -> dict[str, Any]:
         use_bias: bool
         dtype: Any
         param_dtype: Any
+
+    class DepthwiseConv(TapConv):
+        """A convolution with ``groups == in_channels`` (channel multiplier ``features // C``)
+        as :func:`tap_sum`: the function of ``nn.Conv(feature_group_count=C)``, with its
+        parameters, but about 10x faster on XLA:CPU, whose grouped convolution is slow (3x3
+        over 16x56x56x144: 21 ms against 210 ms forward, 104 against 732 ms with gradients,
+        measured on the 2-core dev box)."""
 
         @nn.compact
         def __call__(self, x: Any) -> Any:
@@ -270,7 +273,7 @@ def _flax() -> dict[str, Any]:
                 y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
             return y.astype(self.dtype)
 
-    class NarrowConv(nn.Module):
+    class NarrowConv(TapConv):
         """A convolution with few input channels (:func:`narrow`), with ``nn.Conv``'s parameters:
         the forward pass is :func:`tap_sum` (one fused loop), the gradients are the
         convolution's. XLA:CPU hands a float32 convolution to YNNPACK only with more than 16
@@ -280,15 +283,7 @@ def _flax() -> dict[str, Any]:
         thread). The tap sum's own gradient would be a reduction per weight, so the backward
         pass stays the convolution's (``jax.custom_vjp``)."""
 
-        features: int
-        kernel_size: tuple[int, ...]
-        strides: tuple[int, ...]
-        padding: tuple[tuple[int, int], ...]
-        kernel_dilation: tuple[int, ...]
-        use_bias: bool
-        dtype: Any
-        param_dtype: Any
-        precision: Any
+        precision: Any = None
 
         @nn.compact
         def __call__(self, x: Any) -> Any:
