@@ -102,7 +102,8 @@ same CPU time as Flax's one-pass form (A/B on ResNet-50 training); folding saves
 than the unfolded program on ResNet-18 at 32x32, batch 4 (XLA CPU's choice of
 kernels; not investigated further).
 
-Options (``hal.compile(..., options={...})``): ``matmul_precision`` —
+Options (``hal.compile(..., options={...})``): ``cpu_convolutions`` (:data:`CPU_CONVOLUTIONS`);
+``matmul_precision`` —
 ``highest`` (default, parity mode: convolutions and dense layers run with
 ``lax.Precision.HIGHEST``, full float32; matters on GPU TF32 and TPU bf16
 passes, not on CPU), ``high`` or ``default`` to trade precision for speed;
@@ -858,6 +859,12 @@ interleaved: ResNet-50 at 224x224, batch 16, trains 1.16x and infers 1.23x faste
 CNN trains 1.17x faster. With one thread YNNPACK is faster (ResNet-50 training 1.46x), so it stays."""
 
 
+CPU_CONVOLUTIONS: dict[str, Callable[[], bool]] = {
+    "auto": lambda: xla_cpu_threads() > 1, "ynnpack": lambda: False, "eigen": lambda: True,
+}
+"""The jax backend option ``cpu_convolutions``: whether the CPU programs use :data:`CPU_CONVOLUTIONS_ON_EIGEN`."""
+
+
 def xla_cpu_threads() -> int:
     """The threads XLA:CPU's convolutions may use: 1 with ``--xla_cpu_multi_thread_eigen=false``,
     else its intra-op pool's size (``PJRT_NPROC``, else ``NPROC``, else the CPUs this process may
@@ -879,11 +886,13 @@ naive loops); compile time grows with the count, so beyond it the micro-batches 
 
 
 def programs(
-    spec: S.ModelSpec, config: TrainConfig, matmul: str, cpu: bool = False, mesh: Any = None
+    spec: S.ModelSpec, config: TrainConfig, matmul: str, cpu: bool = False, mesh: Any = None,
+    cpu_convolutions: str = "auto",
 ) -> Any:
     """The jitted programs of ``(spec, config, matmul, cpu)``, built once per process; ``cpu``:
     XLA:CPU's lowering choices (depthwise and narrow convolutions as taps, 1x1 convolutions
-    as matrix products, micro-batches unrolled up to :data:`CPU_UNROLL_ACCUM_MAX`).
+    as matrix products, micro-batches unrolled up to :data:`CPU_UNROLL_ACCUM_MAX`, and
+    convolutions on Eigen where ``cpu_convolutions`` says so: :data:`CPU_CONVOLUTIONS`).
 
     The learning rate and schedule are traced arguments, so executables that differ
     only there (or in weights or device) share one set of jitted functions, hence
@@ -895,7 +904,7 @@ def programs(
     from dataclasses import replace
 
     unroll_accum = cpu and config.grad_accum <= CPU_UNROLL_ACCUM_MAX
-    eigen_convolutions = cpu and xla_cpu_threads() > 1
+    eigen_convolutions = cpu and CPU_CONVOLUTIONS[cpu_convolutions]()
     key = (
         spec.hash, config.loss, config.grad_accum, config.precision, replace(config.optimizer, lr=0.0),
         config.check_finite, matmul, cpu, mesh, mesh is not None and config.data_parallel.sync_batchnorm,
@@ -1095,7 +1104,8 @@ class JaxExecutable(Executable):
 
     mesh: Any = None  # the data-parallel mesh (JaxDataParallelExecutable)
 
-    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str) -> None:
+    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str,
+                 cpu_convolutions: str = "auto") -> None:
         super().__init__(spec, Target("jax", device), config)
         self.device = _jax_device(device)
         if config.precision == "fp64" and self.device.platform == "tpu":
@@ -1106,7 +1116,8 @@ class JaxExecutable(Executable):
         self._calls = 0  # counter for dropout keys of predict(training=True)
         self._infer_vars: Any = None  # folded inference variables, rebuilt when weights change
         with self._scope():
-            self.programs = programs(spec, config, matmul, cpu=self.device.platform == "cpu", mesh=self.mesh)
+            self.programs = programs(spec, config, matmul, cpu=self.device.platform == "cpu", mesh=self.mesh,
+                                     cpu_convolutions=cpu_convolutions)
             self._key = self.programs.key
             self._load_weights(weights)
             self.opt_state = self._put_tree(self.programs.init_opt_state(self.params))
@@ -1339,7 +1350,8 @@ class JaxDataParallelExecutable(JaxExecutable):
     passing its own batch (``jax.make_array_from_process_local_data``). ``predict`` runs
     the single-device program replicated, ``weights()`` are replica 0's."""
 
-    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str) -> None:
+    def __init__(self, spec: S.ModelSpec, weights: Weights, device: str, config: TrainConfig, matmul: str,
+                 cpu_convolutions: str = "auto") -> None:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
@@ -1348,7 +1360,7 @@ class JaxDataParallelExecutable(JaxExecutable):
         self._replicated = NamedSharding(self.mesh, P())
         self._batch = NamedSharding(self.mesh, P(DATA_AXIS))
         self._stacked = NamedSharding(self.mesh, P(None, DATA_AXIS))  # run_steps' batches
-        super().__init__(spec, weights, device, config, matmul)
+        super().__init__(spec, weights, device, config, matmul, cpu_convolutions)
 
     def _put_tree(self, tree: Any) -> Any:
         import jax
@@ -1433,7 +1445,14 @@ class JaxBackend(Backend):
                 "precision of convolutions and matmuls: 'highest' (full float32, parity), 'high' or 'default' "
                 "(faster TF32/bf16 passes on GPU and TPU; no effect on CPU)",
                 MATMUL_PRECISIONS,
-            )
+            ),
+            "cpu_convolutions": Option(
+                "auto",
+                "which library XLA:CPU runs convolutions on: 'auto' (Eigen with more than one intra-op thread, "
+                "YNNPACK with one: XLA's YNNPACK convolutions do not use more threads), 'ynnpack' (XLA's own "
+                "choice) or 'eigen'; no effect off the CPU",
+                tuple(CPU_CONVOLUTIONS),
+            ),
         }
 
     @classmethod
@@ -1449,4 +1468,4 @@ class JaxBackend(Backend):
         plan: Any,
     ) -> Executable:
         exe = JaxDataParallelExecutable if config.data_parallel.enabled else JaxExecutable
-        return exe(spec, weights, device, config, options["matmul_precision"])
+        return exe(spec, weights, device, config, options["matmul_precision"], options["cpu_convolutions"])

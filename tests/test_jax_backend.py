@@ -617,19 +617,24 @@ def test_xla_cpu_threads_follow_xla_rules(monkeypatch: pytest.MonkeyPatch) -> No
     assert xla_cpu_threads() == len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_convolutions_run_on_eigen_with_more_than_one_thread(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
-    """XLA's YNNPACK convolutions do not use a second thread, Eigen's do: with more than one
-    intra-op thread the CPU programs leave convolutions to Eigen; with one they stay on YNNPACK."""
+@pytest.mark.parametrize("threads, option, ynnpack", [
+    (1, "auto", True), (2, "auto", False), (2, "ynnpack", True), (1, "eigen", False),
+])
+def test_cpu_convolutions_run_on_eigen_with_more_than_one_thread(
+    monkeypatch: pytest.MonkeyPatch, threads: int, option: str, ynnpack: bool
+) -> None:
+    """XLA's YNNPACK convolutions do not use a second thread, Eigen's do: by default, with more
+    than one intra-op thread the CPU programs leave convolutions to Eigen, with one they stay on
+    YNNPACK; the option ``cpu_convolutions`` chooses either."""
     monkeypatch.setenv("PJRT_NPROC", str(threads))
     monkeypatch.setenv("XLA_FLAGS", "")
     b = hal.SpecBuilder("wide")
     spec = b.build(b.conv(b.input((32, 8, 8)), 32, 3, padding=1, name="conv"))
     w = hal.init_weights(spec, seed=16)
-    exe = hal.compile(spec, "jax:cpu", w)
+    exe = hal.compile(spec, "jax:cpu", w, options={"cpu_convolutions": option})
     x = np.random.default_rng(16).standard_normal((2, 32, 8, 8)).astype(np.float32)
     hlo = exe.programs.infer.lower(exe._variables(), x).compile().as_text()
-    assert ("ynn_fusion" in hlo) == (threads == 1)
+    assert ("ynn_fusion" in hlo) == ynnpack
     assert rel(exe.predict(x), hal.compile(spec, "numpy", w).predict(x)) <= 1e-5
 
 
