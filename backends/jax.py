@@ -86,9 +86,9 @@ after the previous one's gradients (so the temporary memory stays that of one
 micro-batch). Also on the CPU, 1x1 convolutions are matrix products
 (``PointwiseConv``: their weight gradients need no layout transposes; ResNet-50
 at 224x224, batch 16, trains 1.27x and infers 1.18x faster), depthwise ones sums
-of taps, and so are the forward passes of convolutions with one input channel or
-at most 8 channels (``NarrowConv``: XLA leaves them to Eigen; the conductivity CNN's
-training step takes about 0.9x the time); with more than one intra-op thread the
+of taps, and so are the forward passes of convolutions with one input channel, or
+at most 8 channels where training-mode BatchNorms read them (``NarrowConv``: XLA
+leaves them to Eigen); with more than one intra-op thread the
 programs leave convolutions to Eigen, whose kernels use the threads, where XLA's
 YNNPACK ones do not (:data:`CPU_CONVOLUTIONS_ON_EIGEN`); inference runs
 a copy with every BatchNorm that only reads a convolution folded into it,
@@ -502,6 +502,11 @@ def _flax() -> dict[str, Any]:
         def __call__(self, x: Any, train: bool = False, update_stats: bool = False) -> Any:
             spec = self.spec
             fold_convs = {spec.node(b).inputs[0] for b in self.folded}
+            consumers = spec.consumers()
+
+            def batchnorms_only_read(name: str) -> bool:  # in training their statistics reduce it
+                return bool(consumers[name]) and all(isinstance(spec.node(c).op, S.BatchNorm) for c in consumers[name])
+
             types = {"dtype": self.dtype, "param_dtype": self.param_dtype}
             if x.ndim > 2:
                 x = jnp.moveaxis(x, 1, -1)  # channels-first -> channels-last, once
@@ -516,7 +521,8 @@ def _flax() -> dict[str, Any]:
                 elif isinstance(op, S.Conv) and self.cpu and pointwise(op):
                     y = PointwiseConv(op.out_channels, op.stride, op.bias or name in fold_convs,
                                       precision=self.precision, name=name, **types)(xs[0])
-                elif isinstance(op, S.Conv) and self.cpu and narrow(op, spec.in_shapes(node)[0], self.dtype):
+                elif isinstance(op, S.Conv) and self.cpu and narrow(
+                        op, spec.in_shapes(node)[0], self.dtype, train and batchnorms_only_read(name)):
                     y = NarrowConv(
                         op.out_channels, op.kernel, op.stride, op.padding, op.dilation,
                         op.bias or name in fold_convs, precision=self.precision, name=name, **types,
@@ -624,13 +630,23 @@ def pointwise(op: S.Conv) -> bool:
 NARROW_MAX_CHANNELS = 8
 
 
-def narrow(op: S.Conv, in_shape: S.Shape, dtype: Any) -> bool:
+def narrow(op: S.Conv, in_shape: S.Shape, dtype: Any, reduced: bool) -> bool:
     """A float32 2-d convolution without groups that :class:`NarrowConv` runs faster: one input
-    channel, or at most :data:`NARROW_MAX_CHANNELS` input and output channels. Measured on the
-    conductivity CNN (batch 32, one thread): at 8 -> 16 channels the tap sum is already slower
-    than the convolution (3.6 against 1.9 ms at 32x32)."""
+    channel, or, where ``reduced`` (every reader of its output is a training-mode BatchNorm),
+    at most :data:`NARROW_MAX_CHANNELS` input and output channels.
+
+    XLA:CPU fuses an elementwise producer into each consumer that reads it, recomputing it
+    there: a tap sum is recomputed wherever its output is read through elementwise ops (ReLU,
+    the padding for the next layer, a max pool's gradient, the transposes of a weight
+    gradient), at 9C multiply-adds per output with C input channels (9 with one channel). A
+    reader XLA does not fuse into, such as the reductions of a BatchNorm's statistics, makes it
+    write the output once. The conductivity CNN (``bench/jax_narrow_rule.py``, two threads)
+    with its 8 -> 8 convolutions as tap sums everywhere: without BatchNorm training takes 129
+    against 36 ms per step, folded inference at batch 256 182 against 104 ms. At 8 -> 16
+    channels the tap sum is slower than the
+    convolution even alone (3.6 against 1.9 ms at 32x32, batch 32, one thread)."""
     return (op.groups == 1 and len(op.kernel) == 2 and np.dtype(dtype) == np.float32
-            and (in_shape[0] == 1 or max(in_shape[0], op.out_channels) <= NARROW_MAX_CHANNELS))
+            and (in_shape[0] == 1 or reduced and max(in_shape[0], op.out_channels) <= NARROW_MAX_CHANNELS))
 
 
 # ---------------------------------------------------------------------------

@@ -640,14 +640,17 @@ def test_cpu_convolutions_run_on_eigen_with_more_than_one_thread(
 
 @needs_torch
 def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
-    """On the CPU, float32 convolutions with one input channel, or at most 8 input and output
-    channels, run forward as tap sums (``NarrowConv``) and backward as convolutions; strided,
-    dilated, padded, with and without bias, and folded into the inference copy, they compute
-    what torch computes in float64, within float32 rounding. The 8 -> 16 one stays a convolution."""
+    """On the CPU, float32 convolutions with one input channel, and those with at most 8 input
+    and output channels that only a training-mode BatchNorm reads, run forward as tap sums
+    (``NarrowConv``) and backward as convolutions; the same 8 -> 8 convolution is a
+    convolution in the inference copy (its BatchNorm folded), and so are an 8 -> 8 one that a
+    ReLU reads and an 8 -> 16 one. Strided, dilated, padded, with and without bias, they
+    compute what torch computes in float64, within float32 rounding."""
     b = hal.SpecBuilder("narrow")
     x = b.input((1, 12, 12))
-    x = b.relu(b.batch_norm(b.conv(x, 8, 3, padding=1, bias=False, name="stem"), name="bn"))
-    x = b.relu(b.conv(x, 8, 3, stride=2, padding=2, dilation=2, name="down"))
+    x = b.relu(b.conv(x, 8, 3, stride=2, padding=2, dilation=2, name="stem"))
+    x = b.relu(b.batch_norm(b.conv(x, 8, 3, stride=2, padding=1, bias=False, name="mid"), name="bn"))
+    x = b.relu(b.conv(x, 8, 3, padding=1, name="plain"))
     x = b.conv(x, 16, 3, padding=1, name="wide")
     spec = b.build(b.dense(b.global_avg_pool(x), 3, name="fc"))
     w = hal.init_weights(spec, seed=15)
@@ -655,8 +658,10 @@ def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
     jexe = hal.compile(spec, "jax:cpu", w, TrainConfig())
     texe = hal.compile(spec, "torch:cpu", w, TrainConfig(precision="fp64"))
     program = train_program(jexe, x.astype(np.float32), y).as_text()
-    assert program.count("stablehlo.convolution") == 1 + 2 + 3  # stem: weight gradient (its input is the
-    # model's); down: both gradients; wide: forward and both gradients
+    assert program.count("stablehlo.convolution") == 1 + 2 + 3 + 3  # stem: weight gradient (its input is
+    # the model's); mid: both gradients; plain and wide: forward and both gradients
+    infer = jexe.programs.infer.lower(jexe._variables(), x.astype(np.float32)).as_text()
+    assert infer.count("stablehlo.convolution") == 3  # mid (BatchNorm folded), plain, wide
     for training in (False, True):
         assert rel(jexe.predict(x, training), texe.predict(x, training)) <= 1e-5
     (jl, jg), (tl, tg) = jexe.loss_and_grads(x, y), texe.loss_and_grads(x, y)
