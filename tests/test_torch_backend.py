@@ -471,6 +471,64 @@ def test_channels_last_survives_layer_norm_pointwise_dense_and_channel_shuffle(m
         assert all(out.is_contiguous(memory_format=layout) for out in outs.values()), fast
 
 
+def test_inference_writes_in_place_only_where_nothing_else_reads(make_weights):
+    """With ``fast``, predict runs activations, Add and Mul in place where their first input's memory is read
+    by nothing else: not the caller's input (a Flatten is a view of it), not a value read again later, not an
+    alias (eval Dropout returns its input), not a Mul's broadcast first operand. The output is bitwise the
+    out-of-place one and matches the float64 reference; the caller's input is unchanged."""
+    b = SpecBuilder("in_place")
+    x = b.flatten(b.input((4, 6)), name="flat")  # (N, 24), a view of the input (no layout copy in 1-d)
+    r = b.relu(x, name="r_input")
+    d = b.dense(r, 8, name="d1")
+    s = b.activation(d, "silu", name="s_shared")  # d is read again below
+    m = b.mul(s, d, name="m")
+    h = b.activation(m, "hardswish", name="h")
+    a = b.add(h, d, name="a")
+    g = b.activation(a, "sigmoid", name="g")
+    p = b.dropout(g, name="drop")  # eval: the same tensor as g, which the last add reads
+    r2 = b.relu(p, name="r_alias")
+    t = b.add(r2, g, name="t")
+    u = b.mul(b.dense(t, 1, name="gate"), t, name="u_broadcast")  # (N, 1) * (N, 8): not into the gate
+    spec = b.build(b.dense(b.activation(u, "tanh", name="last"), 3, name="fc"))
+    w = make_weights(spec, 0, np.float32)
+    x = batch(spec, 5)[0]
+    x_before = x.copy()
+    fast, plain = hal.compile(spec, "torch", w), hal.compile(spec, "torch", w, options={"fast": False})
+    in_place = {}
+    for name in ("r_input", "s_shared", "m", "h", "a", "g", "r_alias", "t", "u_broadcast", "last"):
+        fast.module.get_submodule(name).register_forward_hook(  # copied into the inference copy too
+            lambda mod, args, kwargs, out, name=name: in_place.update({name: kwargs.get("in_place", False)}),
+            with_kwargs=True)
+    got = fast.predict(x)
+    assert in_place == {"r_input": False, "s_shared": False, "m": True, "h": True, "a": True, "g": True,
+                        "r_alias": False, "t": True, "u_broadcast": True, "last": True}  # u_broadcast: asked, and
+    # the module declines (torch would raise: the (N, 1) gate cannot hold the (N, 8) result)
+    np.testing.assert_array_equal(x, x_before)
+    fast._infer.reuse_buffers = False
+    np.testing.assert_array_equal(got, fast.predict(x))
+    assert not any(in_place.values())
+    assert not plain.module.reuse_buffers
+    ref, floor = _floor(spec, w, x, False)
+    assert_near_reference(got, ref, floor)
+
+
+@pytest.mark.parametrize("fn", ["relu", "leaky_relu", "sigmoid", "tanh", "silu", "relu6", "elu", "hardsigmoid",
+                                "hardswish", "mish"])
+def test_in_place_activations_are_bitwise_the_out_of_place_ones(fn):
+    from hal.backends.torch import _modules
+    from hal.spec import Activation
+
+    act = _modules()[Activation](Activation(fn=fn, alpha=0.3), [(8,)])
+    assert fn in act.IN_PLACE
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for x in (torch.randn(64, 37) * 4, torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)):
+            x = x.to(dtype)
+            y = x.clone()
+            out = act(y, in_place=True)
+            assert out.data_ptr() == y.data_ptr()
+            assert torch.equal(out, act(x))
+
+
 def test_channel_shuffle_without_torchs_kernel():
     """F.channel_shuffle needs spatial dims and exists on CPU/CUDA only; elsewhere (features here, PopTorch's
     IPU) the view-transpose form runs: the same permutation as the reference's."""
