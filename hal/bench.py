@@ -6,8 +6,13 @@ first-call time (compile + first step), steady-state samples/s (median over
 ``repeats`` timed calls after ``warmup`` calls), the process CPU seconds of each
 phase (all threads: on a shared machine wall time swings with other jobs' load,
 CPU time measures the work done), batch-1 latency (inference) and peak host
-memory growth of the first call. hal and native calls are *interleaved* (hal,
-native, hal, native...) so that drift in machine load hits both alike; the ratio
+memory growth of the first call (building the model, framework import included,
+and its first step), each in a fresh process: hal first in its worker, the native
+twin in a worker of its own, since a process's second model reuses memory the
+first one freed (ResNet50 training on torch:cpu: 1.7 GB for whichever comes first,
+0.9-1.0 GB for the second); without isolation, not measured ("-"). hal and native
+calls are *interleaved* (hal, native, hal, native...) so that drift in machine load
+hits both alike; the ratio
 is ``median native time / median hal time`` (>= 1: hal at least as fast), the CPU
 ratio the same with CPU seconds. The load average is recorded at the start and
 the end of the run.
@@ -414,8 +419,13 @@ def run_bench(
             try:
                 resolved, row.hal, row.native, native_note, threads = run(
                     _measure, spec, str(target), weights, config, row.options, x, y, row.mode,
-                    twin and target.backend in NATIVE_MODULES, repeats, warmup, label=row.label, progress=say,
+                    twin and target.backend in NATIVE_MODULES, repeats, warmup, isolate, label=row.label,
+                    progress=say,
                 )
+                if row.native is not None and isolate:
+                    say(f"{row.label} {row.mode}: native first call's memory (in a worker process)")
+                    row.native.peak_mem_mb = run(_native_first_call_peak, spec, str(target), config, x, y, row.mode,
+                                                 label=row.label)
             except HalError as exc:
                 row.note = str(exc)
                 continue
@@ -458,11 +468,13 @@ def _zoo_names() -> set[str]:
 
 def _measure(
     spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, options: dict[str, Any], x: np.ndarray,
-    y: np.ndarray, mode: str, native: bool, repeats: int, warmup: int, progress: Callable[[str], None] | None = None,
+    y: np.ndarray, mode: str, native: bool, repeats: int, warmup: int, fresh: bool,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[str, Measurement, Measurement | None, str, dict[str, Any]]:
     """Interleaved timings of hal and (with ``native``) its native twin, run in a worker:
     ``(resolved target, hal, native or None, the native's note, framework thread settings)``.
-    Peak memory is the resident-memory growth over building the model and its first call."""
+    With ``fresh`` (a new worker process), hal's peak memory: the resident-memory growth over building
+    the model and its first call, measured first; the native's is :func:`_native_first_call_peak`'s."""
     from hal.energy import counter_for
 
     say = progress or (lambda _msg: None)
@@ -476,10 +488,7 @@ def _measure(
         exe.predict(x) if infer else exe.train_step(x, y)
 
     def native_first() -> None:
-        nat, box["note"] = load_native(resolved.backend, spec, resolved.device, config.precision)
-        box["native"] = nat
-        if nat is not None:
-            nat.predict(x) if infer else nat.train_step(x, y)
+        box["native"], box["note"] = _native_first_call(spec, resolved, config.precision, x, y, infer)
 
     fns: dict[str, Callable[[], Any]] = {}
     first: dict[str, tuple[float, float]] = {}
@@ -489,7 +498,7 @@ def _measure(
             continue
         say(f"{resolved} {mode}: {impl} first call")
         t0, c0 = time.perf_counter(), time.process_time()
-        peak[impl] = peak_growth_mb(build)
+        peak[impl] = peak_growth_mb(build) if fresh and impl == "hal" else build()
         first[impl] = (time.perf_counter() - t0, time.process_time() - c0)
         obj = box[impl]
         if obj is not None:
@@ -517,3 +526,21 @@ def _measure(
         exe.predict(x1)
         out["hal"].latency_b1_ms = 1e3 * statistics.median(_timed(lambda: exe.predict(x1))[0] for _ in range(max(repeats, 5)))
     return str(resolved), out["hal"], out.get("native"), box["note"], _threads(resolved.backend)
+
+
+def _native_first_call_peak(spec: ModelSpec, target: str, config: TrainConfig, x: np.ndarray, y: np.ndarray,
+                            mode: str) -> float | None:
+    """The native twin's peak resident-memory growth over building it and its first call, measured as
+    :func:`_measure` measures hal's: first thing in a fresh worker process (framework import included)."""
+    _, resolved = resolve(target)
+    return peak_growth_mb(lambda: _native_first_call(spec, resolved, config.precision, x, y, mode == "inference"))
+
+
+def _native_first_call(spec: ModelSpec, resolved: Target, precision: str, x: np.ndarray, y: np.ndarray,
+                       infer: bool) -> tuple[Any | None, str]:
+    """:func:`load_native`'s twin and note, after the twin's first call (``predict`` or ``train_step``)."""
+    nat, note = load_native(resolved.backend, spec, resolved.device, precision)
+    if nat is not None:
+        nat.predict(x) if infer else nat.train_step(x, y)
+    return nat, note
+
