@@ -373,6 +373,7 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     options: Mapping[str, Sequence[Any]] | None = None,
     isolate: bool = True,
+    memory: bool = True,
 ) -> BenchReport:
     """Time ``spec`` on each target (and its native twin); see the module docstring.
 
@@ -381,6 +382,7 @@ def run_bench(
     (``Backend.options()``), labelled with them; a name no target declares, or a
     value a backend refuses, raises :class:`~hal.errors.ConfigError` before any work.
     A target that fails or crashes is a row with the reason; bad arguments raise.
+    ``memory=False`` skips the first calls' peak memory (and the native twin's extra worker).
     """
     check_common("bench", spec, config)
     check_int("bench", "batch", batch, 1)
@@ -419,10 +421,10 @@ def run_bench(
             try:
                 resolved, row.hal, row.native, native_note, threads = run(
                     _measure, spec, str(target), weights, config, row.options, x, y, row.mode,
-                    twin and target.backend in NATIVE_MODULES, repeats, warmup, isolate, label=row.label,
-                    progress=say,
+                    twin and target.backend in NATIVE_MODULES, repeats, warmup, memory and isolate,
+                    label=row.label, progress=say,
                 )
-                if row.native is not None and isolate:
+                if row.native is not None and memory and isolate:
                     say(f"{row.label} {row.mode}: native first call's memory (in a worker process)")
                     row.native.peak_mem_mb = run(_native_first_call_peak, spec, str(target), config, x, y, row.mode,
                                                  label=row.label)
@@ -468,12 +470,12 @@ def _zoo_names() -> set[str]:
 
 def _measure(
     spec: ModelSpec, target: str, weights: Weights, config: TrainConfig, options: dict[str, Any], x: np.ndarray,
-    y: np.ndarray, mode: str, native: bool, repeats: int, warmup: int, fresh: bool,
+    y: np.ndarray, mode: str, native: bool, repeats: int, warmup: int, memory: bool,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[str, Measurement, Measurement | None, str, dict[str, Any]]:
     """Interleaved timings of hal and (with ``native``) its native twin, run in a worker:
     ``(resolved target, hal, native or None, the native's note, framework thread settings)``.
-    With ``fresh`` (a new worker process), hal's peak memory: the resident-memory growth over building
+    With ``memory`` (in a fresh worker process), hal's peak memory: the resident-memory growth over building
     the model and its first call, measured first; the native's is :func:`_native_first_call_peak`'s."""
     from hal.energy import counter_for
 
@@ -498,7 +500,7 @@ def _measure(
             continue
         say(f"{resolved} {mode}: {impl} first call")
         t0, c0 = time.perf_counter(), time.process_time()
-        peak[impl] = peak_growth_mb(build) if fresh and impl == "hal" else build()
+        peak[impl] = peak_growth_mb(build) if memory and impl == "hal" else build()
         first[impl] = (time.perf_counter() - t0, time.process_time() - c0)
         obj = box[impl]
         if obj is not None:

@@ -376,7 +376,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         config=_config(args), seed=args.seed, weights=weights, progress=progress)
     timed = [t for t in targets if not t.startswith("numpy")]
     bench = run_bench(spec, timed, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                      config=_config(args), progress=progress) if timed else None
+                      config=_config(args), progress=progress, memory=False) if timed else None  # not shown
     progress.done()
     rows = []
     for t in dict.fromkeys(r.target for r in parity.results):
