@@ -115,7 +115,7 @@ def test_bn_folded_inference_equals_unfolded_eval(resnet18):
     spec, w, x, exe = resnet18
     fused = exe.predict(x)
     folded = getattr(exe, "_infer", None) or exe.module.fused()  # the inference copy predict used
-    assert sum(isinstance(m, torch.nn.Identity) for _, m, _, _ in folded._plan) == 20  # every BN of resnet18
+    assert sum(isinstance(m, torch.nn.Identity) for _, m, *_ in folded._plan) == 20  # every BN of resnet18
     module = build_module(spec, w).eval()
     with torch.no_grad():
         plain = module(torch.from_numpy(x)).numpy()
@@ -510,6 +510,44 @@ def test_inference_writes_in_place_only_where_nothing_else_reads(make_weights):
     assert not plain.module.reuse_buffers
     ref, floor = _floor(spec, w, x, False)
     assert_near_reference(got, ref, floor)
+
+
+def test_training_writes_in_place_only_over_values_no_backward_reads(make_weights):
+    """Under autograd (fast), a ReLU-like activation after a convolution, BatchNorm or Add, and an Add into a
+    convolution's or BatchNorm's output, write in place (their backwards read no overwritten value); SiLU
+    (its backward reads its input), an Add into a ReLU's output (saved by the ReLU) and Mul (saves both
+    inputs) do not. Loss and gradients are bitwise those without in-place writes, and near float64
+    autodiff's."""
+    b = SpecBuilder("in_place_train")
+    x = b.input((3, 8, 8))
+    c = b.batch_norm(b.conv(x, 8, 3, padding=1, bias=False, name="c1"), name="bn1")
+    r = b.relu(c, name="r_bn")
+    c2 = b.batch_norm(b.conv(r, 8, 3, padding=1, bias=False, name="c2"), name="bn2")
+    a = b.add(c2, r, name="a_bn")  # residual: into bn2's output
+    r2 = b.relu(a, name="r_add")
+    a2 = b.add(r2, b.conv(r2, 8, 1, name="c3"), name="a_relu")  # into a ReLU's output: saved by the ReLU
+    s = b.activation(b.conv(a2, 8, 3, padding=1, name="c4"), "silu", name="s_conv")
+    g = b.activation(b.conv(s, 8, 1, name="c5"), "sigmoid", name="g_conv")
+    m = b.mul(b.batch_norm(b.conv(g, 8, 1, bias=False, name="c6"), name="bn6"), g, name="m_bn")
+    spec = b.build(b.dense(b.global_avg_pool(m), 3, name="fc"))
+    w = make_weights(spec, 0, np.float32)
+    x, y = batch(spec, 4)
+    fast = hal.compile(spec, "torch", w)
+    in_place = {}
+    for name in ("r_bn", "a_bn", "r_add", "a_relu", "s_conv", "g_conv", "m_bn"):
+        fast.module.get_submodule(name).register_forward_hook(
+            lambda mod, args, kwargs, out, name=name: in_place.update({name: kwargs.get("in_place", False)}),
+            with_kwargs=True)
+    loss, grads = fast.loss_and_grads(x, y)
+    assert in_place == {"r_bn": True, "a_bn": True, "r_add": True, "a_relu": False, "s_conv": False, "g_conv": True,
+                        "m_bn": False}
+    fast.module.reuse_buffers = False
+    loss_plain, grads_plain = fast.loss_and_grads(x, y)
+    assert loss == loss_plain and all(np.array_equal(grads[k], grads_plain[k]) for k in grads)
+    ref_loss, ref_grads = hal.compile(spec, "torch", w, TrainConfig(precision="fp64"),
+                                      options={"fast": False}).loss_and_grads(x, y)  # float64 autodiff
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert max(normalised_error(grads[k], ref_grads[k])[1] for k in grads) < 1e-4
 
 
 @pytest.mark.parametrize("fn", ["relu", "leaky_relu", "sigmoid", "tanh", "silu", "relu6", "elu", "hardsigmoid",
