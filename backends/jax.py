@@ -643,8 +643,8 @@ def narrow(op: S.Conv, in_shape: S.Shape, dtype: Any, reduced: bool) -> bool:
     write the output once. The conductivity CNN (``bench/jax_narrow_rule.py``, two threads)
     with its 8 -> 8 convolutions as tap sums everywhere: without BatchNorm training takes 129
     against 36 ms per step, folded inference at batch 256 182 against 104 ms. At 8 -> 16
-    channels the tap sum is slower than the
-    convolution even alone (3.6 against 1.9 ms at 32x32, batch 32, one thread)."""
+    channels the tap sum is slower than the convolution even alone (3.6 against 1.9 ms at
+    32x32, batch 32, one thread)."""
     return (op.groups == 1 and len(op.kernel) == 2 and np.dtype(dtype) == np.float32
             and (in_shape[0] == 1 or reduced and max(in_shape[0], op.out_channels) <= NARROW_MAX_CHANNELS))
 

@@ -496,9 +496,10 @@ def _graph_class() -> type:
             autograd = torch.is_grad_enabled()
             for name, mod, ins, free, src in self._plan:
                 args = [vals[k] for k in ins]
+                # under autograd: not after a synchronised BatchNorm (an autograd function of its own)
                 if (self.reuse_buffers and hasattr(mod, "IN_PLACE") and ins[0] in free
                         and (not autograd or src is not None and getattr(src, "sync", None) is None)
-                        and self._sole(vals, ins[0], x)):  # synchronised BatchNorm: its own autograd function
+                        and self._sole(vals, ins[0], x)):
                     vals[name] = mod(*args, in_place=True)
                 else:
                     vals[name] = mod(*args)

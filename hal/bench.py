@@ -12,10 +12,9 @@ twin in a worker of its own, since a process's second model reuses memory the
 first one freed (ResNet50 training on torch:cpu: 1.7 GB for whichever comes first,
 0.9-1.0 GB for the second); without isolation, not measured ("-"). hal and native
 calls are *interleaved* (hal, native, hal, native...) so that drift in machine load
-hits both alike; the ratio
-is ``median native time / median hal time`` (>= 1: hal at least as fast), the CPU
-ratio the same with CPU seconds. The load average is recorded at the start and
-the end of the run.
+hits both alike; the ratio is ``median native time / median hal time`` (>= 1: hal at
+least as fast), the CPU ratio the same with CPU seconds. The load average is
+recorded at the start and the end of the run.
 Energy (:mod:`hal.energy`) is read around each timed call where the device has a
 counter (NVML on NVIDIA GPUs, RAPL powercap on Linux CPUs): joules per sample,
 else ``n/a`` and the reason.
@@ -545,4 +544,3 @@ def _native_first_call(spec: ModelSpec, resolved: Target, precision: str, x: np.
     if nat is not None:
         nat.predict(x) if infer else nat.train_step(x, y)
     return nat, note
-
