@@ -87,8 +87,10 @@ micro-batch). Also on the CPU, 1x1 convolutions are matrix products
 (``PointwiseConv``: their weight gradients need no layout transposes; ResNet-50
 at 224x224, batch 16, trains 1.27x and infers 1.18x faster), depthwise ones sums
 of taps, and so are the forward passes of convolutions with one input channel, or
-at most 8 channels where training-mode BatchNorms read them (``NarrowConv``: XLA
-leaves them to Eigen); with more than one intra-op thread the
+at most 8 channels where training-mode BatchNorms read them (:func:`narrow`: XLA
+leaves them to Eigen); these and the other convolutions (:class:`CpuConv`) write
+their input and output gradient once instead of recomputing them in the weight
+gradient's layout transposes; with more than one intra-op thread the
 programs leave convolutions to Eigen, whose kernels use the threads, where XLA's
 YNNPACK ones do not (:data:`CPU_CONVOLUTIONS_ON_EIGEN`); inference runs
 a copy with every BatchNorm that only reads a convolution folded into it,
@@ -274,34 +276,59 @@ def _flax() -> dict[str, Any]:
                 y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
             return y.astype(self.dtype)
 
-    class NarrowConv(TapConv):
-        """A convolution with few input channels (:func:`narrow`), with ``nn.Conv``'s parameters:
-        the forward pass is :func:`tap_sum` (one fused loop), the gradients are the
-        convolution's. XLA:CPU hands a float32 convolution to YNNPACK only with more than 16
-        input or output channels (``IsConvolutionOpSupportedByYnn``, xla/backends/cpu/ynn_support.cc);
-        narrower ones run on Eigen, whose kernels are slow for so few channels (the
-        conductivity CNN's 64x64 1->8 convolution: 6.5 ms, the tap sum 0.4 ms, batch 32, one
-        thread). The tap sum's own gradient would be a reduction per weight, so the backward
-        pass stays the convolution's (``jax.custom_vjp``)."""
+    def materialize(v: Any) -> Any:
+        """``v``, bitwise, written once to a buffer of its own. XLA:CPU fuses a cheap elementwise
+        producer into every consumer and recomputes it there, the layout transposes included
+        that ``ConvCanonicalization`` puts before a convolution's weight gradient, which read
+        the producer's operands with a channel-major stride. ``lax.optimization_barrier`` does
+        not stop it (XLA:CPU removes barriers before fusion); a conditional does, and costs no
+        copy. Both branches return ``v`` (the second as ``v * 1``: JAX drops a conditional whose
+        branches all pass their input through), so the predicate (the first element equals
+        itself, false only for NaN) never changes the value."""
+        first = v.reshape(-1)[0]
+        return lax.cond(first == first, lambda v: v, lambda v: v * 1, v)
 
+    class CpuConv(TapConv):
+        """A convolution on XLA:CPU, with ``nn.Conv``'s function and parameters. Its input and
+        its output gradient are materialized (:func:`materialize`): the weight gradient's transposes and
+        the convolutions read one buffer each instead of recomputing the BatchNorm and
+        activation that produce them (the conductivity CNN trains 1.11x faster, two threads,
+        ``bench/jax_speed_conductivity.py``). ``tap`` (:func:`narrow`): the forward pass is
+        :func:`tap_sum`, one fused loop; XLA:CPU hands a float32 convolution to YNNPACK only
+        with more than 16 input or output channels (``IsConvolutionOpSupportedByYnn``,
+        xla/backends/cpu/ynn_support.cc), and Eigen's kernels are slow for so few channels (the
+        conductivity CNN's 64x64 1->8 convolution: 6.5 ms, the tap sum 0.4 ms, batch 32, one
+        thread). The gradients are the convolution's (``jax.custom_vjp``): the tap sum's own
+        would be a reduction per weight."""
+
+        groups: int = 1
+        tap: bool = False
         precision: Any = None
 
         @nn.compact
         def __call__(self, x: Any) -> Any:
+            nd = x.ndim - 2
             kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                                (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+                                (*self.kernel_size, x.shape[-1] // self.groups, self.features), self.param_dtype)
+            channels_last = (0, nd + 1, *range(1, nd + 1))
             conv = functools.partial(
                 lax.conv_general_dilated, window_strides=self.strides, padding=self.padding,
-                rhs_dilation=self.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision,
+                rhs_dilation=self.kernel_dilation, feature_group_count=self.groups, precision=self.precision,
+                dimension_numbers=lax.ConvDimensionNumbers(channels_last, (nd + 1, nd, *range(nd)), channels_last),
             )
 
             def forward(x: Any, kernel: Any) -> Any:
+                if not self.tap:
+                    return conv(x, kernel)
                 y = tap_sum(x, kernel, self.strides, self.padding, self.kernel_dilation, self.dtype, depthwise=False)
                 return y.astype(self.dtype)
 
+            def forward_saving(x: Any, kernel: Any) -> Any:
+                x = materialize(x)
+                return forward(x, kernel), (x, kernel)
+
             f = jax.custom_vjp(forward)
-            f.defvjp(lambda x, kernel: (forward(x, kernel), (x, kernel)),
-                     lambda res, g: jax.vjp(conv, *res)[1](g))
+            f.defvjp(forward_saving, lambda res, g: jax.vjp(conv, *res)[1](materialize(g)))
             y = f(x.astype(self.dtype), kernel.astype(self.dtype))
             if self.use_bias:
                 y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
@@ -495,7 +522,7 @@ def _flax() -> dict[str, Any]:
         param_dtype: Any
         precision: Any
         folded: frozenset = frozenset()
-        cpu: bool = False  # XLA:CPU's fast forms: Depthwise-, Pointwise- and NarrowConv
+        cpu: bool = False  # XLA:CPU's forms: Depthwise-, Pointwise- and CpuConv
         bn_axis_name: Any = None  # training-mode BatchNorm statistics synchronised over this mapped axis
 
         @nn.compact
@@ -521,11 +548,12 @@ def _flax() -> dict[str, Any]:
                 elif isinstance(op, S.Conv) and self.cpu and pointwise(op):
                     y = PointwiseConv(op.out_channels, op.stride, op.bias or name in fold_convs,
                                       precision=self.precision, name=name, **types)(xs[0])
-                elif isinstance(op, S.Conv) and self.cpu and narrow(
-                        op, spec.in_shapes(node)[0], self.dtype, train and batchnorms_only_read(name)):
-                    y = NarrowConv(
+                elif isinstance(op, S.Conv) and self.cpu:
+                    y = CpuConv(
                         op.out_channels, op.kernel, op.stride, op.padding, op.dilation,
-                        op.bias or name in fold_convs, precision=self.precision, name=name, **types,
+                        op.bias or name in fold_convs, groups=op.groups, precision=self.precision, name=name,
+                        tap=narrow(op, spec.in_shapes(node)[0], self.dtype, train and batchnorms_only_read(name)),
+                        **types,
                     )(xs[0])
                 elif isinstance(op, S.Conv):
                     y = nn.Conv(
@@ -602,7 +630,7 @@ def _flax() -> dict[str, Any]:
             out = vals[spec.output]
             return jnp.moveaxis(out, -1, 1) if out.ndim > 2 else out
 
-    _FLAX.update(SpecNet=SpecNet, NarrowConv=NarrowConv)
+    _FLAX.update(SpecNet=SpecNet, CpuConv=CpuConv, materialize=materialize)
     return _FLAX
 
 
@@ -612,7 +640,7 @@ def flax_module(
 ) -> Any:
     """The linen module of ``spec``: ``apply({"params", "batch_stats"}, x_nchw, train, update_stats)``;
     ``cpu`` lowers depthwise convolutions as sums of taps, 1x1 convolutions as matrix products
-    and narrow ones as tap sums (:class:`NarrowConv`; all faster on XLA:CPU);
+    and the others as :class:`CpuConv` (narrow ones forward as tap sums; all faster on XLA:CPU);
     ``bn_axis_name`` synchronises training-mode BatchNorm statistics over a mapped axis."""
     from jax import lax
 
@@ -631,9 +659,9 @@ NARROW_MAX_CHANNELS = 8
 
 
 def narrow(op: S.Conv, in_shape: S.Shape, dtype: Any, reduced: bool) -> bool:
-    """A float32 2-d convolution without groups that :class:`NarrowConv` runs faster: one input
-    channel, or, where ``reduced`` (every reader of its output is a training-mode BatchNorm),
-    at most :data:`NARROW_MAX_CHANNELS` input and output channels.
+    """A float32 2-d convolution without groups that :class:`CpuConv` runs faster as a tap sum:
+    one input channel, or, where ``reduced`` (every reader of its output is a training-mode
+    BatchNorm), at most :data:`NARROW_MAX_CHANNELS` input and output channels.
 
     XLA:CPU fuses an elementwise producer into each consumer that reads it, recomputing it
     there: a tap sum is recomputed wherever its output is read through elementwise ops (ReLU,

@@ -1,4 +1,4 @@
-"""Which convolutions jax:cpu should run forward as tap sums (``NarrowConv``): an A/B of rules in one process.
+"""Which convolutions jax:cpu should run forward as tap sums (``CpuConv.tap``): an A/B of rules in one process.
 
 ``python bench/jax_narrow_rule.py --threads 2`` compiles the conductivity CNN (2-d, 64x64),
 with BatchNorm and without it (convolutions with bias instead), under each rule:
@@ -7,7 +7,7 @@ with BatchNorm and without it (convolutions with bias instead), under each rule:
   channels where only training-mode BatchNorms read the output;
 - ``one-channel``: one input channel only;
 - ``up-to-8``: also at most 8 input and output channels, wherever they are (the rule before);
-- ``none``: every convolution an ``nn.Conv``.
+- ``none``: no tap sums.
 
 and times, interleaved round-robin (the order alternating each round), a ``run_steps`` call
 of ``--steps`` training steps at ``--batch`` and one ``predict`` of ``--predict-batch``
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     med = {k: (statistics.median(train[k]) * 1e3, statistics.median(infer[k]) * 1e3) for k in exes}
     result = {
         "what": f"conductivity CNN 2-d 64x64 on jax:cpu: training step (run_steps of {args.steps}, batch "
-                f"{args.batch}) and predict (batch {args.predict_batch}) under each NarrowConv rule",
+                f"{args.batch}) and predict (batch {args.predict_batch}) under each tap-sum rule",
         "args": vars(args) | {"out": str(args.out)},
         "ms": {f"{m} / {r}": {"train_step": round(t, 2), "predict": round(i, 1)} for (m, r), (t, i) in med.items()},
         "load_average_start": [round(x, 2) for x in load_start],

@@ -2,7 +2,7 @@
 
 ``PJRT_NPROC=1 python bench/jax_speed_layers.py --shapes 64:1:8,64:8:8,32:8:16 --batch 32`` times,
 for every ``size:in:out`` shape, one 3x3 ``same`` convolution of channels-last float32 data as
-``nn.Conv`` and as hal's ``NarrowConv`` (forward as a tap sum, backward as the convolution's):
+``nn.Conv`` and as hal's ``CpuConv`` with ``tap=True`` (forward as a tap sum, backward as the convolution's):
 the forward pass, and the backward pass (gradients of the input and the kernel), interleaved,
 medians of ``--repeats``. The library column says what XLA:CPU made of ``nn.Conv``'s forward
 pass: ``ynn`` (YNNPACK) or ``eigen`` (XLA's own convolution thunk). Run it with ``PJRT_NPROC=1``
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         conv = {"features": cout, "kernel_size": (3, 3), "strides": (1, 1), "padding": ((1, 1), (1, 1)),
                 "kernel_dilation": (1, 1), "use_bias": False, "dtype": jnp.float32, "param_dtype": jnp.float32}
         for lowering in ("plain", "hal"):
-            net = nn.Conv(**conv) if lowering == "plain" else _flax()["NarrowConv"](**conv, precision=None)
+            net = nn.Conv(**conv) if lowering == "plain" else _flax()["CpuConv"](**conv, tap=True)
             params = net.init(jax.random.key(0), x)
             fwd = jax.jit(lambda v, x, net=net: net.apply(v, x))
             both = jax.jit(lambda v, x, net=net: jax.vjp(lambda v, x: net.apply(v, x), v, x)[1](g))
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append((shape, library, f"{med['plain', 'forward']:.2f}", f"{med['hal', 'forward']:.2f}",
                      f"{med['plain', 'backward']:.2f}", f"{med['hal', 'backward']:.2f}"))
     result = {
-        "what": f"one 3x3 same convolution, batch {args.batch}, jax:cpu, nn.Conv vs hal's NarrowConv",
+        "what": f"one 3x3 same convolution, batch {args.batch}, jax:cpu, nn.Conv vs hal's tap-sum CpuConv",
         "args": vars(args) | {"out": str(args.out)},
         "layers": records,
         "pjrt_nproc": os.environ.get("PJRT_NPROC"),
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
     }
-    header = ("size:in:out", "nn.Conv runs on", "nn.Conv fwd (ms)", "NarrowConv fwd (ms)", "nn.Conv bwd (ms)",
-              "NarrowConv bwd (ms)")
+    header = ("size:in:out", "nn.Conv runs on", "nn.Conv fwd (ms)", "tap sum fwd (ms)", "nn.Conv bwd (ms)",
+              "tap sum bwd (ms)")
     return report(result, header, rows, load_start, args.out)
 
 

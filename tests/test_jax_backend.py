@@ -642,7 +642,7 @@ def test_cpu_convolutions_run_on_eigen_with_more_than_one_thread(
 def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
     """On the CPU, float32 convolutions with one input channel, and those with at most 8 input
     and output channels that only a training-mode BatchNorm reads, run forward as tap sums
-    (``NarrowConv``) and backward as convolutions; the same 8 -> 8 convolution is a
+    (``CpuConv.tap``) and backward as convolutions; the same 8 -> 8 convolution is a
     convolution in the inference copy (its BatchNorm folded), and so are an 8 -> 8 one that a
     ReLU reads and an 8 -> 16 one. Strided, dilated, padded, with and without bias, they
     compute what torch computes in float64, within float32 rounding."""
@@ -667,6 +667,31 @@ def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
     (jl, jg), (tl, tg) = jexe.loss_and_grads(x, y), texe.loss_and_grads(x, y)
     assert abs(jl - tl) <= 1e-5 * abs(tl)
     assert weights_rel(jg, tg) <= 1e-4, tensors_error(jg, tg)
+
+
+def test_cpu_convolutions_write_their_input_and_output_gradient_once() -> None:
+    """On the CPU every convolution (but 1x1 and depthwise ones) materializes its input and its
+    output gradient in training: one conditional each in the training program, which XLA keeps
+    (it fuses across ``optimization_barrier``), none in the inference program; the function is
+    the identity, bitwise, also when the first element is NaN (the other branch)."""
+    import jax
+    import jax.numpy as jnp
+
+    from hal.backends.jax import _flax
+
+    spec = tiny_bn()
+    convs = sum(isinstance(n.op, hal.spec.Conv) for n in spec.nodes)
+    exe = hal.compile(spec, "jax:cpu", config=TrainConfig())
+    x, y = make_batch(spec, 4, "cross_entropy", seed=17)
+    program = train_program(exe, x.astype(np.float32), y)
+    assert program.as_text().count("stablehlo.case") == 2 * convs
+    assert "conditional(" in program.compile().as_text()
+    assert "stablehlo.case" not in exe.programs.infer.lower(exe._variables(), x.astype(np.float32)).as_text()
+    materialize = jax.jit(_flax()["materialize"])
+    for first in (1.5, np.nan):
+        v = np.random.default_rng(17).standard_normal((3, 4)).astype(np.float32)
+        v[0, 0] = first
+        assert np.asarray(materialize(jnp.asarray(v))).tobytes() == v.tobytes()
 
 
 @needs_torch
