@@ -67,15 +67,17 @@ Non-finite steps (``config.check_finite``, the default): the step computes
 ``ok = isfinite(loss) & all(isfinite(grads))`` inside the program and selects the
 new or the old parameters, BatchNorm statistics and optimizer state with
 ``jnp.where`` (elementwise, fused by XLA into the update); ``run_steps`` carries
-the flag through its ``lax.scan`` (on the CPU, a loop of steps stops at the first
-one not applied), so no step after a failed one is applied. The number of applied
-steps comes back with the losses: no extra host sync.
+the flag from step to step (through its ``lax.scan``, or on the CPU from one call
+of the step to the next), so no step after a failed one is applied. The number of
+applied steps comes back with the losses: no extra host sync.
 
 Speed: the training step (forward, backward, optimizer update, BatchNorm
 statistics, gradient accumulation as a ``lax.scan`` over micro-batches) is one
 jitted XLA program with parameters, statistics and optimizer state donated;
 ``run_steps`` is a ``lax.scan`` of that step over stacked batches, except on the
-CPU, where it calls the jitted step once per batch: XLA:CPU rewrites convolutions
+CPU, where it calls the jitted step once per batch, each call dispatched without
+waiting for the one before (the next batch goes in while a step runs; 1.6 ms per
+step of the conductivity CNN's 37 ms): XLA:CPU rewrites convolutions
 that Eigen cannot run as they are (every weight gradient) into its canonical
 NHWC/HWIO form only in the entry computation (``ConvCanonicalization``,
 xla/service/cpu/conv_canonicalization.cc), so inside a scan's while loop they
@@ -1080,18 +1082,19 @@ def _build_programs(
         ok = ok & (jnp.isfinite(loss) if loss_scaled else jnp.isfinite(loss) & all_finite(grads))
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state), loss, ok
 
-    def train_step(params: Any, stats: Any, opt_state: Any, x: Any, y: Any, scalars: Any, t: Any) -> Any:
-        (params, stats, opt_state), loss, ok = step((params, stats, opt_state), x, y, scalars, t, jnp.array(True))
-        return params, stats, opt_state, loss, ok
+    def train_step(params: Any, stats: Any, opt_state: Any, x: Any, y: Any, scalars: Any, t: Any, ok: Any) -> Any:
+        """:func:`step`; ``ok``: every earlier step of the run was applied. A step after one not
+        applied is computed but neither applied nor reported (its loss is nan)."""
+        (params, stats, opt_state), loss, applied = step((params, stats, opt_state), x, y, scalars, t, ok)
+        return params, stats, opt_state, jnp.where(ok, loss, jnp.nan), applied
 
     def run_steps(params: Any, stats: Any, opt_state: Any, xs: Any, ys: Any, table: Any, ts: Any) -> Any:
-        """``lax.scan`` of :func:`step`; a step after one not applied is computed but
-        neither applied nor reported (its loss is nan)."""
+        """``lax.scan`` of :func:`train_step`."""
 
         def body(carry: Any, inp: Any) -> Any:
             state, ok = carry
-            state, loss, applied = step(state, *inp, ok)
-            return (state, applied), (jnp.where(ok, loss, jnp.nan), applied)
+            *state, loss, applied = train_step(*state, *inp, ok)
+            return (tuple(state), applied), (loss, applied)
 
         init = ((params, stats, opt_state), jnp.array(True))
         ((params, stats, opt_state), _), (losses, applied) = lax.scan(body, init, (xs, ys, table, ts))
@@ -1165,6 +1168,8 @@ class JaxExecutable(Executable):
             self._key = self.programs.key
             self._load_weights(weights)
             self.opt_state = self._put_tree(self.programs.init_opt_state(self.params))
+            self._true = self._put_tree(np.asarray(True))  # the first step of a run: a device array, as
+            # the later steps' ok flags are (a numpy bool would compile the step a second time)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -1247,7 +1252,7 @@ class JaxExecutable(Executable):
             scalars = self._put(scalar_table(self.config, self.step, 1)[0])
             self.params, self.stats, self.opt_state, loss, ok = self.programs.train(
                 self.params, self.stats, self.opt_state, self._put_batch(x), self._put_y(y), scalars,
-                np.asarray(self.step, np.int32),
+                np.asarray(self.step, np.int32), self._true,
             )
             self._infer_vars = None  # built from donated buffers
             loss, ok = jax.device_get((loss, ok))
@@ -1257,20 +1262,30 @@ class JaxExecutable(Executable):
     def _run_steps(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, int]:
         import jax
 
-        if self.device.platform == "cpu":  # a loop of jitted steps: XLA:CPU runs the scan's convolutions slowly
-            return super()._run_steps(xs, ys)
         n = len(xs)
         with self._scope():
-            table = self._put(scalar_table(self.config, self.step, n))
+            table = scalar_table(self.config, self.step, n)
             ts = np.arange(self.step, self.step + n, dtype=np.int32)
-            self.params, self.stats, self.opt_state, losses, applied = self.programs.run(
-                self.params, self.stats, self.opt_state, self._put_batch(xs, stacked=True), self._put_y(ys, True),
-                table, ts,
-            )
+            if self.device.platform == "cpu":  # a loop of jitted steps: XLA:CPU runs the scan's convolutions slowly
+                losses, oks, ok = [], [], self._true
+                for i in range(n):  # dispatched without waiting: the next step's inputs go while this one runs
+                    self.params, self.stats, self.opt_state, loss, ok = self.programs.train(
+                        self.params, self.stats, self.opt_state, self._put_batch(xs[i]), self._put_y(ys[i]),
+                        self._put(table[i]), ts[i], ok,
+                    )
+                    losses.append(loss)
+                    oks.append(ok)
+                applied = oks  # summed on the host below
+            else:
+                self.params, self.stats, self.opt_state, losses, applied = self.programs.run(
+                    self.params, self.stats, self.opt_state, self._put_batch(xs, stacked=True),
+                    self._put_y(ys, True), self._put(table), ts,
+                )
             self._infer_vars = None
             losses, applied = jax.device_get((losses, applied))
-        self.step += int(applied)
-        return np.asarray(losses, dtype=np.float64), int(applied)
+        applied = int(np.sum(applied))
+        self.step += applied
+        return np.asarray(losses, dtype=np.float64), applied
 
     def weights(self) -> Weights:
         import jax
@@ -1378,7 +1393,7 @@ def data_parallel(mesh: Any, train_step: Callable, run_steps: Callable, grads_on
 
     rep, batch, steps = P(), P(DATA_AXIS), P(None, DATA_AXIS)
     return (
-        jax.shard_map(train_step, mesh=mesh, in_specs=(rep, rep, rep, batch, batch, rep, rep), out_specs=rep),
+        jax.shard_map(train_step, mesh=mesh, in_specs=(rep, rep, rep, batch, batch, rep, rep, rep), out_specs=rep),
         jax.shard_map(run_steps, mesh=mesh, in_specs=(rep, rep, rep, steps, steps, rep, rep), out_specs=rep),
         jax.shard_map(grads_only, mesh=mesh, in_specs=(rep, rep, batch, batch, rep, rep), out_specs=rep),
     )

@@ -50,7 +50,8 @@ def main(argv: list[str]) -> None:
             config = TrainConfig(loss=loss, optimizer=AdamW(lr=1e-3), grad_accum=g)
             exe = hal.compile(spec, "jax:cpu", config=config, seed=0)
             program = exe.programs.train.lower(exe.params, exe.stats, exe.opt_state, x, exe._put_y(y),
-                                               scalar_table(config, 0, 1)[0].astype(np.float32), np.int32(0))
+                                               scalar_table(config, 0, 1)[0].astype(np.float32), np.int32(0),
+                                               np.asarray(True))
             temp[g, form] = program.compile().memory_analysis().temp_size_in_bytes / 2**20
             start = time.perf_counter()
             exe.train_step(x, y)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> str:
         exe.programs = types.SimpleNamespace(**{**vars(progs), "train": train})
     hlo = exe.programs.train.lower(
         exe.params, exe.stats, exe.opt_state, x, exe._put_y(y), scalar_table(config, 0, 1)[0].astype(np.float32),
-        np.int32(0)).compile().as_text()
+        np.int32(0), np.asarray(True)).compile().as_text()
     kind = kinds(hlo, args.batch)
     exe.train_step(x, y)  # compile, warm up
     load = os.getloadavg()[0]

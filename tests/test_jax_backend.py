@@ -442,7 +442,7 @@ def test_non_finite_hooks_report_losses_and_applied_count() -> None:
     exe = hal.compile(spec, "jax:cpu", config=NONFINITE_CFG)
     losses, applied = exe._run_steps(xs, ys)
     assert applied == 1 and exe.step == 1
-    assert np.isfinite(losses[0]) and np.isnan(losses[1]) and np.isnan(losses[2])  # 2: not attempted
+    assert np.isfinite(losses[0]) and np.isnan(losses[1]) and np.isnan(losses[2])  # 2: computed, not applied
 
 
 def test_check_finite_false_applies_non_finite_steps() -> None:
@@ -535,7 +535,8 @@ def train_program(exe: hal.Executable, x: np.ndarray, y: np.ndarray) -> object:
 
     with jax.enable_x64(exe.x64):
         return exe.programs.train.lower(
-            exe.params, exe.stats, exe.opt_state, x, exe._put_y(y), scalar_table(exe.config, 0, 1)[0], np.int32(0)
+            exe.params, exe.stats, exe.opt_state, x, exe._put_y(y), scalar_table(exe.config, 0, 1)[0], np.int32(0),
+            np.asarray(True),
         )
 
 
