@@ -16,7 +16,6 @@ import sys
 import time
 
 os.environ.setdefault("PJRT_NPROC", "1")
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
 
 import numpy as np  # noqa: E402
 

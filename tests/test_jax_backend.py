@@ -605,12 +605,8 @@ def test_xla_cpu_threads_follow_xla_rules(monkeypatch: pytest.MonkeyPatch) -> No
     from hal.backends.jax import xla_cpu_threads
 
     monkeypatch.delenv("NPROC", raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("PJRT_NPROC", "3")
     assert xla_cpu_threads() == 3
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-    assert xla_cpu_threads() == 1
-    monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.delenv("PJRT_NPROC")
     monkeypatch.setenv("NPROC", "5")
     assert xla_cpu_threads() == 5
@@ -628,7 +624,6 @@ def test_cpu_convolutions_run_on_eigen_with_more_than_one_thread(
     than one intra-op thread the CPU programs leave convolutions to Eigen, with one they stay on
     YNNPACK; the option ``cpu_convolutions`` chooses either."""
     monkeypatch.setenv("PJRT_NPROC", str(threads))
-    monkeypatch.setenv("XLA_FLAGS", "")
     b = hal.SpecBuilder("wide")
     spec = b.build(b.conv(b.input((32, 8, 8)), 32, 3, padding=1, name="conv"))
     w = hal.init_weights(spec, seed=16)

@@ -486,5 +486,3 @@ def _set_threads(n: int) -> None:
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(n)
     os.environ["PJRT_NPROC"] = str(n)
-    flag = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
