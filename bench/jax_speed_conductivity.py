@@ -18,7 +18,6 @@ jax:cpu built by another version of the backend module, for an A/B in one proces
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _speed import report
+from _speed import jax_module_executable, report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,11 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     exes, first = {t: hal.compile(spec, t, config=config, seed=0) for t in targets}, {}
     for name, path in (m.split("=", 1) for m in args.jax_module):
-        module_name = f"hal.backends._jax_{name}"
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(module_name, path))
-        sys.modules[module_name] = module
-        module.__spec__.loader.exec_module(module)
-        exes[f"jax:cpu {name}"] = module.JaxExecutable(spec, hal.init_weights(spec, seed=0), "cpu", config, "highest")
+        exes[f"jax:cpu {name}"] = jax_module_executable(name, path, spec, hal.init_weights(spec, seed=0), config)
     targets = list(exes)
     for t in targets:
         start = time.perf_counter()

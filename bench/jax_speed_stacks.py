@@ -6,7 +6,9 @@ cross-entropy, as ``hal bench``), then times ``train_step`` and ``predict`` roun
 over the targets for ``--repeats`` rounds after a warm-up call, so that the load of a
 shared machine falls on all alike. ``--jax-options`` adds jax:cpu variants compiled
 with ``jax.jit`` ``compiler_options`` (``NAME=K:V;K:V``, XLA debug options such as
-``xla_cpu_experimental_ynn_fusion_type``); ``--jax-conv1x1`` adds jax:cpu with 1x1
+``xla_cpu_experimental_ynn_fusion_type``); ``--jax-module NAME=PATH`` adds jax:cpu built by
+another version of the backend module (``git show HEAD~1:backends/jax.py > /tmp/old.py``,
+then ``--jax-module old=/tmp/old.py``); ``--jax-conv1x1`` adds jax:cpu with 1x1
 convolutions as ``nn.Conv`` instead of hal's CPU lowering (``PointwiseConv``). Reports
 medians, ratios to the fastest, the load average, versions and thread settings as JSON
 (``--out``) and markdown on stdout. ``--threads`` sets every framework's intra-op
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from _speed import report
+from _speed import jax_module_executable, report
 
 
 def jax_variant(exe: object, options: dict[str, str]) -> None:
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--targets", default="jax:cpu,tensorflow:cpu,torch:cpu")
     p.add_argument("--jax-options", action="append", default=[], help="NAME=K:V;K:V (repeatable)")
+    p.add_argument("--jax-module", action="append", default=[], metavar="NAME=PATH",
+                   help="also time jax:cpu from the backend module file PATH, labelled 'jax:cpu[NAME]'")
     p.add_argument("--jax-conv1x1", action="store_true", help="add jax:cpu with 1x1 convolutions as convolutions")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-infer", action="store_true", help="time train_step only")
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         name, _, opts = v.partition("=")
         exes[f"jax:cpu[{name}]"] = e = hal.compile(spec, "jax:cpu", weights, config)
         jax_variant(e, dict(kv.split(":", 1) for kv in opts.split(";") if kv))
+    for name, path in (m.split("=", 1) for m in args.jax_module):
+        exes[f"jax:cpu[{name}]"] = jax_module_executable(name, path, spec, weights, config)
     calls = {} if args.no_train else {f"{t} train": (lambda e=e: e.train_step(x, y)) for t, e in exes.items()}
     if not args.no_infer:
         calls |= {f"{t} infer": (lambda e=e: e.predict(x)) for t, e in exes.items()}
