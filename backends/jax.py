@@ -292,10 +292,10 @@ def _flax() -> dict[str, Any]:
 
     class CpuConv(TapConv):
         """A convolution on XLA:CPU, with ``nn.Conv``'s function and parameters. Its input and
-        its output gradient are materialized (:func:`materialize`): the weight gradient's transposes and
-        the convolutions read one buffer each instead of recomputing the BatchNorm and
-        activation that produce them (the conductivity CNN trains 1.11x faster, two threads,
-        ``bench/jax_speed_conductivity.py``). ``tap`` (:func:`narrow`): the forward pass is
+        its output gradient are materialized (:func:`materialize`): the weight gradient's
+        transposes and the convolutions read one buffer each instead of recomputing the
+        BatchNorm and activation that produce them (the conductivity CNN trains 1.11x faster,
+        two threads, ``bench/jax_speed_conductivity.py``). ``tap`` (:func:`narrow`): the forward pass is
         :func:`tap_sum`, one fused loop; XLA:CPU hands a float32 convolution to YNNPACK only
         with more than 16 input or output channels (``IsConvolutionOpSupportedByYnn``,
         xla/backends/cpu/ynn_support.cc), and Eigen's kernels are slow for so few channels (the
@@ -1266,15 +1266,14 @@ class JaxExecutable(Executable):
             table = scalar_table(self.config, self.step, n)
             ts = np.arange(self.step, self.step + n, dtype=np.int32)
             if self.device.platform == "cpu":  # a loop of jitted steps: XLA:CPU runs the scan's convolutions slowly
-                losses, oks, ok = [], [], self._true
+                losses, applied, ok = [], [], self._true
                 for i in range(n):  # dispatched without waiting: the next step's inputs go while this one runs
                     self.params, self.stats, self.opt_state, loss, ok = self.programs.train(
                         self.params, self.stats, self.opt_state, self._put_batch(xs[i]), self._put_y(ys[i]),
                         self._put(table[i]), ts[i], ok,
                     )
                     losses.append(loss)
-                    oks.append(ok)
-                applied = oks  # summed on the host below
+                    applied.append(ok)
             else:
                 self.params, self.stats, self.opt_state, losses, applied = self.programs.run(
                     self.params, self.stats, self.opt_state, self._put_batch(xs, stacked=True),
