@@ -445,6 +445,21 @@ def test_non_finite_hooks_report_losses_and_applied_count() -> None:
     assert np.isfinite(losses[0]) and np.isnan(losses[1]) and np.isnan(losses[2])  # 2: computed, not applied
 
 
+def test_cpu_run_steps_and_train_step_share_one_compile() -> None:
+    """On the CPU ``run_steps`` calls the training step once per batch without waiting, the
+    run's ok flag passed on as a device array; the first step's flag is one too, so a run and
+    a single ``train_step`` use one compiled program (a numpy bool compiled it twice)."""
+    b = hal.SpecBuilder("one_compile")
+    spec = b.build(b.dense(b.global_avg_pool(b.relu(b.conv(b.input((2, 6, 6)), 3, 3, name="c"))), 2, name="fc"))
+    x, y = make_batch(spec, 4, "cross_entropy", seed=18)
+    xs, ys = steps_of(x, y, 3)
+    exe = hal.compile(spec, "jax:cpu", config=TrainConfig())
+    losses, applied = exe._run_steps(xs, ys)
+    exe.train_step(xs[0], ys[0])
+    assert applied == 3 and np.all(np.isfinite(losses))
+    assert exe.programs.train._cache_size() == 1
+
+
 def test_check_finite_false_applies_non_finite_steps() -> None:
     spec = tiny_bn()
     x, y = make_batch(spec, 6, "cross_entropy", seed=13)
