@@ -653,13 +653,16 @@ def test_cpu_convolutions_run_on_eigen_with_more_than_one_thread(
 def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
     """On the CPU, float32 convolutions with one input channel, and those with at most 8 input
     and output channels that only a training-mode BatchNorm reads, run forward as tap sums
-    (``CpuConv.tap``) and backward as convolutions; the same 8 -> 8 convolution is a
-    convolution in the inference copy (its BatchNorm folded), and so are an 8 -> 8 one that a
-    ReLU reads and an 8 -> 16 one. Strided, dilated, padded, with and without bias, they
-    compute what torch computes in float64, within float32 rounding."""
+    (``CpuConv.tap``) and backward as convolutions, but for the input gradient of a stride-1
+    one, a tap sum too; the same 8 -> 8 convolutions are convolutions in the inference copy
+    (their BatchNorms folded), and so are an 8 -> 8 one that a ReLU reads and an 8 -> 16 one.
+    Strided, dilated, padded, with and without bias, they compute what torch computes in
+    float64, within float32 rounding."""
     b = hal.SpecBuilder("narrow")
     x = b.input((1, 12, 12))
     x = b.relu(b.conv(x, 8, 3, stride=2, padding=2, dilation=2, name="stem"))
+    x = b.relu(b.batch_norm(b.conv(x, 8, 3, padding=((2, 1), (0, 2)), dilation=(1, 2), bias=False, name="same"),
+                            name="bn0"))
     x = b.relu(b.batch_norm(b.conv(x, 8, 3, stride=2, padding=1, bias=False, name="mid"), name="bn"))
     x = b.relu(b.conv(x, 8, 3, padding=1, name="plain"))
     x = b.conv(x, 16, 3, padding=1, name="wide")
@@ -669,10 +672,10 @@ def test_narrow_convolutions_are_tap_sums_with_torch_results() -> None:
     jexe = hal.compile(spec, "jax:cpu", w, TrainConfig())
     texe = hal.compile(spec, "torch:cpu", w, TrainConfig(precision="fp64"))
     program = train_program(jexe, x.astype(np.float32), y).as_text()
-    assert program.count("stablehlo.convolution") == 1 + 2 + 3 + 3  # stem: weight gradient (its input is
-    # the model's); mid: both gradients; plain and wide: forward and both gradients
+    assert program.count("stablehlo.convolution") == 1 + 1 + 2 + 3 + 3  # stem: weight gradient (its input is
+    # the model's); same: weight gradient; mid (stride 2): both gradients; plain and wide: forward and both
     infer = jexe.programs.infer.lower(jexe._variables(), x.astype(np.float32)).as_text()
-    assert infer.count("stablehlo.convolution") == 3  # mid (BatchNorm folded), plain, wide
+    assert infer.count("stablehlo.convolution") == 4  # same and mid (BatchNorms folded), plain, wide
     for training in (False, True):
         assert rel(jexe.predict(x, training), texe.predict(x, training)) <= 1e-5
     (jl, jg), (tl, tg) = jexe.loss_and_grads(x, y), texe.loss_and_grads(x, y)
