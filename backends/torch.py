@@ -469,8 +469,8 @@ def _graph_class() -> type:
                     raise UnsupportedError(f"node {name!r}: its name clashes with another node's module path")
                 parent.add_module(leaf, mods[name])
             free = free_after(spec)
-            self._plan = [(n.name, mods[n.name], n.inputs, free[i], self._autograd_writable(n, mods))
-                          for i, n in enumerate(spec.nodes) if i > 0]
+            self._plan = [(n.name, mods[n.name], n.inputs, free[i], hasattr(mods[n.name], "IN_PLACE"),
+                           self._autograd_writable(n, mods)) for i, n in enumerate(spec.nodes) if i > 0]
 
         def _autograd_writable(self, node: S.Node, mods: dict[str, nn.Module]) -> nn.Module | None:
             """The module whose output ``node`` may overwrite under autograd (None: not under autograd)."""
@@ -494,10 +494,10 @@ def _graph_class() -> type:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             vals = {self.spec.input.name: x}
             autograd = torch.is_grad_enabled()
-            for name, mod, ins, free, src in self._plan:
+            for name, mod, ins, free, has_in_place, src in self._plan:
                 args = [vals[k] for k in ins]
                 # under autograd: not after a synchronised BatchNorm (an autograd function of its own)
-                if (self.reuse_buffers and hasattr(mod, "IN_PLACE") and ins[0] in free
+                if (self.reuse_buffers and has_in_place and ins[0] in free
                         and (not autograd or src is not None and getattr(src, "sync", None) is None)
                         and self._sole(vals, ins[0], x)):
                     vals[name] = mod(*args, in_place=True)
@@ -520,12 +520,12 @@ def _graph_class() -> type:
             :meth:`refold` brings it up to date with this graph's weights."""
             g = copy.deepcopy(self)
             folds = foldable_batchnorms(self.spec)
-            for i, (name, _, ins, free, src) in enumerate(g._plan):
+            for i, (name, _, ins, free, _, src) in enumerate(g._plan):
                 if name in folds:
                     conv = g.get_submodule(folds[name])
                     if conv.bias is None:
                         conv.bias = nn.Parameter(conv.weight.new_empty(conv.weight.shape[0]))
-                    g._plan[i] = (name, nn.Identity(), ins, free, src)
+                    g._plan[i] = (name, nn.Identity(), ins, free, False, src)
             self.refold(g)
             return g.eval()
 
